@@ -1,0 +1,103 @@
+//! `prompt-salience bench`: timings of salience and generation on this machine.
+
+use std::time::Instant;
+
+use clap::Args;
+
+use super::ModelArgs;
+use crate::engine::generate::GenerateOptions;
+use crate::engine::salience::{self, Baseline, IgOptions, Method, SalienceRequest};
+use crate::engine::{no_progress, CancelToken, EngineError};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt lengths in tokens.
+    #[arg(long, value_delimiter = ',', default_value = "100,300,600")]
+    lengths: Vec<usize>,
+    #[arg(long, default_value_t = 20)]
+    target_tokens: usize,
+    /// Integrated gradients steps (fixed, zero baseline).
+    #[arg(long, default_value_t = 16)]
+    ig_steps: usize,
+    /// Prompt lengths for integrated gradients (slow).
+    #[arg(long, value_delimiter = ',', default_value = "100,300")]
+    ig_lengths: Vec<usize>,
+    #[arg(long, default_value_t = 64)]
+    generate_tokens: usize,
+    /// Repetitions; the best time is reported.
+    #[arg(long, default_value_t = 2)]
+    repeat: usize,
+}
+
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+pub fn run(args: BenchArgs) -> Result<(), EngineError> {
+    let engine = args.model.load()?;
+    let text = "The quick brown fox jumps over the lazy dog while the committee reviews \
+                the quarterly budget, and every number must add up before Friday. ";
+    let pool: Vec<u32> = engine.tokenize_target(&text.repeat(200))?.iter().map(|t| t.0).collect();
+    let cancel = CancelToken::new();
+    println!("model: {}  threads: {}", engine.name, rayon::current_num_threads());
+    println!("| prompt tokens | method | seconds (best of {}) | peak RSS MiB |", args.repeat);
+    println!("|---|---|---|---|");
+    let run_case = |len: usize, method: Method, steps: usize| -> Result<(), EngineError> {
+        let ids: Vec<u32> = pool[..len + args.target_tokens].to_vec();
+        let req = SalienceRequest {
+            ids,
+            target: len..len + args.target_tokens,
+            method,
+            ig: IgOptions {
+                baseline: Baseline::Zero,
+                fixed_steps: Some(steps),
+                ..IgOptions::default()
+            },
+            pad_id: None,
+        };
+        let mut best = f64::INFINITY;
+        for _ in 0..args.repeat {
+            let r = salience::compute(&engine.model, &req, &no_progress, &cancel)?;
+            best = best.min(r.seconds);
+        }
+        let label = match method {
+            Method::IntegratedGradients => format!("integrated_gradients ({steps} steps)"),
+            m => m.name().to_string(),
+        };
+        println!(
+            "| {len} | {label} | {best:.3} | {:.0} |",
+            peak_rss_mib().unwrap_or(f64::NAN)
+        );
+        Ok(())
+    };
+    for &len in &args.lengths {
+        run_case(len, Method::GradDotInput, 0)?;
+    }
+    for &len in &args.ig_lengths {
+        run_case(len, Method::IntegratedGradients, args.ig_steps)?;
+    }
+    let prompt: Vec<u32> = pool[..100].to_vec();
+    let opts = GenerateOptions {
+        max_new_tokens: args.generate_tokens,
+        ..GenerateOptions::default()
+    };
+    let started = Instant::now();
+    // A fresh prompt each time so the prefix cache does not flatter the figure.
+    let mut prompt_variant = prompt.clone();
+    prompt_variant[0] = prompt_variant[1];
+    let g = engine.generate(&prompt_variant, &opts, &no_progress, &cancel)?;
+    println!(
+        "generation: {} tokens after a 100-token prompt: prefill {:.3}s, decode {:.1} tokens/s (total {:.2}s)",
+        g.ids.len(),
+        g.prefill_seconds,
+        g.tokens_per_second(),
+        started.elapsed().as_secs_f64()
+    );
+    println!("peak RSS: {:.0} MiB", peak_rss_mib().unwrap_or(f64::NAN));
+    Ok(())
+}

@@ -1,0 +1,405 @@
+//! The command line: `prompt-salience model|generate|salience|bench`.
+// The command line's results go to stdout by design; only protocol code must never print.
+#![allow(clippy::print_stdout)]
+
+mod bench;
+mod terminal;
+
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+
+use crate::engine::generate::GenerateOptions;
+use crate::engine::prompt::TemplateMode;
+use crate::engine::registry::{self, FetchOptions, ModelSpec, DEFAULT_MODEL, MODELS};
+use crate::engine::salience::{self, Baseline, IgOptions, Method, SalienceRequest};
+use crate::engine::{CancelToken, Engine, EngineError, Progress};
+
+#[derive(Parser)]
+#[command(name = "prompt-salience", version, about = "Which parts of a prompt drove the model's answer")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Fetch and list models.
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
+    /// Generate a response to a prompt.
+    Generate(GenerateArgs),
+    /// Salience of a target (default: the model's own response) over the prompt's tokens.
+    Salience(SalienceArgs),
+    /// Measure salience and generation speed on this machine.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Put a registered model into the cache (verifying its sha256).
+    Fetch {
+        #[arg(default_value = DEFAULT_MODEL)]
+        name: String,
+        #[command(flatten)]
+        fetch: FetchArgs,
+    },
+    /// Registered models and whether they are cached.
+    List {
+        #[command(flatten)]
+        fetch: FetchArgs,
+    },
+}
+
+#[derive(Args, Clone)]
+pub struct FetchArgs {
+    /// Model cache directory (default: $PROMPT_SALIENCE_CACHE, else the user cache dir).
+    #[arg(long)]
+    cache_dir: Option<std::path::PathBuf>,
+    /// Allow downloads from a Hugging Face hub.
+    #[arg(long)]
+    allow_network: bool,
+}
+
+impl FetchArgs {
+    pub fn options(&self) -> FetchOptions {
+        let mut o = FetchOptions::default();
+        if let Some(d) = &self.cache_dir {
+            o.cache_dir = d.clone();
+        }
+        o.allow_network |= self.allow_network;
+        o
+    }
+}
+
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// Registered model name, path to a .gguf file, or hf:OWNER/REPO/FILE.gguf.
+    #[arg(long, short, default_value = DEFAULT_MODEL)]
+    model: String,
+    #[command(flatten)]
+    fetch: FetchArgs,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> Result<Engine, EngineError> {
+        let spec = ModelSpec::parse(&self.model)?;
+        let path = registry::resolve(&spec, &self.fetch.options())?;
+        Engine::load(&path, &spec.display_name())
+    }
+}
+
+#[derive(Args)]
+struct PromptArgs {
+    /// The prompt text.
+    #[arg(long, short)]
+    prompt: String,
+    /// chat: the model's chat template with the prompt as the user turn; raw: the text as is.
+    #[arg(long, default_value = "chat")]
+    template: TemplateMode,
+    /// System prompt (chat template only).
+    #[arg(long)]
+    system: Option<String>,
+}
+
+#[derive(Args)]
+struct GenerationArgs {
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop when the text contains this (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+}
+
+impl GenerationArgs {
+    fn options(&self) -> GenerateOptions {
+        GenerateOptions {
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            seed: self.seed,
+            stop: self.stop.clone(),
+        }
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    prompt: PromptArgs,
+    #[command(flatten)]
+    generation: GenerationArgs,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct SalienceArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    prompt: PromptArgs,
+    /// The text whose probability is explained (default: the model's greedy response).
+    #[arg(long)]
+    target: Option<String>,
+    #[arg(long, default_value = "grad_dot_input")]
+    method: Method,
+    /// Integrated gradients: a fixed number of midpoint-rule steps (no adaptivity).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Integrated gradients: the path's starting point.
+    #[arg(long, default_value = "mean")]
+    baseline: Baseline,
+    /// Integrated gradients: largest step count when adapting.
+    #[arg(long, default_value_t = 64)]
+    max_steps: usize,
+    /// Integrated gradients: completeness gap to reach when adapting.
+    #[arg(long, default_value_t = 0.05)]
+    tolerance: f32,
+    #[command(flatten)]
+    generation: GenerationArgs,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn main() -> ExitCode {
+    crate::engine::threads::configure();
+    init_logging();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Model { command } => model_command(command),
+        Command::Generate(args) => generate(args),
+        Command::Salience(args) => salience_command(args),
+        Command::Bench(args) => bench::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn model_command(command: ModelCommand) -> Result<(), EngineError> {
+    match command {
+        ModelCommand::Fetch { name, fetch } => {
+            let m = registry::registered(&name).ok_or_else(|| {
+                EngineError::InvalidInput(format!(
+                    "`{name}` is not a registered model ({})",
+                    MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
+                ))
+            })?;
+            let path = registry::fetch(m, &fetch.options())?;
+            println!("{}", path.display());
+            Ok(())
+        }
+        ModelCommand::List { fetch } => {
+            let opts = fetch.options();
+            println!("cache: {}", opts.cache_dir.display());
+            for m in MODELS {
+                let path = registry::cached_path(m, &opts);
+                let state = if path.is_file() { "cached" } else { "not cached" };
+                let default = if m.name == DEFAULT_MODEL { " (default)" } else { "" };
+                println!("{:<24} {:<11} {}{default}", m.name, state, m.description);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn stderr_progress(p: Progress) {
+    match p {
+        Progress::Generating { done, max } if done % 16 == 0 => {
+            eprintln!("generating: {done}/{max} tokens")
+        }
+        Progress::IntegratedGradients { step, steps } => {
+            eprintln!("integrated gradients: step {step} (cap {steps})")
+        }
+        _ => {}
+    }
+}
+
+fn generate(args: GenerateArgs) -> Result<(), EngineError> {
+    let engine = args.model.load()?;
+    let p = &args.prompt;
+    let prepared = engine.prepare(&p.prompt, p.system.as_deref(), p.template)?;
+    let gen = engine.generate(
+        &prepared.ids(),
+        &args.generation.options(),
+        &stderr_progress,
+        &CancelToken::new(),
+    )?;
+    if args.json {
+        let out = json!({
+            "model": engine.name,
+            "text": gen.text,
+            "ids": gen.ids,
+            "stop_reason": gen.stop_reason,
+            "prompt_tokens": gen.prompt_tokens,
+            "tokens_per_second": gen.tokens_per_second(),
+            "prefill_seconds": gen.prefill_seconds,
+            "decode_seconds": gen.decode_seconds,
+        });
+        println!("{}", serde_json::to_string_pretty(&out).expect("json"));
+    } else {
+        println!("{}", gen.text);
+        eprintln!(
+            "{} tokens, {:.1} tokens/s, stop: {:?}",
+            gen.ids.len(),
+            gen.tokens_per_second(),
+            gen.stop_reason
+        );
+    }
+    Ok(())
+}
+
+fn salience_command(args: SalienceArgs) -> Result<(), EngineError> {
+    let engine = args.model.load()?;
+    let p = &args.prompt;
+    let prepared = engine.prepare(&p.prompt, p.system.as_deref(), p.template)?;
+    let mut ids = prepared.ids();
+    let target_text;
+    let target_tokens: Vec<(u32, std::ops::Range<usize>)> = match &args.target {
+        Some(t) => {
+            target_text = t.clone();
+            engine.tokenize_target(t)?
+        }
+        None => {
+            let gen = engine.generate(
+                &ids,
+                &args.generation.options(),
+                &stderr_progress,
+                &CancelToken::new(),
+            )?;
+            target_text = gen.text.clone();
+            gen.ids.iter().copied().zip(gen.token_ranges.iter().cloned()).collect()
+        }
+    };
+    if target_tokens.is_empty() {
+        return Err(EngineError::InvalidInput("the target is empty".into()));
+    }
+    let start = ids.len();
+    ids.extend(target_tokens.iter().map(|t| t.0));
+    let req = SalienceRequest {
+        ids,
+        target: start..start + target_tokens.len(),
+        method: args.method,
+        ig: IgOptions {
+            baseline: args.baseline,
+            fixed_steps: args.steps,
+            max_steps: args.max_steps,
+            tolerance: args.tolerance,
+            ..IgOptions::default()
+        },
+        pad_id: engine.tokenizer.eos_ids.first().copied(),
+    };
+    let result = salience::compute(&engine.model, &req, &stderr_progress, &CancelToken::new())?;
+    if args.json {
+        let prompt_tokens: Vec<_> = prepared
+            .tokens
+            .iter()
+            .zip(&result.scores)
+            .map(|(t, s)| {
+                json!({
+                    "id": t.id,
+                    "text": engine.tokenizer.token_text(t.id),
+                    "start": t.source.as_ref().map(|r| r.start),
+                    "end": t.source.as_ref().map(|r| r.end),
+                    "score": s,
+                })
+            })
+            .collect();
+        let target: Vec<_> = target_tokens
+            .iter()
+            .zip(&result.target_log_probs)
+            .map(|((id, r), lp)| json!({"id": id, "start": r.start, "end": r.end, "log_prob": lp}))
+            .collect();
+        let mut out = json!({
+            "model": engine.name,
+            "method": result.method.name(),
+            "template": p.template,
+            "objective": result.objective,
+            "target": target_text,
+            "prompt_tokens": prompt_tokens,
+            "target_tokens": target,
+            "seconds": result.seconds,
+        });
+        if let Some(ig) = &result.ig {
+            out["steps"] = json!(ig.steps);
+            out["completeness_gap"] = json!(ig.completeness_gap);
+            out["baseline"] = json!(ig.baseline);
+            out["objective_at_baseline"] = json!(ig.objective_at_baseline);
+            out["attribution_sum"] = json!(ig.attribution_sum);
+        }
+        println!("{}", serde_json::to_string_pretty(&out).expect("json"));
+        return Ok(());
+    }
+    let signed = result.method.is_signed();
+    let max = result
+        .scores
+        .iter()
+        .map(|s| s.abs())
+        .fold(0.0f32, f32::max)
+        .max(f32::MIN_POSITIVE);
+    let pieces: Vec<(String, Option<f32>)> = prepared
+        .tokens
+        .iter()
+        .zip(&result.scores)
+        .map(|(t, s)| {
+            let text = match &t.source {
+                Some(r) => p.prompt[r.clone()].to_string(),
+                None => engine.tokenizer.token_text(t.id),
+            };
+            // Template tokens are shown dimmed, uncoloured: they are not the user's text.
+            match &t.source {
+                Some(_) => (text, Some(s / max)),
+                None => (format!("\x1b[2m{text}\x1b[0m"), None),
+            }
+        })
+        .collect();
+    println!("{}", terminal::render(&pieces, signed));
+    println!();
+    println!("{}", terminal::legend(signed));
+    println!("target: {target_text:?}");
+    let mut summary = format!(
+        "model: {}  method: {}  log p(target) = {:.4}  time: {:.2}s",
+        engine.name,
+        result.method.name(),
+        result.objective,
+        result.seconds
+    );
+    if let Some(ig) = &result.ig {
+        summary.push_str(&format!(
+            "  steps: {}  baseline: {:?}  completeness gap: {:.1}%",
+            ig.steps,
+            ig.baseline,
+            ig.completeness_gap * 100.0
+        ));
+    }
+    println!("{summary}");
+    Ok(())
+}

@@ -1,0 +1,133 @@
+//! The salience engine: model files, tokenization, generation and gradient salience.
+//!
+//! It knows nothing about LSP or JSON-RPC: plain types and byte offsets into the caller's text.
+
+pub mod chat_template;
+pub mod generate;
+pub mod gguf;
+pub mod model;
+pub mod prompt;
+pub mod registry;
+pub mod salience;
+pub mod threads;
+pub mod tokenizer;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use chat_template::ChatTemplate;
+use gguf::GgufFile;
+use model::Model;
+use tokenizer::PromptTokenizer;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("model file {path}: {reason}")]
+    ModelFile { path: PathBuf, reason: String },
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("{0}")]
+    InvalidInput(String),
+    #[error("model fetch: {0}")]
+    Fetch(String),
+    #[error("cancelled")]
+    Cancelled,
+    #[error("computation: {0}")]
+    Compute(String),
+}
+
+impl EngineError {
+    pub fn candle(e: candle_core::Error) -> Self {
+        if is_cancel(&e) {
+            EngineError::Cancelled
+        } else {
+            EngineError::Compute(e.to_string())
+        }
+    }
+}
+
+const CANCELLED: &str = "prompt-salience: cancelled";
+
+fn is_cancel(e: &candle_core::Error) -> bool {
+    e.to_string().contains(CANCELLED)
+}
+
+/// A cancellation flag shared between whoever starts work and the work itself.
+#[derive(Clone, Default, Debug)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+    pub(crate) fn check(&self) -> candle_core::Result<()> {
+        if self.is_cancelled() {
+            Err(candle_core::Error::Msg(CANCELLED.into()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// What long work reports as it goes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Progress {
+    Generating { done: usize, max: usize },
+    Salience { pass: usize, passes: usize },
+    IntegratedGradients { step: usize, steps: usize },
+}
+
+pub type ProgressFn<'a> = &'a (dyn Fn(Progress) + Sync);
+
+pub fn no_progress(_: Progress) {}
+
+/// A loaded model with its tokenizer and chat template.
+pub struct Engine {
+    pub name: String,
+    pub model: Model,
+    pub tokenizer: PromptTokenizer,
+    pub chat_template: Option<ChatTemplate>,
+    pub generation_cache: std::sync::Mutex<generate::PrefixCache>,
+}
+
+impl Engine {
+    pub fn load(path: &std::path::Path, name: &str) -> Result<Self, EngineError> {
+        threads::configure();
+        let mut gguf = GgufFile::open(path)?;
+        let tokenizer = PromptTokenizer::from_gguf(&gguf)?;
+        let model = Model::from_gguf(&mut gguf)?;
+        if model.cfg.vocab < tokenizer.vocab_size() {
+            return Err(gguf.bad(format!(
+                "tokenizer has {} tokens but the embedding table only {}",
+                tokenizer.vocab_size(),
+                model.cfg.vocab
+            )));
+        }
+        let chat_template = gguf.opt_string("tokenizer.chat_template").map(|src| {
+            let tok = |id: Option<u32>| id.map(|i| tokenizer.token_text(i)).unwrap_or_default();
+            ChatTemplate::new(
+                src,
+                tok(tokenizer.bos_id),
+                tok(tokenizer.eos_ids.first().copied()),
+            )
+        });
+        Ok(Self {
+            name: name.to_string(),
+            model,
+            tokenizer,
+            chat_template,
+            generation_cache: Default::default(),
+        })
+    }
+}

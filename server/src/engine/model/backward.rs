@@ -1,0 +1,95 @@
+//! Input gradients by hand: the reverse of `forward.rs`, computing only d/d(inputs).
+
+use candle_core::{Result, Tensor, D};
+
+use super::forward::{LayerTape, Tape};
+use super::ops::{linear_backward, rms_norm_backward};
+use super::{Layer, Model};
+
+impl Model {
+    /// d objective / d input embeddings (b, t, hidden) — the scaled embeddings fed to the first
+    /// layer — given d objective / d last hidden state (b * t, hidden).
+    pub fn backward(
+        &self,
+        tape: &Tape,
+        grad_last_hidden: Tensor,
+        check: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Tensor> {
+        let (b, t) = (tape.batch, tape.seq);
+        let rope = self.rope_tables(0, t)?;
+        let mut g = grad_last_hidden;
+        for (layer, lt) in self.layers.iter().zip(&tape.layers).rev() {
+            check()?;
+            let (cos, sin) = if layer.is_local {
+                &rope.local
+            } else {
+                &rope.global
+            };
+            g = self.layer_backward(layer, lt, g, b, t, cos, sin)?;
+        }
+        g.reshape((b, t, self.cfg.hidden))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layer_backward(
+        &self,
+        layer: &Layer,
+        lt: &LayerTape,
+        g_out: Tensor,
+        b: usize,
+        t: usize,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<Tensor> {
+        let c = &self.cfg;
+        let (nh, nkv, hd, grp) = (c.n_head, c.n_kv_head, c.head_dim, self.group());
+
+        // Feed-forward block: out = h2 + norm?(down(act(gate) * up)).
+        let mut g_down = g_out.clone();
+        if let (Some(n), Some(pre)) = (&layer.post_ffn_norm, &lt.down_pre_norm) {
+            g_down = rms_norm_backward(pre, n, c.eps, &g_down)?;
+        }
+        let g_act = linear_backward(&g_down, &layer.w_down)?;
+        let g_gate = g_act
+            .mul(&lt.up)?
+            .mul(&c.activation.derivative(&lt.gate)?)?;
+        let g_up = g_act.mul(&c.activation.forward(&lt.gate)?)?;
+        let g_m = (linear_backward(&g_gate, &layer.w_gate)?
+            + linear_backward(&g_up, &layer.w_up)?)?;
+        let g_h2 = (g_out + rms_norm_backward(&lt.h2, &layer.ffn_norm, c.eps, &g_m)?)?;
+
+        // Attention block: h2 = h + norm?(wo(attention(q, k, v))).
+        let mut g_attn = g_h2.clone();
+        if let (Some(n), Some(pre)) = (&layer.post_attn_norm, &lt.attn_pre_norm) {
+            g_attn = rms_norm_backward(pre, n, c.eps, &g_attn)?;
+        }
+        let g_o = linear_backward(&g_attn, &layer.wo)?
+            .reshape((b, t, nh, hd))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, nkv, grp * t, hd))?;
+        let g_v = lt.probs.t()?.matmul(&g_o)?;
+        let g_p = g_o.matmul(&lt.v.t()?)?;
+        let inner = g_p.mul(&lt.probs)?.sum_keepdim(D::Minus1)?;
+        let g_s = (lt.probs.mul(&g_p.broadcast_sub(&inner)?)? * c.attn_scale as f64)?;
+        let g_q = g_s.matmul(&lt.k)?.reshape((b, nh, t, hd))?;
+        let g_k = g_s.t()?.matmul(&lt.q)?;
+        // The rope is a rotation: its transpose rotates by the opposite angle.
+        let neg_sin = sin.neg()?;
+        let mut g_q = candle_nn::rotary_emb::rope(&g_q.contiguous()?, cos, &neg_sin)?;
+        let mut g_k = candle_nn::rotary_emb::rope(&g_k.contiguous()?, cos, &neg_sin)?;
+        if let (Some(n), Some(pre)) = (&layer.q_norm, &lt.q_pre_norm) {
+            g_q = rms_norm_backward(pre, n, c.eps, &g_q)?;
+        }
+        if let (Some(n), Some(pre)) = (&layer.k_norm, &lt.k_pre_norm) {
+            g_k = rms_norm_backward(pre, n, c.eps, &g_k)?;
+        }
+        let from_heads = |x: Tensor, heads: usize| -> Result<Tensor> {
+            x.transpose(1, 2)?.contiguous()?.reshape((b * t, heads * hd))
+        };
+        let g_a = ((linear_backward(&from_heads(g_q, nh)?, &layer.wq)?
+            + linear_backward(&from_heads(g_k, nkv)?, &layer.wk)?)?
+            + linear_backward(&from_heads(g_v, nkv)?, &layer.wv)?)?;
+        g_h2 + rms_norm_backward(&lt.h, &layer.attn_norm, c.eps, &g_a)?
+    }
+}

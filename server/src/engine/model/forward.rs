@@ -1,0 +1,270 @@
+//! Forward passes: one that records what the backward pass needs (salience), and one with a
+//! KV cache (generation). Both share the layer code so they cannot drift apart.
+
+use candle_core::{Result, Tensor, D};
+
+use super::ops::{self, linear, rms_norm};
+use super::{Layer, Model};
+
+/// What one layer's backward pass needs from its forward pass.
+pub struct LayerTape {
+    pub h: Tensor,
+    pub q_pre_norm: Option<Tensor>,
+    pub k_pre_norm: Option<Tensor>,
+    /// Roped queries, grouped as (b, kv_heads, group * t, head_dim).
+    pub q: Tensor,
+    /// Roped keys (b, kv_heads, t, head_dim).
+    pub k: Tensor,
+    pub v: Tensor,
+    /// Attention probabilities (b, kv_heads, group * t, t).
+    pub probs: Tensor,
+    pub attn_pre_norm: Option<Tensor>,
+    pub h2: Tensor,
+    pub gate: Tensor,
+    pub up: Tensor,
+    pub down_pre_norm: Option<Tensor>,
+}
+
+/// Everything the backward pass needs.
+pub struct Tape {
+    pub batch: usize,
+    pub seq: usize,
+    pub layers: Vec<LayerTape>,
+    /// Final hidden states (b * t, hidden), before the final norm.
+    pub last_hidden: Tensor,
+}
+
+/// Keys and values of the tokens seen so far, per layer, for decoding.
+#[derive(Default, Clone)]
+pub struct KvCache {
+    pub layers: Vec<(Tensor, Tensor)>,
+    pub len: usize,
+}
+
+impl KvCache {
+    /// Keeps the first `len` positions.
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        if len >= self.len {
+            return Ok(());
+        }
+        for (k, v) in &mut self.layers {
+            *k = k.narrow(2, 0, len)?.contiguous()?;
+            *v = v.narrow(2, 0, len)?.contiguous()?;
+        }
+        self.len = len;
+        Ok(())
+    }
+}
+
+pub(super) struct RopeTables {
+    pub global: (Tensor, Tensor),
+    pub local: (Tensor, Tensor),
+}
+
+impl Model {
+    pub(super) fn rope_tables(&self, offset: usize, len: usize) -> Result<RopeTables> {
+        let c = &self.cfg;
+        let global = ops::rope_tables(c.head_dim, c.rope_base, offset, len)?;
+        let local = if c.rope_base_local == c.rope_base {
+            global.clone()
+        } else {
+            ops::rope_tables(c.head_dim, c.rope_base_local, offset, len)?
+        };
+        Ok(RopeTables { global, local })
+    }
+
+    /// Runs the layers on input embeddings `x` of shape (b, t, hidden) — already scaled by
+    /// `embed_scale` — and records the tape. `check` is called between layers and may abort.
+    pub fn forward_embeds(
+        &self,
+        x: &Tensor,
+        check: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Tape> {
+        let (b, t, hidden) = x.dims3()?;
+        let rope = self.rope_tables(0, t)?;
+        let mask_global = ops::attention_mask(self.group(), t, t, 0, None)?;
+        let mask_local = match self.cfg.sliding_window {
+            Some(w) if w < t => ops::attention_mask(self.group(), t, t, 0, Some(w))?,
+            _ => mask_global.clone(),
+        };
+        let mut h = x.reshape((b * t, hidden))?;
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            check()?;
+            let mask = if layer.is_local { &mask_local } else { &mask_global };
+            let (next, tape, _) = self.layer_forward_kv(layer, &h, b, t, &rope, mask, None, false)?;
+            layers.push(tape.expect("tape requested"));
+            h = next;
+        }
+        Ok(Tape {
+            batch: b,
+            seq: t,
+            layers,
+            last_hidden: h,
+        })
+    }
+
+    /// Decodes `ids` after the cached positions; returns the final-normed hidden state of the
+    /// last position and extends the cache.
+    pub fn forward_cached(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        let t = ids.len();
+        let offset = cache.len;
+        let x = (self.embeddings(ids)? * self.cfg.embed_scale as f64)?;
+        let rope = self.rope_tables(offset, t)?;
+        let total = offset + t;
+        let mask_global = ops::attention_mask(self.group(), t, total, offset, None)?;
+        let mask_local = match self.cfg.sliding_window {
+            Some(w) if w < total => ops::attention_mask(self.group(), t, total, offset, Some(w))?,
+            _ => mask_global.clone(),
+        };
+        let mut h = x;
+        let had_cache = !cache.layers.is_empty();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let mask = if layer.is_local { &mask_local } else { &mask_global };
+            let past = if had_cache {
+                Some(&cache.layers[i])
+            } else {
+                None
+            };
+            let (next, _, kv) = self.layer_forward_kv(layer, &h, 1, t, &rope, mask, past, true)?;
+            let kv = kv.expect("kv requested");
+            if had_cache {
+                cache.layers[i] = kv;
+            } else {
+                cache.layers.push(kv);
+            }
+            h = next;
+        }
+        cache.len = total;
+        let last = h.narrow(0, t - 1, 1)?;
+        rms_norm(&last, &self.final_norm, self.cfg.eps)
+    }
+
+    pub fn logits(&self, normed: &Tensor) -> Result<Tensor> {
+        linear(normed, self.head())
+    }
+
+    pub(super) fn group(&self) -> usize {
+        self.cfg.n_head / self.cfg.n_kv_head
+    }
+
+    /// One transformer block on `h` (b * t, hidden). With `want_kv` it returns the keys and
+    /// values including `past` and records no tape; without, it records the tape.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_forward_kv(
+        &self,
+        layer: &Layer,
+        h: &Tensor,
+        b: usize,
+        t: usize,
+        rope: &RopeTables,
+        mask: &Tensor,
+        past: Option<&(Tensor, Tensor)>,
+        want_kv: bool,
+    ) -> Result<(Tensor, Option<LayerTape>, Option<(Tensor, Tensor)>)> {
+        let c = &self.cfg;
+        let (nh, nkv, hd, g) = (c.n_head, c.n_kv_head, c.head_dim, self.group());
+        let a = rms_norm(h, &layer.attn_norm, c.eps)?;
+        let to_heads = |x: Tensor, heads: usize| -> Result<Tensor> {
+            x.reshape((b, t, heads, hd))?.transpose(1, 2)?.contiguous()
+        };
+        let mut q = to_heads(linear(&a, &layer.wq)?, nh)?;
+        let mut k = to_heads(linear(&a, &layer.wk)?, nkv)?;
+        let v = to_heads(linear(&a, &layer.wv)?, nkv)?;
+        let (mut q_pre_norm, mut k_pre_norm) = (None, None);
+        if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+            let qn_out = rms_norm(&q, qn, c.eps)?;
+            let kn_out = rms_norm(&k, kn, c.eps)?;
+            q_pre_norm = Some(std::mem::replace(&mut q, qn_out));
+            k_pre_norm = Some(std::mem::replace(&mut k, kn_out));
+        }
+        let (cos, sin) = if layer.is_local {
+            &rope.local
+        } else {
+            &rope.global
+        };
+        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        let (k_all, v_all) = match past {
+            Some((pk, pv)) => (
+                Tensor::cat(&[pk, &k], 2)?.contiguous()?,
+                Tensor::cat(&[pv, &v], 2)?.contiguous()?,
+            ),
+            None => (k.clone(), v.clone()),
+        };
+        // Queries that share a key head are stacked along the sequence axis, so grouped-query
+        // attention needs no copies of the keys and values.
+        let q = q.reshape((b, nkv, g * t, hd))?;
+        let scores = (q.matmul(&k_all.t()?)? * c.attn_scale as f64)?;
+        let scores = scores.broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let o = probs.matmul(&v_all)?;
+        let o = o
+            .reshape((b, nh, t, hd))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b * t, nh * hd))?;
+        let mut attn = linear(&o, &layer.wo)?;
+        let mut attn_pre_norm = None;
+        if let Some(n) = &layer.post_attn_norm {
+            let normed = rms_norm(&attn, n, c.eps)?;
+            attn_pre_norm = Some(std::mem::replace(&mut attn, normed));
+        }
+        let h2 = (h + attn)?;
+        let m = rms_norm(&h2, &layer.ffn_norm, c.eps)?;
+        let gate = linear(&m, &layer.w_gate)?;
+        let up = linear(&m, &layer.w_up)?;
+        let act = c.activation.forward(&gate)?.mul(&up)?;
+        let mut down = linear(&act, &layer.w_down)?;
+        let mut down_pre_norm = None;
+        if let Some(n) = &layer.post_ffn_norm {
+            let normed = rms_norm(&down, n, c.eps)?;
+            down_pre_norm = Some(std::mem::replace(&mut down, normed));
+        }
+        let out = (&h2 + down)?;
+        if want_kv {
+            return Ok((out, None, Some((k_all, v_all))));
+        }
+        Ok((
+            out,
+            Some(LayerTape {
+                h: h.clone(),
+                q_pre_norm,
+                k_pre_norm,
+                q,
+                k,
+                v,
+                probs,
+                attn_pre_norm,
+                h2,
+                gate,
+                up,
+                down_pre_norm,
+            }),
+            None,
+        ))
+    }
+
+    /// log p of each target token: rows of `hidden` (n, hidden) predict `targets` (n).
+    /// Returns (per-token log-probs, d sum(logp) / d logits).
+    pub fn target_log_probs(&self, hidden: &Tensor, targets: &[u32]) -> Result<(Vec<f32>, Tensor)> {
+        let normed = rms_norm(hidden, &self.final_norm, self.cfg.eps)?;
+        let logits = self.logits(&normed)?;
+        let logp = ops::log_softmax(&logits)?;
+        let rows: Vec<Vec<f32>> = logp.to_vec2()?;
+        let per_token: Vec<f32> = rows
+            .iter()
+            .zip(targets)
+            .map(|(r, &t)| r[t as usize])
+            .collect();
+        // d/dlogits of log softmax at the target: onehot - softmax.
+        let probs = logp.exp()?;
+        let vocab = logits.dim(D::Minus1)?;
+        let mut onehot = vec![0f32; targets.len() * vocab];
+        for (i, &t) in targets.iter().enumerate() {
+            onehot[i * vocab + t as usize] = 1.0;
+        }
+        let onehot = Tensor::from_vec(onehot, (targets.len(), vocab), logits.device())?;
+        Ok((per_token, (onehot - probs)?))
+    }
+}

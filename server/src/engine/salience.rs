@@ -1,0 +1,352 @@
+//! Gradient salience of a target span with respect to the input embeddings.
+//!
+//! Objective: F = sum over target tokens of ln p(x_t | x_<t). Scores are given for every token
+//! before the target's first token.
+
+use std::ops::Range;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor, D};
+use serde::{Deserialize, Serialize};
+
+use super::model::ops::{linear_backward, rms_norm_backward};
+use super::model::Model;
+use super::{CancelToken, EngineError, Progress, ProgressFn};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    GradL2,
+    GradDotInput,
+    IntegratedGradients,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::GradL2 => "grad_l2",
+            Method::GradDotInput => "grad_dot_input",
+            Method::IntegratedGradients => "integrated_gradients",
+        }
+    }
+    /// Signed methods say whether a token raises or lowers the target's probability.
+    pub fn is_signed(self) -> bool {
+        !matches!(self, Method::GradL2)
+    }
+}
+
+impl std::str::FromStr for Method {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "grad_l2" | "gradient_norm" => Ok(Self::GradL2),
+            "grad_dot_input" | "gradient_x_input" => Ok(Self::GradDotInput),
+            "integrated_gradients" | "ig" => Ok(Self::IntegratedGradients),
+            other => Err(format!(
+                "unknown method `{other}` (grad_l2, grad_dot_input, integrated_gradients)"
+            )),
+        }
+    }
+}
+
+/// The point integrated gradients starts its path from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Baseline {
+    /// Zero embeddings.
+    Zero,
+    /// Every scored token replaced by the padding (or end-of-text) token's embedding.
+    Pad,
+    /// Every scored token replaced by the mean of the embedding table.
+    #[default]
+    Mean,
+}
+
+impl std::str::FromStr for Baseline {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "zero" => Ok(Self::Zero),
+            "pad" | "eos" => Ok(Self::Pad),
+            "mean" => Ok(Self::Mean),
+            other => Err(format!("unknown baseline `{other}` (zero, pad, mean)")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct IgOptions {
+    pub baseline: Baseline,
+    /// Fixed step count (midpoint rule, no adaptivity) — the reference's arithmetic.
+    pub fixed_steps: Option<usize>,
+    /// Adaptive: start here, double until the completeness gap is under `tolerance`.
+    pub initial_steps: usize,
+    pub max_steps: usize,
+    pub tolerance: f32,
+    /// Alphas per forward/backward pass; None picks by a memory budget.
+    pub batch: Option<usize>,
+}
+
+impl Default for IgOptions {
+    fn default() -> Self {
+        Self {
+            baseline: Baseline::default(),
+            fixed_steps: None,
+            initial_steps: 16,
+            max_steps: 64,
+            tolerance: 0.05,
+            batch: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SalienceRequest {
+    /// Every input token: prompt, then target (anything after the target is ignored).
+    pub ids: Vec<u32>,
+    /// Token positions of the target; must not start at 0.
+    pub target: Range<usize>,
+    pub method: Method,
+    pub ig: IgOptions,
+    /// Token id used by the `pad` baseline.
+    pub pad_id: Option<u32>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct IgReport {
+    pub steps: usize,
+    pub baseline: Baseline,
+    pub objective_at_baseline: f32,
+    pub attribution_sum: f32,
+    /// |sum of attributions - (F(x) - F(baseline))| / |F(x) - F(baseline)|.
+    pub completeness_gap: f32,
+}
+
+#[derive(Debug, Clone)]
+pub struct SalienceResult {
+    pub method: Method,
+    /// One per token before the target.
+    pub scores: Vec<f32>,
+    /// F = sum of target log-probs.
+    pub objective: f32,
+    pub target_log_probs: Vec<f32>,
+    pub ig: Option<IgReport>,
+    pub seconds: f64,
+}
+
+/// F and dF/d(embedding rows) for a batch of input embeddings sharing the same target.
+pub struct Gradients {
+    /// F per batch element.
+    pub objective: Vec<f32>,
+    pub target_log_probs: Vec<f32>,
+    /// (b, t, hidden), w.r.t. the unscaled embeddings.
+    pub grad: Tensor,
+}
+
+pub fn gradients(
+    model: &Model,
+    embeds: &Tensor,
+    targets: &[u32],
+    target_start: usize,
+    cancel: &CancelToken,
+) -> candle_core::Result<Gradients> {
+    let (b, t, _) = embeds.dims3()?;
+    let n = targets.len();
+    let x = (embeds * model.cfg.embed_scale as f64)?;
+    let mut check = || cancel.check();
+    let tape = model.forward_embeds(&x, &mut check)?;
+    let rows: Vec<u32> = (0..b)
+        .flat_map(|bi| (0..n).map(move |i| (bi * t + target_start - 1 + i) as u32))
+        .collect();
+    let rows = Tensor::new(rows.as_slice(), &Device::Cpu)?;
+    let hidden = tape.last_hidden.index_select(&rows, 0)?;
+    let all_targets: Vec<u32> = (0..b).flat_map(|_| targets.iter().copied()).collect();
+    let (log_probs, g_logits) = model.target_log_probs(&hidden, &all_targets)?;
+    let objective = log_probs.chunks(n).map(|c| c.iter().sum()).collect();
+    let g_normed = linear_backward(&g_logits, model.head())?;
+    let g_hidden = rms_norm_backward(&hidden, &model.final_norm, model.cfg.eps, &g_normed)?;
+    let g_last = tape.last_hidden.zeros_like()?.index_add(&rows, &g_hidden, 0)?;
+    let g_x = model.backward(&tape, g_last, &mut check)?;
+    Ok(Gradients {
+        objective,
+        target_log_probs: log_probs[..n].to_vec(),
+        grad: (g_x * model.cfg.embed_scale as f64)?,
+    })
+}
+
+fn validate(model: &Model, req: &SalienceRequest) -> Result<(), EngineError> {
+    if req.target.start == 0 || req.target.is_empty() || req.target.end > req.ids.len() {
+        return Err(EngineError::InvalidInput(format!(
+            "target token span {:?} must be non-empty, inside the {} tokens, and not start at 0",
+            req.target,
+            req.ids.len()
+        )));
+    }
+    if let Some(bad) = req.ids.iter().find(|&&id| id as usize >= model.cfg.vocab) {
+        return Err(EngineError::InvalidInput(format!("token id {bad} out of vocabulary")));
+    }
+    if req.target.end > model.cfg.context_length {
+        return Err(EngineError::InvalidInput(format!(
+            "{} tokens exceed the model's context of {}",
+            req.target.end, model.cfg.context_length
+        )));
+    }
+    Ok(())
+}
+
+pub fn compute(
+    model: &Model,
+    req: &SalienceRequest,
+    progress: ProgressFn,
+    cancel: &CancelToken,
+) -> Result<SalienceResult, EngineError> {
+    validate(model, req)?;
+    let started = Instant::now();
+    let ids = &req.ids[..req.target.end];
+    let targets = &req.ids[req.target.clone()];
+    let ts = req.target.start;
+    let e = model
+        .embeddings(ids)
+        .and_then(|e| e.unsqueeze(0))
+        .map_err(EngineError::candle)?;
+    let run = || -> candle_core::Result<SalienceResult> {
+        match req.method {
+            Method::GradL2 | Method::GradDotInput => {
+                progress(Progress::Salience { pass: 0, passes: 1 });
+                let g = gradients(model, &e, targets, ts, cancel)?;
+                let grad = g.grad.squeeze(0)?.narrow(0, 0, ts)?;
+                let scores: Vec<f32> = if req.method == Method::GradL2 {
+                    grad.sqr()?.sum(D::Minus1)?.sqrt()?.to_vec1()?
+                } else {
+                    let emb = e.squeeze(0)?.narrow(0, 0, ts)?;
+                    grad.mul(&emb)?.sum(D::Minus1)?.to_vec1()?
+                };
+                progress(Progress::Salience { pass: 1, passes: 1 });
+                Ok(SalienceResult {
+                    method: req.method,
+                    scores,
+                    objective: g.objective[0],
+                    target_log_probs: g.target_log_probs,
+                    ig: None,
+                    seconds: 0.0,
+                })
+            }
+            Method::IntegratedGradients => {
+                integrated_gradients(model, &e, targets, ts, req, progress, cancel)
+            }
+        }
+    };
+    let mut result = run().map_err(EngineError::candle)?;
+    result.seconds = started.elapsed().as_secs_f64();
+    Ok(result)
+}
+
+/// Baseline embeddings for the scored positions (ts, hidden).
+fn baseline(model: &Model, ts: usize, kind: Baseline, pad_id: Option<u32>) -> candle_core::Result<Tensor> {
+    let h = model.cfg.hidden;
+    match kind {
+        Baseline::Zero => Tensor::zeros((ts, h), candle_core::DType::F32, &Device::Cpu),
+        Baseline::Pad => {
+            let id = pad_id.unwrap_or(0);
+            model.embeddings(&[id])?.broadcast_as((ts, h))?.contiguous()
+        }
+        Baseline::Mean => model
+            .embed
+            .mean_keepdim(0)?
+            .broadcast_as((ts, h))?
+            .contiguous(),
+    }
+}
+
+/// How many sequences fit one pass under a memory budget for the recorded activations.
+fn batch_for(model: &Model, t: usize) -> usize {
+    let c = &model.cfg;
+    let per_layer = t * (4 * c.hidden + 2 * c.n_head * c.head_dim + 4 * c.n_kv_head * c.head_dim + 3 * c.ffn)
+        + c.n_head * t * t * 2;
+    let bytes = per_layer * c.n_layer * 4;
+    let budget: usize = 1 << 30;
+    (budget / bytes.max(1)).clamp(1, 8)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn integrated_gradients(
+    model: &Model,
+    e: &Tensor,
+    targets: &[u32],
+    ts: usize,
+    req: &SalienceRequest,
+    progress: ProgressFn,
+    cancel: &CancelToken,
+) -> candle_core::Result<SalienceResult> {
+    let opts = &req.ig;
+    let t = e.dim(1)?;
+    let e2 = e.squeeze(0)?;
+    let scored = e2.narrow(0, 0, ts)?;
+    let rest = e2.narrow(0, ts, t - ts)?;
+    let base = baseline(model, ts, opts.baseline, req.pad_id)?;
+    let diff = (&scored - &base)?;
+    let batch = opts.batch.unwrap_or_else(|| batch_for(model, t)).max(1);
+
+    // F at the input and at the baseline, for the completeness check.
+    let end_points = Tensor::stack(
+        &[e2.clone(), Tensor::cat(&[&base, &rest], 0)?],
+        0,
+    )?;
+    let ends = gradients(model, &end_points, targets, ts, cancel)?;
+    let (f_x, f_b) = (ends.objective[0], ends.objective[1]);
+
+    // Sum of gradients at the alphas of a midpoint rule with m steps.
+    let total_steps = |m: usize| m;
+    let mut grad_sum = Tensor::zeros((ts, model.cfg.hidden), candle_core::DType::F32, &Device::Cpu)?;
+    let mut steps_done = 0usize;
+    let mut m = opts.fixed_steps.unwrap_or(opts.initial_steps).max(1);
+    let cap = opts.fixed_steps.unwrap_or(opts.max_steps.max(m));
+    let mut evaluated_for = 0usize; // m whose points are in grad_sum
+    loop {
+        // The midpoints of m steps; when m doubles from an odd multiple they don't nest, so
+        // start the sum again (cost is bounded by the cap).
+        let alphas: Vec<f32> = (0..m).map(|k| (k as f32 + 0.5) / m as f32).collect();
+        if evaluated_for != 0 {
+            grad_sum = grad_sum.zeros_like()?;
+        }
+        for chunk in alphas.chunks(batch) {
+            let inputs: Vec<Tensor> = chunk
+                .iter()
+                .map(|&a| {
+                    let point = (&base + (&diff * a as f64)?)?;
+                    Tensor::cat(&[&point, &rest], 0)
+                })
+                .collect::<candle_core::Result<_>>()?;
+            let g = gradients(model, &Tensor::stack(&inputs, 0)?, targets, ts, cancel)?;
+            grad_sum = (grad_sum + g.grad.narrow(1, 0, ts)?.sum(0)?)?;
+            steps_done += chunk.len();
+            progress(Progress::IntegratedGradients {
+                step: steps_done,
+                steps: total_steps(cap),
+            });
+        }
+        evaluated_for = m;
+        let scores_t = diff.mul(&(&grad_sum / m as f64)?)?.sum(D::Minus1)?;
+        let scores: Vec<f32> = scores_t.to_vec1()?;
+        let sum: f32 = scores.iter().sum();
+        let delta = f_x - f_b;
+        let gap = ((sum - delta) / delta).abs();
+        if opts.fixed_steps.is_some() || gap <= opts.tolerance || m * 2 > cap {
+            return Ok(SalienceResult {
+                method: Method::IntegratedGradients,
+                scores,
+                objective: f_x,
+                target_log_probs: ends.target_log_probs,
+                ig: Some(IgReport {
+                    steps: m,
+                    baseline: opts.baseline,
+                    objective_at_baseline: f_b,
+                    attribution_sum: sum,
+                    completeness_gap: gap,
+                }),
+                seconds: 0.0,
+            });
+        }
+        m *= 2;
+    }
+}

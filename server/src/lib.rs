@@ -1,0 +1,8 @@
+//! prompt-salience: which parts of a prompt drove a language model's answer.
+//!
+//! - [`engine`]: models, tokenization, generation and salience — plain types, byte offsets.
+//! - [`cli`]: the command line.
+#![deny(clippy::print_stdout)]
+
+pub mod cli;
+pub mod engine;

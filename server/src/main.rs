@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    prompt_salience::cli::main()
+}

@@ -42,10 +42,21 @@ pub fn run(args: BenchArgs) -> Result<(), EngineError> {
     let engine = args.model.load()?;
     let text = "The quick brown fox jumps over the lazy dog while the committee reviews \
                 the quarterly budget, and every number must add up before Friday. ";
-    let pool: Vec<u32> = engine.tokenize_target(&text.repeat(200))?.iter().map(|t| t.0).collect();
+    let pool: Vec<u32> = engine
+        .tokenize_target(&text.repeat(200))?
+        .iter()
+        .map(|t| t.0)
+        .collect();
     let cancel = CancelToken::new();
-    println!("model: {}  threads: {}", engine.name, rayon::current_num_threads());
-    println!("| prompt tokens | method | seconds (best of {}) | peak RSS MiB |", args.repeat);
+    println!(
+        "model: {}  threads: {}",
+        engine.name,
+        rayon::current_num_threads()
+    );
+    println!(
+        "| prompt tokens | method | seconds (best of {}) | peak RSS MiB |",
+        args.repeat
+    );
     println!("|---|---|---|---|");
     let run_case = |len: usize, method: Method, steps: usize| -> Result<(), EngineError> {
         let ids: Vec<u32> = pool[..len + args.target_tokens].to_vec();

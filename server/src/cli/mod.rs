@@ -17,7 +17,11 @@ use crate::engine::salience::{self, Baseline, IgOptions, Method, SalienceRequest
 use crate::engine::{CancelToken, Engine, EngineError, Progress};
 
 #[derive(Parser)]
-#[command(name = "prompt-salience", version, about = "Which parts of a prompt drove the model's answer")]
+#[command(
+    name = "prompt-salience",
+    version,
+    about = "Which parts of a prompt drove the model's answer"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -222,8 +226,16 @@ fn model_command(command: ModelCommand) -> Result<(), EngineError> {
             println!("cache: {}", opts.cache_dir.display());
             for m in MODELS {
                 let path = registry::cached_path(m, &opts);
-                let state = if path.is_file() { "cached" } else { "not cached" };
-                let default = if m.name == DEFAULT_MODEL { " (default)" } else { "" };
+                let state = if path.is_file() {
+                    "cached"
+                } else {
+                    "not cached"
+                };
+                let default = if m.name == DEFAULT_MODEL {
+                    " (default)"
+                } else {
+                    ""
+                };
                 println!("{:<24} {:<11} {}{default}", m.name, state, m.description);
             }
             Ok(())
@@ -296,7 +308,11 @@ fn salience_command(args: SalienceArgs) -> Result<(), EngineError> {
                 &CancelToken::new(),
             )?;
             target_text = gen.text.clone();
-            gen.ids.iter().copied().zip(gen.token_ranges.iter().cloned()).collect()
+            gen.ids
+                .iter()
+                .copied()
+                .zip(gen.token_ranges.iter().cloned())
+                .collect()
         }
     };
     if target_tokens.is_empty() {

@@ -49,7 +49,10 @@ pub fn legend(signed: bool) -> String {
     };
     for &s in stops {
         let (r, g, b) = heat_rgb(s, signed);
-        let _ = write!(out, "\x1b[48;2;{r};{g};{b}m\x1b[38;2;0;0;0m {s:+.2} \x1b[0m");
+        let _ = write!(
+            out,
+            "\x1b[48;2;{r};{g};{b}m\x1b[38;2;0;0;0m {s:+.2} \x1b[0m"
+        );
     }
     if signed {
         out.push_str("  (green raises the target's probability, red lowers it)");

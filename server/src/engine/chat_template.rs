@@ -56,9 +56,12 @@ impl ChatTemplate {
         // Python's jinja2 as transformers configures it.
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
-        env.add_function("raise_exception", |msg: String| -> Result<Value, JinjaError> {
-            Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> Result<Value, JinjaError> {
+                Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
         env.add_template("chat", &self.source)
             .map_err(|e| EngineError::Template(e.to_string()))?;
         let tmpl = env
@@ -158,7 +161,10 @@ mod tests {
             String::new(),
         );
         let r = t
-            .render(&[Message::new("system", "Be brief."), Message::new("user", "Why?")])
+            .render(&[
+                Message::new("system", "Be brief."),
+                Message::new("user", "Why?"),
+            ])
             .unwrap();
         assert_eq!(r.text, "<system>Be brief.</system><user>Why?</user>");
         assert_eq!(&r.text[r.content_ranges[1].clone().unwrap()], "Why?");

@@ -110,7 +110,10 @@ impl Engine {
         let mut cache_ids = prompt_ids[..common].to_vec();
         let run = |cache: &mut KvCache, ids: &[u32]| -> Result<Vec<f32>, EngineError> {
             cancel.check().map_err(EngineError::candle)?;
-            let h = self.model.forward_cached(ids, cache).map_err(EngineError::candle)?;
+            let h = self
+                .model
+                .forward_cached(ids, cache)
+                .map_err(EngineError::candle)?;
             let logits = self.model.logits(&h).map_err(EngineError::candle)?;
             logits
                 .squeeze(0)
@@ -143,7 +146,11 @@ impl Engine {
                 }
                 if !opts.stop.is_empty() {
                     let text = self.tokenizer.decode(&ids);
-                    if opts.stop.iter().any(|s| !s.is_empty() && text.contains(s.as_str())) {
+                    if opts
+                        .stop
+                        .iter()
+                        .any(|s| !s.is_empty() && text.contains(s.as_str()))
+                    {
                         stop_reason = StopReason::StopString;
                         break;
                     }
@@ -154,7 +161,12 @@ impl Engine {
                 logits = run(&mut cache, &[next])?;
                 cache_ids.push(next);
             }
-            Ok((ids, stop_reason, prefill_seconds, decode_started.elapsed().as_secs_f64()))
+            Ok((
+                ids,
+                stop_reason,
+                prefill_seconds,
+                decode_started.elapsed().as_secs_f64(),
+            ))
         })();
         shared.ids = cache_ids;
         shared.cache = cache;

@@ -105,8 +105,8 @@ impl Engine {
     pub fn load(path: &std::path::Path, name: &str) -> Result<Self, EngineError> {
         threads::configure();
         let mut gguf = GgufFile::open(path)?;
-        let tokenizer = PromptTokenizer::from_gguf(&gguf)?;
         let model = Model::from_gguf(&mut gguf)?;
+        let tokenizer = PromptTokenizer::from_gguf(&gguf)?;
         if model.cfg.vocab < tokenizer.vocab_size() {
             return Err(gguf.bad(format!(
                 "tokenizer has {} tokens but the embedding table only {}",

@@ -102,7 +102,10 @@ pub enum ModelSpec {
     Registered(&'static str),
     Path(PathBuf),
     /// `hf:owner/repo/file.gguf`
-    Hub { repo: String, file: String },
+    Hub {
+        repo: String,
+        file: String,
+    },
 }
 
 impl ModelSpec {
@@ -183,7 +186,11 @@ pub fn fetch(m: &RegisteredModel, opts: &FetchOptions) -> Result<PathBuf, Engine
         if actual == m.sha256 {
             return Ok(dest);
         }
-        tracing::warn!("cached {} has sha256 {actual}, expected {}; fetching again", dest.display(), m.sha256);
+        tracing::warn!(
+            "cached {} has sha256 {actual}, expected {}; fetching again",
+            dest.display(),
+            m.sha256
+        );
     }
     let dir = dest.parent().expect("cache path has a parent");
     std::fs::create_dir_all(dir)
@@ -321,7 +328,8 @@ fn install_verified(src: &Path, dest: &Path, expected: &str) -> Result<(), Engin
 }
 
 pub fn sha256_file(path: &Path) -> Result<String, EngineError> {
-    let mut f = File::open(path).map_err(|e| EngineError::Fetch(format!("{}: {e}", path.display())))?;
+    let mut f =
+        File::open(path).map_err(|e| EngineError::Fetch(format!("{}: {e}", path.display())))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {

@@ -165,7 +165,10 @@ pub fn gradients(
     let objective = log_probs.chunks(n).map(|c| c.iter().sum()).collect();
     let g_normed = linear_backward(&g_logits, model.head())?;
     let g_hidden = rms_norm_backward(&hidden, &model.final_norm, model.cfg.eps, &g_normed)?;
-    let g_last = tape.last_hidden.zeros_like()?.index_add(&rows, &g_hidden, 0)?;
+    let g_last = tape
+        .last_hidden
+        .zeros_like()?
+        .index_add(&rows, &g_hidden, 0)?;
     let g_x = model.backward(&tape, g_last, &mut check)?;
     Ok(Gradients {
         objective,
@@ -183,7 +186,9 @@ fn validate(model: &Model, req: &SalienceRequest) -> Result<(), EngineError> {
         )));
     }
     if let Some(bad) = req.ids.iter().find(|&&id| id as usize >= model.cfg.vocab) {
-        return Err(EngineError::InvalidInput(format!("token id {bad} out of vocabulary")));
+        return Err(EngineError::InvalidInput(format!(
+            "token id {bad} out of vocabulary"
+        )));
     }
     if req.target.end > model.cfg.context_length {
         return Err(EngineError::InvalidInput(format!(
@@ -242,7 +247,12 @@ pub fn compute(
 }
 
 /// Baseline embeddings for the scored positions (ts, hidden).
-fn baseline(model: &Model, ts: usize, kind: Baseline, pad_id: Option<u32>) -> candle_core::Result<Tensor> {
+fn baseline(
+    model: &Model,
+    ts: usize,
+    kind: Baseline,
+    pad_id: Option<u32>,
+) -> candle_core::Result<Tensor> {
     let h = model.cfg.hidden;
     match kind {
         Baseline::Zero => Tensor::zeros((ts, h), candle_core::DType::F32, &Device::Cpu),
@@ -261,7 +271,8 @@ fn baseline(model: &Model, ts: usize, kind: Baseline, pad_id: Option<u32>) -> ca
 /// How many sequences fit one pass under a memory budget for the recorded activations.
 fn batch_for(model: &Model, t: usize) -> usize {
     let c = &model.cfg;
-    let per_layer = t * (4 * c.hidden + 2 * c.n_head * c.head_dim + 4 * c.n_kv_head * c.head_dim + 3 * c.ffn)
+    let per_layer = t
+        * (4 * c.hidden + 2 * c.n_head * c.head_dim + 4 * c.n_kv_head * c.head_dim + 3 * c.ffn)
         + c.n_head * t * t * 2;
     let bytes = per_layer * c.n_layer * 4;
     let budget: usize = 1 << 30;
@@ -288,16 +299,17 @@ fn integrated_gradients(
     let batch = opts.batch.unwrap_or_else(|| batch_for(model, t)).max(1);
 
     // F at the input and at the baseline, for the completeness check.
-    let end_points = Tensor::stack(
-        &[e2.clone(), Tensor::cat(&[&base, &rest], 0)?],
-        0,
-    )?;
+    let end_points = Tensor::stack(&[e2.clone(), Tensor::cat(&[&base, &rest], 0)?], 0)?;
     let ends = gradients(model, &end_points, targets, ts, cancel)?;
     let (f_x, f_b) = (ends.objective[0], ends.objective[1]);
 
     // Sum of gradients at the alphas of a midpoint rule with m steps.
     let total_steps = |m: usize| m;
-    let mut grad_sum = Tensor::zeros((ts, model.cfg.hidden), candle_core::DType::F32, &Device::Cpu)?;
+    let mut grad_sum = Tensor::zeros(
+        (ts, model.cfg.hidden),
+        candle_core::DType::F32,
+        &Device::Cpu,
+    )?;
     let mut steps_done = 0usize;
     let mut m = opts.fixed_steps.unwrap_or(opts.initial_steps).max(1);
     let cap = opts.fixed_steps.unwrap_or(opts.max_steps.max(m));

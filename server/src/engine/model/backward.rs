@@ -54,8 +54,8 @@ impl Model {
             .mul(&lt.up)?
             .mul(&c.activation.derivative(&lt.gate)?)?;
         let g_up = g_act.mul(&c.activation.forward(&lt.gate)?)?;
-        let g_m = (linear_backward(&g_gate, &layer.w_gate)?
-            + linear_backward(&g_up, &layer.w_up)?)?;
+        let g_m =
+            (linear_backward(&g_gate, &layer.w_gate)? + linear_backward(&g_up, &layer.w_up)?)?;
         let g_h2 = (g_out + rms_norm_backward(&lt.h2, &layer.ffn_norm, c.eps, &g_m)?)?;
 
         // Attention block: h2 = h + norm?(wo(attention(q, k, v))).
@@ -85,7 +85,9 @@ impl Model {
             g_k = rms_norm_backward(pre, n, c.eps, &g_k)?;
         }
         let from_heads = |x: Tensor, heads: usize| -> Result<Tensor> {
-            x.transpose(1, 2)?.contiguous()?.reshape((b * t, heads * hd))
+            x.transpose(1, 2)?
+                .contiguous()?
+                .reshape((b * t, heads * hd))
         };
         let g_a = ((linear_backward(&from_heads(g_q, nh)?, &layer.wq)?
             + linear_backward(&from_heads(g_k, nkv)?, &layer.wk)?)?

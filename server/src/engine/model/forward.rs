@@ -56,6 +56,9 @@ impl KvCache {
     }
 }
 
+/// A block's output, its tape (salience) or its keys and values (decoding).
+type LayerOutput = (Tensor, Option<LayerTape>, Option<(Tensor, Tensor)>);
+
 pub(super) struct RopeTables {
     pub global: (Tensor, Tensor),
     pub local: (Tensor, Tensor),
@@ -91,8 +94,13 @@ impl Model {
         let mut layers = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
             check()?;
-            let mask = if layer.is_local { &mask_local } else { &mask_global };
-            let (next, tape, _) = self.layer_forward_kv(layer, &h, b, t, &rope, mask, None, false)?;
+            let mask = if layer.is_local {
+                &mask_local
+            } else {
+                &mask_global
+            };
+            let (next, tape, _) =
+                self.layer_forward_kv(layer, &h, b, t, &rope, mask, None, false)?;
             layers.push(tape.expect("tape requested"));
             h = next;
         }
@@ -120,7 +128,11 @@ impl Model {
         let mut h = x;
         let had_cache = !cache.layers.is_empty();
         for (i, layer) in self.layers.iter().enumerate() {
-            let mask = if layer.is_local { &mask_local } else { &mask_global };
+            let mask = if layer.is_local {
+                &mask_local
+            } else {
+                &mask_global
+            };
             let past = if had_cache {
                 Some(&cache.layers[i])
             } else {
@@ -161,7 +173,7 @@ impl Model {
         mask: &Tensor,
         past: Option<&(Tensor, Tensor)>,
         want_kv: bool,
-    ) -> Result<(Tensor, Option<LayerTape>, Option<(Tensor, Tensor)>)> {
+    ) -> Result<LayerOutput> {
         let c = &self.cfg;
         let (nh, nkv, hd, g) = (c.n_head, c.n_kv_head, c.head_dim, self.group());
         let a = rms_norm(h, &layer.attn_norm, c.eps)?;

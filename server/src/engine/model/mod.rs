@@ -220,7 +220,10 @@ impl Model {
             if t.dims() == dims {
                 Ok(())
             } else {
-                Err(format!("tensor {what} has shape {:?}, expected {dims:?}", t.dims()))
+                Err(format!(
+                    "tensor {what} has shape {:?}, expected {dims:?}",
+                    t.dims()
+                ))
             }
         };
         expect(&self.embed, &[c.vocab, c.hidden], "token_embd")?;
@@ -253,7 +256,9 @@ impl Model {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut rand = |dims: &[usize], scale: f32| -> candle_core::Result<Tensor> {
             let n: usize = dims.iter().product();
-            let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0) * scale).collect();
+            let v: Vec<f32> = (0..n)
+                .map(|_| rng.random_range(-1.0f32..1.0) * scale)
+                .collect();
             Tensor::from_vec(v, dims, &Device::Cpu)
         };
         let (h, q, kv, f) = (
@@ -266,9 +271,10 @@ impl Model {
         let gemma = cfg.arch == Arch::Gemma3;
         let mut layers = Vec::new();
         for i in 0..cfg.n_layer {
-            let norm = |r: &mut dyn FnMut(&[usize], f32) -> candle_core::Result<Tensor>,
-                        n: usize|
-             -> candle_core::Result<Tensor> { r(&[n], 0.3)?.affine(1.0, 1.0) };
+            let norm =
+                |r: &mut dyn FnMut(&[usize], f32) -> candle_core::Result<Tensor>,
+                 n: usize|
+                 -> candle_core::Result<Tensor> { r(&[n], 0.3)?.affine(1.0, 1.0) };
             layers.push(Layer {
                 attn_norm: norm(&mut rand, h)?,
                 wq: rand(&[q, h], ws(h))?,
@@ -279,10 +285,26 @@ impl Model {
                 w_gate: rand(&[f, h], ws(h))?,
                 w_up: rand(&[f, h], ws(h))?,
                 w_down: rand(&[h, f], ws(f))?,
-                q_norm: if gemma { Some(norm(&mut rand, cfg.head_dim)?) } else { None },
-                k_norm: if gemma { Some(norm(&mut rand, cfg.head_dim)?) } else { None },
-                post_attn_norm: if gemma { Some(norm(&mut rand, h)?) } else { None },
-                post_ffn_norm: if gemma { Some(norm(&mut rand, h)?) } else { None },
+                q_norm: if gemma {
+                    Some(norm(&mut rand, cfg.head_dim)?)
+                } else {
+                    None
+                },
+                k_norm: if gemma {
+                    Some(norm(&mut rand, cfg.head_dim)?)
+                } else {
+                    None
+                },
+                post_attn_norm: if gemma {
+                    Some(norm(&mut rand, h)?)
+                } else {
+                    None
+                },
+                post_ffn_norm: if gemma {
+                    Some(norm(&mut rand, h)?)
+                } else {
+                    None
+                },
                 is_local: gemma && (i + 1) % 2 != 0,
             });
         }

@@ -66,7 +66,9 @@ impl Activation {
                 let t = inner.tanh()?;
                 let left = (t.affine(0.5, 0.5))?;
                 let sech2 = t.sqr()?.affine(-1.0, 1.0)?;
-                let right = x.mul(&sech2)?.mul(&x2.affine(3.0 * k * c * 0.5, c * 0.5)?)?;
+                let right = x
+                    .mul(&sech2)?
+                    .mul(&x2.affine(3.0 * k * c * 0.5, c * 0.5)?)?;
                 left + right
             }
         }
@@ -152,12 +154,20 @@ mod tests {
     }
 
     fn dot(a: &Tensor, b: &Tensor) -> f64 {
-        a.mul(b).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64
+        a.mul(b)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64
     }
 
     fn assert_close(a: &[f32], b: &[f32], tol: f32) {
         for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            assert!((x - y).abs() <= tol * (1.0 + y.abs()), "index {i}: {x} vs {y}");
+            assert!(
+                (x - y).abs() <= tol * (1.0 + y.abs()),
+                "index {i}: {x} vs {y}"
+            );
         }
     }
 
@@ -185,7 +195,12 @@ mod tests {
             let numeric = numeric_grad(
                 |x| {
                     // Each output depends only on its own input: probe one element at a time.
-                    act.forward(x).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64
+                    act.forward(x)
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap() as f64
                 },
                 &x,
                 &ones,

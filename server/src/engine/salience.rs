@@ -9,7 +9,8 @@ use std::time::Instant;
 use candle_core::{Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 
-use super::model::ops::{linear_backward, rms_norm_backward};
+use super::model::kernels::rms_norm_backward;
+use super::model::ops::linear_backward;
 use super::model::Model;
 use super::{CancelToken, EngineError, Progress, ProgressFn};
 

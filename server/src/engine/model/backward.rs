@@ -1,9 +1,10 @@
 //! Input gradients by hand: the reverse of `forward.rs`, computing only d/d(inputs).
 
-use candle_core::{Result, Tensor, D};
+use candle_core::{Result, Tensor};
 
 use super::forward::{LayerTape, Tape};
-use super::ops::{linear_backward, rms_norm_backward};
+use super::kernels::{gated_backward, rms_norm_backward, softmax_backward};
+use super::ops::{linear_backward, Activation};
 use super::{Layer, Model};
 
 impl Model {
@@ -50,10 +51,8 @@ impl Model {
             g_down = rms_norm_backward(pre, n, c.eps, &g_down)?;
         }
         let g_act = linear_backward(&g_down, &layer.w_down)?;
-        let g_gate = g_act
-            .mul(&lt.up)?
-            .mul(&c.activation.derivative(&lt.gate)?)?;
-        let g_up = g_act.mul(&c.activation.forward(&lt.gate)?)?;
+        let gelu = c.activation == Activation::GeluTanh;
+        let (g_gate, g_up) = gated_backward(&lt.gate, &lt.up, &g_act, gelu)?;
         let g_m =
             (linear_backward(&g_gate, &layer.w_gate)? + linear_backward(&g_up, &layer.w_up)?)?;
         let g_h2 = (g_out + rms_norm_backward(&lt.h2, &layer.ffn_norm, c.eps, &g_m)?)?;
@@ -70,8 +69,7 @@ impl Model {
             .reshape((b, nkv, grp * t, hd))?;
         let g_v = lt.probs.t()?.matmul(&g_o)?;
         let g_p = g_o.matmul(&lt.v.t()?)?;
-        let inner = g_p.mul(&lt.probs)?.sum_keepdim(D::Minus1)?;
-        let g_s = (lt.probs.mul(&g_p.broadcast_sub(&inner)?)? * c.attn_scale as f64)?;
+        let g_s = softmax_backward(&lt.probs, &g_p, c.attn_scale)?;
         let g_q = g_s.matmul(&lt.k)?.reshape((b, nh, t, hd))?;
         let g_k = g_s.t()?.matmul(&lt.q)?;
         // The rope is a rotation: its transpose rotates by the opposite angle.

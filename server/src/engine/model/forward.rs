@@ -3,6 +3,8 @@
 
 use candle_core::{Result, Tensor, D};
 
+use super::kernels::{causal_softmax, gated};
+use super::ops::Activation;
 use super::ops::{self, linear, rms_norm};
 use super::{Layer, Model};
 
@@ -85,22 +87,11 @@ impl Model {
     ) -> Result<Tape> {
         let (b, t, hidden) = x.dims3()?;
         let rope = self.rope_tables(0, t)?;
-        let mask_global = ops::attention_mask(self.group(), t, t, 0, None)?;
-        let mask_local = match self.cfg.sliding_window {
-            Some(w) if w < t => ops::attention_mask(self.group(), t, t, 0, Some(w))?,
-            _ => mask_global.clone(),
-        };
         let mut h = x.reshape((b * t, hidden))?;
         let mut layers = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
             check()?;
-            let mask = if layer.is_local {
-                &mask_local
-            } else {
-                &mask_global
-            };
-            let (next, tape, _) =
-                self.layer_forward_kv(layer, &h, b, t, &rope, mask, None, false)?;
+            let (next, tape, _) = self.layer_forward_kv(layer, &h, b, t, &rope, None, false)?;
             layers.push(tape.expect("tape requested"));
             h = next;
         }
@@ -120,25 +111,15 @@ impl Model {
         let x = (self.embeddings(ids)? * self.cfg.embed_scale as f64)?;
         let rope = self.rope_tables(offset, t)?;
         let total = offset + t;
-        let mask_global = ops::attention_mask(self.group(), t, total, offset, None)?;
-        let mask_local = match self.cfg.sliding_window {
-            Some(w) if w < total => ops::attention_mask(self.group(), t, total, offset, Some(w))?,
-            _ => mask_global.clone(),
-        };
         let mut h = x;
         let had_cache = !cache.layers.is_empty();
         for (i, layer) in self.layers.iter().enumerate() {
-            let mask = if layer.is_local {
-                &mask_local
-            } else {
-                &mask_global
-            };
             let past = if had_cache {
                 Some(&cache.layers[i])
             } else {
                 None
             };
-            let (next, _, kv) = self.layer_forward_kv(layer, &h, 1, t, &rope, mask, past, true)?;
+            let (next, _, kv) = self.layer_forward_kv(layer, &h, 1, t, &rope, past, true)?;
             let kv = kv.expect("kv requested");
             if had_cache {
                 cache.layers[i] = kv;
@@ -170,7 +151,6 @@ impl Model {
         b: usize,
         t: usize,
         rope: &RopeTables,
-        mask: &Tensor,
         past: Option<&(Tensor, Tensor)>,
         want_kv: bool,
     ) -> Result<LayerOutput> {
@@ -207,9 +187,10 @@ impl Model {
         // Queries that share a key head are stacked along the sequence axis, so grouped-query
         // attention needs no copies of the keys and values.
         let q = q.reshape((b, nkv, g * t, hd))?;
-        let scores = (q.matmul(&k_all.t()?)? * c.attn_scale as f64)?;
-        let scores = scores.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let scores = q.matmul(&k_all.t()?)?;
+        let offset = past.map_or(Ok(0), |(pk, _)| pk.dim(2))?;
+        let window = c.sliding_window.filter(|_| layer.is_local);
+        let probs = causal_softmax(&scores, c.attn_scale, t, offset, window)?;
         let o = probs.matmul(&v_all)?;
         let o = o
             .reshape((b, nh, t, hd))?
@@ -226,7 +207,7 @@ impl Model {
         let m = rms_norm(&h2, &layer.ffn_norm, c.eps)?;
         let gate = linear(&m, &layer.w_gate)?;
         let up = linear(&m, &layer.w_up)?;
-        let act = c.activation.forward(&gate)?.mul(&up)?;
+        let act = gated(&gate, &up, c.activation == Activation::GeluTanh)?;
         let mut down = linear(&act, &layer.w_down)?;
         let mut down_pre_norm = None;
         if let Some(n) = &layer.post_ffn_norm {

@@ -6,6 +6,7 @@
 
 mod backward;
 mod forward;
+pub mod kernels;
 pub mod ops;
 
 use candle_core::{DType, Device, Tensor};

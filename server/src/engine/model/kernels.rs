@@ -1,0 +1,256 @@
+//! Fused CPU kernels for the salience pass. Each replaces a chain of candle element-wise ops
+//! (one allocation and one memory pass each) with a single pass over rows, in parallel.
+
+use candle_core::{bail, Device, Result, Storage, Tensor};
+use rayon::prelude::*;
+
+/// Runs `f` on the contiguous f32 data of `t`.
+fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        bail!("fused kernels run on the CPU only")
+    };
+    let data = cpu.as_slice::<f32>()?;
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        bail!("tensor is not contiguous")
+    };
+    f(&data[start..end])
+}
+
+fn rows_of(t: &Tensor) -> Result<(usize, usize)> {
+    let n = t.dim(candle_core::D::Minus1)?;
+    Ok((t.elem_count() / n.max(1), n))
+}
+
+/// Causal (optionally sliding-window) softmax of `scores` laid out as (.., group * tq, tk):
+/// row r is the query at position `offset + r % tq`. Masked entries are never exponentiated.
+pub fn causal_softmax(
+    scores: &Tensor,
+    scale: f32,
+    tq: usize,
+    offset: usize,
+    window: Option<usize>,
+) -> Result<Tensor> {
+    let (rows, tk) = rows_of(scores)?;
+    let mut out = vec![0f32; rows * tk];
+    with_slice(scores, |s| {
+        out.par_chunks_mut(tk)
+            .zip(s.par_chunks(tk))
+            .enumerate()
+            .for_each(|(r, (o, x))| {
+                let q = offset + r % tq;
+                let hi = q.min(tk - 1);
+                let lo = window.map_or(0, |w| (q + 1).saturating_sub(w));
+                let max = x[lo..=hi].iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let mut sum = 0f32;
+                for j in lo..=hi {
+                    let e = ((x[j] - max) * scale).exp();
+                    o[j] = e;
+                    sum += e;
+                }
+                let inv = 1.0 / sum;
+                for v in &mut o[lo..=hi] {
+                    *v *= inv;
+                }
+            });
+        Ok(())
+    })?;
+    Tensor::from_vec(out, scores.shape(), &Device::Cpu)
+}
+
+/// d scores for p = softmax(scale * s): scale * p * (dp - sum(dp * p)).
+pub fn softmax_backward(p: &Tensor, dp: &Tensor, scale: f32) -> Result<Tensor> {
+    let (rows, n) = rows_of(p)?;
+    let mut out = vec![0f32; rows * n];
+    with_slice(p, |p| {
+        with_slice(dp, |dp| {
+            out.par_chunks_mut(n)
+                .zip(p.par_chunks(n).zip(dp.par_chunks(n)))
+                .for_each(|(o, (p, dp))| {
+                    let inner: f32 = p.iter().zip(dp).map(|(a, b)| a * b).sum();
+                    for ((o, &p), &dp) in o.iter_mut().zip(p).zip(dp) {
+                        *o = scale * p * (dp - inner);
+                    }
+                });
+            Ok(())
+        })
+    })?;
+    Tensor::from_vec(out, p.shape(), &Device::Cpu)
+}
+
+/// dx for y = x / rms(x) * w over the last dimension.
+pub fn rms_norm_backward(x: &Tensor, w: &Tensor, eps: f32, dy: &Tensor) -> Result<Tensor> {
+    let (rows, n) = rows_of(x)?;
+    if w.elem_count() != n || dy.elem_count() != rows * n {
+        bail!(
+            "rms_norm_backward: shapes {:?} {:?} {:?}",
+            x.shape(),
+            w.shape(),
+            dy.shape()
+        )
+    }
+    let mut out = vec![0f32; rows * n];
+    with_slice(x, |x| {
+        with_slice(w, |w| {
+            with_slice(dy, |dy| {
+                out.par_chunks_mut(n)
+                    .zip(x.par_chunks(n).zip(dy.par_chunks(n)))
+                    .for_each(|(o, (x, dy))| {
+                        let ms: f32 = x.iter().map(|v| v * v).sum::<f32>() / n as f32;
+                        let r = 1.0 / (ms + eps).sqrt();
+                        let gx: f32 = x
+                            .iter()
+                            .zip(dy)
+                            .zip(w)
+                            .map(|((x, dy), w)| x * dy * w)
+                            .sum::<f32>()
+                            / n as f32;
+                        let c = r * r * r * gx;
+                        for (((o, &x), &dy), &w) in o.iter_mut().zip(x).zip(dy).zip(w) {
+                            *o = r * dy * w - x * c;
+                        }
+                    });
+                Ok(())
+            })
+        })
+    })?;
+    Tensor::from_vec(out, x.shape(), &Device::Cpu)
+}
+
+/// Gradients of act(gate) * up: (d gate, d up) given d out.
+pub fn gated_backward(
+    gate: &Tensor,
+    up: &Tensor,
+    d_out: &Tensor,
+    gelu: bool,
+) -> Result<(Tensor, Tensor)> {
+    let n = gate.elem_count();
+    let mut d_gate = vec![0f32; n];
+    let mut d_up = vec![0f32; n];
+    const CHUNK: usize = 1 << 14;
+    with_slice(gate, |g| {
+        with_slice(up, |u| {
+            with_slice(d_out, |d| {
+                d_gate
+                    .par_chunks_mut(CHUNK)
+                    .zip(d_up.par_chunks_mut(CHUNK))
+                    .enumerate()
+                    .for_each(|(c, (dg, du))| {
+                        let base = c * CHUNK;
+                        for i in 0..dg.len() {
+                            let (x, u, d) = (g[base + i], u[base + i], d[base + i]);
+                            let (act, deriv) = if gelu {
+                                gelu_tanh_and_derivative(x)
+                            } else {
+                                let s = 1.0 / (1.0 + (-x).exp());
+                                (x * s, s * (1.0 + x * (1.0 - s)))
+                            };
+                            dg[i] = d * u * deriv;
+                            du[i] = d * act;
+                        }
+                    });
+                Ok(())
+            })
+        })
+    })?;
+    Ok((
+        Tensor::from_vec(d_gate, gate.shape(), &Device::Cpu)?,
+        Tensor::from_vec(d_up, gate.shape(), &Device::Cpu)?,
+    ))
+}
+
+/// act(gate) * up in one pass.
+pub fn gated(gate: &Tensor, up: &Tensor, gelu: bool) -> Result<Tensor> {
+    let n = gate.elem_count();
+    let mut out = vec![0f32; n];
+    const CHUNK: usize = 1 << 14;
+    with_slice(gate, |g| {
+        with_slice(up, |u| {
+            out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
+                let base = c * CHUNK;
+                for (i, o) in o.iter_mut().enumerate() {
+                    let x = g[base + i];
+                    let act = if gelu {
+                        gelu_tanh_and_derivative(x).0
+                    } else {
+                        x / (1.0 + (-x).exp())
+                    };
+                    *o = act * u[base + i];
+                }
+            });
+            Ok(())
+        })
+    })?;
+    Tensor::from_vec(out, gate.shape(), &Device::Cpu)
+}
+
+fn gelu_tanh_and_derivative(x: f32) -> (f32, f32) {
+    const C: f32 = 0.797_884_6; // sqrt(2 / pi)
+    const K: f32 = 0.044715;
+    let t = (C * (x + K * x * x * x)).tanh();
+    let act = 0.5 * x * (1.0 + t);
+    let deriv = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * C * (1.0 + 3.0 * K * x * x);
+    (act, deriv)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::model::ops;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    #[test]
+    fn causal_softmax_matches_mask_and_softmax() {
+        let (g, tq, tk, off) = (2, 3, 5, 2);
+        let s = Tensor::randn(0f32, 1.0, (2, g * tq, tk), &Device::Cpu).unwrap();
+        for window in [None, Some(2)] {
+            let mask = ops::attention_mask(g, tq, tk, off, window).unwrap();
+            let want = candle_nn::ops::softmax_last_dim(
+                &(&s * 0.5).unwrap().broadcast_add(&mask).unwrap(),
+            )
+            .unwrap();
+            let got = causal_softmax(&s, 0.5, tq, off, window).unwrap();
+            assert!(max_diff(&want, &got) < 1e-6);
+        }
+    }
+
+    #[test]
+    fn fused_backwards_match_the_composed_ops() {
+        let x = Tensor::randn(0f32, 1.0, (4, 8), &Device::Cpu).unwrap();
+        let w = Tensor::randn(0f32, 1.0, 8, &Device::Cpu).unwrap();
+        let dy = Tensor::randn(0f32, 1.0, (4, 8), &Device::Cpu).unwrap();
+        let want = ops::rms_norm_backward(&x, &w, 1e-5, &dy).unwrap();
+        let got = rms_norm_backward(&x, &w, 1e-5, &dy).unwrap();
+        assert!(max_diff(&want, &got) < 1e-4);
+        let up = Tensor::randn(0f32, 1.0, (4, 8), &Device::Cpu).unwrap();
+        for (act, gelu) in [
+            (ops::Activation::Silu, false),
+            (ops::Activation::GeluTanh, true),
+        ] {
+            let (dg, du) = gated_backward(&x, &up, &dy, gelu).unwrap();
+            let want_dg = dy
+                .mul(&up)
+                .unwrap()
+                .mul(&act.derivative(&x).unwrap())
+                .unwrap();
+            let want_du = dy.mul(&act.forward(&x).unwrap()).unwrap();
+            let want_out = act.forward(&x).unwrap().mul(&up).unwrap();
+            assert!(max_diff(&want_out, &gated(&x, &up, gelu).unwrap()) < 1e-5);
+            assert!(max_diff(&want_dg, &dg) < 1e-4);
+            assert!(max_diff(&want_du, &du) < 1e-4);
+        }
+    }
+}

@@ -5,7 +5,7 @@ use candle_core::{Device, Tensor};
 use prompt_salience::engine::model::ops::Activation;
 use prompt_salience::engine::model::{Arch, Model, ModelConfig};
 use prompt_salience::engine::salience::{
-    self, gradients, Baseline, IgOptions, Method, SalienceRequest,
+    self, gradients, Baseline, IgOptions, Method, SalienceRequest, Spacing,
 };
 use prompt_salience::engine::{no_progress, CancelToken};
 
@@ -139,6 +139,7 @@ fn check_integrated_gradients(arch: Arch) {
     }
     let opts = IgOptions {
         baseline: Baseline::Zero,
+        spacing: Spacing::Uniform,
         fixed_steps: Some(steps),
         batch: Some(3),
         ..IgOptions::default()

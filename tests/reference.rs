@@ -6,7 +6,9 @@ mod common;
 
 use prompt_salience::engine::generate::GenerateOptions;
 use prompt_salience::engine::prompt::TemplateMode;
-use prompt_salience::engine::salience::{self, Baseline, IgOptions, Method, SalienceRequest};
+use prompt_salience::engine::salience::{
+    self, Baseline, IgOptions, Method, SalienceRequest, Spacing,
+};
 use prompt_salience::engine::{no_progress, CancelToken, Engine};
 use serde_json::Value;
 
@@ -132,6 +134,7 @@ fn check_integrated_gradients(name: &str) {
     let ig_ref = &case.reference["results"]["ig_extra"]["ig_midpoint_32_prompt"];
     let ig = IgOptions {
         baseline: Baseline::Zero,
+        spacing: Spacing::Uniform,
         fixed_steps: Some(32),
         ..IgOptions::default()
     };

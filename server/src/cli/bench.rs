@@ -6,7 +6,7 @@ use clap::Args;
 
 use super::ModelArgs;
 use crate::engine::generate::GenerateOptions;
-use crate::engine::salience::{self, Baseline, IgOptions, Method, SalienceRequest};
+use crate::engine::salience::{self, Baseline, IgOptions, Method, SalienceRequest, Spacing};
 use crate::engine::{no_progress, CancelToken, EngineError};
 
 #[derive(Args)]
@@ -66,6 +66,7 @@ pub fn run(args: BenchArgs) -> Result<(), EngineError> {
             method,
             ig: IgOptions {
                 baseline: Baseline::Zero,
+                spacing: Spacing::Uniform,
                 fixed_steps: Some(steps),
                 ..IgOptions::default()
             },

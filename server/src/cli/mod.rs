@@ -13,7 +13,7 @@ use serde_json::json;
 use crate::engine::generate::GenerateOptions;
 use crate::engine::prompt::TemplateMode;
 use crate::engine::registry::{self, FetchOptions, ModelSpec, DEFAULT_MODEL, MODELS};
-use crate::engine::salience::{self, Baseline, IgOptions, Method, SalienceRequest};
+use crate::engine::salience::{self, Baseline, IgOptions, Method, SalienceRequest, Spacing};
 use crate::engine::{CancelToken, Engine, EngineError, Progress};
 
 #[derive(Parser)]
@@ -161,11 +161,15 @@ struct SalienceArgs {
     target: Option<String>,
     #[arg(long, default_value = "grad_dot_input")]
     method: Method,
-    /// Integrated gradients: a fixed number of midpoint-rule steps (no adaptivity).
+    /// Integrated gradients: a fixed number of steps (no adaptivity). With `--spacing uniform`
+    /// this is the plain midpoint rule.
     #[arg(long)]
     steps: Option<usize>,
+    /// Integrated gradients: where along the path gradients are taken.
+    #[arg(long, default_value = "uniform")]
+    spacing: Spacing,
     /// Integrated gradients: the path's starting point.
-    #[arg(long, default_value = "mean")]
+    #[arg(long, default_value = "zero")]
     baseline: Baseline,
     /// Integrated gradients: largest step count when adapting.
     #[arg(long, default_value_t = 64)]
@@ -326,6 +330,7 @@ fn salience_command(args: SalienceArgs) -> Result<(), EngineError> {
         method: args.method,
         ig: IgOptions {
             baseline: args.baseline,
+            spacing: args.spacing,
             fixed_steps: args.steps,
             max_steps: args.max_steps,
             tolerance: args.tolerance,
@@ -368,6 +373,7 @@ fn salience_command(args: SalienceArgs) -> Result<(), EngineError> {
             out["steps"] = json!(ig.steps);
             out["completeness_gap"] = json!(ig.completeness_gap);
             out["baseline"] = json!(ig.baseline);
+            out["spacing"] = json!(ig.spacing);
             out["objective_at_baseline"] = json!(ig.objective_at_baseline);
             out["attribution_sum"] = json!(ig.attribution_sum);
         }
@@ -410,9 +416,10 @@ fn salience_command(args: SalienceArgs) -> Result<(), EngineError> {
     );
     if let Some(ig) = &result.ig {
         summary.push_str(&format!(
-            "  steps: {}  baseline: {:?}  completeness gap: {:.1}%",
+            "  steps: {}  baseline: {:?}  spacing: {:?}  completeness gap: {:.1}%",
             ig.steps,
             ig.baseline,
+            ig.spacing,
             ig.completeness_gap * 100.0
         ));
     }

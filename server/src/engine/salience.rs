@@ -237,6 +237,30 @@ pub fn gradients(
     })
 }
 
+/// F per batch element, forward only (no backward pass).
+pub fn objectives(
+    model: &Model,
+    embeds: &Tensor,
+    targets: &[u32],
+    target_start: usize,
+    cancel: &CancelToken,
+) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
+    let (b, t, _) = embeds.dims3()?;
+    let n = targets.len();
+    let x = (embeds * model.cfg.embed_scale as f64)?;
+    let tape = model.forward_embeds(&x, &mut || cancel.check())?;
+    let rows: Vec<u32> = (0..b)
+        .flat_map(|bi| (0..n).map(move |i| (bi * t + target_start - 1 + i) as u32))
+        .collect();
+    let hidden = tape
+        .last_hidden
+        .index_select(&Tensor::new(rows.as_slice(), &Device::Cpu)?, 0)?;
+    let all_targets: Vec<u32> = (0..b).flat_map(|_| targets.iter().copied()).collect();
+    let (log_probs, _) = model.target_log_probs(&hidden, &all_targets)?;
+    let objective = log_probs.chunks(n).map(|c| c.iter().sum()).collect();
+    Ok((objective, log_probs[..n].to_vec()))
+}
+
 fn validate(model: &Model, req: &SalienceRequest) -> Result<(), EngineError> {
     if req.target.start == 0 || req.target.is_empty() || req.target.end > req.ids.len() {
         return Err(EngineError::InvalidInput(format!(
@@ -360,8 +384,8 @@ fn integrated_gradients(
 
     // F at the input and at the baseline, for the completeness check.
     let end_points = Tensor::stack(&[e2.clone(), Tensor::cat(&[&base, &rest], 0)?], 0)?;
-    let ends = gradients(model, &end_points, targets, ts, cancel)?;
-    let (f_x, f_b) = (ends.objective[0], ends.objective[1]);
+    let (ends, target_log_probs) = objectives(model, &end_points, targets, ts, cancel)?;
+    let (f_x, f_b) = (ends[0], ends[1]);
 
     let mut steps_done = 0usize;
     let mut m = opts.fixed_steps.unwrap_or(opts.initial_steps).max(1);
@@ -403,7 +427,7 @@ fn integrated_gradients(
                 method: Method::IntegratedGradients,
                 scores,
                 objective: f_x,
-                target_log_probs: ends.target_log_probs,
+                target_log_probs,
                 ig: Some(IgReport {
                     steps: m,
                     baseline: opts.baseline,

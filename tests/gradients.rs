@@ -206,8 +206,11 @@ fn adaptive_integrated_gradients_stop_at_tolerance_or_cap() {
     let report = scores(&model, Method::IntegratedGradients, opts)
         .ig
         .unwrap();
+    // Refining where the midpoint estimate misses the exact F(b) - F(a) closes the gap well
+    // within the budget on a smooth model.
+    assert!(report.adaptive, "{report:?}");
     assert!(
-        report.completeness_gap <= 0.02 || report.steps == 64,
+        report.completeness_gap <= 0.02 && report.steps <= 64,
         "{report:?}"
     );
 }

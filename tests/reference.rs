@@ -208,3 +208,36 @@ fn few_shot_classification_greedy() {
 fn non_ascii_greedy() {
     check_greedy("non_ascii");
 }
+
+/// The default integrated-gradients settings (mean baseline, adaptive pieces) must close the
+/// completeness gap to 5 % within 64 gradient evaluations on the reference prompts.
+fn check_default_integrated_gradients(name: &str) {
+    let engine = common::default_engine();
+    let case = load(name);
+    let req = request(
+        &engine,
+        &case,
+        Method::IntegratedGradients,
+        IgOptions::default(),
+    );
+    let r = salience::compute(&engine.model, &req, &no_progress, &CancelToken::new()).unwrap();
+    let report = r.ig.unwrap();
+    eprintln!(
+        "{name} integrated gradients (defaults): {} gradients, completeness gap {:.4}",
+        report.steps, report.completeness_gap
+    );
+    assert!(report.adaptive && report.steps <= 64, "{report:?}");
+    assert!(report.completeness_gap <= 0.05, "{report:?}");
+    let sum: f32 = r.scores.iter().sum();
+    assert!((sum - report.attribution_sum).abs() < 1e-3 * sum.abs().max(1.0));
+}
+
+#[test]
+fn few_shot_classification_default_integrated_gradients_are_complete() {
+    check_default_integrated_gradients("few_shot_classification");
+}
+
+#[test]
+fn non_ascii_default_integrated_gradients_are_complete() {
+    check_default_integrated_gradients("non_ascii");
+}

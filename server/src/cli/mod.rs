@@ -165,13 +165,13 @@ struct SalienceArgs {
     /// this is the plain midpoint rule.
     #[arg(long)]
     steps: Option<usize>,
-    /// Integrated gradients: where along the path gradients are taken.
+    /// Integrated gradients with `--steps`: where along the path gradients are taken.
     #[arg(long, default_value = "uniform")]
     spacing: Spacing,
     /// Integrated gradients: the path's starting point.
-    #[arg(long, default_value = "zero")]
+    #[arg(long, default_value = "mean")]
     baseline: Baseline,
-    /// Integrated gradients: largest step count when adapting.
+    /// Integrated gradients: most gradient evaluations when adapting.
     #[arg(long, default_value_t = 64)]
     max_steps: usize,
     /// Integrated gradients: completeness gap to reach when adapting.

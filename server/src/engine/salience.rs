@@ -54,13 +54,14 @@ impl std::str::FromStr for Method {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Baseline {
-    /// Zero embeddings (measured on the reference prompts: the smallest completeness gap of the
-    /// three at equal steps).
-    #[default]
+    /// Zero embeddings.
     Zero,
     /// Every scored token replaced by the padding (or end-of-text) token's embedding.
     Pad,
-    /// Every scored token replaced by the mean of the embedding table.
+    /// Every scored token replaced by the mean of the embedding table. The default: with
+    /// adaptive steps it closed the completeness gap to under 5 % on both reference prompts
+    /// (zero: 4 % and 15 %; pad: 12 % and 4 %; at most 64 gradients each).
+    #[default]
     Mean,
 }
 
@@ -137,7 +138,8 @@ pub struct IgOptions {
     pub spacing: Spacing,
     /// Fixed step count, no adaptivity (with uniform spacing: the reference's arithmetic).
     pub fixed_steps: Option<usize>,
-    /// Adaptive: start here, double until the completeness gap is under `tolerance`.
+    /// Adaptive: start with this many equal pieces, then halve the worst pieces until the
+    /// completeness gap is under `tolerance` or `max_steps` gradients have been evaluated.
     pub initial_steps: usize,
     pub max_steps: usize,
     pub tolerance: f32,
@@ -151,7 +153,7 @@ impl Default for IgOptions {
             baseline: Baseline::default(),
             spacing: Spacing::default(),
             fixed_steps: None,
-            initial_steps: 16,
+            initial_steps: 8,
             max_steps: 64,
             tolerance: 0.05,
             batch: None,
@@ -173,7 +175,10 @@ pub struct SalienceRequest {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct IgReport {
+    /// Gradient evaluations along the path.
     pub steps: usize,
+    /// Pieces were refined until the gap met the tolerance (or the budget ran out).
+    pub adaptive: bool,
     pub baseline: Baseline,
     pub spacing: Spacing,
     pub objective_at_baseline: f32,
@@ -363,6 +368,94 @@ fn batch_for(model: &Model, t: usize) -> usize {
     (budget / bytes.max(1)).clamp(1, 8)
 }
 
+/// The straight path from the baseline to the input, for the scored positions.
+struct Path<'a> {
+    model: &'a Model,
+    base: Tensor,
+    diff: Tensor,
+    rest: Tensor,
+    targets: &'a [u32],
+    ts: usize,
+    batch: usize,
+}
+
+impl Path<'_> {
+    fn inputs(&self, alphas: &[f64]) -> candle_core::Result<Tensor> {
+        let points: Vec<Tensor> = alphas
+            .iter()
+            .map(|&a| {
+                let point = (&self.base + (&self.diff * a)?)?;
+                Tensor::cat(&[&point, &self.rest], 0)
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Tensor::stack(&points, 0)
+    }
+
+    /// F and dF/de (scored positions) at each alpha, `batch` alphas per pass.
+    fn gradients(
+        &self,
+        alphas: &[f64],
+        cancel: &CancelToken,
+        mut done: impl FnMut(usize),
+    ) -> candle_core::Result<Vec<(f32, Tensor)>> {
+        let mut out = Vec::with_capacity(alphas.len());
+        for chunk in alphas.chunks(self.batch) {
+            let g = gradients(
+                self.model,
+                &self.inputs(chunk)?,
+                self.targets,
+                self.ts,
+                cancel,
+            )?;
+            for (i, f) in g.objective.iter().enumerate() {
+                out.push((*f, g.grad.get(i)?.narrow(0, 0, self.ts)?));
+            }
+            done(chunk.len());
+        }
+        Ok(out)
+    }
+
+    /// F only (forward passes), at each alpha.
+    fn objectives(&self, alphas: &[f64], cancel: &CancelToken) -> candle_core::Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(alphas.len());
+        for chunk in alphas.chunks(self.batch) {
+            let (f, _) = objectives(
+                self.model,
+                &self.inputs(chunk)?,
+                self.targets,
+                self.ts,
+                cancel,
+            )?;
+            out.extend(f);
+        }
+        Ok(out)
+    }
+
+    /// (e - b) . g summed over tokens: the path derivative dF/dalpha.
+    fn along(&self, grad: &Tensor) -> candle_core::Result<f32> {
+        self.diff.mul(grad)?.sum_all()?.to_scalar::<f32>()
+    }
+}
+
+/// A piece [a, b] of the path with the gradient at its midpoint. F is known at a, b and the
+/// midpoint, so the exact integral of dF/dalpha over the piece is known too.
+struct Piece {
+    a: f64,
+    b: f64,
+    f_a: f32,
+    f_b: f32,
+    f_mid: f32,
+    grad: Tensor,
+    /// (b - a) * dF/dalpha(mid): the midpoint rule's estimate of F(b) - F(a).
+    estimate: f32,
+}
+
+impl Piece {
+    fn error(&self) -> f32 {
+        (self.estimate - (self.f_b - self.f_a)).abs()
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn integrated_gradients(
     model: &Model,
@@ -380,65 +473,142 @@ fn integrated_gradients(
     let rest = e2.narrow(0, ts, t - ts)?;
     let base = baseline(model, ts, opts.baseline, req.pad_id)?;
     let diff = (&scored - &base)?;
-    let batch = opts.batch.unwrap_or_else(|| batch_for(model, t)).max(1);
+    let path = Path {
+        model,
+        base,
+        diff: diff.clone(),
+        rest,
+        targets,
+        ts,
+        batch: opts.batch.unwrap_or_else(|| batch_for(model, t)).max(1),
+    };
 
-    // F at the input and at the baseline, for the completeness check.
-    let end_points = Tensor::stack(&[e2.clone(), Tensor::cat(&[&base, &rest], 0)?], 0)?;
-    let (ends, target_log_probs) = objectives(model, &end_points, targets, ts, cancel)?;
-    let (f_x, f_b) = (ends[0], ends[1]);
+    // F at the baseline and at the input, for the completeness check.
+    let (ends, target_log_probs) =
+        objectives(model, &path.inputs(&[0.0, 1.0])?, targets, ts, cancel)?;
+    let (f_b, f_x) = (ends[0], ends[1]);
+    let delta = f_x - f_b;
+    let gap_of = |sum: f32| ((sum - delta) / delta).abs();
 
     let mut steps_done = 0usize;
-    let mut m = opts.fixed_steps.unwrap_or(opts.initial_steps).max(1);
-    let cap = opts.fixed_steps.unwrap_or(opts.max_steps.max(m));
-    loop {
-        // Weighted sum of gradients over the rule's points. Rules of different sizes don't share
-        // points, so a doubling starts again (the cost stays bounded by the cap).
-        let rule = opts.spacing.rule(m);
-        let mut grad_sum = Tensor::zeros(
-            (ts, model.cfg.hidden),
-            candle_core::DType::F32,
-            &Device::Cpu,
-        )?;
-        for chunk in rule.chunks(batch) {
-            let inputs: Vec<Tensor> = chunk
-                .iter()
-                .map(|&(a, _)| {
-                    let point = (&base + (&diff * a)?)?;
-                    Tensor::cat(&[&point, &rest], 0)
-                })
-                .collect::<candle_core::Result<_>>()?;
-            let weights: Vec<f32> = chunk.iter().map(|&(_, w)| w as f32).collect();
-            let weights = Tensor::from_vec(weights, (chunk.len(), 1, 1), &Device::Cpu)?;
-            let g = gradients(model, &Tensor::stack(&inputs, 0)?, targets, ts, cancel)?;
-            let weighted = g.grad.narrow(1, 0, ts)?.broadcast_mul(&weights)?;
-            grad_sum = (grad_sum + weighted.sum(0)?)?;
-            steps_done += chunk.len();
-            progress(Progress::IntegratedGradients {
-                step: steps_done,
-                steps: cap,
-            });
+    let (grad_sum, steps) = match opts.fixed_steps {
+        Some(m) => {
+            // A fixed rule: with uniform spacing, exactly the textbook midpoint arithmetic.
+            let rule = opts.spacing.rule(m.max(1));
+            let alphas: Vec<f64> = rule.iter().map(|r| r.0).collect();
+            let cap = rule.len();
+            let grads = path.gradients(&alphas, cancel, |n| {
+                steps_done += n;
+                progress(Progress::IntegratedGradients {
+                    step: steps_done,
+                    steps: cap,
+                });
+            })?;
+            let mut sum = diff.zeros_like()?;
+            for ((_, g), (_, w)) in grads.iter().zip(&rule) {
+                sum = (sum + (g * *w)?)?;
+            }
+            (sum, rule.len())
         }
-        let scores: Vec<f32> = diff.mul(&grad_sum)?.sum(D::Minus1)?.to_vec1()?;
-        let sum: f32 = scores.iter().sum();
-        let delta = f_x - f_b;
-        let gap = ((sum - delta) / delta).abs();
-        if opts.fixed_steps.is_some() || gap <= opts.tolerance || m * 2 > cap {
-            return Ok(SalienceResult {
-                method: Method::IntegratedGradients,
-                scores,
-                objective: f_x,
-                target_log_probs,
-                ig: Some(IgReport {
-                    steps: m,
-                    baseline: opts.baseline,
-                    spacing: opts.spacing,
-                    objective_at_baseline: f_b,
-                    attribution_sum: sum,
-                    completeness_gap: gap,
-                }),
-                seconds: 0.0,
-            });
+        None => {
+            // Adaptive: start from a uniform split and keep halving the piece whose midpoint
+            // estimate is furthest from its exact integral F(b) - F(a), until the completeness
+            // gap is under the tolerance or the budget of gradient evaluations is spent.
+            let cap = opts.max_steps.max(1);
+            let n0 = opts.initial_steps.clamp(1, cap);
+            let nodes: Vec<f64> = (0..=n0).map(|k| k as f64 / n0 as f64).collect();
+            let mut f_nodes = vec![f_b];
+            f_nodes.extend(path.objectives(&nodes[1..n0], cancel)?);
+            f_nodes.push(f_x);
+            let mids: Vec<f64> = (0..n0).map(|k| (k as f64 + 0.5) / n0 as f64).collect();
+            let mut report = |n: usize| {
+                steps_done += n;
+                progress(Progress::IntegratedGradients {
+                    step: steps_done,
+                    steps: cap,
+                });
+            };
+            let grads = path.gradients(&mids, cancel, &mut report)?;
+            let mut pieces = Vec::with_capacity(cap);
+            for (k, (f_mid, grad)) in grads.into_iter().enumerate() {
+                let (a, b) = (nodes[k], nodes[k + 1]);
+                let estimate = (b - a) as f32 * path.along(&grad)?;
+                pieces.push(Piece {
+                    a,
+                    b,
+                    f_a: f_nodes[k],
+                    f_b: f_nodes[k + 1],
+                    f_mid,
+                    grad,
+                    estimate,
+                });
+            }
+            let mut evaluations = n0;
+            loop {
+                let sum: f32 = pieces.iter().map(|p| p.estimate).sum();
+                if gap_of(sum) <= opts.tolerance || evaluations + 2 > cap {
+                    break;
+                }
+                // Split the worst pieces, as many as one batch of new gradients allows.
+                pieces.sort_by(|x, y| y.error().total_cmp(&x.error()));
+                let n_split = (path.batch / 2)
+                    .max(1)
+                    .min((cap - evaluations) / 2)
+                    .min(pieces.len());
+                let split: Vec<Piece> = pieces.drain(..n_split).collect();
+                let alphas: Vec<f64> = split
+                    .iter()
+                    .flat_map(|p| {
+                        let m = (p.a + p.b) / 2.0;
+                        [(p.a + m) / 2.0, (m + p.b) / 2.0]
+                    })
+                    .collect();
+                let grads = path.gradients(&alphas, cancel, &mut report)?;
+                evaluations += alphas.len();
+                for (p, halves) in split.into_iter().zip(grads.chunks(2)) {
+                    let m = (p.a + p.b) / 2.0;
+                    for (i, (f_q, grad)) in halves.iter().enumerate() {
+                        let (a, b, f_a, f_b) = if i == 0 {
+                            (p.a, m, p.f_a, p.f_mid)
+                        } else {
+                            (m, p.b, p.f_mid, p.f_b)
+                        };
+                        let estimate = (b - a) as f32 * path.along(grad)?;
+                        pieces.push(Piece {
+                            a,
+                            b,
+                            f_a,
+                            f_b,
+                            f_mid: *f_q,
+                            grad: grad.clone(),
+                            estimate,
+                        });
+                    }
+                }
+            }
+            let mut sum = diff.zeros_like()?;
+            for p in &pieces {
+                sum = (sum + (&p.grad * (p.b - p.a))?)?;
+            }
+            (sum, evaluations)
         }
-        m *= 2;
-    }
+    };
+    let scores: Vec<f32> = diff.mul(&grad_sum)?.sum(D::Minus1)?.to_vec1()?;
+    let sum: f32 = scores.iter().sum();
+    Ok(SalienceResult {
+        method: Method::IntegratedGradients,
+        scores,
+        objective: f_x,
+        target_log_probs,
+        ig: Some(IgReport {
+            steps,
+            baseline: opts.baseline,
+            spacing: opts.spacing,
+            adaptive: opts.fixed_steps.is_none(),
+            objective_at_baseline: f_b,
+            attribution_sum: sum,
+            completeness_gap: gap_of(sum),
+        }),
+        seconds: 0.0,
+    })
 }

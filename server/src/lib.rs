@@ -7,3 +7,4 @@
 pub mod cli;
 pub mod engine;
 pub mod prompt_file;
+pub mod segments;

@@ -4,7 +4,9 @@
 //! - [`cli`]: the command line.
 #![deny(clippy::print_stdout)]
 
+pub mod analysis;
 pub mod cli;
 pub mod engine;
 pub mod prompt_file;
+pub mod report;
 pub mod segments;

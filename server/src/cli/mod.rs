@@ -3,7 +3,7 @@
 #![allow(clippy::print_stdout)]
 
 mod bench;
-mod terminal;
+mod compute;
 
 use std::process::ExitCode;
 
@@ -15,6 +15,8 @@ use crate::engine::prompt::TemplateMode;
 use crate::engine::registry::{self, FetchOptions, ModelSpec, DEFAULT_MODEL, MODELS};
 use crate::engine::salience::{self, Baseline, IgOptions, Method, SalienceRequest, Spacing};
 use crate::engine::{CancelToken, Engine, EngineError, Progress};
+use crate::prompt_file::SalienceSettings;
+use crate::report::colors as terminal;
 
 #[derive(Parser)]
 #[command(
@@ -34,8 +36,10 @@ enum Command {
         #[command(subcommand)]
         command: ModelCommand,
     },
-    /// Generate a response to a prompt.
+    /// Generate a response to a prompt, or into a prompt file (after its response marker).
     Generate(GenerateArgs),
+    /// Salience of a prompt file's response (or another target) over its prompt: a report.
+    Compute(compute::ComputeArgs),
     /// Salience of a target (default: the model's own response) over the prompt's tokens.
     Salience(SalienceArgs),
     /// Measure salience and generation speed on this machine.
@@ -82,15 +86,22 @@ impl FetchArgs {
 #[derive(Args, Clone)]
 pub struct ModelArgs {
     /// Registered model name, path to a .gguf file, or hf:OWNER/REPO/FILE.gguf.
-    #[arg(long, short, default_value = DEFAULT_MODEL)]
-    model: String,
+    /// (default: the prompt file's `salience.model`, else smollm2-135m-instruct)
+    #[arg(long, short)]
+    model: Option<String>,
     #[command(flatten)]
     fetch: FetchArgs,
 }
 
 impl ModelArgs {
     pub fn load(&self) -> Result<Engine, EngineError> {
-        let spec = ModelSpec::parse(&self.model)?;
+        self.load_or(None)
+    }
+
+    /// Loads the model named on the command line, else `fallback`, else the default.
+    pub fn load_or(&self, fallback: Option<&str>) -> Result<Engine, EngineError> {
+        let name = self.model.as_deref().or(fallback).unwrap_or(DEFAULT_MODEL);
+        let spec = ModelSpec::parse(name)?;
         let path = registry::resolve(&spec, &self.fetch.options())?;
         Engine::load(&path, &spec.display_name())
     }
@@ -99,7 +110,7 @@ impl ModelArgs {
 #[derive(Args)]
 struct PromptArgs {
     /// The prompt text.
-    #[arg(long, short)]
+    #[arg(long, short, required = false, default_value = "")]
     prompt: String,
     /// chat: the model's chat template with the prompt as the user turn; raw: the text as is.
     #[arg(long, default_value = "chat")]
@@ -110,35 +121,54 @@ struct PromptArgs {
 }
 
 #[derive(Args)]
-struct GenerationArgs {
-    #[arg(long, default_value_t = 128)]
-    max_new_tokens: usize,
-    /// 0 = greedy.
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+pub struct GenerationArgs {
+    /// (default: the file's setting, else 128)
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
+    /// 0 = greedy (default: the file's setting, else 0).
+    #[arg(long)]
+    temperature: Option<f32>,
+    #[arg(long)]
+    top_p: Option<f32>,
+    #[arg(long)]
+    seed: Option<u64>,
     /// Stop when the text contains this (repeatable).
     #[arg(long)]
     stop: Vec<String>,
 }
 
 impl GenerationArgs {
-    fn options(&self) -> GenerateOptions {
+    pub fn options(&self) -> GenerateOptions {
+        self.options_with(&SalienceSettings::default())
+    }
+
+    /// Command line first, then the prompt file's settings, then the defaults.
+    pub fn options_with(&self, file: &SalienceSettings) -> GenerateOptions {
+        let d = GenerateOptions::default();
         GenerateOptions {
-            max_new_tokens: self.max_new_tokens,
-            temperature: self.temperature,
-            top_p: self.top_p,
-            seed: self.seed,
-            stop: self.stop.clone(),
+            max_new_tokens: self
+                .max_new_tokens
+                .or(file.max_new_tokens)
+                .unwrap_or(d.max_new_tokens),
+            temperature: self
+                .temperature
+                .or(file.temperature)
+                .unwrap_or(d.temperature),
+            top_p: self.top_p.or(file.top_p).unwrap_or(d.top_p),
+            seed: self.seed.or(file.seed).unwrap_or(d.seed),
+            stop: if self.stop.is_empty() {
+                file.stop.clone()
+            } else {
+                self.stop.clone()
+            },
         }
     }
 }
 
 #[derive(Args)]
 struct GenerateArgs {
+    /// A .prompt.md file: the response is written after its `<!-- response -->` line.
+    file: Option<std::path::PathBuf>,
     #[command(flatten)]
     model: ModelArgs,
     #[command(flatten)]
@@ -190,6 +220,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Model { command } => model_command(command),
         Command::Generate(args) => generate(args),
+        Command::Compute(args) => compute::run(args),
         Command::Salience(args) => salience_command(args),
         Command::Bench(args) => bench::run(args),
     };
@@ -247,7 +278,7 @@ fn model_command(command: ModelCommand) -> Result<(), EngineError> {
     }
 }
 
-fn stderr_progress(p: Progress) {
+pub fn stderr_progress(p: Progress) {
     match p {
         Progress::Generating { done, max } if done % 16 == 0 => {
             eprintln!("generating: {done}/{max} tokens")
@@ -260,6 +291,14 @@ fn stderr_progress(p: Progress) {
 }
 
 fn generate(args: GenerateArgs) -> Result<(), EngineError> {
+    if let Some(path) = &args.file {
+        return compute::generate_into_file(path, &args.model, &args.generation);
+    }
+    if args.prompt.prompt.is_empty() {
+        return Err(EngineError::InvalidInput(
+            "give a prompt file or --prompt TEXT".into(),
+        ));
+    }
     let engine = args.model.load()?;
     let p = &args.prompt;
     let prepared = engine.prepare(&p.prompt, p.system.as_deref(), p.template)?;

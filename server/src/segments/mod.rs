@@ -57,17 +57,25 @@ pub fn segment(text: &str, region: Range<usize>, level: &Level) -> Vec<Range<usi
                 .map(|(i, w)| region.start + i..region.start + i + w.len())
                 .collect(),
         ),
-        Level::Standard(Granularity::Sentence) => keep(
-            line_ranges(text, region)
-                .into_iter()
-                .flat_map(|line| {
-                    text[line.clone()]
-                        .split_sentence_bound_indices()
-                        .map(move |(i, s)| line.start + i..line.start + i + s.len())
-                        .collect::<Vec<_>>()
-                })
-                .collect(),
-        ),
+        Level::Standard(Granularity::Sentence) => {
+            let mut out: Vec<Range<usize>> = Vec::new();
+            for line in line_ranges(text, region) {
+                let mut pending_marker: Option<usize> = None;
+                for (i, s) in text[line.clone()].split_sentence_bound_indices() {
+                    let r = line.start + i..line.start + i + s.len();
+                    // "1." or "-" alone is a list marker, not a sentence: it joins the next one.
+                    if is_list_marker(s.trim()) {
+                        pending_marker.get_or_insert(r.start);
+                        continue;
+                    }
+                    out.push(pending_marker.take().unwrap_or(r.start)..r.end);
+                }
+                if let Some(start) = pending_marker {
+                    out.push(start..line.end);
+                }
+            }
+            keep(out)
+        }
         Level::Standard(Granularity::Line) => keep(line_ranges(text, region)),
         Level::Standard(Granularity::Paragraph) => {
             let mut out = Vec::new();
@@ -97,6 +105,14 @@ pub fn segment(text: &str, region: Range<usize>, level: &Level) -> Vec<Range<usi
             keep(out)
         }
     }
+}
+
+fn is_list_marker(s: &str) -> bool {
+    let digits = s.trim_end_matches(['.', ')']);
+    matches!(s, "-" | "*" | "+")
+        || (!digits.is_empty()
+            && digits.len() < s.len()
+            && digits.chars().all(|c| c.is_ascii_digit()))
 }
 
 /// One segment's result.
@@ -153,7 +169,7 @@ pub fn display_level(normalized: f32, gain: f32) -> u8 {
 /// sum over segments equals the sum over document tokens at every level.
 pub fn aggregate(
     text: &str,
-    region: Range<usize>,
+    regions: &[Range<usize>],
     tokens: &[TokenScore],
     level: &Level,
     gain: f32,
@@ -165,7 +181,10 @@ pub fn aggregate(
             .map(|r| trimmed(text, r.clone()).unwrap_or(r))
             .collect()
     } else {
-        segment(text, region, level)
+        regions
+            .iter()
+            .flat_map(|r| segment(text, r.clone(), level))
+            .collect()
     };
     let mut scores = vec![0f32; ranges.len()];
     let mut template_score = 0f32;
@@ -314,7 +333,8 @@ mod tests {
             .map(|t| t.score)
             .sum();
         for g in Granularity::ALL {
-            let r = aggregate(text, 0..text.len(), &tokens, &Level::Standard(g), 1.0);
+            let whole = std::slice::from_ref(&(0..text.len())).to_vec();
+            let r = aggregate(text, &whole, &tokens, &Level::Standard(g), 1.0);
             let sum: f32 = r.segments.iter().map(|s| s.score).sum();
             assert!(
                 (sum - doc_total).abs() < 1e-5,
@@ -334,7 +354,7 @@ mod tests {
         // The first non-space byte decides: " world" belongs to the sentence "Hello world."
         let r = aggregate(
             text,
-            0..text.len(),
+            std::slice::from_ref(&(0..text.len())),
             &tokens,
             &Level::Standard(Granularity::Sentence),
             1.0,

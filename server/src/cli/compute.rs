@@ -1,0 +1,236 @@
+//! `prompt-salience compute FILE` and `prompt-salience generate FILE`.
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, ValueEnum};
+
+use super::{stderr_progress, GenerationArgs, ModelArgs};
+use crate::analysis::{analyse, AnalysisOptions, Target};
+use crate::engine::salience::{Baseline, IgOptions, Method};
+use crate::engine::{CancelToken, EngineError};
+use crate::prompt_file::{self, write, Granularity, PromptFile};
+use crate::report;
+use crate::segments::Level;
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Format {
+    Terminal,
+    Json,
+    Html,
+}
+
+#[derive(Args)]
+pub struct ComputeArgs {
+    /// The .prompt.md file.
+    file: PathBuf,
+    /// Target: this text (first found in the response, else in the prompt).
+    #[arg(long, group = "target_choice")]
+    target: Option<String>,
+    /// Target: a byte range of the file, A..B.
+    #[arg(long, group = "target_choice")]
+    target_bytes: Option<String>,
+    /// Target: lines L1..L2 of the file (1-based, inclusive).
+    #[arg(long, group = "target_choice")]
+    target_lines: Option<String>,
+    /// (default: the file's `salience.method`, else grad_dot_input)
+    #[arg(long)]
+    method: Option<Method>,
+    /// (default: the file's `salience.granularity`, else sentence)
+    #[arg(long)]
+    granularity: Option<Granularity>,
+    /// Custom segment separators, a regex (overrides --granularity in the terminal report).
+    #[arg(long)]
+    separators: Option<String>,
+    /// Display contrast: gamma of 1 - (1 - |s|/max)^gamma (default: the file's, else 1).
+    #[arg(long)]
+    gain: Option<f32>,
+    /// Integrated gradients: fixed steps (default: adaptive).
+    #[arg(long)]
+    steps: Option<usize>,
+    #[arg(long)]
+    baseline: Option<Baseline>,
+    #[arg(long, value_enum, default_value = "terminal")]
+    format: Format,
+    /// Write the report here instead of stdout.
+    #[arg(long, short)]
+    output: Option<PathBuf>,
+    /// When the file has no response, write the generated one into it.
+    #[arg(long)]
+    write: bool,
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    generation: GenerationArgs,
+}
+
+fn read(path: &Path) -> Result<(PromptFile, Vec<u8>), EngineError> {
+    let (file, bytes) =
+        prompt_file::read(path).map_err(|e| EngineError::InvalidInput(e.to_string()))?;
+    for p in &file.problems {
+        eprintln!(
+            "{}:{}:{}: warning: {}",
+            path.display(),
+            p.line,
+            p.column,
+            p.message
+        );
+    }
+    Ok((file, bytes))
+}
+
+fn parse_range(s: &str) -> Option<(usize, usize)> {
+    let (a, b) = s.split_once("..")?;
+    Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
+}
+
+fn target(args: &ComputeArgs, file: &PromptFile) -> Result<Target, EngineError> {
+    let bad = |m: String| Err(EngineError::InvalidInput(m));
+    if let Some(t) = &args.target {
+        let text = &file.text;
+        let found = text[file.response.clone()]
+            .find(t.as_str())
+            .map(|p| file.response.start + p)
+            .or_else(|| {
+                text[file.prompt.clone()]
+                    .find(t.as_str())
+                    .map(|p| file.prompt.start + p)
+            });
+        return match found {
+            Some(start) if !t.is_empty() => Ok(Target::Bytes(start..start + t.len())),
+            _ => bad(format!(
+                "target text {t:?} is not in the prompt or the response"
+            )),
+        };
+    }
+    if let Some(r) = &args.target_bytes {
+        return match parse_range(r) {
+            Some((a, b)) if a < b && b <= file.text.len() && file.text.is_char_boundary(a) && file.text.is_char_boundary(b) => {
+                Ok(Target::Bytes(a..b))
+            }
+            _ => bad(format!("--target-bytes {r}: expected A..B within the file's {} bytes, on character boundaries", file.text.len())),
+        };
+    }
+    if let Some(r) = &args.target_lines {
+        return match parse_range(r).and_then(|(a, b)| file.line_range(a, b)) {
+            Some(range) if !range.is_empty() => Ok(Target::Bytes(range)),
+            _ => bad(format!(
+                "--target-lines {r}: expected L1..L2, lines of the file with text"
+            )),
+        };
+    }
+    Ok(Target::Response)
+}
+
+pub fn run(args: ComputeArgs) -> Result<(), EngineError> {
+    let (file, original) = read(&args.file)?;
+    let s = &file.settings;
+    let engine = args.model.load_or(s.model.as_deref())?;
+    let template = s.template.unwrap_or(if engine.chat_template.is_some() {
+        crate::engine::prompt::TemplateMode::Chat
+    } else {
+        crate::engine::prompt::TemplateMode::Raw
+    });
+    let opts = AnalysisOptions {
+        method: args.method.or(s.method).unwrap_or(Method::GradDotInput),
+        template,
+        system: s.system.clone(),
+        ig: IgOptions {
+            baseline: args.baseline.or(s.baseline).unwrap_or_default(),
+            fixed_steps: args.steps.or(s.ig_steps),
+            ..IgOptions::default()
+        },
+        generation: args.generation.options_with(s),
+    };
+    let target = target(&args, &file)?;
+    let analysis = analyse(
+        &engine,
+        &file,
+        &target,
+        &opts,
+        &stderr_progress,
+        &CancelToken::new(),
+    )?;
+    if analysis.generated_response && args.write {
+        let response = &analysis.text[analysis.response.clone()];
+        write::write_if_unchanged(
+            &args.file,
+            &original,
+            &write::with_response(&file, response),
+        )
+        .map_err(|e| EngineError::InvalidInput(e.to_string()))?;
+        eprintln!("wrote the generated response into {}", args.file.display());
+    }
+    let gain = args.gain.or(s.gain).unwrap_or(1.0);
+    let custom = match args.separators.as_ref().or(s.separators.as_ref()) {
+        Some(r) => {
+            Some(Level::Custom(regex::Regex::new(r).map_err(|e| {
+                EngineError::InvalidInput(format!("--separators: {e}"))
+            })?))
+        }
+        None => None,
+    };
+    let granularity = args
+        .granularity
+        .or(s.granularity)
+        .unwrap_or(Granularity::Sentence);
+    let selected = custom.clone().unwrap_or(Level::Standard(granularity));
+    let name = args.file.display().to_string();
+    let out = match args.format {
+        Format::Terminal => report::terminal(&analysis, &analysis.level(&selected, gain), gain),
+        Format::Json => {
+            let v = report::json(&analysis, &name, &selected, custom.as_ref(), gain);
+            serde_json::to_string_pretty(&v).expect("json") + "\n"
+        }
+        Format::Html => report::html(&report::json(
+            &analysis,
+            &name,
+            &selected,
+            custom.as_ref(),
+            gain,
+        )),
+    };
+    match &args.output {
+        Some(p) => std::fs::write(p, out)
+            .map_err(|e| EngineError::InvalidInput(format!("{}: {e}", p.display())))?,
+        None => print!("{out}"),
+    }
+    Ok(())
+}
+
+pub fn generate_into_file(
+    path: &Path,
+    model: &ModelArgs,
+    generation: &GenerationArgs,
+) -> Result<(), EngineError> {
+    let (file, original) = read(path)?;
+    if file.prompt.is_empty() {
+        return Err(EngineError::InvalidInput(format!(
+            "{}: the prompt is empty",
+            path.display()
+        )));
+    }
+    let s = &file.settings;
+    let engine = model.load_or(s.model.as_deref())?;
+    let template = s.template.unwrap_or(if engine.chat_template.is_some() {
+        crate::engine::prompt::TemplateMode::Chat
+    } else {
+        crate::engine::prompt::TemplateMode::Raw
+    });
+    let prepared = engine.prepare(file.prompt_text(), s.system.as_deref(), template)?;
+    let gen = engine.generate(
+        &prepared.ids(),
+        &generation.options_with(s),
+        &stderr_progress,
+        &CancelToken::new(),
+    )?;
+    write::write_if_unchanged(path, &original, &write::with_response(&file, &gen.text))
+        .map_err(|e| EngineError::InvalidInput(e.to_string()))?;
+    eprintln!(
+        "{}: wrote {} tokens ({:.1} tokens/s, stop: {:?})",
+        path.display(),
+        gen.ids.len(),
+        gen.tokens_per_second(),
+        gen.stop_reason
+    );
+    Ok(())
+}

@@ -52,9 +52,8 @@ impl Model {
         }
         let g_act = linear_backward(&g_down, &layer.w_down)?;
         let gelu = c.activation == Activation::GeluTanh;
-        let (g_gate, g_up) = gated_backward(&lt.gate, &lt.up, &g_act, gelu)?;
-        let g_m =
-            (linear_backward(&g_gate, &layer.w_gate)? + linear_backward(&g_up, &layer.w_up)?)?;
+        let g_gate_up = gated_backward(&lt.gate_up, &g_act, gelu)?;
+        let g_m = linear_backward(&g_gate_up, &layer.w_gate_up)?;
         let g_h2 = (g_out + rms_norm_backward(&lt.h2, &layer.ffn_norm, c.eps, &g_m)?)?;
 
         // Attention block: h2 = h + norm?(wo(attention(q, k, v))).
@@ -87,9 +86,15 @@ impl Model {
                 .contiguous()?
                 .reshape((b * t, heads * hd))
         };
-        let g_a = ((linear_backward(&from_heads(g_q, nh)?, &layer.wq)?
-            + linear_backward(&from_heads(g_k, nkv)?, &layer.wk)?)?
-            + linear_backward(&from_heads(g_v, nkv)?, &layer.wv)?)?;
+        let g_qkv = Tensor::cat(
+            &[
+                &from_heads(g_q, nh)?,
+                &from_heads(g_k, nkv)?,
+                &from_heads(g_v, nkv)?,
+            ],
+            1,
+        )?;
+        let g_a = linear_backward(&g_qkv, &layer.w_qkv)?;
         g_h2 + rms_norm_backward(&lt.h, &layer.attn_norm, c.eps, &g_a)?
     }
 }

@@ -22,8 +22,8 @@ pub struct LayerTape {
     pub probs: Tensor,
     pub attn_pre_norm: Option<Tensor>,
     pub h2: Tensor,
-    pub gate: Tensor,
-    pub up: Tensor,
+    /// The MLP's gate and up projections side by side (b * t, 2 * ffn).
+    pub gate_up: Tensor,
     pub down_pre_norm: Option<Tensor>,
 }
 
@@ -160,9 +160,10 @@ impl Model {
         let to_heads = |x: Tensor, heads: usize| -> Result<Tensor> {
             x.reshape((b, t, heads, hd))?.transpose(1, 2)?.contiguous()
         };
-        let mut q = to_heads(linear(&a, &layer.wq)?, nh)?;
-        let mut k = to_heads(linear(&a, &layer.wk)?, nkv)?;
-        let v = to_heads(linear(&a, &layer.wv)?, nkv)?;
+        let qkv = linear(&a, &layer.w_qkv)?;
+        let mut q = to_heads(qkv.narrow(1, 0, nh * hd)?, nh)?;
+        let mut k = to_heads(qkv.narrow(1, nh * hd, nkv * hd)?, nkv)?;
+        let v = to_heads(qkv.narrow(1, (nh + nkv) * hd, nkv * hd)?, nkv)?;
         let (mut q_pre_norm, mut k_pre_norm) = (None, None);
         if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
             let qn_out = rms_norm(&q, qn, c.eps)?;
@@ -205,9 +206,8 @@ impl Model {
         }
         let h2 = (h + attn)?;
         let m = rms_norm(&h2, &layer.ffn_norm, c.eps)?;
-        let gate = linear(&m, &layer.w_gate)?;
-        let up = linear(&m, &layer.w_up)?;
-        let act = gated(&gate, &up, c.activation == Activation::GeluTanh)?;
+        let gate_up = linear(&m, &layer.w_gate_up)?;
+        let act = gated(&gate_up, c.activation == Activation::GeluTanh)?;
         let mut down = linear(&act, &layer.w_down)?;
         let mut down_pre_norm = None;
         if let Some(n) = &layer.post_ffn_norm {
@@ -230,8 +230,7 @@ impl Model {
                 probs,
                 attn_pre_norm,
                 h2,
-                gate,
-                up,
+                gate_up,
                 down_pre_norm,
             }),
             None,

@@ -118,71 +118,65 @@ pub fn rms_norm_backward(x: &Tensor, w: &Tensor, eps: f32, dy: &Tensor) -> Resul
     Tensor::from_vec(out, x.shape(), &Device::Cpu)
 }
 
-/// Gradients of act(gate) * up: (d gate, d up) given d out.
-pub fn gated_backward(
-    gate: &Tensor,
-    up: &Tensor,
-    d_out: &Tensor,
-    gelu: bool,
-) -> Result<(Tensor, Tensor)> {
-    let n = gate.elem_count();
-    let mut d_gate = vec![0f32; n];
-    let mut d_up = vec![0f32; n];
-    const CHUNK: usize = 1 << 14;
-    with_slice(gate, |g| {
-        with_slice(up, |u| {
-            with_slice(d_out, |d| {
-                d_gate
-                    .par_chunks_mut(CHUNK)
-                    .zip(d_up.par_chunks_mut(CHUNK))
-                    .enumerate()
-                    .for_each(|(c, (dg, du))| {
-                        let base = c * CHUNK;
-                        for i in 0..dg.len() {
-                            let (x, u, d) = (g[base + i], u[base + i], d[base + i]);
-                            let (act, deriv) = if gelu {
-                                gelu_tanh_and_derivative(x)
-                            } else {
-                                let s = 1.0 / (1.0 + (-x).exp());
-                                (x * s, s * (1.0 + x * (1.0 - s)))
-                            };
-                            dg[i] = d * u * deriv;
-                            du[i] = d * act;
-                        }
-                    });
-                Ok(())
-            })
-        })
-    })?;
-    Ok((
-        Tensor::from_vec(d_gate, gate.shape(), &Device::Cpu)?,
-        Tensor::from_vec(d_up, gate.shape(), &Device::Cpu)?,
-    ))
-}
-
-/// act(gate) * up in one pass.
-pub fn gated(gate: &Tensor, up: &Tensor, gelu: bool) -> Result<Tensor> {
-    let n = gate.elem_count();
-    let mut out = vec![0f32; n];
-    const CHUNK: usize = 1 << 14;
-    with_slice(gate, |g| {
-        with_slice(up, |u| {
-            out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
-                let base = c * CHUNK;
-                for (i, o) in o.iter_mut().enumerate() {
-                    let x = g[base + i];
+/// act(gate) * up, from rows holding [gate | up].
+pub fn gated(gate_up: &Tensor, gelu: bool) -> Result<Tensor> {
+    let (rows, two_f) = rows_of(gate_up)?;
+    let f = two_f / 2;
+    let mut out = vec![0f32; rows * f];
+    with_slice(gate_up, |gu| {
+        out.par_chunks_mut(f)
+            .zip(gu.par_chunks(two_f))
+            .for_each(|(o, row)| {
+                let (g, u) = row.split_at(f);
+                for ((o, &x), &u) in o.iter_mut().zip(g).zip(u) {
                     let act = if gelu {
                         gelu_tanh_and_derivative(x).0
                     } else {
                         x / (1.0 + (-x).exp())
                     };
-                    *o = act * u[base + i];
+                    *o = act * u;
                 }
             });
+        Ok(())
+    })?;
+    Tensor::from_vec(out, (rows, f), &Device::Cpu)
+}
+
+/// Gradient of act(gate) * up with respect to [gate | up], given d out.
+pub fn gated_backward(gate_up: &Tensor, d_out: &Tensor, gelu: bool) -> Result<Tensor> {
+    let (rows, two_f) = rows_of(gate_up)?;
+    let f = two_f / 2;
+    if d_out.elem_count() != rows * f {
+        bail!(
+            "gated_backward: shapes {:?} {:?}",
+            gate_up.shape(),
+            d_out.shape()
+        )
+    }
+    let mut out = vec![0f32; rows * two_f];
+    with_slice(gate_up, |gu| {
+        with_slice(d_out, |d| {
+            out.par_chunks_mut(two_f)
+                .zip(gu.par_chunks(two_f).zip(d.par_chunks(f)))
+                .for_each(|(o, (row, d))| {
+                    let (g, u) = row.split_at(f);
+                    let (dg, du) = o.split_at_mut(f);
+                    for i in 0..f {
+                        let x = g[i];
+                        let (act, deriv) = if gelu {
+                            gelu_tanh_and_derivative(x)
+                        } else {
+                            let s = 1.0 / (1.0 + (-x).exp());
+                            (x * s, s * (1.0 + x * (1.0 - s)))
+                        };
+                        dg[i] = d[i] * u[i] * deriv;
+                        du[i] = d[i] * act;
+                    }
+                });
             Ok(())
         })
     })?;
-    Tensor::from_vec(out, gate.shape(), &Device::Cpu)
+    Tensor::from_vec(out, (rows, two_f), &Device::Cpu)
 }
 
 fn gelu_tanh_and_derivative(x: f32) -> (f32, f32) {
@@ -240,7 +234,9 @@ mod tests {
             (ops::Activation::Silu, false),
             (ops::Activation::GeluTanh, true),
         ] {
-            let (dg, du) = gated_backward(&x, &up, &dy, gelu).unwrap();
+            let gate_up = Tensor::cat(&[&x, &up], 1).unwrap();
+            let g = gated_backward(&gate_up, &dy, gelu).unwrap();
+            let (dg, du) = (g.narrow(1, 0, 8).unwrap(), g.narrow(1, 8, 8).unwrap());
             let want_dg = dy
                 .mul(&up)
                 .unwrap()
@@ -248,7 +244,7 @@ mod tests {
                 .unwrap();
             let want_du = dy.mul(&act.forward(&x).unwrap()).unwrap();
             let want_out = act.forward(&x).unwrap().mul(&up).unwrap();
-            assert!(max_diff(&want_out, &gated(&x, &up, gelu).unwrap()) < 1e-5);
+            assert!(max_diff(&want_out, &gated(&gate_up, gelu).unwrap()) < 1e-5);
             assert!(max_diff(&want_dg, &dg) < 1e-4);
             assert!(max_diff(&want_du, &du) < 1e-4);
         }

@@ -55,13 +55,12 @@ pub struct ModelConfig {
 
 pub struct Layer {
     pub attn_norm: Tensor,
-    pub wq: Tensor,
-    pub wk: Tensor,
-    pub wv: Tensor,
+    /// q, k and v projections stacked by rows, so one matmul computes all three.
+    pub w_qkv: Tensor,
     pub wo: Tensor,
     pub ffn_norm: Tensor,
-    pub w_gate: Tensor,
-    pub w_up: Tensor,
+    /// Gate and up projections stacked by rows (ffn gate rows, then ffn up rows).
+    pub w_gate_up: Tensor,
     pub w_down: Tensor,
     pub q_norm: Option<Tensor>,
     pub k_norm: Option<Tensor>,
@@ -183,13 +182,11 @@ impl Model {
             let mut t = |name: &str| gguf.f32_tensor(&format!("blk.{i}.{name}.weight"));
             layers.push(Layer {
                 attn_norm: t("attn_norm")?,
-                wq,
-                wk,
-                wv: t("attn_v")?,
+                w_qkv: Tensor::cat(&[&wq, &wk, &t("attn_v")?], 0).map_err(EngineError::candle)?,
                 wo: t("attn_output")?,
                 ffn_norm: t("ffn_norm")?,
-                w_gate: t("ffn_gate")?,
-                w_up: t("ffn_up")?,
+                w_gate_up: Tensor::cat(&[&t("ffn_gate")?, &t("ffn_up")?], 0)
+                    .map_err(EngineError::candle)?,
                 w_down: t("ffn_down")?,
                 q_norm,
                 k_norm,
@@ -229,12 +226,10 @@ impl Model {
         };
         expect(&self.embed, &[c.vocab, c.hidden], "token_embd")?;
         for l in &self.layers {
-            expect(&l.wq, &[c.n_head * c.head_dim, c.hidden], "attn_q")?;
-            expect(&l.wk, &[c.n_kv_head * c.head_dim, c.hidden], "attn_k")?;
-            expect(&l.wv, &[c.n_kv_head * c.head_dim, c.hidden], "attn_v")?;
+            let qkv = (c.n_head + 2 * c.n_kv_head) * c.head_dim;
+            expect(&l.w_qkv, &[qkv, c.hidden], "attn_q/k/v")?;
             expect(&l.wo, &[c.hidden, c.n_head * c.head_dim], "attn_output")?;
-            expect(&l.w_gate, &[c.ffn, c.hidden], "ffn_gate")?;
-            expect(&l.w_up, &[c.ffn, c.hidden], "ffn_up")?;
+            expect(&l.w_gate_up, &[2 * c.ffn, c.hidden], "ffn_gate/up")?;
             expect(&l.w_down, &[c.hidden, c.ffn], "ffn_down")?;
         }
         Ok(())
@@ -278,13 +273,10 @@ impl Model {
                  -> candle_core::Result<Tensor> { r(&[n], 0.3)?.affine(1.0, 1.0) };
             layers.push(Layer {
                 attn_norm: norm(&mut rand, h)?,
-                wq: rand(&[q, h], ws(h))?,
-                wk: rand(&[kv, h], ws(h))?,
-                wv: rand(&[kv, h], ws(h))?,
+                w_qkv: rand(&[q + 2 * kv, h], ws(h))?,
                 wo: rand(&[h, q], ws(q))?,
                 ffn_norm: norm(&mut rand, h)?,
-                w_gate: rand(&[f, h], ws(h))?,
-                w_up: rand(&[f, h], ws(h))?,
+                w_gate_up: rand(&[2 * f, h], ws(h))?,
                 w_down: rand(&[h, f], ws(f))?,
                 q_norm: if gemma {
                     Some(norm(&mut rand, cfg.head_dim)?)

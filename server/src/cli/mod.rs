@@ -31,6 +31,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the Language Server Protocol on stdin/stdout.
+    Lsp,
     /// Fetch and list models.
     Model {
         #[command(subcommand)]
@@ -218,6 +220,10 @@ pub fn main() -> ExitCode {
     init_logging();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Lsp => {
+            crate::lsp::run_stdio();
+            Ok(())
+        }
         Command::Model { command } => model_command(command),
         Command::Generate(args) => generate(args),
         Command::Compute(args) => compute::run(args),

@@ -1,0 +1,549 @@
+//! `workspace/executeCommand`: compute and generate (model work on the worker thread, with
+//! progress and cancellation), and re-rendering commands that never re-run the model.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+use tower_lsp_server::jsonrpc::{Error, Result};
+use tower_lsp_server::lsp_types::notification::Progress as ProgressNotification;
+use tower_lsp_server::lsp_types::request::WorkDoneProgressCreate;
+use tower_lsp_server::lsp_types::*;
+
+use super::convert;
+use super::documents::Painted;
+use super::protocol::{self, ResultNotification, ResultParams, SegmentInfo};
+use super::worker::{Output, Task};
+use super::Backend;
+use crate::analysis::{AnalysisOptions, Target};
+use crate::engine::generate::GenerateOptions;
+use crate::engine::registry::{FetchOptions, DEFAULT_MODEL};
+use crate::engine::salience::{IgOptions, Method};
+use crate::engine::{CancelToken, EngineError, Progress};
+use crate::prompt_file::{write, Granularity};
+
+/// Cancels the computation if the request's future is dropped (`$/cancelRequest`).
+struct CancelOnDrop(CancelToken);
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> Error {
+    Error::invalid_params(msg.into())
+}
+
+fn engine_error(e: EngineError) -> Error {
+    Error {
+        code: tower_lsp_server::jsonrpc::ErrorCode::ServerError(
+            if matches!(e, EngineError::Cancelled) {
+                -32800
+            } else {
+                -32001
+            },
+        ),
+        message: e.to_string().into(),
+        data: None,
+    }
+}
+
+/// The first argument: `{uri, ...}` or a bare uri string.
+fn first_arg(args: &[Value]) -> Result<(Uri, Value)> {
+    let a = args
+        .first()
+        .ok_or_else(|| invalid("missing arguments: expected {uri}"))?;
+    let uri_text = match a {
+        Value::String(s) => s.clone(),
+        Value::Object(o) => o
+            .get("uri")
+            .and_then(Value::as_str)
+            .ok_or_else(|| invalid("missing `uri`"))?
+            .to_string(),
+        _ => return Err(invalid("expected {uri} or a uri string")),
+    };
+    let uri: Uri = uri_text
+        .parse()
+        .map_err(|_| invalid(format!("not a uri: {uri_text}")))?;
+    let rest = match (a, args.get(1)) {
+        (Value::Object(_), _) => a.clone(),
+        (_, Some(v)) => json!({ "value": v }),
+        _ => json!({}),
+    };
+    Ok((uri, rest))
+}
+
+static PROGRESS_ID: AtomicU64 = AtomicU64::new(1);
+
+impl Backend {
+    pub(super) async fn pull_configuration(&self) {
+        let item = ConfigurationItem {
+            scope_uri: None,
+            section: Some("promptSalience".into()),
+        };
+        if let Ok(values) = self.client.configuration(vec![item]).await {
+            if let Some(v) = values.first().filter(|v| v.is_object()) {
+                self.state().settings.merge_json(v);
+            }
+        }
+    }
+
+    pub(super) async fn execute(&self, params: ExecuteCommandParams) -> Result<Option<LSPAny>> {
+        match params.command.as_str() {
+            protocol::COMPUTE => self.compute(&params.arguments).await.map(Some),
+            protocol::GENERATE => self.generate(&params.arguments).await.map(Some),
+            protocol::SET_GRANULARITY | protocol::SET_GAIN | protocol::CLEAR => self
+                .rerender(&params.command, &params.arguments)
+                .await
+                .map(Some),
+            other => Err(invalid(format!("unknown command `{other}`"))),
+        }
+    }
+
+    /// Starts `$/progress` if the client supports it; returns a sender for engine progress.
+    async fn start_progress(
+        &self,
+        title: &str,
+    ) -> Option<(ProgressToken, tokio::sync::mpsc::UnboundedSender<Progress>)> {
+        if !self.state().progress_supported {
+            return None;
+        }
+        let token = NumberOrString::String(format!(
+            "prompt-salience/{}",
+            PROGRESS_ID.fetch_add(1, Ordering::Relaxed)
+        ));
+        let created = self
+            .client
+            .send_request::<WorkDoneProgressCreate>(WorkDoneProgressCreateParams {
+                token: token.clone(),
+            })
+            .await;
+        if created.is_err() {
+            return None;
+        }
+        self.client
+            .send_notification::<ProgressNotification>(ProgressParams {
+                token: token.clone(),
+                value: ProgressParamsValue::WorkDone(WorkDoneProgress::Begin(
+                    WorkDoneProgressBegin {
+                        title: title.into(),
+                        cancellable: Some(false),
+                        message: Some("loading model".into()),
+                        percentage: None,
+                    },
+                )),
+            })
+            .await;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Progress>();
+        let client = self.client.clone();
+        let t = token.clone();
+        tokio::spawn(async move {
+            while let Some(p) = rx.recv().await {
+                let (message, percentage) = match p {
+                    Progress::Generating { done, max } => (
+                        format!("generating {done}/{max} tokens"),
+                        Some((100 * done / max.max(1)) as u32),
+                    ),
+                    Progress::Salience { .. } => ("computing salience".to_string(), None),
+                    Progress::IntegratedGradients { step, steps } => (
+                        format!("integrated gradients, step {step}/{steps}"),
+                        Some((100 * step / steps.max(1)).min(100) as u32),
+                    ),
+                };
+                client
+                    .send_notification::<ProgressNotification>(ProgressParams {
+                        token: t.clone(),
+                        value: ProgressParamsValue::WorkDone(WorkDoneProgress::Report(
+                            WorkDoneProgressReport {
+                                cancellable: Some(false),
+                                message: Some(message),
+                                percentage,
+                            },
+                        )),
+                    })
+                    .await;
+            }
+        });
+        Some((token, tx))
+    }
+
+    async fn end_progress(&self, token: Option<ProgressToken>, message: String) {
+        if let Some(token) = token {
+            self.client
+                .send_notification::<ProgressNotification>(ProgressParams {
+                    token,
+                    value: ProgressParamsValue::WorkDone(WorkDoneProgress::End(
+                        WorkDoneProgressEnd {
+                            message: Some(message),
+                        },
+                    )),
+                })
+                .await;
+        }
+    }
+
+    fn fetch_options(&self) -> FetchOptions {
+        let st = self.state();
+        let mut o = FetchOptions::default();
+        if let Some(d) = &st.settings.cache_dir {
+            o.cache_dir = d.into();
+        }
+        if let Some(n) = st.settings.allow_network {
+            o.allow_network = n;
+        }
+        o
+    }
+
+    async fn compute(&self, args: &[Value]) -> Result<Value> {
+        let (uri, rest) = first_arg(args)?;
+        let range: Option<Range> = match rest.get("range") {
+            None | Some(Value::Null) => None,
+            Some(r) => Some(
+                serde_json::from_value(r.clone()).map_err(|e| invalid(format!("range: {e}")))?,
+            ),
+        };
+        let cancel = CancelToken::new();
+        // Snapshot under the lock; a newer compute on this document supersedes a running one.
+        let (file, version, target, model, options, granularity, gain) = {
+            let mut st = self.state();
+            let enc = st.encoding;
+            let settings = st.settings.clone();
+            let doc = st
+                .docs
+                .map
+                .get_mut(&uri)
+                .ok_or_else(|| invalid("document is not open"))?;
+            if let Some(old) = doc.running.replace(cancel.clone()) {
+                old.cancel();
+            }
+            let f = doc.parsed.clone();
+            let target = match range {
+                Some(r) => {
+                    let bytes = convert::byte_range(&doc.rope, &r, enc);
+                    if bytes.is_empty() {
+                        Target::Response
+                    } else {
+                        Target::Bytes(bytes)
+                    }
+                }
+                None => Target::Response,
+            };
+            let s = &f.settings;
+            let method = s
+                .method
+                .or_else(|| {
+                    settings
+                        .method
+                        .as_deref()
+                        .and_then(|m| m.parse::<Method>().ok())
+                })
+                .unwrap_or(Method::GradDotInput);
+            let granularity = s
+                .granularity
+                .or_else(|| settings.granularity.as_deref().and_then(|g| g.parse().ok()))
+                .unwrap_or(Granularity::Sentence);
+            let gain = s.gain.or(settings.gain).unwrap_or(1.0);
+            let d = GenerateOptions::default();
+            let options = AnalysisOptions {
+                method,
+                template: s.template.unwrap_or_default(),
+                system: s.system.clone(),
+                ig: IgOptions {
+                    baseline: s.baseline.unwrap_or_default(),
+                    fixed_steps: s.ig_steps.or(settings.ig_steps),
+                    ..IgOptions::default()
+                },
+                generation: GenerateOptions {
+                    max_new_tokens: s
+                        .max_new_tokens
+                        .or(settings.max_new_tokens)
+                        .unwrap_or(d.max_new_tokens),
+                    temperature: s.temperature.unwrap_or(d.temperature),
+                    top_p: s.top_p.unwrap_or(d.top_p),
+                    seed: s.seed.unwrap_or(d.seed),
+                    stop: s.stop.clone(),
+                },
+            };
+            let model = s
+                .model
+                .clone()
+                .or(settings.model)
+                .unwrap_or_else(|| DEFAULT_MODEL.into());
+            (f, doc.version, target, model, options, granularity, gain)
+        };
+        let _guard = CancelOnDrop(cancel.clone());
+        let progress = self.start_progress("Computing salience").await;
+        let (token, tx) = match progress {
+            Some((t, tx)) => (Some(t), Some(tx)),
+            None => (None, None),
+        };
+        let task = Task::Analyse {
+            file,
+            target,
+            options: Box::new(options),
+        };
+        let result = self
+            .worker
+            .submit(model, self.fetch_options(), task, cancel.clone(), tx)
+            .await;
+        self.end_progress(
+            token,
+            if result.is_ok() {
+                "done".into()
+            } else {
+                "stopped".into()
+            },
+        )
+        .await;
+        let analysis = match result {
+            Ok(Output::Analysis(a)) => Arc::new(*a),
+            Ok(_) => return Err(Error::internal_error()),
+            Err(e) => {
+                let mut st = self.state();
+                if let Some(doc) = st.docs.map.get_mut(&uri) {
+                    if cancel_is(&doc.running, &cancel) {
+                        doc.running = None;
+                    }
+                }
+                return Err(engine_error(e));
+            }
+        };
+        // Paint only on the text it was computed for.
+        let notification = {
+            let mut st = self.state();
+            let enc = st.encoding;
+            let doc = st
+                .docs
+                .map
+                .get_mut(&uri)
+                .ok_or_else(|| invalid("document was closed"))?;
+            if cancel_is(&doc.running, &cancel) {
+                doc.running = None;
+            }
+            if doc.version != version || cancel.is_cancelled() {
+                return Err(engine_error(EngineError::InvalidInput(
+                    "the document changed during the computation: result dropped (run it again)"
+                        .into(),
+                )));
+            }
+            let painted = Painted::new(version, analysis, granularity, gain);
+            let params = result_params(&uri, &doc.rope, enc, &painted);
+            doc.painted = Some(painted);
+            params
+        };
+        self.after_paint(notification.clone()).await;
+        Ok(json!({
+            "model": notification.model,
+            "method": notification.method,
+            "objective": notification.objective,
+            "granularity": notification.granularity,
+            "segments": notification.segments.len(),
+            "target": notification.target,
+        }))
+    }
+
+    async fn after_paint(&self, params: ResultParams) {
+        let refresh = self.state().refresh_supported;
+        if refresh {
+            let _ = self.client.semantic_tokens_refresh().await;
+        }
+        self.client
+            .send_notification::<ResultNotification>(params)
+            .await;
+    }
+
+    async fn rerender(&self, command: &str, args: &[Value]) -> Result<Value> {
+        let (uri, rest) = first_arg(args)?;
+        let value = rest
+            .get("value")
+            .or_else(|| rest.get("granularity"))
+            .or_else(|| rest.get("gain"))
+            .cloned();
+        let params = {
+            let mut st = self.state();
+            let enc = st.encoding;
+            let doc = st
+                .docs
+                .map
+                .get_mut(&uri)
+                .ok_or_else(|| invalid("document is not open"))?;
+            if command == protocol::CLEAR {
+                doc.painted = None;
+                None
+            } else {
+                let p = doc
+                    .painted
+                    .as_mut()
+                    .ok_or_else(|| invalid("nothing computed yet: run promptSalience.compute"))?;
+                let (mut g, mut gain) = (p.granularity, p.gain);
+                if command == protocol::SET_GRANULARITY {
+                    g = value
+                        .as_ref()
+                        .and_then(Value::as_str)
+                        .ok_or_else(|| invalid("expected a granularity"))?
+                        .parse()
+                        .map_err(invalid)?;
+                } else {
+                    gain = value
+                        .as_ref()
+                        .and_then(Value::as_f64)
+                        .filter(|x| *x > 0.0 && x.is_finite())
+                        .ok_or_else(|| invalid("expected a gain > 0"))?
+                        as f32;
+                }
+                p.rerender(g, gain);
+                Some(result_params(
+                    &uri,
+                    &doc.rope,
+                    enc,
+                    doc.painted.as_ref().expect("painted"),
+                ))
+            }
+        };
+        match params {
+            Some(p) => {
+                let summary = json!({ "granularity": p.granularity, "gain": p.gain, "segments": p.segments.len() });
+                self.after_paint(p).await;
+                Ok(summary)
+            }
+            None => {
+                if self.state().refresh_supported {
+                    let _ = self.client.semantic_tokens_refresh().await;
+                }
+                Ok(json!({ "cleared": true }))
+            }
+        }
+    }
+
+    // lsp-types' Uri caches its parse internally, which clippy reads as a mutable key; its
+    // hash and equality depend only on the text.
+    #[allow(clippy::mutable_key_type)]
+    async fn generate(&self, args: &[Value]) -> Result<Value> {
+        let (uri, _) = first_arg(args)?;
+        let cancel = CancelToken::new();
+        let (file, version, model, generation) = {
+            let st = self.state();
+            let settings = st.settings.clone();
+            let doc = st
+                .docs
+                .map
+                .get(&uri)
+                .ok_or_else(|| invalid("document is not open"))?;
+            let f = doc.parsed.clone();
+            if f.prompt.is_empty() {
+                return Err(invalid("the prompt is empty"));
+            }
+            let s = &f.settings;
+            let d = GenerateOptions::default();
+            let generation = GenerateOptions {
+                max_new_tokens: s
+                    .max_new_tokens
+                    .or(settings.max_new_tokens)
+                    .unwrap_or(d.max_new_tokens),
+                temperature: s.temperature.unwrap_or(d.temperature),
+                top_p: s.top_p.unwrap_or(d.top_p),
+                seed: s.seed.unwrap_or(d.seed),
+                stop: s.stop.clone(),
+            };
+            let model = s
+                .model
+                .clone()
+                .or(settings.model)
+                .unwrap_or_else(|| DEFAULT_MODEL.into());
+            (f, doc.version, model, generation)
+        };
+        let _guard = CancelOnDrop(cancel.clone());
+        let progress = self.start_progress("Generating response").await;
+        let (token, tx) = match progress {
+            Some((t, tx)) => (Some(t), Some(tx)),
+            None => (None, None),
+        };
+        let task = Task::Generate {
+            file: file.clone(),
+            template: file.settings.template,
+            system: file.settings.system.clone(),
+            generation,
+        };
+        let result = self
+            .worker
+            .submit(model, self.fetch_options(), task, cancel, tx)
+            .await;
+        self.end_progress(token, "done".into()).await;
+        let text = match result {
+            Ok(Output::Generated(t)) => t,
+            Ok(_) => return Err(Error::internal_error()),
+            Err(e) => return Err(engine_error(e)),
+        };
+        // The edit replaces only the response section of the text it was generated for.
+        let edit = {
+            let st = self.state();
+            let enc = st.encoding;
+            let doc = st
+                .docs
+                .map
+                .get(&uri)
+                .ok_or_else(|| invalid("document was closed"))?;
+            if doc.version != version {
+                return Err(engine_error(EngineError::InvalidInput(
+                    "the document changed while generating: not applying the response".into(),
+                )));
+            }
+            let new_text = write::with_response(&file, &text);
+            let keep = file.marker.as_ref().map_or(file.text.len(), |m| m.end);
+            debug_assert!(new_text.starts_with(&file.text[..keep]));
+            let range = convert::range(&doc.rope, &(keep..file.text.len()), enc);
+            TextEdit {
+                range,
+                new_text: new_text[keep..].to_string(),
+            }
+        };
+        let mut changes = std::collections::HashMap::new();
+        changes.insert(uri.clone(), vec![edit]);
+        let applied = self
+            .client
+            .apply_edit(WorkspaceEdit {
+                changes: Some(changes),
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.applied)
+            .unwrap_or(false);
+        Ok(json!({ "applied": applied, "response": text }))
+    }
+}
+
+fn cancel_is(running: &Option<CancelToken>, ours: &CancelToken) -> bool {
+    running.as_ref().is_some_and(|r| r.same(ours))
+}
+
+fn result_params(
+    uri: &Uri,
+    rope: &ropey::Rope,
+    enc: convert::Encoding,
+    p: &Painted,
+) -> ResultParams {
+    ResultParams {
+        uri: uri.clone(),
+        version: p.version,
+        model: p.analysis.model.clone(),
+        method: p.analysis.method.name().into(),
+        signed: p.analysis.method.is_signed(),
+        granularity: p.granularity.name().into(),
+        gain: p.gain,
+        objective: p.analysis.objective,
+        target: convert::range(rope, &p.analysis.target, enc),
+        segments: p
+            .level
+            .segments
+            .iter()
+            .map(|s| SegmentInfo {
+                range: convert::range(rope, &(s.start..s.end), enc),
+                score: s.score,
+                normalized: s.normalized,
+                level: s.level,
+                rank: s.rank,
+                share: s.share,
+            })
+            .collect(),
+    }
+}

@@ -1,0 +1,95 @@
+//! Hover on a scored span: score, rank, share, what the sign means, method, model, target.
+
+use tower_lsp_server::lsp_types::{Hover, HoverContents, HoverParams, MarkupContent, MarkupKind};
+
+use super::convert;
+use super::State;
+
+fn ordinal(n: usize) -> String {
+    let suffix = match (n % 10, n % 100) {
+        (_, 11..=13) => "th",
+        (1, _) => "st",
+        (2, _) => "nd",
+        (3, _) => "rd",
+        _ => "th",
+    };
+    format!("{n}{suffix}")
+}
+
+fn ago(secs: u64) -> String {
+    match secs {
+        0..=4 => "just now".into(),
+        5..=119 => format!("{secs} s ago"),
+        _ => format!("{} min ago", secs / 60),
+    }
+}
+
+pub(super) fn hover(st: &State, params: &HoverParams) -> Option<Hover> {
+    let tdp = &params.text_document_position_params;
+    let doc = st.docs.map.get(&tdp.text_document.uri)?;
+    let p = doc.painted.as_ref()?;
+    let at = convert::offset(&doc.rope, tdp.position, st.encoding);
+    let a = &p.analysis;
+    let target: String = a.target_text().chars().take(80).collect();
+    let ellipsis = if a.target_text().chars().count() > 80 {
+        "…"
+    } else {
+        ""
+    };
+    let footer = format!(
+        "method `{}` · model `{}` · computed {}",
+        a.method.name(),
+        a.model,
+        ago(p.computed_at.elapsed().as_secs())
+    );
+    if a.target.contains(&at) {
+        return Some(markdown(
+            format!(
+                "**Salience target** — log p = {:.4} over {} tokens\n\n{footer}",
+                a.objective,
+                a.target_log_probs.len()
+            ),
+            convert::range(&doc.rope, &a.target, st.encoding),
+        ));
+    }
+    let seg = p
+        .level
+        .segments
+        .iter()
+        .find(|s| s.start <= at && at < s.end)?;
+    let n = p.level.segments.len();
+    let sign = if !a.method.is_signed() {
+        "gradient magnitude (unsigned)".to_string()
+    } else if seg.score >= 0.0 {
+        "**raises** the target's probability".to_string()
+    } else {
+        "**lowers** the target's probability".to_string()
+    };
+    let text = format!(
+        "**Salience** {:+.4} (normalized {:+.2})\n\n{} of {} {}s · {:.1}% of the total |score| · {}\n\ntarget: \"{}{}\"\n\n{}",
+        seg.score,
+        seg.normalized,
+        ordinal(seg.rank),
+        n,
+        p.level.name,
+        seg.share * 100.0,
+        sign,
+        target.replace('\n', " "),
+        ellipsis,
+        footer
+    );
+    Some(markdown(
+        text,
+        convert::range(&doc.rope, &(seg.start..seg.end), st.encoding),
+    ))
+}
+
+fn markdown(value: String, range: tower_lsp_server::lsp_types::Range) -> Hover {
+    Hover {
+        contents: HoverContents::Markup(MarkupContent {
+            kind: MarkupKind::Markdown,
+            value,
+        }),
+        range: Some(range),
+    }
+}

@@ -1,0 +1,89 @@
+//! What this server adds to LSP: command names, the semantic-token legend, and the
+//! `promptSalience/result` notification. Documented in the README.
+
+use serde::{Deserialize, Serialize};
+use tower_lsp_server::lsp_types::notification::Notification;
+use tower_lsp_server::lsp_types::{
+    Range, SemanticTokenModifier, SemanticTokenType, SemanticTokensLegend, Uri,
+};
+
+pub const COMPUTE: &str = "promptSalience.compute";
+pub const GENERATE: &str = "promptSalience.generate";
+pub const SET_GRANULARITY: &str = "promptSalience.setGranularity";
+pub const SET_GAIN: &str = "promptSalience.setGain";
+pub const CLEAR: &str = "promptSalience.clear";
+pub const COMMANDS: [&str; 5] = [COMPUTE, GENERATE, SET_GRANULARITY, SET_GAIN, CLEAR];
+
+/// Semantic token types, in legend order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenType {
+    /// A scored segment; its modifiers carry sign and level.
+    Salience = 0,
+    /// The target span being explained.
+    SalienceTarget = 1,
+}
+
+/// Modifier bits: `positive`, `negative`, then `level1` .. `level8`.
+pub const MOD_POSITIVE: u32 = 1 << 0;
+pub const MOD_NEGATIVE: u32 = 1 << 1;
+pub fn level_modifier(level: u8) -> u32 {
+    if level == 0 {
+        0
+    } else {
+        1 << (1 + level as u32)
+    }
+}
+
+pub fn legend() -> SemanticTokensLegend {
+    let mut modifiers = vec![
+        SemanticTokenModifier::new("positive"),
+        SemanticTokenModifier::new("negative"),
+    ];
+    for l in 1..=crate::segments::LEVELS {
+        modifiers.push(SemanticTokenModifier::new(Box::leak(
+            format!("level{l}").into_boxed_str(),
+        )));
+    }
+    SemanticTokensLegend {
+        token_types: vec![
+            SemanticTokenType::new("salience"),
+            SemanticTokenType::new("salienceTarget"),
+        ],
+        token_modifiers: modifiers,
+    }
+}
+
+/// `promptSalience/result`: the painted segments, for clients that draw backgrounds.
+pub enum ResultNotification {}
+
+impl Notification for ResultNotification {
+    type Params = ResultParams;
+    const METHOD: &'static str = "promptSalience/result";
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ResultParams {
+    pub uri: Uri,
+    /// The document version the result belongs to.
+    pub version: i32,
+    pub model: String,
+    pub method: String,
+    pub signed: bool,
+    pub granularity: String,
+    pub gain: f32,
+    pub objective: f32,
+    pub target: Range,
+    pub segments: Vec<SegmentInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SegmentInfo {
+    pub range: Range,
+    pub score: f32,
+    pub normalized: f32,
+    pub level: u8,
+    pub rank: usize,
+    pub share: f32,
+}

@@ -1,0 +1,48 @@
+//! Client settings (`initializationOptions`, `workspace/configuration` section
+//! `promptSalience`). A prompt file's own front matter wins over these.
+
+use serde_json::Value;
+
+#[derive(Debug, Clone, Default)]
+pub struct ClientSettings {
+    pub model: Option<String>,
+    pub method: Option<String>,
+    pub granularity: Option<String>,
+    pub gain: Option<f32>,
+    pub ig_steps: Option<usize>,
+    pub max_new_tokens: Option<usize>,
+    pub cache_dir: Option<String>,
+    pub allow_network: Option<bool>,
+}
+
+impl ClientSettings {
+    /// Takes the keys present in `v` (camelCase or snake_case); ignores others.
+    pub fn merge_json(&mut self, v: &Value) {
+        let get = |a: &str, b: &str| v.get(a).or_else(|| v.get(b)).filter(|x| !x.is_null());
+        let s = |a, b| get(a, b).and_then(|x| x.as_str()).map(str::to_string);
+        if let Some(x) = s("model", "model") {
+            self.model = Some(x);
+        }
+        if let Some(x) = s("method", "method") {
+            self.method = Some(x);
+        }
+        if let Some(x) = s("granularity", "granularity") {
+            self.granularity = Some(x);
+        }
+        if let Some(x) = get("gain", "gain").and_then(Value::as_f64) {
+            self.gain = Some(x as f32);
+        }
+        if let Some(x) = get("igSteps", "ig_steps").and_then(Value::as_u64) {
+            self.ig_steps = Some(x as usize);
+        }
+        if let Some(x) = get("maxNewTokens", "max_new_tokens").and_then(Value::as_u64) {
+            self.max_new_tokens = Some(x as usize);
+        }
+        if let Some(x) = s("cacheDir", "cache_dir") {
+            self.cache_dir = Some(x);
+        }
+        if let Some(x) = get("allowNetwork", "allow_network").and_then(Value::as_bool) {
+            self.allow_network = Some(x);
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! Model work runs on one dedicated thread that owns the model (loaded lazily, one at a time);
+//! handlers send it jobs and await the reply, so no handler future ever runs the model.
+
+use std::sync::mpsc;
+
+use tokio::sync::{mpsc as tokio_mpsc, oneshot};
+
+use crate::analysis::{analyse, Analysis, AnalysisOptions, Target};
+use crate::engine::generate::GenerateOptions;
+use crate::engine::prompt::TemplateMode;
+use crate::engine::registry::{self, FetchOptions, ModelSpec};
+use crate::engine::{CancelToken, Engine, EngineError, Progress};
+use crate::prompt_file::PromptFile;
+
+pub enum Task {
+    Analyse {
+        file: PromptFile,
+        target: Target,
+        options: Box<AnalysisOptions>,
+    },
+    Generate {
+        file: PromptFile,
+        template: Option<TemplateMode>,
+        system: Option<String>,
+        generation: GenerateOptions,
+    },
+}
+
+pub enum Output {
+    Analysis(Box<Analysis>),
+    Generated(String),
+}
+
+pub struct Job {
+    pub model: String,
+    pub fetch: FetchOptions,
+    pub task: Task,
+    pub cancel: CancelToken,
+    pub progress: Option<tokio_mpsc::UnboundedSender<Progress>>,
+    pub reply: oneshot::Sender<Result<Output, EngineError>>,
+}
+
+#[derive(Clone)]
+pub struct Worker {
+    tx: mpsc::Sender<Job>,
+}
+
+impl Worker {
+    pub fn spawn() -> Self {
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("prompt-salience-model".into())
+            .spawn(move || {
+                let mut loaded: Option<(String, Engine)> = None;
+                for job in rx {
+                    let Job {
+                        model,
+                        fetch,
+                        task,
+                        cancel,
+                        progress,
+                        reply,
+                    } = job;
+                    if cancel.is_cancelled() {
+                        let _ = reply.send(Err(EngineError::Cancelled));
+                        continue;
+                    }
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        run(&mut loaded, &model, &fetch, task, &cancel, progress)
+                    }))
+                    .unwrap_or_else(|p| {
+                        let msg = p
+                            .downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_else(|| "unknown panic".into());
+                        tracing::error!("model worker panicked: {msg}");
+                        Err(EngineError::Compute(format!("internal error: {msg}")))
+                    });
+                    let _ = reply.send(result);
+                }
+            })
+            .expect("spawn model worker");
+        Self { tx }
+    }
+
+    pub async fn submit(
+        &self,
+        model: String,
+        fetch: FetchOptions,
+        task: Task,
+        cancel: CancelToken,
+        progress: Option<tokio_mpsc::UnboundedSender<Progress>>,
+    ) -> Result<Output, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Job {
+                model,
+                fetch,
+                task,
+                cancel,
+                progress,
+                reply,
+            })
+            .map_err(|_| EngineError::Compute("the model worker stopped".into()))?;
+        rx.await
+            .map_err(|_| EngineError::Compute("the model worker stopped".into()))?
+    }
+}
+
+fn run(
+    loaded: &mut Option<(String, Engine)>,
+    model: &str,
+    fetch: &FetchOptions,
+    task: Task,
+    cancel: &CancelToken,
+    progress: Option<tokio_mpsc::UnboundedSender<Progress>>,
+) -> Result<Output, EngineError> {
+    if loaded.as_ref().is_none_or(|(name, _)| name != model) {
+        *loaded = None; // one model in memory at a time
+        let spec = ModelSpec::parse(model)?;
+        let path = registry::resolve(&spec, fetch)?;
+        *loaded = Some((
+            model.to_string(),
+            Engine::load(&path, &spec.display_name())?,
+        ));
+    }
+    let engine = &loaded.as_ref().expect("loaded").1;
+    let report = move |p: Progress| {
+        if let Some(tx) = &progress {
+            let _ = tx.send(p);
+        }
+    };
+    match task {
+        Task::Analyse {
+            file,
+            target,
+            mut options,
+        } => {
+            // A base model has no chat template: without an explicit choice, send text raw.
+            if file.settings.template.is_none() && engine.chat_template.is_none() {
+                options.template = TemplateMode::Raw;
+            }
+            analyse(engine, &file, &target, &options, &report, cancel)
+                .map(|a| Output::Analysis(Box::new(a)))
+        }
+        Task::Generate {
+            file,
+            template,
+            system,
+            generation,
+        } => {
+            let template = template.unwrap_or(if engine.chat_template.is_some() {
+                TemplateMode::Chat
+            } else {
+                TemplateMode::Raw
+            });
+            let prepared = engine.prepare(file.prompt_text(), system.as_deref(), template)?;
+            let gen = engine.generate(&prepared.ids(), &generation, &report, cancel)?;
+            Ok(Output::Generated(gen.text))
+        }
+    }
+}

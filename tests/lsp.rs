@@ -201,6 +201,7 @@ async fn initialize_negotiates_encoding_and_declares_features() {
         .as_array()
         .unwrap();
     assert_eq!(mods.len(), 10);
+    assert_eq!(caps["inlayHintProvider"], true);
     assert_eq!(mods[9], "level8");
     let cmds = caps["executeCommandProvider"]["commands"]
         .as_array()

@@ -55,9 +55,33 @@ pub struct Analysis {
     pub objective: f32,
     pub ig: Option<IgReport>,
     pub seconds: f64,
+    /// Other methods' scores for the same tokens, computed in the same pass.
+    pub also: Vec<(Method, Vec<f32>)>,
 }
 
 impl Analysis {
+    /// The same analysis under another method whose scores came with this one.
+    pub fn switched_to(&self, method: Method) -> Option<Analysis> {
+        if method == self.method {
+            return Some(self.clone());
+        }
+        let (_, scores) = self.also.iter().find(|(m, _)| *m == method)?;
+        let mut a = self.clone();
+        let previous: Vec<f32> = a.tokens.iter().map(|t| t.score).collect();
+        for (t, s) in a.tokens.iter_mut().zip(scores) {
+            t.score = *s;
+        }
+        a.also = self
+            .also
+            .iter()
+            .filter(|(m, _)| *m != method)
+            .cloned()
+            .chain(std::iter::once((self.method, previous)))
+            .collect();
+        a.method = method;
+        Some(a)
+    }
+
     pub fn level(&self, level: &Level, gain: f32) -> LevelResult {
         let scores: Vec<TokenScore> = self
             .tokens
@@ -220,5 +244,6 @@ pub fn analyse(
         objective: result.objective,
         ig: result.ig,
         seconds: result.seconds,
+        also: result.also,
     })
 }

@@ -197,6 +197,9 @@ pub struct SalienceResult {
     pub target_log_probs: Vec<f32>,
     pub ig: Option<IgReport>,
     pub seconds: f64,
+    /// Scores of other methods that came free with this one (grad_l2 and grad_dot_input
+    /// share one gradient), so a client can switch between them without a new run.
+    pub also: Vec<(Method, Vec<f32>)>,
 }
 
 /// F and dF/d(embedding rows) for a batch of input embeddings sharing the same target.
@@ -309,11 +312,13 @@ pub fn compute(
                 progress(Progress::Salience { pass: 0, passes: 1 });
                 let g = gradients(model, &e, targets, ts, cancel)?;
                 let grad = g.grad.squeeze(0)?.narrow(0, 0, ts)?;
-                let scores: Vec<f32> = if req.method == Method::GradL2 {
-                    grad.sqr()?.sum(D::Minus1)?.sqrt()?.to_vec1()?
+                let l2: Vec<f32> = grad.sqr()?.sum(D::Minus1)?.sqrt()?.to_vec1()?;
+                let emb = e.squeeze(0)?.narrow(0, 0, ts)?;
+                let dot: Vec<f32> = grad.mul(&emb)?.sum(D::Minus1)?.to_vec1()?;
+                let (scores, also) = if req.method == Method::GradL2 {
+                    (l2, vec![(Method::GradDotInput, dot)])
                 } else {
-                    let emb = e.squeeze(0)?.narrow(0, 0, ts)?;
-                    grad.mul(&emb)?.sum(D::Minus1)?.to_vec1()?
+                    (dot, vec![(Method::GradL2, l2)])
                 };
                 progress(Progress::Salience { pass: 1, passes: 1 });
                 Ok(SalienceResult {
@@ -323,6 +328,7 @@ pub fn compute(
                     target_log_probs: g.target_log_probs,
                     ig: None,
                     seconds: 0.0,
+                    also,
                 })
             }
             Method::IntegratedGradients => {
@@ -610,5 +616,6 @@ fn integrated_gradients(
             completeness_gap: gap_of(sum),
         }),
         seconds: 0.0,
+        also: Vec::new(),
     })
 }

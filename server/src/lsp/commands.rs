@@ -92,6 +92,7 @@ impl Backend {
         match params.command.as_str() {
             protocol::COMPUTE => self.compute(&params.arguments).await.map(Some),
             protocol::GENERATE => self.generate(&params.arguments).await.map(Some),
+            protocol::SET_METHOD => self.set_method(&params.arguments).await.map(Some),
             protocol::SET_GRANULARITY | protocol::SET_GAIN | protocol::CLEAR => self
                 .rerender(&params.command, &params.arguments)
                 .await
@@ -194,8 +195,61 @@ impl Backend {
         o
     }
 
+    /// Switches method from the cached scores when the last run computed them too
+    /// (grad_l2 and grad_dot_input share a gradient); otherwise computes with it.
+    async fn set_method(&self, args: &[Value]) -> Result<Value> {
+        let (uri, rest) = first_arg(args)?;
+        let method: Method = rest
+            .get("method")
+            .or_else(|| rest.get("value"))
+            .and_then(Value::as_str)
+            .ok_or_else(|| invalid("expected a method"))?
+            .parse()
+            .map_err(invalid)?;
+        let switched = {
+            let mut st = self.state();
+            let enc = st.encoding;
+            let doc = st
+                .docs
+                .map
+                .get_mut(&uri)
+                .ok_or_else(|| invalid("document is not open"))?;
+            match doc
+                .painted
+                .as_ref()
+                .and_then(|p| p.analysis.switched_to(method).map(|a| (p, a)))
+            {
+                Some((p, a)) => {
+                    let painted = Painted::new(p.version, Arc::new(a), p.granularity, p.gain);
+                    let params = result_params(&uri, &doc.rope, enc, &painted);
+                    doc.painted = Some(painted);
+                    Some(params)
+                }
+                None => None,
+            }
+        };
+        match switched {
+            Some(p) => {
+                let summary = json!({ "method": p.method, "recomputed": false, "segments": p.segments.len() });
+                self.after_paint(p).await;
+                Ok(summary)
+            }
+            None => {
+                let mut v = self
+                    .compute(&[json!({ "uri": uri, "method": method.name() })])
+                    .await?;
+                v["recomputed"] = json!(true);
+                Ok(v)
+            }
+        }
+    }
+
     async fn compute(&self, args: &[Value]) -> Result<Value> {
         let (uri, rest) = first_arg(args)?;
+        let method_override: Option<Method> = match rest.get("method").and_then(Value::as_str) {
+            Some(m) => Some(m.parse().map_err(invalid)?),
+            None => None,
+        };
         let range: Option<Range> = match rest.get("range") {
             None | Some(Value::Null) => None,
             Some(r) => Some(
@@ -229,8 +283,8 @@ impl Backend {
                 None => Target::Response,
             };
             let s = &f.settings;
-            let method = s
-                .method
+            let method = method_override
+                .or(s.method)
                 .or_else(|| {
                     settings
                         .method

@@ -10,6 +10,7 @@ pub mod convert;
 mod diagnostics;
 mod documents;
 mod hover;
+mod inlay_hints;
 pub mod protocol;
 mod semantic_tokens;
 mod settings;
@@ -103,6 +104,7 @@ impl LanguageServer for Backend {
                     TextDocumentSyncKind::INCREMENTAL,
                 )),
                 hover_provider: Some(HoverProviderCapability::Simple(true)),
+                inlay_hint_provider: Some(OneOf::Left(true)),
                 code_lens_provider: Some(CodeLensOptions {
                     resolve_provider: Some(false),
                 }),
@@ -227,6 +229,11 @@ impl LanguageServer for Backend {
     async fn hover(&self, params: HoverParams) -> Result<Option<Hover>> {
         let st = self.state();
         guarded("hover", || Ok(hover::hover(&st, &params)))
+    }
+
+    async fn inlay_hint(&self, params: InlayHintParams) -> Result<Option<Vec<InlayHint>>> {
+        let st = self.state();
+        guarded("inlayHint", || Ok(inlay_hints::hints(&st, &params)))
     }
 
     async fn code_lens(&self, params: CodeLensParams) -> Result<Option<Vec<CodeLens>>> {

@@ -11,8 +11,16 @@ pub const COMPUTE: &str = "promptSalience.compute";
 pub const GENERATE: &str = "promptSalience.generate";
 pub const SET_GRANULARITY: &str = "promptSalience.setGranularity";
 pub const SET_GAIN: &str = "promptSalience.setGain";
+pub const SET_METHOD: &str = "promptSalience.setMethod";
 pub const CLEAR: &str = "promptSalience.clear";
-pub const COMMANDS: [&str; 5] = [COMPUTE, GENERATE, SET_GRANULARITY, SET_GAIN, CLEAR];
+pub const COMMANDS: [&str; 6] = [
+    COMPUTE,
+    GENERATE,
+    SET_GRANULARITY,
+    SET_GAIN,
+    SET_METHOD,
+    CLEAR,
+];
 
 /// Semantic token types, in legend order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

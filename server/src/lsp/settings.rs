@@ -13,6 +13,7 @@ pub struct ClientSettings {
     pub max_new_tokens: Option<usize>,
     pub cache_dir: Option<String>,
     pub allow_network: Option<bool>,
+    pub inlay_hints: Option<bool>,
 }
 
 impl ClientSettings {
@@ -43,6 +44,9 @@ impl ClientSettings {
         }
         if let Some(x) = get("allowNetwork", "allow_network").and_then(Value::as_bool) {
             self.allow_network = Some(x);
+        }
+        if let Some(x) = get("inlayHints", "inlay_hints").and_then(Value::as_bool) {
+            self.inlay_hints = Some(x);
         }
     }
 }

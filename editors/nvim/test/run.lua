@@ -1,0 +1,137 @@
+-- Headless end-to-end test: real Neovim, the real server, the real default model.
+-- Env: PROMPT_SALIENCE_BIN (the binary), PLUGIN_DIR (editors/nvim), TEST_FILE (a writable path).
+local passed, failed = 0, 0
+local function check(name, cond, detail)
+  if cond then
+    passed = passed + 1
+    io.stderr:write('ok   ' .. name .. '\n')
+  else
+    failed = failed + 1
+    io.stderr:write('FAIL ' .. name .. (detail and (': ' .. vim.inspect(detail)) or '') .. '\n')
+  end
+end
+
+local function marks(buf, ns)
+  return vim.api.nvim_buf_get_extmarks(buf, ns, 0, -1, { details = true })
+end
+
+local ok, err = xpcall(function()
+  vim.opt.rtp:prepend(os.getenv('PLUGIN_DIR'))
+  vim.cmd('filetype on')
+  vim.cmd('runtime plugin/prompt_salience.lua')
+  local ps = require('prompt_salience')
+  ps.setup({ cmd = { os.getenv('PROMPT_SALIENCE_BIN'), 'lsp' } })
+  local file = os.getenv('TEST_FILE')
+  vim.fn.writefile({
+    '---',
+    'salience:',
+    '  max_new_tokens: 8',
+    '  granularity: sentence',
+    '---',
+    'You are a careful assistant. Answer in one word.',
+    '',
+    'What colour is the sky on a clear day?',
+  }, file)
+  vim.cmd('edit ' .. file)
+  local buf = vim.api.nvim_get_current_buf()
+  check('filetype is promptmd', vim.bo.filetype == 'promptmd', vim.bo.filetype)
+  local client
+  vim.wait(20000, function()
+    client = vim.lsp.get_clients({ bufnr = buf, name = 'prompt_salience' })[1]
+    return client ~= nil and client.initialized
+  end, 50)
+  check('server attached', client ~= nil)
+
+  vim.cmd('SalienceCompute')
+  vim.wait(180000, function()
+    return #marks(buf, ps.namespace) > 0
+  end, 100)
+  local m = marks(buf, ps.namespace)
+  local groups, target = {}, nil
+  for _, x in ipairs(m) do
+    if x[4].hl_group == 'PromptSalienceTarget' then
+      target = x
+    else
+      table.insert(groups, x[4].hl_group)
+    end
+  end
+  check('three sentences painted', #groups == 3, groups)
+  local valid = true
+  for _, g in ipairs(groups) do
+    valid = valid and (g:match('^PromptSalience[PN][oe][sg][1-8]$') ~= nil)
+  end
+  check('signed level groups', valid and #groups > 0, groups)
+  check('some sentence at full level', vim.tbl_contains(groups, 'PromptSaliencePos8') or vim.tbl_contains(groups, 'PromptSalienceNeg8'), groups)
+  check('target painted after the prompt', target ~= nil and target[2] >= 8, target)
+
+  -- Hover on the first sentence.
+  local params = { textDocument = { uri = vim.uri_from_bufnr(buf) }, position = { line = 5, character = 4 } }
+  local res = client:request_sync('textDocument/hover', params, 10000, buf)
+  local text = res and res.result and res.result.contents and res.result.contents.value or ''
+  check('hover shows rank and share', text:find('of 3 sentences', 1, true) ~= nil and text:find('% of the total', 1, true) ~= nil, text)
+
+  -- Semantic tokens arrive as extmarks with level groups.
+  vim.wait(5000, function()
+    for name, id in pairs(vim.api.nvim_get_namespaces()) do
+      if name:find('semantic_tokens') and #vim.api.nvim_buf_get_extmarks(buf, id, 0, -1, {}) > 0 then
+        return true
+      end
+    end
+    return false
+  end, 50)
+  local st_groups = {}
+  for name, id in pairs(vim.api.nvim_get_namespaces()) do
+    if name:find('semantic_tokens') then
+      for _, x in ipairs(vim.api.nvim_buf_get_extmarks(buf, id, 0, -1, { details = true })) do
+        table.insert(st_groups, x[4].hl_group)
+      end
+    end
+  end
+  check('semantic token level highlights', vim.iter(st_groups):any(function(g)
+    return g:match('^@lsp%.mod%.level%d%.promptmd$') ~= nil
+  end), st_groups)
+
+  -- Granularity switch: words, from cached scores.
+  vim.cmd('SalienceGranularity word')
+  vim.wait(10000, function()
+    return #marks(buf, ps.namespace) > 10
+  end, 50)
+  check('granularity switch to words', #marks(buf, ps.namespace) > 10, #marks(buf, ps.namespace))
+
+  -- A visual selection inside the prompt is the target: "Answer in one word."
+  vim.api.nvim_buf_set_mark(buf, '<', 6, 29, {})
+  vim.api.nvim_buf_set_mark(buf, '>', 6, 47, {})
+  vim.cmd("'<,'>SalienceCompute")
+  local tmark
+  vim.wait(120000, function()
+    for _, x in ipairs(marks(buf, ps.namespace)) do
+      if x[4].hl_group == 'PromptSalienceTarget' and x[2] == 5 then
+        tmark = x
+        return true
+      end
+    end
+    return false
+  end, 100)
+  check('visual range is the target', tmark ~= nil and tmark[3] == 29 and tmark[4].end_col == 48, tmark)
+  local before = 0
+  for _, x in ipairs(marks(buf, ps.namespace)) do
+    if x[4].hl_group ~= 'PromptSalienceTarget' then
+      before = before + 1
+    end
+  end
+  check('only text before the target is scored', before == 1, before)
+
+  vim.cmd('SalienceClear')
+  check('clear', #marks(buf, ps.namespace) == 0)
+end, debug.traceback)
+
+if not ok then
+  failed = failed + 1
+  io.stderr:write('ERROR ' .. tostring(err) .. '\n')
+end
+io.stderr:write(string.format('%d passed, %d failed\n', passed, failed))
+if failed > 0 then
+  vim.cmd('cquit 1')
+else
+  vim.cmd('qa!')
+end

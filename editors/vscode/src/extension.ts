@@ -1,0 +1,196 @@
+// Prompt Salience for VS Code: a thin client. The language server does the work; this starts
+// it, passes the selection as the target, and paints `promptSalience/result` as backgrounds.
+import * as fs from 'fs';
+import * as path from 'path';
+import * as vscode from 'vscode';
+import { LanguageClient, LanguageClientOptions, ServerOptions } from 'vscode-languageclient/node';
+import { computeArguments, groupSegments, levelColour, LEVELS, nextGain, ordinal, SalienceResult, statusText } from './heatmap';
+
+let client: LanguageClient | undefined;
+let output: vscode.OutputChannel;
+let status: vscode.StatusBarItem;
+const results = new Map<string, SalienceResult>();
+const decorations = new Map<string, vscode.TextEditorDecorationType>();
+let targetDecoration: vscode.TextEditorDecorationType;
+
+const SELECTOR = [{ scheme: 'file', pattern: '**/*.prompt.md' }, { scheme: 'untitled', pattern: '**/*.prompt.md' }];
+
+function serverPath(context: vscode.ExtensionContext): string {
+  const configured = vscode.workspace.getConfiguration('promptSalience').get<string>('serverPath');
+  if (configured) return configured;
+  const bundled = path.join(context.extensionPath, 'bin', process.platform === 'win32' ? 'prompt-salience.exe' : 'prompt-salience');
+  return fs.existsSync(bundled) ? bundled : 'prompt-salience';
+}
+
+function settings(): Record<string, unknown> {
+  const c = vscode.workspace.getConfiguration('promptSalience');
+  const out: Record<string, unknown> = {};
+  for (const key of ['model', 'method', 'granularity', 'gain', 'igSteps', 'maxNewTokens', 'cacheDir', 'allowNetwork', 'inlayHints']) {
+    const v = c.get(key);
+    if (v !== undefined && v !== null && v !== '') out[key] = v;
+  }
+  return out;
+}
+
+function decorationFor(key: string): vscode.TextEditorDecorationType {
+  let d = decorations.get(key);
+  if (!d) {
+    const [sign, level] = key.split(':');
+    d = vscode.window.createTextEditorDecorationType({
+      backgroundColor: levelColour(Number(level), sign as 'positive' | 'negative' | 'unsigned'),
+      borderRadius: '2px',
+    });
+    decorations.set(key, d);
+  }
+  return d;
+}
+
+function toRange(r: { start: { line: number; character: number }; end: { line: number; character: number } }): vscode.Range {
+  return new vscode.Range(r.start.line, r.start.character, r.end.line, r.end.character);
+}
+
+function paint(editor: vscode.TextEditor) {
+  const r = results.get(editor.document.uri.toString());
+  for (const d of decorations.values()) editor.setDecorations(d, []);
+  editor.setDecorations(targetDecoration, []);
+  if (!r || r.version !== editor.document.version) return;
+  for (const [key, segs] of groupSegments(r)) {
+    editor.setDecorations(
+      decorationFor(key),
+      segs.map((s) => ({
+        range: toRange(s.range),
+        hoverMessage: new vscode.MarkdownString(
+          `**Salience** ${s.score.toFixed(4)} · ${ordinal(s.rank)} of ${r.segments.length} ${r.granularity}s · ${(100 * s.share).toFixed(1)}% of the total`,
+        ),
+      })),
+    );
+  }
+  editor.setDecorations(targetDecoration, [{ range: toRange(r.target), hoverMessage: 'Salience target' }]);
+}
+
+function repaintAll() {
+  for (const e of vscode.window.visibleTextEditors) paint(e);
+  const active = vscode.window.activeTextEditor;
+  status.text = statusText(active ? results.get(active.document.uri.toString()) : undefined);
+}
+
+async function exec(command: string, args: Record<string, unknown>) {
+  if (!client) return;
+  try {
+    return await client.sendRequest('workspace/executeCommand', { command, arguments: [args] });
+  } catch (e) {
+    vscode.window.showErrorMessage(`Prompt Salience: ${(e as Error).message}`);
+  }
+}
+
+function activeDoc(): vscode.TextEditor | undefined {
+  const e = vscode.window.activeTextEditor;
+  if (!e || !e.document.fileName.endsWith('.prompt.md')) {
+    vscode.window.showWarningMessage('Prompt Salience works on *.prompt.md files.');
+    return undefined;
+  }
+  return e;
+}
+
+async function startClient(context: vscode.ExtensionContext) {
+  const command = serverPath(context);
+  output.appendLine(`starting ${command} lsp`);
+  const serverOptions: ServerOptions = { command, args: ['lsp'] };
+  const clientOptions: LanguageClientOptions = {
+    documentSelector: SELECTOR,
+    outputChannel: output,
+    initializationOptions: settings(),
+    synchronize: { configurationSection: 'promptSalience' },
+  };
+  client = new LanguageClient('promptSalience', 'Prompt Salience', serverOptions, clientOptions);
+  client.onNotification('promptSalience/result', (r: SalienceResult) => {
+    results.set(r.uri, r);
+    repaintAll();
+  });
+  await client.start();
+}
+
+export async function activate(context: vscode.ExtensionContext) {
+  output = vscode.window.createOutputChannel('Prompt Salience');
+  status = vscode.window.createStatusBarItem(vscode.StatusBarAlignment.Right, 100);
+  status.command = 'promptSalience.granularity';
+  status.tooltip = new vscode.MarkdownString(
+    `Prompt salience: green raises the target's probability, red lowers it, blue is unsigned (grad_l2); stronger colour, larger |score| (${LEVELS} levels).`,
+  );
+  status.text = statusText(undefined);
+  status.show();
+  targetDecoration = vscode.window.createTextEditorDecorationType({ border: '1px solid', borderColor: new vscode.ThemeColor('editor.foreground'), fontWeight: 'bold' });
+  const register = (name: string, f: (...a: unknown[]) => unknown) => context.subscriptions.push(vscode.commands.registerCommand(name, f));
+
+  register('promptSalience.compute', async () => {
+    const e = activeDoc();
+    if (!e) return;
+    const sel = e.selection;
+    const args = computeArguments(e.document.uri.toString(), {
+      start: { line: sel.start.line, character: sel.start.character },
+      end: { line: sel.end.line, character: sel.end.character },
+    });
+    await vscode.window.withProgress(
+      { location: vscode.ProgressLocation.Notification, title: 'Computing salience', cancellable: true },
+      async (_p, token) => {
+        const cts = new vscode.CancellationTokenSource();
+        token.onCancellationRequested(() => cts.cancel());
+        try {
+          await client?.sendRequest('workspace/executeCommand', { command: 'promptSalience.compute', arguments: [args] }, cts.token);
+        } catch (err) {
+          if (!token.isCancellationRequested) vscode.window.showErrorMessage(`Prompt Salience: ${(err as Error).message}`);
+        }
+      },
+    );
+  });
+  register('promptSalience.generate', async () => {
+    const e = activeDoc();
+    if (e) await exec('promptSalience.generate', { uri: e.document.uri.toString() });
+  });
+  register('promptSalience.granularity', async () => {
+    const e = activeDoc();
+    if (!e) return;
+    const pick = await vscode.window.showQuickPick(['token', 'word', 'sentence', 'line', 'paragraph', 'block'], { placeHolder: 'Granularity' });
+    if (pick) await exec('promptSalience.setGranularity', { uri: e.document.uri.toString(), granularity: pick });
+  });
+  register('promptSalience.method', async () => {
+    const e = activeDoc();
+    if (!e) return;
+    const pick = await vscode.window.showQuickPick(['grad_dot_input', 'grad_l2', 'integrated_gradients'], { placeHolder: 'Method' });
+    if (pick) await exec('promptSalience.setMethod', { uri: e.document.uri.toString(), method: pick });
+  });
+  for (const [name, up] of [['promptSalience.increaseContrast', true], ['promptSalience.decreaseContrast', false]] as const) {
+    register(name, async () => {
+      const e = activeDoc();
+      if (!e) return;
+      const r = results.get(e.document.uri.toString());
+      await exec('promptSalience.setGain', { uri: e.document.uri.toString(), gain: nextGain(r?.gain ?? 1, up) });
+    });
+  }
+  register('promptSalience.clearHighlights', async () => {
+    const e = activeDoc();
+    if (!e) return;
+    results.delete(e.document.uri.toString());
+    repaintAll();
+    await exec('promptSalience.clear', { uri: e.document.uri.toString() });
+  });
+  register('promptSalience.restart', async () => {
+    await client?.stop();
+    await startClient(context);
+  });
+  context.subscriptions.push(
+    vscode.window.onDidChangeVisibleTextEditors(repaintAll),
+    vscode.window.onDidChangeActiveTextEditor(repaintAll),
+    vscode.workspace.onDidChangeTextDocument((ev) => {
+      // The server drops results on edits; so do the decorations.
+      if (results.delete(ev.document.uri.toString())) repaintAll();
+    }),
+    output,
+    status,
+  );
+  await startClient(context);
+}
+
+export async function deactivate() {
+  await client?.stop();
+}

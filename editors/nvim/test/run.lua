@@ -62,7 +62,8 @@ local ok, err = xpcall(function()
   end
   check('signed level groups', valid and #groups > 0, groups)
   check('some sentence at full level', vim.tbl_contains(groups, 'PromptSaliencePos8') or vim.tbl_contains(groups, 'PromptSalienceNeg8'), groups)
-  check('target painted after the prompt', target ~= nil and target[2] >= 8, target)
+  local state = vim.b[buf].prompt_salience or {}
+  check('generated response reported, no target mark outside the file', target == nil and type(state.generated) == 'string' and #state.generated > 0, state)
 
   -- Hover on the first sentence.
   local params = { textDocument = { uri = vim.uri_from_bufnr(buf) }, position = { line = 5, character = 4 } }

@@ -19,7 +19,14 @@ function serverPath(context: vscode.ExtensionContext): string {
   const configured = vscode.workspace.getConfiguration('promptSalience').get<string>('serverPath');
   if (configured) return configured;
   const bundled = path.join(context.extensionPath, 'bin', process.platform === 'win32' ? 'prompt-salience.exe' : 'prompt-salience');
-  return fs.existsSync(bundled) ? bundled : 'prompt-salience';
+  if (!fs.existsSync(bundled)) return 'prompt-salience';
+  // A .vsix is a zip: the executable bit does not survive installation.
+  try {
+    fs.accessSync(bundled, fs.constants.X_OK);
+  } catch {
+    fs.chmodSync(bundled, 0o755);
+  }
+  return bundled;
 }
 
 function settings(): Record<string, unknown> {
@@ -65,7 +72,7 @@ function paint(editor: vscode.TextEditor) {
       })),
     );
   }
-  editor.setDecorations(targetDecoration, [{ range: toRange(r.target), hoverMessage: 'Salience target' }]);
+  if (r.target) editor.setDecorations(targetDecoration, [{ range: toRange(r.target), hoverMessage: 'Salience target' }]);
 }
 
 function repaintAll() {
@@ -105,6 +112,7 @@ async function startClient(context: vscode.ExtensionContext) {
   client = new LanguageClient('promptSalience', 'Prompt Salience', serverOptions, clientOptions);
   client.onNotification('promptSalience/result', (r: SalienceResult) => {
     results.set(r.uri, r);
+    if (r.generatedResponse) output.appendLine(`explained the generated response (not in the file): ${r.generatedResponse}`);
     repaintAll();
   });
   await client.start();
@@ -122,7 +130,9 @@ export async function activate(context: vscode.ExtensionContext) {
   targetDecoration = vscode.window.createTextEditorDecorationType({ border: '1px solid', borderColor: new vscode.ThemeColor('editor.foreground'), fontWeight: 'bold' });
   const register = (name: string, f: (...a: unknown[]) => unknown) => context.subscriptions.push(vscode.commands.registerCommand(name, f));
 
-  register('promptSalience.compute', async () => {
+  // The server's own commands (promptSalience.compute, …) are registered by the language
+  // client for code lenses; the palette commands have ids of their own.
+  register('promptSalience.computeSalience', async () => {
     const e = activeDoc();
     if (!e) return;
     const sel = e.selection;
@@ -143,7 +153,7 @@ export async function activate(context: vscode.ExtensionContext) {
       },
     );
   });
-  register('promptSalience.generate', async () => {
+  register('promptSalience.generateResponse', async () => {
     const e = activeDoc();
     if (e) await exec('promptSalience.generate', { uri: e.document.uri.toString() });
   });

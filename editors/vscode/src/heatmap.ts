@@ -21,7 +21,9 @@ export interface SalienceResult {
   granularity: string;
   gain: number;
   objective: number;
-  target: LspRange;
+  /** null when the target is a response generated in memory (not in the file). */
+  target: LspRange | null;
+  generatedResponse?: string | null;
   segments: Segment[];
 }
 

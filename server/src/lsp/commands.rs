@@ -585,7 +585,12 @@ fn result_params(
         granularity: p.granularity.name().into(),
         gain: p.gain,
         objective: p.analysis.objective,
-        target: convert::range(rope, &p.analysis.target, enc),
+        target: (!p.analysis.generated_response)
+            .then(|| convert::range(rope, &p.analysis.target, enc)),
+        generated_response: p
+            .analysis
+            .generated_response
+            .then(|| p.analysis.target_text().to_string()),
         segments: p
             .level
             .segments

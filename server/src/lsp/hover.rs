@@ -42,7 +42,7 @@ pub(super) fn hover(st: &State, params: &HoverParams) -> Option<Hover> {
         a.model,
         ago(p.computed_at.elapsed().as_secs())
     );
-    if a.target.contains(&at) {
+    if !a.generated_response && a.target.contains(&at) {
         return Some(markdown(
             format!(
                 "**Salience target** — log p = {:.4} over {} tokens\n\n{footer}",
@@ -66,7 +66,7 @@ pub(super) fn hover(st: &State, params: &HoverParams) -> Option<Hover> {
         "**lowers** the target's probability".to_string()
     };
     let text = format!(
-        "**Salience** {:+.4} (normalized {:+.2})\n\n{} of {} {}s · {:.1}% of the total |score| · {}\n\ntarget: \"{}{}\"\n\n{}",
+        "**Salience** {:+.4} (normalized {:+.2})\n\n{} of {} {}s · {:.1}% of the total |score| · {}\n\ntarget{}: \"{}{}\"\n\n{}",
         seg.score,
         seg.normalized,
         ordinal(seg.rank),
@@ -74,6 +74,7 @@ pub(super) fn hover(st: &State, params: &HoverParams) -> Option<Hover> {
         p.level.name,
         seg.share * 100.0,
         sign,
+        if a.generated_response { " (generated response, not in the file)" } else { "" },
         target.replace('\n', " "),
         ellipsis,
         footer

@@ -81,7 +81,10 @@ pub struct ResultParams {
     pub granularity: String,
     pub gain: f32,
     pub objective: f32,
-    pub target: Range,
+    /// The target's range; null when the target is a response generated in memory (the file
+    /// has none), whose text is then in `generatedResponse`.
+    pub target: Option<Range>,
+    pub generated_response: Option<String>,
     pub segments: Vec<SegmentInfo>,
 }
 

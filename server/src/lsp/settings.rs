@@ -19,7 +19,12 @@ pub struct ClientSettings {
 impl ClientSettings {
     /// Takes the keys present in `v` (camelCase or snake_case); ignores others.
     pub fn merge_json(&mut self, v: &Value) {
-        let get = |a: &str, b: &str| v.get(a).or_else(|| v.get(b)).filter(|x| !x.is_null());
+        // Clients send every declared setting; null or "" means "not set".
+        let get = |a: &str, b: &str| {
+            v.get(a)
+                .or_else(|| v.get(b))
+                .filter(|x| !x.is_null() && x.as_str() != Some(""))
+        };
         let s = |a, b| get(a, b).and_then(|x| x.as_str()).map(str::to_string);
         if let Some(x) = s("model", "model") {
             self.model = Some(x);
@@ -48,5 +53,25 @@ impl ClientSettings {
         if let Some(x) = get("inlayHints", "inlay_hints").and_then(Value::as_bool) {
             self.inlay_hints = Some(x);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_and_null_values_mean_unset() {
+        let mut s = ClientSettings::default();
+        s.merge_json(&serde_json::json!({"model": "gemma-3-270m", "gain": 2.0}));
+        s.merge_json(
+            &serde_json::json!({"model": "", "method": null, "igSteps": 8, "inlayHints": true}),
+        );
+        assert_eq!(s.model.as_deref(), Some("gemma-3-270m"));
+        assert_eq!(s.method, None);
+        assert_eq!(
+            (s.gain, s.ig_steps, s.inlay_hints),
+            (Some(2.0), Some(8), Some(true))
+        );
     }
 }

@@ -68,13 +68,25 @@ local function on_result(_, result, ctx)
     end
   end
   local t = result.target
-  vim.api.nvim_buf_set_extmark(bufnr, ns, t.start.line, col(t.start), {
-    end_row = t['end'].line,
-    end_col = col(t['end']),
-    hl_group = 'PromptSalienceTarget',
-    priority = 201,
-  })
-  vim.b[bufnr].prompt_salience = { granularity = result.granularity, method = result.method, gain = result.gain, model = result.model }
+  if t and t ~= vim.NIL then
+    vim.api.nvim_buf_set_extmark(bufnr, ns, t.start.line, col(t.start), {
+      end_row = t['end'].line,
+      end_col = col(t['end']),
+      hl_group = 'PromptSalienceTarget',
+      priority = 201,
+    })
+  end
+  local generated = result.generatedResponse ~= vim.NIL and result.generatedResponse or nil
+  vim.b[bufnr].prompt_salience = {
+    granularity = result.granularity,
+    method = result.method,
+    gain = result.gain,
+    model = result.model,
+    generated = generated,
+  }
+  if generated then
+    vim.notify('prompt-salience: explained the generated response (not in the file): ' .. generated, vim.log.levels.INFO)
+  end
 end
 
 local function exec(bufnr, command, args, on_done)

@@ -285,7 +285,38 @@ async fn malformed_requests_get_errors_and_the_server_stays_up() {
         )
         .await;
     assert_eq!(r["result"], Value::Null);
+    // A prompt longer than the model's context: an error, a diagnostic on the prompt, a log line.
+    let long = format!("{}\n", "word ".repeat(9000));
+    c.open(&long).await;
+    let r = c
+        .request(
+            "workspace/executeCommand",
+            json!({"command": "promptSalience.compute", "arguments": [{"uri": URI}]}),
+        )
+        .await;
+    assert!(
+        r["error"]["message"].as_str().unwrap().contains("context"),
+        "{r}"
+    );
+    let d = c
+        .wait_for("textDocument/publishDiagnostics", |n| {
+            n["params"]["diagnostics"].as_array().is_some_and(|d| {
+                d.iter()
+                    .any(|x| x["message"].as_str().unwrap_or("").contains("context"))
+            })
+        })
+        .await;
+    assert_eq!(d["params"]["diagnostics"][0]["range"]["start"]["line"], 0);
+    assert!(c
+        .notifications
+        .iter()
+        .any(|n| n["method"] == "window/logMessage"));
     // Still serving.
+    c.notify(
+        "textDocument/didClose",
+        json!({"textDocument": {"uri": URI}}),
+    )
+    .await;
     c.open(DOC).await;
     let r = c
         .request(

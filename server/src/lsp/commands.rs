@@ -353,11 +353,37 @@ impl Backend {
             Ok(Output::Analysis(a)) => Arc::new(*a),
             Ok(_) => return Err(Error::internal_error()),
             Err(e) => {
-                let mut st = self.state();
-                if let Some(doc) = st.docs.map.get_mut(&uri) {
-                    if cancel_is(&doc.running, &cancel) {
-                        doc.running = None;
-                    }
+                let too_long = {
+                    let mut st = self.state();
+                    let enc = st.encoding;
+                    st.docs.map.get_mut(&uri).and_then(|doc| {
+                        if cancel_is(&doc.running, &cancel) {
+                            doc.running = None;
+                        }
+                        // A prompt longer than the model's context is the file's problem: a
+                        // diagnostic on the prompt, beside the error.
+                        (doc.version == version && e.to_string().contains("context")).then(|| {
+                            let mut diags = super::diagnostics::of(doc, enc);
+                            diags.push(Diagnostic {
+                                range: convert::range(&doc.rope, &doc.parsed.prompt, enc),
+                                severity: Some(DiagnosticSeverity::ERROR),
+                                source: Some("prompt-salience".into()),
+                                message: e.to_string(),
+                                ..Default::default()
+                            });
+                            diags
+                        })
+                    })
+                };
+                if let Some(diags) = too_long {
+                    self.client
+                        .publish_diagnostics(uri.clone(), diags, Some(version))
+                        .await;
+                }
+                if !matches!(e, EngineError::Cancelled) {
+                    self.client
+                        .log_message(MessageType::ERROR, format!("compute {}: {e}", uri.as_str()))
+                        .await;
                 }
                 return Err(engine_error(e));
             }

@@ -118,6 +118,7 @@ fn run(
 ) -> Result<Output, EngineError> {
     if loaded.as_ref().is_none_or(|(name, _)| name != model) {
         *loaded = None; // one model in memory at a time
+        tracing::info!("loading model {model}");
         let spec = ModelSpec::parse(model)?;
         let path = registry::resolve(&spec, fetch)?;
         *loaded = Some((

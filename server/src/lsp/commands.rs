@@ -22,11 +22,36 @@ use crate::engine::salience::{IgOptions, Method};
 use crate::engine::{CancelToken, EngineError, Progress};
 use crate::prompt_file::{write, Granularity};
 
-/// Cancels the computation if the request's future is dropped (`$/cancelRequest`).
-struct CancelOnDrop(CancelToken);
-impl Drop for CancelOnDrop {
+/// Model work in flight. If the request's future is dropped (`$/cancelRequest`), it cancels
+/// the work and still ends the client's progress, so no spinner is left behind.
+struct Work {
+    cancel: CancelToken,
+    token: Option<ProgressToken>,
+    client: tower_lsp_server::Client,
+    state: Arc<std::sync::Mutex<super::State>>,
+}
+
+impl Drop for Work {
     fn drop(&mut self) {
-        self.0.cancel();
+        self.cancel.cancel();
+        if let Some(token) = self.token.take() {
+            if let Ok(mut st) = self.state.lock() {
+                st.progress_cancels.remove(&token_key(&token));
+            }
+            let client = self.client.clone();
+            tokio::spawn(async move {
+                client
+                    .send_notification::<ProgressNotification>(ProgressParams {
+                        token,
+                        value: ProgressParamsValue::WorkDone(WorkDoneProgress::End(
+                            WorkDoneProgressEnd {
+                                message: Some("cancelled".into()),
+                            },
+                        )),
+                    })
+                    .await;
+            });
+        }
     }
 }
 
@@ -101,10 +126,19 @@ impl Backend {
         }
     }
 
+    /// `window/workDoneProgress/cancel`: the progress cancel button.
+    pub(super) async fn cancel_progress(&self, params: WorkDoneProgressCancelParams) {
+        let key = token_key(&params.token);
+        if let Some(c) = self.state().progress_cancels.remove(&key) {
+            c.cancel();
+        }
+    }
+
     /// Starts `$/progress` if the client supports it; returns a sender for engine progress.
     async fn start_progress(
         &self,
         title: &str,
+        cancel: &CancelToken,
     ) -> Option<(ProgressToken, tokio::sync::mpsc::UnboundedSender<Progress>)> {
         if !self.state().progress_supported {
             return None;
@@ -122,13 +156,16 @@ impl Backend {
         if created.is_err() {
             return None;
         }
+        self.state()
+            .progress_cancels
+            .insert(token_key(&token), cancel.clone());
         self.client
             .send_notification::<ProgressNotification>(ProgressParams {
                 token: token.clone(),
                 value: ProgressParamsValue::WorkDone(WorkDoneProgress::Begin(
                     WorkDoneProgressBegin {
                         title: title.into(),
-                        cancellable: Some(false),
+                        cancellable: Some(true),
                         message: Some("loading model".into()),
                         percentage: None,
                     },
@@ -156,7 +193,7 @@ impl Backend {
                         token: t.clone(),
                         value: ProgressParamsValue::WorkDone(WorkDoneProgress::Report(
                             WorkDoneProgressReport {
-                                cancellable: Some(false),
+                                cancellable: Some(true),
                                 message: Some(message),
                                 percentage,
                             },
@@ -170,6 +207,7 @@ impl Backend {
 
     async fn end_progress(&self, token: Option<ProgressToken>, message: String) {
         if let Some(token) = token {
+            self.state().progress_cancels.remove(&token_key(&token));
             self.client
                 .send_notification::<ProgressNotification>(ProgressParams {
                     token,
@@ -325,11 +363,16 @@ impl Backend {
                 .unwrap_or_else(|| DEFAULT_MODEL.into());
             (f, doc.version, target, model, options, granularity, gain)
         };
-        let _guard = CancelOnDrop(cancel.clone());
-        let progress = self.start_progress("Computing salience").await;
+        let progress = self.start_progress("Computing salience", &cancel).await;
         let (token, tx) = match progress {
             Some((t, tx)) => (Some(t), Some(tx)),
             None => (None, None),
+        };
+        let mut work = Work {
+            cancel: cancel.clone(),
+            token,
+            client: self.client.clone(),
+            state: self.state.clone(),
         };
         let task = Task::Analyse {
             file,
@@ -341,7 +384,7 @@ impl Backend {
             .submit(model, self.fetch_options(), task, cancel.clone(), tx)
             .await;
         self.end_progress(
-            token,
+            work.token.take(),
             if result.is_ok() {
                 "done".into()
             } else {
@@ -532,11 +575,16 @@ impl Backend {
                 .unwrap_or_else(|| DEFAULT_MODEL.into());
             (f, doc.version, model, generation)
         };
-        let _guard = CancelOnDrop(cancel.clone());
-        let progress = self.start_progress("Generating response").await;
+        let progress = self.start_progress("Generating response", &cancel).await;
         let (token, tx) = match progress {
             Some((t, tx)) => (Some(t), Some(tx)),
             None => (None, None),
+        };
+        let mut work = Work {
+            cancel: cancel.clone(),
+            token,
+            client: self.client.clone(),
+            state: self.state.clone(),
         };
         let task = Task::Generate {
             file: file.clone(),
@@ -548,7 +596,7 @@ impl Backend {
             .worker
             .submit(model, self.fetch_options(), task, cancel, tx)
             .await;
-        self.end_progress(token, "done".into()).await;
+        self.end_progress(work.token.take(), "done".into()).await;
         let text = match result {
             Ok(Output::Generated(t)) => t,
             Ok(_) => return Err(Error::internal_error()),
@@ -589,6 +637,13 @@ impl Backend {
             .map(|r| r.applied)
             .unwrap_or(false);
         Ok(json!({ "applied": applied, "response": text }))
+    }
+}
+
+fn token_key(t: &ProgressToken) -> String {
+    match t {
+        NumberOrString::Number(n) => n.to_string(),
+        NumberOrString::String(s) => s.clone(),
     }
 }
 

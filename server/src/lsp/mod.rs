@@ -39,6 +39,8 @@ struct State {
     settings: ClientSettings,
     progress_supported: bool,
     refresh_supported: bool,
+    /// Running work by `$/progress` token, for the progress cancel button.
+    progress_cancels: std::collections::HashMap<String, crate::engine::CancelToken>,
 }
 
 impl Backend {
@@ -249,7 +251,10 @@ impl LanguageServer for Backend {
 }
 
 pub fn service() -> (LspService<Backend>, tower_lsp_server::ClientSocket) {
-    LspService::new(Backend::new)
+    // tower-lsp-server has no handler for the progress cancel button yet: add it here.
+    LspService::build(Backend::new)
+        .custom_method("window/workDoneProgress/cancel", Backend::cancel_progress)
+        .finish()
 }
 
 /// Serves LSP on stdin/stdout until the client exits.

@@ -335,7 +335,6 @@ impl Backend {
                 .or_else(|| settings.granularity.as_deref().and_then(|g| g.parse().ok()))
                 .unwrap_or(Granularity::Sentence);
             let gain = s.gain.or(settings.gain).unwrap_or(1.0);
-            let d = GenerateOptions::default();
             let options = AnalysisOptions {
                 method,
                 template: s.template.unwrap_or_default(),
@@ -345,22 +344,9 @@ impl Backend {
                     fixed_steps: s.ig_steps.or(settings.ig_steps),
                     ..IgOptions::default()
                 },
-                generation: GenerateOptions {
-                    max_new_tokens: s
-                        .max_new_tokens
-                        .or(settings.max_new_tokens)
-                        .unwrap_or(d.max_new_tokens),
-                    temperature: s.temperature.unwrap_or(d.temperature),
-                    top_p: s.top_p.unwrap_or(d.top_p),
-                    seed: s.seed.unwrap_or(d.seed),
-                    stop: s.stop.clone(),
-                },
+                generation: generation_options(s, &settings),
             };
-            let model = s
-                .model
-                .clone()
-                .or(settings.model)
-                .unwrap_or_else(|| DEFAULT_MODEL.into());
+            let model = model_name(s, settings);
             (f, doc.version, target, model, options, granularity, gain)
         };
         let progress = self.start_progress("Computing salience", &cancel).await;
@@ -557,22 +543,8 @@ impl Backend {
                 return Err(invalid("the prompt is empty"));
             }
             let s = &f.settings;
-            let d = GenerateOptions::default();
-            let generation = GenerateOptions {
-                max_new_tokens: s
-                    .max_new_tokens
-                    .or(settings.max_new_tokens)
-                    .unwrap_or(d.max_new_tokens),
-                temperature: s.temperature.unwrap_or(d.temperature),
-                top_p: s.top_p.unwrap_or(d.top_p),
-                seed: s.seed.unwrap_or(d.seed),
-                stop: s.stop.clone(),
-            };
-            let model = s
-                .model
-                .clone()
-                .or(settings.model)
-                .unwrap_or_else(|| DEFAULT_MODEL.into());
+            let generation = generation_options(s, &settings);
+            let model = model_name(s, settings);
             (f, doc.version, model, generation)
         };
         let progress = self.start_progress("Generating response", &cancel).await;
@@ -638,6 +610,34 @@ impl Backend {
             .unwrap_or(false);
         Ok(json!({ "applied": applied, "response": text }))
     }
+}
+
+/// The file's setting first, then the client's, then the default.
+fn generation_options(
+    s: &crate::prompt_file::SalienceSettings,
+    client: &super::settings::ClientSettings,
+) -> GenerateOptions {
+    let d = GenerateOptions::default();
+    GenerateOptions {
+        max_new_tokens: s
+            .max_new_tokens
+            .or(client.max_new_tokens)
+            .unwrap_or(d.max_new_tokens),
+        temperature: s.temperature.unwrap_or(d.temperature),
+        top_p: s.top_p.unwrap_or(d.top_p),
+        seed: s.seed.unwrap_or(d.seed),
+        stop: s.stop.clone(),
+    }
+}
+
+fn model_name(
+    s: &crate::prompt_file::SalienceSettings,
+    client: super::settings::ClientSettings,
+) -> String {
+    s.model
+        .clone()
+        .or(client.model)
+        .unwrap_or_else(|| DEFAULT_MODEL.into())
 }
 
 fn token_key(t: &ProgressToken) -> String {

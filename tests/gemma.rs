@@ -24,6 +24,7 @@ fn log_prob(engine: &Engine, prompt: &str, target: &str) -> f32 {
         method: Method::GradDotInput,
         ig: IgOptions::default(),
         pad_id: None,
+        contrast: None,
     };
     let r = salience::compute(&engine.model, &req, &no_progress, &CancelToken::new()).unwrap();
     assert!(r.scores.iter().all(|s| s.is_finite()));

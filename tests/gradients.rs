@@ -78,6 +78,7 @@ fn scores(model: &Model, method: Method, ig: IgOptions) -> salience::SalienceRes
         method,
         ig,
         pad_id: Some(0),
+        contrast: None,
     };
     salience::compute(model, &req, &no_progress, &CancelToken::new()).unwrap()
 }
@@ -266,6 +267,7 @@ fn invalid_targets_are_errors() {
             method: Method::GradL2,
             ig: IgOptions::default(),
             pad_id: None,
+            contrast: None,
         };
         assert!(
             salience::compute(&model, &req, &no_progress, &CancelToken::new()).is_err(),
@@ -285,6 +287,7 @@ fn cancellation_stops_the_computation() {
         method: Method::GradL2,
         ig: IgOptions::default(),
         pad_id: None,
+        contrast: None,
     };
     let err = salience::compute(&model, &req, &no_progress, &cancel).unwrap_err();
     assert!(

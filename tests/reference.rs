@@ -96,6 +96,7 @@ fn request(engine: &Engine, case: &Case, method: Method, ig: IgOptions) -> Salie
         method,
         ig,
         pad_id: None,
+        contrast: None,
     }
 }
 

@@ -3,12 +3,17 @@
 
 use std::ops::Range;
 
+use serde::Serialize;
+
 use crate::engine::generate::GenerateOptions;
+use crate::engine::perturbation::{
+    self, DeletionScorer, SurrogateOptions, SurrogateReport, TargetTerm,
+};
 use crate::engine::prompt::TemplateMode;
 use crate::engine::salience::{self, IgOptions, IgReport, Method, SalienceRequest};
 use crate::engine::{CancelToken, Engine, EngineError, ProgressFn};
-use crate::prompt_file::{self, PromptFile};
-use crate::segments::{aggregate, Level, LevelResult, TokenScore};
+use crate::prompt_file::{self, Granularity, PromptFile};
+use crate::segments::{aggregate, segments_and_owners, Level, LevelResult, TokenScore};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Target {
@@ -25,6 +30,46 @@ pub struct AnalysisOptions {
     pub system: Option<String>,
     pub ig: IgOptions,
     pub generation: GenerateOptions,
+    /// "Why the target rather than this?": F = ln p(target) - ln p(contrast).
+    pub contrast: Option<String>,
+    /// The segments perturbation methods delete.
+    pub segments: Level,
+    pub surrogate: SurrogateOptions,
+}
+
+impl AnalysisOptions {
+    pub fn new(method: Method, template: TemplateMode) -> Self {
+        Self {
+            method,
+            template,
+            system: None,
+            ig: IgOptions::default(),
+            generation: GenerateOptions::default(),
+            contrast: None,
+            segments: Level::Standard(Granularity::Sentence),
+            surrogate: SurrogateOptions::default(),
+        }
+    }
+}
+
+/// The alternative B of a contrastive target.
+#[derive(Debug, Clone)]
+pub struct Contrast {
+    pub text: String,
+    pub ids: Vec<u32>,
+    pub log_probs: Vec<f32>,
+}
+
+/// How a perturbation method's scores were made.
+#[derive(Debug, Clone, Serialize)]
+pub struct PerturbationReport {
+    /// The level whose segments were deleted; scores are exact at this level.
+    pub level: String,
+    pub segments: usize,
+    /// Forward passes on perturbed prompts.
+    pub forward_passes: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub surrogate: Option<SurrogateReport>,
 }
 
 #[derive(Debug, Clone)]
@@ -51,8 +96,13 @@ pub struct Analysis {
     /// Where scored text lies (segments are made in these).
     pub regions: Vec<Range<usize>>,
     pub tokens: Vec<AnalysedToken>,
+    /// Ids of the target tokens (they follow `tokens`).
+    pub target_ids: Vec<u32>,
     pub target_log_probs: Vec<f32>,
+    pub contrast: Option<Contrast>,
+    /// F: ln p(target), minus ln p(contrast) when there is one.
     pub objective: f32,
+    pub perturbation: Option<PerturbationReport>,
     pub ig: Option<IgReport>,
     pub seconds: f64,
     /// Other methods' scores for the same tokens, computed in the same pass.
@@ -96,6 +146,46 @@ impl Analysis {
 
     pub fn target_text(&self) -> &str {
         &self.text[self.target.clone()]
+    }
+
+    /// The objective's terms, for re-scoring the target on perturbed prompts.
+    pub fn terms(&self) -> Vec<TargetTerm> {
+        TargetTerm::objective(
+            &self.target_ids,
+            self.contrast.as_ref().map(|c| c.ids.as_slice()),
+        )
+    }
+
+    pub fn context_ids(&self) -> Vec<u32> {
+        self.tokens.iter().map(|t| t.id).collect()
+    }
+
+    /// The segments at `level` in the scored text, and the token positions each one holds.
+    pub fn segment_units(&self, level: &Level) -> (Vec<Range<usize>>, Vec<Vec<usize>>) {
+        let token_ranges: Vec<Option<Range<usize>>> =
+            self.tokens.iter().map(|t| t.range.clone()).collect();
+        let (ranges, owners) = segments_and_owners(&self.text, &self.regions, &token_ranges, level);
+        let mut units = vec![Vec::new(); ranges.len()];
+        for (pos, owner) in owners.iter().enumerate() {
+            if let Some(i) = owner {
+                units[*i].push(pos);
+            }
+        }
+        (ranges, units)
+    }
+
+    /// A one-line description of the objective.
+    pub fn objective_text(&self) -> String {
+        match &self.contrast {
+            Some(c) => format!(
+                "F = ln p(target) - ln p({:?}) = {:.3} - {:.3} = {:.3}",
+                c.text,
+                self.target_log_probs.iter().sum::<f32>(),
+                c.log_probs.iter().sum::<f32>(),
+                self.objective
+            ),
+            None => format!("F = ln p(target) = {:.3}", self.objective),
+        }
     }
 }
 
@@ -199,14 +289,29 @@ pub fn analyse(
         ));
     }
     let ids: Vec<u32> = all_tokens.iter().map(|t| t.id).collect();
+    let contrast_ids = match &opts.contrast {
+        Some(b) if b.trim().is_empty() => {
+            return Err(EngineError::InvalidInput(
+                "the contrastive alternative is empty".into(),
+            ))
+        }
+        Some(b) => Some(
+            engine
+                .tokenize_target(b)?
+                .into_iter()
+                .map(|(id, _)| id)
+                .collect::<Vec<u32>>(),
+        ),
+        None => None,
+    };
     let req = SalienceRequest {
         ids,
         target: first..last + 1,
         method: opts.method,
         ig: opts.ig.clone(),
         pad_id: engine.tokenizer.eos_ids.first().copied(),
+        contrast: contrast_ids.clone(),
     };
-    let result = salience::compute(&engine.model, &req, progress, cancel)?;
     let target_range = {
         let rs: Vec<&Range<usize>> = all_tokens[first..=last]
             .iter()
@@ -216,10 +321,8 @@ pub fn analyse(
         let end = rs.last().map_or(target_bytes.end, |r| r.end);
         prompt_file::trim_range(&doc.text, start..end)
     };
+    let target_ids = req.ids[first..=last].to_vec();
     let mut tokens: Vec<AnalysedToken> = all_tokens.into_iter().take(first).collect();
-    for (t, s) in tokens.iter_mut().zip(&result.scores) {
-        t.score = *s;
-    }
     let mut regions = Vec::new();
     if in_response {
         regions.push(doc.prompt.clone());
@@ -229,7 +332,7 @@ pub fn analyse(
     } else {
         regions.push(doc.prompt.start..target_range.start);
     }
-    Ok(Analysis {
+    let mut analysis = Analysis {
         model: engine.name.clone(),
         method: opts.method,
         template: opts.template,
@@ -239,11 +342,127 @@ pub fn analyse(
         generated_response,
         target: target_range,
         regions,
-        tokens,
-        target_log_probs: result.target_log_probs,
-        objective: result.objective,
-        ig: result.ig,
-        seconds: result.seconds,
-        also: result.also,
-    })
+        tokens: Vec::new(),
+        target_ids,
+        target_log_probs: Vec::new(),
+        contrast: None,
+        objective: 0.0,
+        perturbation: None,
+        ig: None,
+        seconds: 0.0,
+        also: Vec::new(),
+    };
+    if opts.method.is_perturbation() {
+        analysis.tokens = tokens;
+        perturb(engine, &mut analysis, opts, progress, cancel)?;
+        analysis.contrast = match (&opts.contrast, contrast_ids) {
+            (Some(text), Some(ids)) => {
+                let log_probs = log_probs_after(engine, &analysis.context_ids(), &ids, cancel)?;
+                Some(Contrast {
+                    text: text.clone(),
+                    ids,
+                    log_probs,
+                })
+            }
+            _ => None,
+        };
+        return Ok(analysis);
+    }
+    let result = salience::compute(&engine.model, &req, progress, cancel)?;
+    for (t, s) in tokens.iter_mut().zip(&result.scores) {
+        t.score = *s;
+    }
+    analysis.tokens = tokens;
+    analysis.target_log_probs = result.target_log_probs;
+    analysis.objective = result.objective;
+    analysis.ig = result.ig;
+    analysis.seconds = result.seconds;
+    analysis.also = result.also;
+    analysis.contrast = match (&opts.contrast, contrast_ids) {
+        (Some(text), Some(ids)) => Some(Contrast {
+            text: text.clone(),
+            ids,
+            log_probs: result.contrast_log_probs,
+        }),
+        _ => None,
+    };
+    Ok(analysis)
+}
+
+/// ln p of each of `ids` right after `context`.
+fn log_probs_after(
+    engine: &Engine,
+    context: &[u32],
+    ids: &[u32],
+    cancel: &CancelToken,
+) -> Result<Vec<f32>, EngineError> {
+    let ctx = context.len();
+    let all: Vec<u32> = context.iter().chain(ids).copied().collect();
+    let run = || -> candle_core::Result<Vec<f32>> {
+        let e = engine.model.embeddings(&all)?.unsqueeze(0)?;
+        let (_, log_probs) = salience::objectives(&engine.model, &e, ids, ctx, cancel)?;
+        Ok(log_probs)
+    };
+    run().map_err(EngineError::candle)
+}
+
+/// Scores the segments at `opts.segments` by deleting them; each segment's score is shared
+/// evenly by its tokens, so it is exact at that level and summed at coarser ones.
+fn perturb(
+    engine: &Engine,
+    analysis: &mut Analysis,
+    opts: &AnalysisOptions,
+    progress: ProgressFn,
+    cancel: &CancelToken,
+) -> Result<(), EngineError> {
+    let started = std::time::Instant::now();
+    let (_, units) = analysis.segment_units(&opts.segments);
+    let units: Vec<Vec<usize>> = units.into_iter().filter(|u| !u.is_empty()).collect();
+    if units.is_empty() {
+        return Err(EngineError::InvalidInput(
+            "there is no segment before the target to delete".into(),
+        ));
+    }
+    let mut scorer = DeletionScorer::new(
+        &engine.model,
+        &analysis.context_ids(),
+        analysis.terms(),
+        cancel,
+    )?;
+    let (scores, surrogate) = match opts.method {
+        Method::LeaveOneOut => (
+            perturbation::leave_one_out(&mut scorer, &units, progress, cancel)?,
+            None,
+        ),
+        _ => {
+            let (w, report) = perturbation::ablation_surrogate(
+                &mut scorer,
+                &units,
+                &opts.surrogate,
+                progress,
+                cancel,
+            )?;
+            (w, Some(report))
+        }
+    };
+    for (unit, score) in units.iter().zip(&scores) {
+        for &p in unit {
+            analysis.tokens[p].score = score / unit.len() as f32;
+        }
+    }
+    analysis.objective = scorer.full;
+    analysis.target_log_probs = log_probs_after(
+        engine,
+        &analysis.context_ids(),
+        &analysis.target_ids,
+        cancel,
+    )?;
+    analysis.perturbation = Some(PerturbationReport {
+        level: opts.segments.name(),
+        segments: units.len(),
+        forward_passes: scorer.passes,
+        surrogate,
+    });
+    analysis.seconds = started.elapsed().as_secs_f64();
+    Ok(())
 }

@@ -7,6 +7,7 @@
 pub mod analysis;
 pub mod cli;
 pub mod engine;
+pub mod faithfulness;
 pub mod lsp;
 pub mod prompt_file;
 pub mod report;

@@ -71,6 +71,7 @@ pub fn run(args: BenchArgs) -> Result<(), EngineError> {
                 ..IgOptions::default()
             },
             pad_id: None,
+            contrast: None,
         };
         let mut best = f64::INFINITY;
         for _ in 0..args.repeat {

@@ -5,10 +5,13 @@ use std::path::{Path, PathBuf};
 use clap::{Args, ValueEnum};
 
 use super::{stderr_progress, GenerationArgs, ModelArgs};
-use crate::analysis::{analyse, AnalysisOptions, Target};
+use crate::analysis::{analyse, Analysis, AnalysisOptions, Target};
+use crate::engine::perturbation::SurrogateOptions;
+use crate::engine::prompt::TemplateMode;
 use crate::engine::salience::{Baseline, IgOptions, Method};
-use crate::engine::{CancelToken, EngineError};
-use crate::prompt_file::{self, write, Granularity, PromptFile};
+use crate::engine::{CancelToken, Engine, EngineError};
+use crate::faithfulness::{self, Faithfulness, FaithfulnessOptions};
+use crate::prompt_file::{self, write, Granularity, PromptFile, SalienceSettings};
 use crate::report;
 use crate::segments::Level;
 
@@ -19,10 +22,9 @@ pub enum Format {
     Html,
 }
 
-#[derive(Args)]
-pub struct ComputeArgs {
-    /// The .prompt.md file.
-    file: PathBuf,
+/// How to analyse a prompt file: shared by `compute` and `compare`.
+#[derive(Args, Clone)]
+pub struct AnalysisArgs {
     /// Target: this text (first found in the response, else in the prompt).
     #[arg(long, group = "target_choice")]
     target: Option<String>,
@@ -32,13 +34,19 @@ pub struct ComputeArgs {
     /// Target: lines L1..L2 of the file (1-based, inclusive).
     #[arg(long, group = "target_choice")]
     target_lines: Option<String>,
+    /// Contrastive target: explain why the target rather than this alternative
+    /// (F = ln p(target) - ln p(alternative)). Default: the file's `salience.contrast`.
+    #[arg(long)]
+    contrast: Option<String>,
+    /// grad_l2, grad_dot_input, integrated_gradients, leave_one_out, ablation_surrogate
     /// (default: the file's `salience.method`, else grad_dot_input)
     #[arg(long)]
     method: Option<Method>,
+    /// Report level, and the segments perturbation methods and the faithfulness check delete
     /// (default: the file's `salience.granularity`, else sentence)
     #[arg(long)]
     granularity: Option<Granularity>,
-    /// Custom segment separators, a regex (overrides --granularity in the terminal report).
+    /// Custom segment separators, a regex (overrides --granularity).
     #[arg(long)]
     separators: Option<String>,
     /// Display contrast: gamma of 1 - (1 - |s|/max)^gamma (default: the file's, else 1).
@@ -49,6 +57,26 @@ pub struct ComputeArgs {
     steps: Option<usize>,
     #[arg(long)]
     baseline: Option<Baseline>,
+    /// ablation_surrogate: random ablation masks (default: the file's `salience.samples`, else 64).
+    #[arg(long)]
+    samples: Option<usize>,
+    /// Skip the faithfulness (deletion) check that comes with every report.
+    #[arg(long)]
+    no_faithfulness: bool,
+    /// Faithfulness check: random deletions per fraction.
+    #[arg(long, default_value_t = 5)]
+    draws: usize,
+    /// Seed of the ablation masks and of the faithfulness check's random deletions.
+    #[arg(long, default_value_t = 0)]
+    perturbation_seed: u64,
+}
+
+#[derive(Args)]
+pub struct ComputeArgs {
+    /// The .prompt.md file.
+    file: PathBuf,
+    #[command(flatten)]
+    analysis: AnalysisArgs,
     #[arg(long, value_enum, default_value = "terminal")]
     format: Format,
     /// Write the report here instead of stdout.
@@ -63,7 +91,25 @@ pub struct ComputeArgs {
     generation: GenerationArgs,
 }
 
-fn read(path: &Path) -> Result<(PromptFile, Vec<u8>), EngineError> {
+/// One prompt file analysed: the map, the level it is shown at, and its faithfulness check.
+pub struct FileRun {
+    pub analysis: Analysis,
+    pub faithfulness: Option<Faithfulness>,
+    pub selected: Level,
+    pub custom: Option<Level>,
+    pub gain: f32,
+}
+
+/// The chat template when the model has one, unless the file asks otherwise.
+pub fn template_for(engine: &Engine, s: &SalienceSettings) -> TemplateMode {
+    s.template.unwrap_or(if engine.chat_template.is_some() {
+        TemplateMode::Chat
+    } else {
+        TemplateMode::Raw
+    })
+}
+
+pub fn read(path: &Path) -> Result<(PromptFile, Vec<u8>), EngineError> {
     let (file, bytes) =
         prompt_file::read(path).map_err(|e| EngineError::InvalidInput(e.to_string()))?;
     for p in &file.problems {
@@ -83,7 +129,7 @@ fn parse_range(s: &str) -> Option<(usize, usize)> {
     Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
 }
 
-fn target(args: &ComputeArgs, file: &PromptFile) -> Result<Target, EngineError> {
+fn target(args: &AnalysisArgs, file: &PromptFile) -> Result<Target, EngineError> {
     let bad = |m: String| Err(EngineError::InvalidInput(m));
     if let Some(t) = &args.target {
         let text = &file.text;
@@ -121,46 +167,14 @@ fn target(args: &ComputeArgs, file: &PromptFile) -> Result<Target, EngineError> 
     Ok(Target::Response)
 }
 
-pub fn run(args: ComputeArgs) -> Result<(), EngineError> {
-    let (file, original) = read(&args.file)?;
+/// Analyses `file` with `engine` as `args` ask, with the faithfulness check unless skipped.
+pub fn analyse_file(
+    args: &AnalysisArgs,
+    file: &PromptFile,
+    engine: &Engine,
+    generation: &GenerationArgs,
+) -> Result<FileRun, EngineError> {
     let s = &file.settings;
-    let engine = args.model.load_or(s.model.as_deref())?;
-    let template = s.template.unwrap_or(if engine.chat_template.is_some() {
-        crate::engine::prompt::TemplateMode::Chat
-    } else {
-        crate::engine::prompt::TemplateMode::Raw
-    });
-    let opts = AnalysisOptions {
-        method: args.method.or(s.method).unwrap_or(Method::GradDotInput),
-        template,
-        system: s.system.clone(),
-        ig: IgOptions {
-            baseline: args.baseline.or(s.baseline).unwrap_or_default(),
-            fixed_steps: args.steps.or(s.ig_steps),
-            ..IgOptions::default()
-        },
-        generation: args.generation.options_with(s),
-    };
-    let target = target(&args, &file)?;
-    let analysis = analyse(
-        &engine,
-        &file,
-        &target,
-        &opts,
-        &stderr_progress,
-        &CancelToken::new(),
-    )?;
-    if analysis.generated_response && args.write {
-        let response = &analysis.text[analysis.response.clone()];
-        write::write_if_unchanged(
-            &args.file,
-            &original,
-            &write::with_response(&file, response),
-        )
-        .map_err(|e| EngineError::InvalidInput(e.to_string()))?;
-        eprintln!("wrote the generated response into {}", args.file.display());
-    }
-    let gain = args.gain.or(s.gain).unwrap_or(1.0);
     let custom = match args.separators.as_ref().or(s.separators.as_ref()) {
         Some(r) => {
             Some(Level::Custom(regex::Regex::new(r).map_err(|e| {
@@ -174,20 +188,101 @@ pub fn run(args: ComputeArgs) -> Result<(), EngineError> {
         .or(s.granularity)
         .unwrap_or(Granularity::Sentence);
     let selected = custom.clone().unwrap_or(Level::Standard(granularity));
-    let name = args.file.display().to_string();
-    let out = match args.format {
-        Format::Terminal => report::terminal(&analysis, &analysis.level(&selected, gain), gain),
-        Format::Json => {
-            let v = report::json(&analysis, &name, &selected, custom.as_ref(), gain);
-            serde_json::to_string_pretty(&v).expect("json") + "\n"
-        }
-        Format::Html => report::html(&report::json(
+    let opts = AnalysisOptions {
+        method: args.method.or(s.method).unwrap_or(Method::GradDotInput),
+        template: template_for(engine, s),
+        system: s.system.clone(),
+        ig: IgOptions {
+            baseline: args.baseline.or(s.baseline).unwrap_or_default(),
+            fixed_steps: args.steps.or(s.ig_steps),
+            ..IgOptions::default()
+        },
+        generation: generation.options_with(s),
+        contrast: args.contrast.clone().or(s.contrast.clone()),
+        segments: selected.clone(),
+        surrogate: SurrogateOptions {
+            samples: args
+                .samples
+                .or(s.samples)
+                .unwrap_or(SurrogateOptions::default().samples),
+            seed: args.perturbation_seed,
+            ..SurrogateOptions::default()
+        },
+    };
+    let target = target(args, file)?;
+    let cancel = CancelToken::new();
+    let analysis = analyse(engine, file, &target, &opts, &stderr_progress, &cancel)?;
+    let faithfulness = if args.no_faithfulness {
+        None
+    } else {
+        let opts = FaithfulnessOptions {
+            random_draws: args.draws,
+            seed: args.perturbation_seed,
+            ..FaithfulnessOptions::default()
+        };
+        match faithfulness::check(
+            engine,
             &analysis,
-            &name,
             &selected,
-            custom.as_ref(),
-            gain,
-        )),
+            &opts,
+            &stderr_progress,
+            &cancel,
+        ) {
+            Ok(f) => Some(f),
+            // Too few segments for a deletion test is not a reason to withhold the map.
+            Err(EngineError::InvalidInput(m)) => {
+                eprintln!("faithfulness check skipped: {m}");
+                None
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    Ok(FileRun {
+        analysis,
+        faithfulness,
+        selected,
+        custom,
+        gain: args.gain.or(s.gain).unwrap_or(1.0),
+    })
+}
+
+pub fn run(args: ComputeArgs) -> Result<(), EngineError> {
+    let (file, original) = read(&args.file)?;
+    let engine = args.model.load_or(file.settings.model.as_deref())?;
+    let run = analyse_file(&args.analysis, &file, &engine, &args.generation)?;
+    let analysis = &run.analysis;
+    if analysis.generated_response && args.write {
+        let response = &analysis.text[analysis.response.clone()];
+        write::write_if_unchanged(
+            &args.file,
+            &original,
+            &write::with_response(&file, response),
+        )
+        .map_err(|e| EngineError::InvalidInput(e.to_string()))?;
+        eprintln!("wrote the generated response into {}", args.file.display());
+    }
+    let name = args.file.display().to_string();
+    let json = || {
+        report::json(
+            analysis,
+            &name,
+            &run.selected,
+            run.custom.as_ref(),
+            run.gain,
+            run.faithfulness.as_ref(),
+        )
+    };
+    let out = match args.format {
+        Format::Terminal => {
+            let mut out =
+                report::terminal(analysis, &analysis.level(&run.selected, run.gain), run.gain);
+            if let Some(f) = &run.faithfulness {
+                out.push_str(&report::faithfulness_text(f));
+            }
+            out
+        }
+        Format::Json => serde_json::to_string_pretty(&json()).expect("json") + "\n",
+        Format::Html => report::html(&json()),
     };
     match &args.output {
         Some(p) => std::fs::write(p, out)
@@ -211,12 +306,11 @@ pub fn generate_into_file(
     }
     let s = &file.settings;
     let engine = model.load_or(s.model.as_deref())?;
-    let template = s.template.unwrap_or(if engine.chat_template.is_some() {
-        crate::engine::prompt::TemplateMode::Chat
-    } else {
-        crate::engine::prompt::TemplateMode::Raw
-    });
-    let prepared = engine.prepare(file.prompt_text(), s.system.as_deref(), template)?;
+    let prepared = engine.prepare(
+        file.prompt_text(),
+        s.system.as_deref(),
+        template_for(&engine, s),
+    )?;
     let gen = engine.generate(
         &prepared.ids(),
         &generation.options_with(s),

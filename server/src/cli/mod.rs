@@ -292,6 +292,9 @@ pub fn stderr_progress(p: Progress) {
         Progress::IntegratedGradients { step, steps } => {
             eprintln!("integrated gradients: step {step} (cap {steps})")
         }
+        Progress::Perturbation { done, total } if done % 16 == 0 || done == total => {
+            eprintln!("perturbed prompts: {done}/{total}")
+        }
         _ => {}
     }
 }
@@ -382,6 +385,7 @@ fn salience_command(args: SalienceArgs) -> Result<(), EngineError> {
             ..IgOptions::default()
         },
         pad_id: engine.tokenizer.eos_ids.first().copied(),
+        contrast: None,
     };
     let result = salience::compute(&engine.model, &req, &stderr_progress, &CancelToken::new())?;
     if args.json {

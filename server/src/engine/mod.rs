@@ -6,9 +6,11 @@ pub mod chat_template;
 pub mod generate;
 pub mod gguf;
 pub mod model;
+pub mod perturbation;
 pub mod prompt;
 pub mod registry;
 pub mod salience;
+pub mod surrogate;
 pub mod threads;
 pub mod tokenizer;
 
@@ -87,9 +89,23 @@ impl CancelToken {
 /// What long work reports as it goes.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Progress {
-    Generating { done: usize, max: usize },
-    Salience { pass: usize, passes: usize },
-    IntegratedGradients { step: usize, steps: usize },
+    Generating {
+        done: usize,
+        max: usize,
+    },
+    Salience {
+        pass: usize,
+        passes: usize,
+    },
+    IntegratedGradients {
+        step: usize,
+        steps: usize,
+    },
+    /// Forward passes on perturbed prompts (leave-one-out, ablation masks, deletion checks).
+    Perturbation {
+        done: usize,
+        total: usize,
+    },
 }
 
 pub type ProgressFn<'a> = &'a (dyn Fn(Progress) + Sync);

@@ -20,6 +20,10 @@ pub enum Method {
     GradL2,
     GradDotInput,
     IntegratedGradients,
+    /// Delete each segment, re-score the target: Delta F. Segment-level, forward passes only.
+    LeaveOneOut,
+    /// ContextCite: random ablation masks and a sparse linear surrogate. Segment-level.
+    AblationSurrogate,
 }
 
 impl Method {
@@ -28,7 +32,20 @@ impl Method {
             Method::GradL2 => "grad_l2",
             Method::GradDotInput => "grad_dot_input",
             Method::IntegratedGradients => "integrated_gradients",
+            Method::LeaveOneOut => "leave_one_out",
+            Method::AblationSurrogate => "ablation_surrogate",
         }
+    }
+    pub const ALL: [Method; 5] = [
+        Method::GradDotInput,
+        Method::GradL2,
+        Method::IntegratedGradients,
+        Method::LeaveOneOut,
+        Method::AblationSurrogate,
+    ];
+    /// Perturbation methods score whole segments, by deleting them; gradient methods score tokens.
+    pub fn is_perturbation(self) -> bool {
+        matches!(self, Method::LeaveOneOut | Method::AblationSurrogate)
     }
     /// Signed methods say whether a token raises or lowers the target's probability.
     pub fn is_signed(self) -> bool {
@@ -43,8 +60,10 @@ impl std::str::FromStr for Method {
             "grad_l2" | "gradient_norm" => Ok(Self::GradL2),
             "grad_dot_input" | "gradient_x_input" => Ok(Self::GradDotInput),
             "integrated_gradients" | "ig" => Ok(Self::IntegratedGradients),
+            "leave_one_out" | "loo" => Ok(Self::LeaveOneOut),
+            "ablation_surrogate" | "contextcite" => Ok(Self::AblationSurrogate),
             other => Err(format!(
-                "unknown method `{other}` (grad_l2, grad_dot_input, integrated_gradients)"
+                "unknown method `{other}` (grad_l2, grad_dot_input, integrated_gradients, leave_one_out, ablation_surrogate)"
             )),
         }
     }
@@ -171,6 +190,8 @@ pub struct SalienceRequest {
     pub ig: IgOptions,
     /// Token id used by the `pad` baseline.
     pub pad_id: Option<u32>,
+    /// A contrastive alternative B to the target A: F = ln p(A | prompt) - ln p(B | prompt).
+    pub contrast: Option<Vec<u32>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -195,6 +216,8 @@ pub struct SalienceResult {
     /// F = sum of target log-probs.
     pub objective: f32,
     pub target_log_probs: Vec<f32>,
+    /// ln p of each token of the contrastive alternative, when there is one.
+    pub contrast_log_probs: Vec<f32>,
     pub ig: Option<IgReport>,
     pub seconds: f64,
     /// Scores of other methods that came free with this one (grad_l2 and grad_dot_input
@@ -269,6 +292,64 @@ pub fn objectives(
     Ok((objective, log_probs[..n].to_vec()))
 }
 
+/// One part of the objective: `sign` times the log-probs of `targets`, whose embeddings
+/// (`rest`, (n, hidden)) follow the scored context.
+struct Term {
+    rest: Tensor,
+    targets: Vec<u32>,
+    sign: f64,
+}
+
+/// F, each term's log-probs (first batch element) and dF/d(context) (b, ts, hidden).
+struct TermGradients {
+    objective: Vec<f32>,
+    log_probs: Vec<Vec<f32>>,
+    grad: Option<Tensor>,
+}
+
+fn with_rest(ctx: &Tensor, rest: &Tensor) -> candle_core::Result<Tensor> {
+    let b = ctx.dim(0)?;
+    let (n, h) = rest.dims2()?;
+    let rest = rest.unsqueeze(0)?.broadcast_as((b, n, h))?.contiguous()?;
+    Tensor::cat(&[ctx, &rest], 1)
+}
+
+/// F summed over the terms at each context in the batch `ctx` (b, ts, hidden), with the
+/// gradient when `backward` is set.
+fn term_gradients(
+    model: &Model,
+    ctx: &Tensor,
+    terms: &[Term],
+    backward: bool,
+    cancel: &CancelToken,
+) -> candle_core::Result<TermGradients> {
+    let (b, ts, _) = ctx.dims3()?;
+    let mut out = TermGradients {
+        objective: vec![0.0; b],
+        log_probs: Vec::new(),
+        grad: None,
+    };
+    for term in terms {
+        let x = with_rest(ctx, &term.rest)?;
+        let (objective, log_probs) = if backward {
+            let g = gradients(model, &x, &term.targets, ts, cancel)?;
+            let signed = (g.grad.narrow(1, 0, ts)? * term.sign)?;
+            out.grad = Some(match out.grad.take() {
+                None => signed,
+                Some(acc) => (acc + signed)?,
+            });
+            (g.objective, g.target_log_probs)
+        } else {
+            objectives(model, &x, &term.targets, ts, cancel)?
+        };
+        for (o, f) in out.objective.iter_mut().zip(&objective) {
+            *o += (term.sign * f64::from(*f)) as f32;
+        }
+        out.log_probs.push(log_probs);
+    }
+    Ok(out)
+}
+
 fn validate(model: &Model, req: &SalienceRequest) -> Result<(), EngineError> {
     if req.target.start == 0 || req.target.is_empty() || req.target.end > req.ids.len() {
         return Err(EngineError::InvalidInput(format!(
@@ -277,7 +358,31 @@ fn validate(model: &Model, req: &SalienceRequest) -> Result<(), EngineError> {
             req.ids.len()
         )));
     }
-    if let Some(bad) = req.ids.iter().find(|&&id| id as usize >= model.cfg.vocab) {
+    if req.method.is_perturbation() {
+        return Err(EngineError::InvalidInput(format!(
+            "{} scores segments, not tokens: it needs the segments of a prompt",
+            req.method.name()
+        )));
+    }
+    let contrast = req.contrast.as_deref().unwrap_or_default();
+    if req.contrast.as_ref().is_some_and(|c| c.is_empty()) {
+        return Err(EngineError::InvalidInput(
+            "the contrastive alternative covers no token".into(),
+        ));
+    }
+    if req.target.start + contrast.len() > model.cfg.context_length {
+        return Err(EngineError::InvalidInput(format!(
+            "the prompt and the contrastive alternative ({} tokens) exceed the model's context of {}",
+            req.target.start + contrast.len(),
+            model.cfg.context_length
+        )));
+    }
+    if let Some(bad) = req
+        .ids
+        .iter()
+        .chain(contrast)
+        .find(|&&id| id as usize >= model.cfg.vocab)
+    {
         return Err(EngineError::InvalidInput(format!(
             "token id {bad} out of vocabulary"
         )));
@@ -302,18 +407,28 @@ pub fn compute(
     let ids = &req.ids[..req.target.end];
     let targets = &req.ids[req.target.clone()];
     let ts = req.target.start;
-    let e = model
-        .embeddings(ids)
-        .and_then(|e| e.unsqueeze(0))
-        .map_err(EngineError::candle)?;
     let run = || -> candle_core::Result<SalienceResult> {
+        let e = model.embeddings(ids)?;
+        let mut terms = vec![Term {
+            rest: e.narrow(0, ts, ids.len() - ts)?,
+            targets: targets.to_vec(),
+            sign: 1.0,
+        }];
+        if let Some(b) = &req.contrast {
+            terms.push(Term {
+                rest: model.embeddings(b)?,
+                targets: b.clone(),
+                sign: -1.0,
+            });
+        }
+        let ctx = e.narrow(0, 0, ts)?;
         match req.method {
             Method::GradL2 | Method::GradDotInput => {
                 progress(Progress::Salience { pass: 0, passes: 1 });
-                let g = gradients(model, &e, targets, ts, cancel)?;
-                let grad = g.grad.squeeze(0)?.narrow(0, 0, ts)?;
+                let mut g = term_gradients(model, &ctx.unsqueeze(0)?, &terms, true, cancel)?;
+                let grad = g.grad.take().expect("gradient requested").squeeze(0)?;
                 let l2: Vec<f32> = grad.sqr()?.sum(D::Minus1)?.sqrt()?.to_vec1()?;
-                let emb = e.squeeze(0)?.narrow(0, 0, ts)?;
+                let emb = ctx;
                 let dot: Vec<f32> = grad.mul(&emb)?.sum(D::Minus1)?.to_vec1()?;
                 let (scores, also) = if req.method == Method::GradL2 {
                     (l2, vec![(Method::GradDotInput, dot)])
@@ -325,14 +440,18 @@ pub fn compute(
                     method: req.method,
                     scores,
                     objective: g.objective[0],
-                    target_log_probs: g.target_log_probs,
+                    target_log_probs: g.log_probs[0].clone(),
+                    contrast_log_probs: g.log_probs.get(1).cloned().unwrap_or_default(),
                     ig: None,
                     seconds: 0.0,
                     also,
                 })
             }
             Method::IntegratedGradients => {
-                integrated_gradients(model, &e, targets, ts, req, progress, cancel)
+                integrated_gradients(model, &ctx, terms, req, progress, cancel)
+            }
+            Method::LeaveOneOut | Method::AblationSurrogate => {
+                unreachable!("validate refuses perturbation methods")
             }
         }
     };
@@ -379,20 +498,16 @@ struct Path<'a> {
     model: &'a Model,
     base: Tensor,
     diff: Tensor,
-    rest: Tensor,
-    targets: &'a [u32],
-    ts: usize,
+    terms: Vec<Term>,
     batch: usize,
 }
 
 impl Path<'_> {
+    /// The scored contexts at each alpha, (alphas, ts, hidden).
     fn inputs(&self, alphas: &[f64]) -> candle_core::Result<Tensor> {
         let points: Vec<Tensor> = alphas
             .iter()
-            .map(|&a| {
-                let point = (&self.base + (&self.diff * a)?)?;
-                Tensor::cat(&[&point, &self.rest], 0)
-            })
+            .map(|&a| &self.base + (&self.diff * a)?)
             .collect::<candle_core::Result<_>>()?;
         Tensor::stack(&points, 0)
     }
@@ -406,15 +521,10 @@ impl Path<'_> {
     ) -> candle_core::Result<Vec<(f32, Tensor)>> {
         let mut out = Vec::with_capacity(alphas.len());
         for chunk in alphas.chunks(self.batch) {
-            let g = gradients(
-                self.model,
-                &self.inputs(chunk)?,
-                self.targets,
-                self.ts,
-                cancel,
-            )?;
+            let g = term_gradients(self.model, &self.inputs(chunk)?, &self.terms, true, cancel)?;
+            let grad = g.grad.expect("gradient requested");
             for (i, f) in g.objective.iter().enumerate() {
-                out.push((*f, g.grad.get(i)?.narrow(0, 0, self.ts)?));
+                out.push((*f, grad.get(i)?));
             }
             done(chunk.len());
         }
@@ -425,14 +535,8 @@ impl Path<'_> {
     fn objectives(&self, alphas: &[f64], cancel: &CancelToken) -> candle_core::Result<Vec<f32>> {
         let mut out = Vec::with_capacity(alphas.len());
         for chunk in alphas.chunks(self.batch) {
-            let (f, _) = objectives(
-                self.model,
-                &self.inputs(chunk)?,
-                self.targets,
-                self.ts,
-                cancel,
-            )?;
-            out.extend(f);
+            let g = term_gradients(self.model, &self.inputs(chunk)?, &self.terms, false, cancel)?;
+            out.extend(g.objective);
         }
         Ok(out)
     }
@@ -462,37 +566,40 @@ impl Piece {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn integrated_gradients(
     model: &Model,
-    e: &Tensor,
-    targets: &[u32],
-    ts: usize,
+    scored: &Tensor,
+    terms: Vec<Term>,
     req: &SalienceRequest,
     progress: ProgressFn,
     cancel: &CancelToken,
 ) -> candle_core::Result<SalienceResult> {
     let opts = &req.ig;
-    let t = e.dim(1)?;
-    let e2 = e.squeeze(0)?;
-    let scored = e2.narrow(0, 0, ts)?;
-    let rest = e2.narrow(0, ts, t - ts)?;
+    let ts = scored.dim(0)?;
+    let longest = terms.iter().map(|t| t.targets.len()).max().unwrap_or(0);
     let base = baseline(model, ts, opts.baseline, req.pad_id)?;
-    let diff = (&scored - &base)?;
+    let diff = (scored - &base)?;
     let path = Path {
         model,
         base,
         diff: diff.clone(),
-        rest,
-        targets,
-        ts,
-        batch: opts.batch.unwrap_or_else(|| batch_for(model, t)).max(1),
+        terms,
+        batch: opts
+            .batch
+            .unwrap_or_else(|| batch_for(model, ts + longest))
+            .max(1),
     };
 
     // F at the baseline and at the input, for the completeness check.
-    let (ends, target_log_probs) =
-        objectives(model, &path.inputs(&[0.0, 1.0])?, targets, ts, cancel)?;
-    let (f_b, f_x) = (ends[0], ends[1]);
+    // The input goes first: the log-probs reported are the first batch element's.
+    let ends = term_gradients(
+        model,
+        &path.inputs(&[1.0, 0.0])?,
+        &path.terms,
+        false,
+        cancel,
+    )?;
+    let (f_x, f_b) = (ends.objective[0], ends.objective[1]);
     let delta = f_x - f_b;
     let gap_of = |sum: f32| ((sum - delta) / delta).abs();
 
@@ -605,7 +712,8 @@ fn integrated_gradients(
         method: Method::IntegratedGradients,
         scores,
         objective: f_x,
-        target_log_probs,
+        target_log_probs: ends.log_probs[0].clone(),
+        contrast_log_probs: ends.log_probs.get(1).cloned().unwrap_or_default(),
         ig: Some(IgReport {
             steps,
             baseline: opts.baseline,

@@ -17,10 +17,12 @@ use super::worker::{Output, Task};
 use super::Backend;
 use crate::analysis::{AnalysisOptions, Target};
 use crate::engine::generate::GenerateOptions;
+use crate::engine::perturbation::SurrogateOptions;
 use crate::engine::registry::{FetchOptions, DEFAULT_MODEL};
 use crate::engine::salience::{IgOptions, Method};
 use crate::engine::{CancelToken, EngineError, Progress};
 use crate::prompt_file::{write, Granularity};
+use crate::segments::Level;
 
 /// Model work in flight. If the request's future is dropped (`$/cancelRequest`), it cancels
 /// the work and still ends the client's progress, so no spinner is left behind.
@@ -187,6 +189,10 @@ impl Backend {
                         format!("integrated gradients, step {step}/{steps}"),
                         Some((100 * step / steps.max(1)).min(100) as u32),
                     ),
+                    Progress::Perturbation { done, total } => (
+                        format!("perturbed prompts {done}/{total}"),
+                        Some((100 * done / total.max(1)).min(100) as u32),
+                    ),
                 };
                 client
                     .send_notification::<ProgressNotification>(ProgressParams {
@@ -294,6 +300,20 @@ impl Backend {
                 serde_json::from_value(r.clone()).map_err(|e| invalid(format!("range: {e}")))?,
             ),
         };
+        let contrast: Option<String> = match rest.get("contrast") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(b)) if !b.trim().is_empty() => Some(b.clone()),
+            Some(_) => {
+                return Err(invalid(
+                    "contrast: expected the alternative completion as text",
+                ))
+            }
+        };
+        let granularity_override: Option<Granularity> =
+            match rest.get("granularity").and_then(Value::as_str) {
+                Some(g) => Some(g.parse().map_err(invalid)?),
+                None => None,
+            };
         let cancel = CancelToken::new();
         // Snapshot under the lock; a newer compute on this document supersedes a running one.
         let (file, version, target, model, options, granularity, gain) = {
@@ -330,8 +350,8 @@ impl Backend {
                         .and_then(|m| m.parse::<Method>().ok())
                 })
                 .unwrap_or(Method::GradDotInput);
-            let granularity = s
-                .granularity
+            let granularity = granularity_override
+                .or(s.granularity)
                 .or_else(|| settings.granularity.as_deref().and_then(|g| g.parse().ok()))
                 .unwrap_or(Granularity::Sentence);
             let gain = s.gain.or(settings.gain).unwrap_or(1.0);
@@ -345,6 +365,12 @@ impl Backend {
                     ..IgOptions::default()
                 },
                 generation: generation_options(s, &settings),
+                contrast: contrast.or_else(|| s.contrast.clone()),
+                segments: Level::Standard(granularity),
+                surrogate: SurrogateOptions {
+                    samples: s.samples.unwrap_or(SurrogateOptions::default().samples),
+                    ..SurrogateOptions::default()
+                },
             };
             let model = model_name(s, settings);
             (f, doc.version, target, model, options, granularity, gain)

@@ -68,6 +68,10 @@ pub struct SalienceSettings {
     pub gain: Option<f32>,
     pub ig_steps: Option<usize>,
     pub baseline: Option<Baseline>,
+    /// A contrastive alternative: explain why the target rather than this.
+    pub contrast: Option<String>,
+    /// Random ablation masks for `ablation_surrogate`.
+    pub samples: Option<usize>,
 }
 
 /// Parses the front matter's YAML. Returns the settings that could be read, and errors as
@@ -123,10 +127,15 @@ pub fn from_front_matter(yaml: &str) -> (SalienceSettings, Vec<(usize, String)>)
                 Some(t) => s.system = Some(t.to_string()),
                 None => err("expected text".into()),
             },
-            "max_new_tokens" | "ig_steps" | "seed" => match value.as_u64() {
+            "contrast" => match as_str(value) {
+                Some(t) if !t.trim().is_empty() => s.contrast = Some(t),
+                _ => err("expected the alternative completion, as text".into()),
+            },
+            "max_new_tokens" | "ig_steps" | "seed" | "samples" => match value.as_u64() {
                 Some(n) if n > 0 || key == "seed" => match key.as_str() {
                     "max_new_tokens" => s.max_new_tokens = Some(n as usize),
                     "ig_steps" => s.ig_steps = Some(n as usize),
+                    "samples" => s.samples = Some(n as usize),
                     _ => s.seed = Some(n),
                 },
                 _ => err(format!("expected a positive whole number, found {value}")),

@@ -61,6 +61,7 @@ td, th {{ padding: 2px 8px; text-align: left; border-bottom: 1px solid #eee; }}
 </header>
 <div id="text"></div>
 <p class="meta" id="summary"></p>
+<div id="faithfulness"></div>
 <table id="top"><thead><tr><th>rank</th><th>score</th><th>share</th><th>segment</th></tr></thead><tbody></tbody></table>
 <script id="data" type="application/json">{data}</script>
 <script>
@@ -109,12 +110,27 @@ function render() {{
   for (const v of signed ? [-1, -0.5, 0, 0.5, 1] : [0, 0.25, 0.5, 0.75, 1]) {{
     const sp = document.createElement('span'); sp.style.background = colour(v, g); sp.textContent = v.toFixed(2); lg.appendChild(sp);
   }}
-  let sum = `model ${{R.model}} · method ${{R.method}} · log p(target) = ${{R.objective.toFixed(4)}} · ${{R.seconds.toFixed(2)}} s` +
+  let sum = `model ${{R.model}} · method ${{R.method}} · ${{R.objective_text}} · ${{R.seconds.toFixed(2)}} s` +
     (signed ? ' · green raises the target\'s probability, red lowers it' : ' · gradient magnitude') +
     ` · template tokens: ${{(100 * L.template_share).toFixed(1)}}% of |score|`;
   if (R.ig) sum += ` · IG: ${{R.ig.steps}} gradients, completeness gap ${{(100 * R.ig.completeness_gap).toFixed(1)}}%`;
   if (R.response.generated) sum += ' · response generated for this report (not in the file)';
+  if (R.perturbation) sum += ` · ${{R.perturbation.segments}} ${{R.perturbation.level}}s deleted in ${{R.perturbation.forward_passes}} forward passes` +
+    (R.perturbation.surrogate ? `, surrogate held-out R² ${{R.perturbation.surrogate.held_out_r2.toFixed(2)}}` : '');
   document.getElementById('summary').textContent = sum;
+  const F = R.faithfulness, fb = document.getElementById('faithfulness'); fb.textContent = '';
+  if (F) {{
+    const p = document.createElement('p'); p.className = 'meta';
+    p.textContent = `Faithfulness (${{F.level}}s, seed ${{F.seed}}): ${{F.verdict}}`; fb.appendChild(p);
+    const tbl = document.createElement('table'); tbl.id = 'deletion';
+    const head = tbl.createTHead().insertRow();
+    for (const h of ['deleted', 'top segments: drop in F', 'random: mean ± sd']) {{ const th = document.createElement('th'); th.textContent = h; head.appendChild(th); }}
+    for (const q of F.points) {{
+      const row = tbl.insertRow();
+      for (const v of [`${{(100 * q.fraction).toFixed(0)}} % (${{q.deleted}} of ${{F.segments}})`, q.top_drop.toFixed(3), `${{q.random_mean.toFixed(3)}} ± ${{q.random_sd.toFixed(3)}}`]) row.insertCell().textContent = v;
+    }}
+    fb.appendChild(tbl);
+  }}
 }}
 sel.addEventListener('change', render); gain.addEventListener('input', render); render();
 </script>

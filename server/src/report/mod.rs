@@ -7,6 +7,7 @@ mod html;
 use serde_json::{json, Value};
 
 use crate::analysis::Analysis;
+use crate::faithfulness::Faithfulness;
 use crate::prompt_file::Granularity;
 use crate::segments::{intensity, Level, LevelResult};
 
@@ -51,6 +52,7 @@ pub fn json(
     selected: &Level,
     custom: Option<&Level>,
     gain: f32,
+    faithfulness: Option<&Faithfulness>,
 ) -> Value {
     let levels: serde_json::Map<String, Value> = all_levels(a, custom, gain)
         .iter()
@@ -65,6 +67,13 @@ pub fn json(
         "signed": a.method.is_signed(),
         "template": a.template,
         "objective": a.objective,
+        "objective_text": a.objective_text(),
+        "contrast": a.contrast.as_ref().map(|c| json!({
+            "text": c.text,
+            "log_probs": c.log_probs,
+        })),
+        "perturbation": a.perturbation,
+        "faithfulness": faithfulness,
         "seconds": a.seconds,
         "gain": gain,
         "granularity": selected.name(),
@@ -135,14 +144,30 @@ pub fn terminal(a: &Analysis, level: &LevelResult, gain: f32) -> String {
     }
     let target: String = a.target_text().chars().take(60).collect();
     out.push_str(&format!(
-        "target: {target:?}{}\nmodel: {}  method: {}  granularity: {}  log p(target) = {:.4}  salience: {:.2}s",
-        if a.generated_response { " (generated, not saved)" } else { "" },
+        "target: {target:?}{}\nmodel: {}  method: {}  granularity: {}  {}  salience: {:.2}s",
+        if a.generated_response {
+            " (generated, not saved)"
+        } else {
+            ""
+        },
         a.model,
         a.method.name(),
         level.name,
-        a.objective,
+        a.objective_text(),
         a.seconds
     ));
+    if let Some(p) = &a.perturbation {
+        out.push_str(&format!(
+            "\n{} {}s deleted in {} forward passes",
+            p.segments, p.level, p.forward_passes
+        ));
+        if let Some(s) = &p.surrogate {
+            out.push_str(&format!(
+                "; surrogate from {} masks, held-out R² {:.2} ({} masks)",
+                s.samples, s.held_out_r2, s.held_out
+            ));
+        }
+    }
     if let Some(ig) = &a.ig {
         out.push_str(&format!(
             "  IG: {} gradients, {:?} baseline, completeness gap {:.1}%",
@@ -152,5 +177,22 @@ pub fn terminal(a: &Analysis, level: &LevelResult, gain: f32) -> String {
         ));
     }
     out.push('\n');
+    out
+}
+
+/// The deletion test as a few lines: the verdict and the curve.
+pub fn faithfulness_text(f: &Faithfulness) -> String {
+    let mut out = format!("faithfulness: {}\n", f.verdict);
+    for p in &f.points {
+        out.push_str(&format!(
+            "  delete {:>3.0} % ({:>2} {}s): top {:+.3}   random {:+.3} ± {:.3}\n",
+            p.fraction * 100.0,
+            p.deleted,
+            f.level,
+            p.top_drop,
+            p.random_mean,
+            p.random_sd
+        ));
+    }
     out
 }

@@ -164,9 +164,51 @@ pub fn display_level(normalized: f32, gain: f32) -> u8 {
     ((intensity(normalized.abs(), gain) * LEVELS as f32).ceil() as u8).clamp(1, LEVELS)
 }
 
-/// Sums token scores into segments. Each token counts for the segment holding its first
-/// non-space byte (a whitespace-only token: the segment before it, else after it), so the
-/// sum over segments equals the sum over document tokens at every level.
+/// The segments of `regions` at `level`, and for each token the segment it counts for: the
+/// one holding its first non-space byte (a whitespace-only token: the segment before it, else
+/// after it). Template tokens (no range) count for none.
+pub fn segments_and_owners(
+    text: &str,
+    regions: &[Range<usize>],
+    token_ranges: &[Option<Range<usize>>],
+    level: &Level,
+) -> (Vec<Range<usize>>, Vec<Option<usize>>) {
+    if matches!(level, Level::Standard(Granularity::Token)) {
+        let mut ranges = Vec::new();
+        let owners = token_ranges
+            .iter()
+            .map(|r| {
+                r.as_ref().map(|r| {
+                    ranges.push(trimmed(text, r.clone()).unwrap_or(r.clone()));
+                    ranges.len() - 1
+                })
+            })
+            .collect();
+        return (ranges, owners);
+    }
+    let ranges: Vec<Range<usize>> = regions
+        .iter()
+        .flat_map(|r| segment(text, r.clone(), level))
+        .collect();
+    let owners = token_ranges
+        .iter()
+        .map(|r| {
+            let r = r.as_ref()?;
+            if ranges.is_empty() {
+                return None;
+            }
+            let s = &text[r.clone()];
+            let pos = r.start + (s.len() - s.trim_start().len());
+            // The last segment starting at or before pos.
+            let idx = ranges.partition_point(|seg| seg.start <= pos);
+            Some(idx.saturating_sub(1))
+        })
+        .collect();
+    (ranges, owners)
+}
+
+/// Sums token scores into segments, so the sum over segments equals the sum over document
+/// tokens at every level.
 pub fn aggregate(
     text: &str,
     regions: &[Range<usize>],
@@ -174,44 +216,19 @@ pub fn aggregate(
     level: &Level,
     gain: f32,
 ) -> LevelResult {
-    let ranges: Vec<Range<usize>> = if matches!(level, Level::Standard(Granularity::Token)) {
-        tokens
-            .iter()
-            .filter_map(|t| t.range.clone())
-            .map(|r| trimmed(text, r.clone()).unwrap_or(r))
-            .collect()
-    } else {
-        regions
-            .iter()
-            .flat_map(|r| segment(text, r.clone(), level))
-            .collect()
-    };
+    let token_ranges: Vec<Option<Range<usize>>> = tokens.iter().map(|t| t.range.clone()).collect();
+    let (ranges, owners) = segments_and_owners(text, regions, &token_ranges, level);
     let mut scores = vec![0f32; ranges.len()];
     let mut template_score = 0f32;
     let mut template_abs = 0f32;
-    for (i, t) in tokens.iter().enumerate() {
-        let Some(r) = &t.range else {
-            template_score += t.score;
-            template_abs += t.score.abs();
-            continue;
-        };
-        if matches!(level, Level::Standard(Granularity::Token)) {
-            // Token ranges are in token order, one each.
-            let idx = tokens[..i].iter().filter(|t| t.range.is_some()).count();
-            scores[idx] += t.score;
-            continue;
+    for (t, owner) in tokens.iter().zip(&owners) {
+        match owner {
+            Some(i) => scores[*i] += t.score,
+            None => {
+                template_score += t.score;
+                template_abs += t.score.abs();
+            }
         }
-        if ranges.is_empty() {
-            template_score += t.score;
-            template_abs += t.score.abs();
-            continue;
-        }
-        let s = &text[r.clone()];
-        let pos = r.start + (s.len() - s.trim_start().len());
-        // The last segment starting at or before pos.
-        let idx = ranges.partition_point(|seg| seg.start <= pos);
-        let idx = if idx == 0 { 0 } else { idx - 1 };
-        scores[idx] += t.score;
     }
     let max = scores.iter().fold(0f32, |m, s| m.max(s.abs()));
     let total_abs: f32 = scores.iter().map(|s| s.abs()).sum();

@@ -106,6 +106,14 @@ impl Model {
     /// Decodes `ids` after the cached positions; returns the final-normed hidden state of the
     /// last position and extends the cache.
     pub fn forward_cached(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        let h = self.forward_cached_hidden(ids, cache)?;
+        let last = h.narrow(0, ids.len() - 1, 1)?;
+        rms_norm(&last, &self.final_norm, self.cfg.eps)
+    }
+
+    /// Runs `ids` after the cached positions and extends the cache; returns the hidden states
+    /// of every new position (t, hidden), before the final norm.
+    pub fn forward_cached_hidden(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
         let t = ids.len();
         let offset = cache.len;
         let x = (self.embeddings(ids)? * self.cfg.embed_scale as f64)?;
@@ -129,8 +137,7 @@ impl Model {
             h = next;
         }
         cache.len = total;
-        let last = h.narrow(0, t - 1, 1)?;
-        rms_norm(&last, &self.final_norm, self.cfg.eps)
+        Ok(h)
     }
 
     pub fn logits(&self, normed: &Tensor) -> Result<Tensor> {

@@ -374,3 +374,104 @@ fn stdio_server_speaks_only_protocol_on_stdout() {
     }
     assert!(n >= 2, "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contrast_faithfulness_and_before_after_across_an_edit() {
+    let doc = "---\nsalience:\n  granularity: sentence\n---\nYou are a careful assistant. Answer in one word. Think about the weather.\n\nWhat colour is the sky on a clear day?\n<!-- response -->\nBlue\n";
+    let mut c = Client::start(json!({}), &["utf-16"]).await;
+    c.open(doc).await;
+    let r = c
+        .request(
+            "workspace/executeCommand",
+            json!({"command": "promptSalience.compute", "arguments": [{"uri": URI, "method": "leave_one_out", "contrast": "Red"}]}),
+        )
+        .await;
+    assert!(r.get("error").is_none(), "{r}");
+    assert_eq!(r["result"]["method"], "leave_one_out");
+    // The faithfulness check runs in the background and comes back with the map.
+    let note = c
+        .wait_for("promptSalience/result", |n| {
+            n["params"]["faithfulness"].is_string()
+        })
+        .await;
+    let p = &note["params"];
+    assert_eq!(p["contrast"], "Red");
+    assert_eq!(p["segments"].as_array().unwrap().len(), 4, "{note}");
+    let verdict = p["faithfulness"].as_str().unwrap();
+    assert!(
+        verdict.contains("removing the top") && verdict.contains("random"),
+        "{verdict}"
+    );
+    let r = c
+        .request(
+            "workspace/executeCommand",
+            json!({"command": "promptSalience.checkFaithfulness", "arguments": [{"uri": URI}]}),
+        )
+        .await;
+    assert_eq!(r["result"]["cached"], true, "{r}");
+    assert_eq!(
+        r["result"]["faithfulness"]["points"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+    // Edit the third sentence and compute again: the others keep their previous scores.
+    c.notify("textDocument/didChange", json!({"textDocument": {"uri": URI, "version": 2}, "contentChanges": [{"range": {"start": {"line": 4, "character": 65}, "end": {"line": 4, "character": 72}}, "text": "sea"}]})).await;
+    let r = c
+        .request(
+            "workspace/executeCommand",
+            json!({"command": "promptSalience.compute", "arguments": [{"uri": URI, "method": "leave_one_out", "contrast": "Red"}]}),
+        )
+        .await;
+    assert!(r.get("error").is_none(), "{r}");
+    let note = c
+        .wait_for("promptSalience/result", |n| n["params"]["version"] == 2)
+        .await;
+    let segs = note["params"]["segments"].as_array().unwrap();
+    let before: Vec<bool> = segs.iter().map(|s| s["before"].is_number()).collect();
+    assert_eq!(before, vec![true, true, false, true], "{note}");
+    let h = c
+        .request(
+            "textDocument/hover",
+            json!({"textDocument": {"uri": URI}, "position": {"line": 4, "character": 2}}),
+        )
+        .await;
+    let text = h["result"]["contents"]["value"].as_str().unwrap();
+    assert!(text.contains("before the last change"), "{text}");
+    assert!(text.contains("contrast"), "{text}");
+    let h = c
+        .request(
+            "textDocument/hover",
+            json!({"textDocument": {"uri": URI}, "position": {"line": 4, "character": 64}}),
+        )
+        .await;
+    let text = h["result"]["contents"]["value"].as_str().unwrap();
+    assert!(text.contains("new since the previous result"), "{text}");
+    // Paint the change: only the segments that still exist.
+    let r = c
+        .request(
+            "workspace/executeCommand",
+            json!({"command": "promptSalience.showDifference", "arguments": [{"uri": URI, "value": true}]}),
+        )
+        .await;
+    assert_eq!(r["result"]["difference"], true, "{r}");
+    assert_eq!(r["result"]["segments"], 3, "{r}");
+    let note = c
+        .wait_for("promptSalience/result", |n| {
+            n["params"]["difference"] == true
+        })
+        .await;
+    for (s, after) in note["params"]["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(segs.iter().filter(|s| s["before"].is_number()))
+    {
+        let change = after["score"].as_f64().unwrap() - after["before"].as_f64().unwrap();
+        assert!(
+            (s["score"].as_f64().unwrap() - change).abs() < 1e-4,
+            "{s} vs {after}"
+        );
+    }
+}

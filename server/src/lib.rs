@@ -6,6 +6,7 @@
 
 pub mod analysis;
 pub mod cli;
+pub mod compare;
 pub mod engine;
 pub mod faithfulness;
 pub mod lsp;

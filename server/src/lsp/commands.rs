@@ -120,7 +120,14 @@ impl Backend {
             protocol::COMPUTE => self.compute(&params.arguments).await.map(Some),
             protocol::GENERATE => self.generate(&params.arguments).await.map(Some),
             protocol::SET_METHOD => self.set_method(&params.arguments).await.map(Some),
-            protocol::SET_GRANULARITY | protocol::SET_GAIN | protocol::CLEAR => self
+            protocol::CHECK_FAITHFULNESS => {
+                let (uri, _) = first_arg(&params.arguments)?;
+                self.check_faithfulness(uri).await.map(Some)
+            }
+            protocol::SET_GRANULARITY
+            | protocol::SET_GAIN
+            | protocol::CLEAR
+            | protocol::SHOW_DIFFERENCE => self
                 .rerender(&params.command, &params.arguments)
                 .await
                 .map(Some),
@@ -264,10 +271,21 @@ impl Backend {
                 .and_then(|p| p.analysis.switched_to(method).map(|a| (p, a)))
             {
                 Some((p, a)) => {
-                    let painted = Painted::new(p.version, Arc::new(a), p.granularity, p.gain);
-                    let params = result_params(&uri, &doc.rope, enc, &painted);
-                    doc.painted = Some(painted);
-                    Some(params)
+                    let painted = Painted::new(
+                        p.version,
+                        Arc::new(a),
+                        p.model.clone(),
+                        p.granularity,
+                        p.gain,
+                        None,
+                    );
+                    doc.paint(painted);
+                    Some(result_params(
+                        &uri,
+                        &doc.rope,
+                        enc,
+                        doc.painted.as_ref().expect("painted"),
+                    ))
                 }
                 None => None,
             }
@@ -327,6 +345,10 @@ impl Backend {
                 .ok_or_else(|| invalid("document is not open"))?;
             if let Some(old) = doc.running.replace(cancel.clone()) {
                 old.cancel();
+            }
+            // The model is needed for the new map; a deletion test of the old one can wait.
+            if let Some(check) = doc.checking.take() {
+                check.cancel();
             }
             let f = doc.parsed.clone();
             let target = match range {
@@ -393,7 +415,13 @@ impl Backend {
         };
         let result = self
             .worker
-            .submit(model, self.fetch_options(), task, cancel.clone(), tx)
+            .submit(
+                model.clone(),
+                self.fetch_options(),
+                task,
+                cancel.clone(),
+                tx,
+            )
             .await;
         self.end_progress(
             work.token.take(),
@@ -461,12 +489,26 @@ impl Backend {
                         .into(),
                 )));
             }
-            let painted = Painted::new(version, analysis, granularity, gain);
-            let params = result_params(&uri, &doc.rope, enc, &painted);
-            doc.painted = Some(painted);
-            params
+            doc.paint(Painted::new(
+                version,
+                analysis,
+                model,
+                granularity,
+                gain,
+                None,
+            ));
+            result_params(&uri, &doc.rope, enc, doc.painted.as_ref().expect("painted"))
         };
         self.after_paint(notification.clone()).await;
+        if self.state().settings.background_faithfulness != Some(false) {
+            let this = self.clone();
+            let uri = uri.clone();
+            tokio::spawn(async move {
+                if let Err(e) = this.check_faithfulness(uri).await {
+                    tracing::info!("background faithfulness check: {}", e.message);
+                }
+            });
+        }
         Ok(json!({
             "model": notification.model,
             "method": notification.method,
@@ -475,6 +517,87 @@ impl Backend {
             "segments": notification.segments.len(),
             "target": notification.target,
         }))
+    }
+
+    /// The deletion test of the painted map at its granularity: from the cache, or run on the
+    /// model (cancelled by an edit or a new computation). The result is kept with the map and
+    /// sent again in `promptSalience/result`.
+    async fn check_faithfulness(&self, uri: Uri) -> Result<Value> {
+        let cancel = CancelToken::new();
+        let (analysis, model, granularity) = {
+            let mut st = self.state();
+            let doc = st
+                .docs
+                .map
+                .get_mut(&uri)
+                .ok_or_else(|| invalid("document is not open"))?;
+            let p = doc
+                .painted
+                .as_ref()
+                .ok_or_else(|| invalid("nothing computed yet: run promptSalience.compute"))?;
+            if let Some(f) = p.faithfulness.get(&p.granularity) {
+                return Ok(json!({ "cached": true, "faithfulness": f }));
+            }
+            let snapshot = (p.analysis.clone(), p.model.clone(), p.granularity);
+            if let Some(old) = doc.checking.replace(cancel.clone()) {
+                old.cancel();
+            }
+            snapshot
+        };
+        let progress = self.start_progress("Checking faithfulness", &cancel).await;
+        let (token, tx) = match progress {
+            Some((t, tx)) => (Some(t), Some(tx)),
+            None => (None, None),
+        };
+        let mut work = Work {
+            cancel: cancel.clone(),
+            token,
+            client: self.client.clone(),
+            state: self.state.clone(),
+        };
+        let task = Task::Faithfulness {
+            analysis: analysis.clone(),
+            level: Level::Standard(granularity),
+        };
+        let result = self
+            .worker
+            .submit(model, self.fetch_options(), task, cancel.clone(), tx)
+            .await;
+        self.end_progress(work.token.take(), "done".into()).await;
+        let faithfulness = match result {
+            Ok(Output::Faithfulness(f)) => *f,
+            Ok(_) => return Err(Error::internal_error()),
+            Err(e) => return Err(engine_error(e)),
+        };
+        let params = {
+            let mut st = self.state();
+            let enc = st.encoding;
+            let doc = st
+                .docs
+                .map
+                .get_mut(&uri)
+                .ok_or_else(|| invalid("document was closed"))?;
+            if cancel_is(&doc.checking, &cancel) {
+                doc.checking = None;
+            }
+            // Keep it only with the map it was computed for.
+            match doc.painted.as_mut() {
+                Some(p) if Arc::ptr_eq(&p.analysis, &analysis) => {
+                    p.faithfulness.insert(granularity, faithfulness.clone());
+                    Some(result_params(&uri, &doc.rope, enc, p))
+                }
+                _ => None,
+            }
+        };
+        match params {
+            Some(p) => self.after_paint(p).await,
+            None => {
+                return Err(engine_error(EngineError::InvalidInput(
+                    "the map changed during the faithfulness check: result dropped".into(),
+                )))
+            }
+        }
+        Ok(json!({ "cached": false, "faithfulness": faithfulness }))
     }
 
     async fn after_paint(&self, params: ResultParams) {
@@ -494,50 +617,62 @@ impl Backend {
             .or_else(|| rest.get("granularity"))
             .or_else(|| rest.get("gain"))
             .cloned();
-        let params = {
-            let mut st = self.state();
-            let enc = st.encoding;
-            let doc = st
-                .docs
-                .map
-                .get_mut(&uri)
-                .ok_or_else(|| invalid("document is not open"))?;
-            if command == protocol::CLEAR {
-                doc.painted = None;
-                None
-            } else {
-                let p = doc
-                    .painted
-                    .as_mut()
-                    .ok_or_else(|| invalid("nothing computed yet: run promptSalience.compute"))?;
-                let (mut g, mut gain) = (p.granularity, p.gain);
-                if command == protocol::SET_GRANULARITY {
-                    g = value
-                        .as_ref()
-                        .and_then(Value::as_str)
-                        .ok_or_else(|| invalid("expected a granularity"))?
-                        .parse()
-                        .map_err(invalid)?;
+        let params =
+            {
+                let mut st = self.state();
+                let enc = st.encoding;
+                let doc = st
+                    .docs
+                    .map
+                    .get_mut(&uri)
+                    .ok_or_else(|| invalid("document is not open"))?;
+                if command == protocol::CLEAR {
+                    doc.painted = None;
+                    None
+                } else if command == protocol::SHOW_DIFFERENCE {
+                    let on = value.as_ref().and_then(Value::as_bool).unwrap_or(true);
+                    let p = doc.painted.as_mut().ok_or_else(|| {
+                        invalid("nothing computed yet: run promptSalience.compute")
+                    })?;
+                    if on && p.previous.is_none() {
+                        return Err(invalid(
+                            "no previous result to compare with: compute, edit, and compute again",
+                        ));
+                    }
+                    p.set_difference(on);
+                    Some(result_params(&uri, &doc.rope, enc, p))
                 } else {
-                    gain = value
-                        .as_ref()
-                        .and_then(Value::as_f64)
-                        .filter(|x| *x > 0.0 && x.is_finite())
-                        .ok_or_else(|| invalid("expected a gain > 0"))?
-                        as f32;
+                    let p = doc.painted.as_mut().ok_or_else(|| {
+                        invalid("nothing computed yet: run promptSalience.compute")
+                    })?;
+                    let (mut g, mut gain) = (p.granularity, p.gain);
+                    if command == protocol::SET_GRANULARITY {
+                        g = value
+                            .as_ref()
+                            .and_then(Value::as_str)
+                            .ok_or_else(|| invalid("expected a granularity"))?
+                            .parse()
+                            .map_err(invalid)?;
+                    } else {
+                        gain = value
+                            .as_ref()
+                            .and_then(Value::as_f64)
+                            .filter(|x| *x > 0.0 && x.is_finite())
+                            .ok_or_else(|| invalid("expected a gain > 0"))?
+                            as f32;
+                    }
+                    p.rerender(g, gain);
+                    Some(result_params(
+                        &uri,
+                        &doc.rope,
+                        enc,
+                        doc.painted.as_ref().expect("painted"),
+                    ))
                 }
-                p.rerender(g, gain);
-                Some(result_params(
-                    &uri,
-                    &doc.rope,
-                    enc,
-                    doc.painted.as_ref().expect("painted"),
-                ))
-            }
-        };
+            };
         match params {
             Some(p) => {
-                let summary = json!({ "granularity": p.granularity, "gain": p.gain, "segments": p.segments.len() });
+                let summary = json!({ "granularity": p.granularity, "gain": p.gain, "segments": p.segments.len(), "difference": p.difference });
                 self.after_paint(p).await;
                 Ok(summary)
             }
@@ -698,17 +833,25 @@ fn result_params(
             .analysis
             .generated_response
             .then(|| p.analysis.target_text().to_string()),
+        contrast: p.analysis.contrast.as_ref().map(|c| c.text.clone()),
+        difference: p.difference,
+        faithfulness: p
+            .faithfulness
+            .get(&p.granularity)
+            .map(|f| f.verdict.clone()),
         segments: p
             .level
             .segments
             .iter()
-            .map(|s| SegmentInfo {
+            .enumerate()
+            .map(|(i, s)| SegmentInfo {
                 range: convert::range(rope, &(s.start..s.end), enc),
                 score: s.score,
                 normalized: s.normalized,
                 level: s.level,
                 rank: s.rank,
                 share: s.share,
+                before: p.before_of(i),
             })
             .collect(),
     }

@@ -9,36 +9,104 @@ use tower_lsp_server::lsp_types::{TextDocumentContentChangeEvent, Uri};
 
 use super::convert::{self, Encoding};
 use crate::analysis::Analysis;
+use crate::compare;
 use crate::engine::CancelToken;
+use crate::faithfulness::Faithfulness;
 use crate::prompt_file::{self, Granularity, PromptFile};
 use crate::segments::{Level, LevelResult};
 
 pub struct Painted {
     pub version: i32,
     pub analysis: Arc<Analysis>,
+    /// The model as the worker names it, to run more work on the same model.
+    pub model: String,
     pub granularity: Granularity,
     pub gain: f32,
+    /// What is painted: the scores, or their change since `previous` when `difference` is set.
     pub level: LevelResult,
     pub computed_at: Instant,
+    /// The result painted before this one (on this text or an earlier version of it).
+    pub previous: Option<Arc<Analysis>>,
+    /// Per painted segment: its score in `previous`, where it still exists.
+    pub before: Vec<Option<f32>>,
+    pub difference: bool,
+    /// Deletion tests done for this map, by level.
+    pub faithfulness: HashMap<Granularity, Faithfulness>,
 }
 
 impl Painted {
-    pub fn new(version: i32, analysis: Arc<Analysis>, granularity: Granularity, gain: f32) -> Self {
-        let level = analysis.level(&Level::Standard(granularity), gain);
-        Self {
+    pub fn new(
+        version: i32,
+        analysis: Arc<Analysis>,
+        model: String,
+        granularity: Granularity,
+        gain: f32,
+        previous: Option<Arc<Analysis>>,
+    ) -> Self {
+        let mut p = Self {
             version,
+            level: analysis.level(&Level::Standard(granularity), gain),
             analysis,
+            model,
             granularity,
             gain,
-            level,
             computed_at: Instant::now(),
-        }
+            previous,
+            before: Vec::new(),
+            difference: false,
+            faithfulness: HashMap::new(),
+        };
+        p.rerender(granularity, gain);
+        p
     }
+
     /// Re-aggregates from the cached token scores: no model run.
     pub fn rerender(&mut self, granularity: Granularity, gain: f32) {
         self.granularity = granularity;
         self.gain = gain;
-        self.level = self.analysis.level(&Level::Standard(granularity), gain);
+        let level = Level::Standard(granularity);
+        let now = self.analysis.level(&level, gain);
+        self.before = match &self.previous {
+            Some(prev) => compare::previous_scores(
+                &prev.text,
+                &prev.level(&level, gain),
+                &self.analysis.text,
+                &now,
+            ),
+            None => vec![None; now.segments.len()],
+        };
+        if !self.difference {
+            self.level = now;
+            return;
+        }
+        // The change since the previous result, on the segments that still exist.
+        let (ranges, changes): (Vec<_>, Vec<_>) = now
+            .segments
+            .iter()
+            .zip(&self.before)
+            .filter_map(|(s, b)| Some((s.start..s.end, (s.score - (*b)?, *b))))
+            .unzip();
+        let (scores, before): (Vec<f32>, Vec<Option<f32>>) = changes.into_iter().unzip();
+        self.before = before;
+        self.level = LevelResult::from_scores(
+            format!("{} (change)", now.name),
+            &ranges,
+            &scores,
+            0.0,
+            0.0,
+            gain,
+        );
+    }
+
+    /// Paints the change since the previous result (or the scores again).
+    pub fn set_difference(&mut self, on: bool) {
+        self.difference = on;
+        self.rerender(self.granularity, self.gain);
+    }
+
+    /// The painted segment's score in the previous result, where it existed.
+    pub fn before_of(&self, index: usize) -> Option<f32> {
+        self.before.get(index).copied().flatten()
     }
 }
 
@@ -49,6 +117,10 @@ pub struct Document {
     pub painted: Option<Painted>,
     /// The computation running for this document, if any.
     pub running: Option<CancelToken>,
+    /// The faithfulness check running in the background, if any.
+    pub checking: Option<CancelToken>,
+    /// The last result painted, kept across edits to compare the next one with.
+    pub previous: Option<Arc<Analysis>>,
 }
 
 impl Document {
@@ -59,6 +131,8 @@ impl Document {
             parsed: prompt_file::parse(text),
             painted: None,
             running: None,
+            checking: None,
+            previous: None,
         }
     }
 
@@ -84,10 +158,29 @@ impl Document {
         }
         self.version = version;
         self.parsed = prompt_file::parse(&self.rope.to_string());
-        self.painted = None;
-        if let Some(c) = self.running.take() {
+        if let Some(p) = self.painted.take() {
+            self.previous = Some(p.analysis);
+        }
+        for c in [self.running.take(), self.checking.take()]
+            .into_iter()
+            .flatten()
+        {
             c.cancel();
         }
+    }
+
+    /// Paints a new result; the one it replaces (or the one an edit removed) becomes the
+    /// previous result, for before/after comparisons.
+    pub fn paint(&mut self, mut painted: Painted) {
+        if let Some(p) = self.painted.take() {
+            self.previous = Some(p.analysis);
+        }
+        if let Some(c) = self.checking.take() {
+            c.cancel();
+        }
+        painted.previous = self.previous.clone();
+        painted.rerender(painted.granularity, painted.gain);
+        self.painted = Some(painted);
     }
 }
 

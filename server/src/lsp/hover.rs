@@ -36,28 +36,61 @@ pub(super) fn hover(st: &State, params: &HoverParams) -> Option<Hover> {
     } else {
         ""
     };
-    let footer = format!(
+    let mut footer = format!(
         "method `{}` · model `{}` · computed {}",
         a.method.name(),
         a.model,
         ago(p.computed_at.elapsed().as_secs())
     );
+    if let Some(c) = &a.contrast {
+        footer.push_str(&format!(
+            "\n\ncontrast: why the target rather than \"{}\" — {}",
+            c.text.replace('\n', " "),
+            a.objective_text()
+        ));
+    }
+    if let Some(f) = p.faithfulness.get(&p.granularity) {
+        footer.push_str(&format!("\n\nfaithfulness: {}", f.verdict));
+    }
     if !a.generated_response && a.target.contains(&at) {
         return Some(markdown(
             format!(
                 "**Salience target** — log p = {:.4} over {} tokens\n\n{footer}",
-                a.objective,
+                a.target_log_probs.iter().sum::<f32>(),
                 a.target_log_probs.len()
             ),
             convert::range(&doc.rope, &a.target, st.encoding),
         ));
     }
-    let seg = p
+    let (index, seg) = p
         .level
         .segments
         .iter()
-        .find(|s| s.start <= at && at < s.end)?;
+        .enumerate()
+        .find(|(_, s)| s.start <= at && at < s.end)?;
     let n = p.level.segments.len();
+    if p.difference {
+        let before = p.before_of(index).unwrap_or(0.0);
+        let text = format!(
+            "**Change since the previous result** {:+.4}\n\nbefore {:+.4} → now {:+.4}\n\n{footer}",
+            seg.score,
+            before,
+            before + seg.score
+        );
+        return Some(markdown(
+            text,
+            convert::range(&doc.rope, &(seg.start..seg.end), st.encoding),
+        ));
+    }
+    let before = match p.before_of(index) {
+        Some(b) => format!(
+            "\n\nbefore the last change: {b:+.4} → now {:+.4} ({:+.4})",
+            seg.score,
+            seg.score - b
+        ),
+        None if p.previous.is_some() => "\n\nnew since the previous result".to_string(),
+        None => String::new(),
+    };
     let sign = if !a.method.is_signed() {
         "gradient magnitude (unsigned)".to_string()
     } else if seg.score >= 0.0 {
@@ -66,7 +99,7 @@ pub(super) fn hover(st: &State, params: &HoverParams) -> Option<Hover> {
         "**lowers** the target's probability".to_string()
     };
     let text = format!(
-        "**Salience** {:+.4} (normalized {:+.2})\n\n{} of {} {}s · {:.1}% of the total |score| · {}\n\ntarget{}: \"{}{}\"\n\n{}",
+        "**Salience** {:+.4} (normalized {:+.2})\n\n{} of {} {}s · {:.1}% of the total |score| · {}{}\n\ntarget{}: \"{}{}\"\n\n{}",
         seg.score,
         seg.normalized,
         ordinal(seg.rank),
@@ -74,6 +107,7 @@ pub(super) fn hover(st: &State, params: &HoverParams) -> Option<Hover> {
         p.level.name,
         seg.share * 100.0,
         sign,
+        before,
         if a.generated_response { " (generated response, not in the file)" } else { "" },
         target.replace('\n', " "),
         ellipsis,

@@ -26,6 +26,7 @@ use convert::Encoding;
 use documents::{Document, Documents};
 use settings::ClientSettings;
 
+#[derive(Clone)]
 pub struct Backend {
     client: Client,
     state: Arc<Mutex<State>>,

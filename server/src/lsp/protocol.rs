@@ -13,13 +13,20 @@ pub const SET_GRANULARITY: &str = "promptSalience.setGranularity";
 pub const SET_GAIN: &str = "promptSalience.setGain";
 pub const SET_METHOD: &str = "promptSalience.setMethod";
 pub const CLEAR: &str = "promptSalience.clear";
-pub const COMMANDS: [&str; 6] = [
+/// The deletion test of the painted map at its granularity (cached; also run in the
+/// background after each result unless the client turns that off).
+pub const CHECK_FAITHFULNESS: &str = "promptSalience.checkFaithfulness";
+/// `{uri, value: bool}`: paint the change since the previous result, or the scores again.
+pub const SHOW_DIFFERENCE: &str = "promptSalience.showDifference";
+pub const COMMANDS: [&str; 8] = [
     COMPUTE,
     GENERATE,
     SET_GRANULARITY,
     SET_GAIN,
     SET_METHOD,
     CLEAR,
+    CHECK_FAITHFULNESS,
+    SHOW_DIFFERENCE,
 ];
 
 /// Semantic token types, in legend order.
@@ -85,6 +92,12 @@ pub struct ResultParams {
     /// has none), whose text is then in `generatedResponse`.
     pub target: Option<Range>,
     pub generated_response: Option<String>,
+    /// The contrastive alternative, when the objective is ln p(target) - ln p(contrast).
+    pub contrast: Option<String>,
+    /// The segments show the change since the previous result, not the scores.
+    pub difference: bool,
+    /// The faithfulness check's one-line verdict at this granularity, once it has run.
+    pub faithfulness: Option<String>,
     pub segments: Vec<SegmentInfo>,
 }
 
@@ -97,4 +110,6 @@ pub struct SegmentInfo {
     pub level: u8,
     pub rank: usize,
     pub share: f32,
+    /// The segment's score in the previous result, when it existed there.
+    pub before: Option<f32>,
 }

@@ -14,6 +14,9 @@ pub struct ClientSettings {
     pub cache_dir: Option<String>,
     pub allow_network: Option<bool>,
     pub inlay_hints: Option<bool>,
+    /// Run the faithfulness check in the background after each result (default true);
+    /// otherwise only on `promptSalience.checkFaithfulness`.
+    pub background_faithfulness: Option<bool>,
 }
 
 impl ClientSettings {
@@ -52,6 +55,11 @@ impl ClientSettings {
         }
         if let Some(x) = get("inlayHints", "inlay_hints").and_then(Value::as_bool) {
             self.inlay_hints = Some(x);
+        }
+        if let Some(x) =
+            get("backgroundFaithfulness", "background_faithfulness").and_then(Value::as_bool)
+        {
+            self.background_faithfulness = Some(x);
         }
     }
 }

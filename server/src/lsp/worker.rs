@@ -1,7 +1,7 @@
 //! Model work runs on one dedicated thread that owns the model (loaded lazily, one at a time);
 //! handlers send it jobs and await the reply, so no handler future ever runs the model.
 
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 
 use tokio::sync::{mpsc as tokio_mpsc, oneshot};
 
@@ -10,7 +10,9 @@ use crate::engine::generate::GenerateOptions;
 use crate::engine::prompt::TemplateMode;
 use crate::engine::registry::{self, FetchOptions, ModelSpec};
 use crate::engine::{CancelToken, Engine, EngineError, Progress};
+use crate::faithfulness::{self, Faithfulness, FaithfulnessOptions};
 use crate::prompt_file::PromptFile;
+use crate::segments::Level;
 
 pub enum Task {
     Analyse {
@@ -24,11 +26,17 @@ pub enum Task {
         system: Option<String>,
         generation: GenerateOptions,
     },
+    /// The deletion test of a painted map at one level.
+    Faithfulness {
+        analysis: Arc<Analysis>,
+        level: Level,
+    },
 }
 
 pub enum Output {
     Analysis(Box<Analysis>),
     Generated(String),
+    Faithfulness(Box<Faithfulness>),
 }
 
 pub struct Job {
@@ -160,5 +168,14 @@ fn run(
             let gen = engine.generate(&prepared.ids(), &generation, &report, cancel)?;
             Ok(Output::Generated(gen.text))
         }
+        Task::Faithfulness { analysis, level } => faithfulness::check(
+            engine,
+            &analysis,
+            &level,
+            &FaithfulnessOptions::default(),
+            &report,
+            cancel,
+        )
+        .map(|f| Output::Faithfulness(Box::new(f))),
     }
 }

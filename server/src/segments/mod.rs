@@ -230,44 +230,65 @@ pub fn aggregate(
             }
         }
     }
-    let max = scores.iter().fold(0f32, |m, s| m.max(s.abs()));
-    let total_abs: f32 = scores.iter().map(|s| s.abs()).sum();
-    let mut order: Vec<usize> = (0..scores.len()).collect();
-    order.sort_by(|&a, &b| scores[b].abs().total_cmp(&scores[a].abs()));
-    let mut rank = vec![0; scores.len()];
-    for (r, &i) in order.iter().enumerate() {
-        rank[i] = r + 1;
-    }
-    let segments = ranges
-        .iter()
-        .zip(&scores)
-        .enumerate()
-        .map(|(i, (r, &score))| {
-            let normalized = if max > 0.0 { score / max } else { 0.0 };
-            SegmentScore {
-                start: r.start,
-                end: r.end,
-                score,
-                normalized,
-                level: display_level(normalized, gain),
-                rank: rank[i],
-                share: if total_abs > 0.0 {
-                    score.abs() / total_abs
-                } else {
-                    0.0
-                },
-            }
-        })
-        .collect();
-    LevelResult {
-        name: level.name(),
-        segments,
+    LevelResult::from_scores(
+        level.name(),
+        &ranges,
+        &scores,
         template_score,
-        template_share: if total_abs + template_abs > 0.0 {
-            template_abs / (total_abs + template_abs)
-        } else {
-            0.0
-        },
+        template_abs,
+        gain,
+    )
+}
+
+impl LevelResult {
+    /// Ranks, shares and display levels of segment scores.
+    pub fn from_scores(
+        name: String,
+        ranges: &[Range<usize>],
+        scores: &[f32],
+        template_score: f32,
+        template_abs: f32,
+        gain: f32,
+    ) -> LevelResult {
+        let max = scores.iter().fold(0f32, |m, s| m.max(s.abs()));
+        let total_abs: f32 = scores.iter().map(|s| s.abs()).sum();
+        let mut order: Vec<usize> = (0..scores.len()).collect();
+        order.sort_by(|&a, &b| scores[b].abs().total_cmp(&scores[a].abs()));
+        let mut rank = vec![0; scores.len()];
+        for (r, &i) in order.iter().enumerate() {
+            rank[i] = r + 1;
+        }
+        let segments = ranges
+            .iter()
+            .zip(scores)
+            .enumerate()
+            .map(|(i, (r, &score))| {
+                let normalized = if max > 0.0 { score / max } else { 0.0 };
+                SegmentScore {
+                    start: r.start,
+                    end: r.end,
+                    score,
+                    normalized,
+                    level: display_level(normalized, gain),
+                    rank: rank[i],
+                    share: if total_abs > 0.0 {
+                        score.abs() / total_abs
+                    } else {
+                        0.0
+                    },
+                }
+            })
+            .collect();
+        LevelResult {
+            name,
+            segments,
+            template_score,
+            template_share: if total_abs + template_abs > 0.0 {
+                template_abs / (total_abs + template_abs)
+            } else {
+                0.0
+            },
+        }
     }
 }
 

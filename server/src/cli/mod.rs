@@ -3,6 +3,7 @@
 #![allow(clippy::print_stdout)]
 
 mod bench;
+mod compare;
 mod compute;
 
 use std::process::ExitCode;
@@ -42,6 +43,8 @@ enum Command {
     Generate(GenerateArgs),
     /// Salience of a prompt file's response (or another target) over its prompt: a report.
     Compute(compute::ComputeArgs),
+    /// Two maps side by side, aligned by segment: two prompt files, or one file on two models.
+    Compare(compare::CompareArgs),
     /// Salience of a target (default: the model's own response) over the prompt's tokens.
     Salience(SalienceArgs),
     /// Measure salience and generation speed on this machine.
@@ -227,6 +230,7 @@ pub fn main() -> ExitCode {
         Command::Model { command } => model_command(command),
         Command::Generate(args) => generate(args),
         Command::Compute(args) => compute::run(args),
+        Command::Compare(args) => compare::run(args),
         Command::Salience(args) => salience_command(args),
         Command::Bench(args) => bench::run(args),
     };

@@ -2,6 +2,7 @@
 //! self-contained file with every level embedded).
 
 pub mod colors;
+pub mod compare;
 mod html;
 
 use serde_json::{json, Value};

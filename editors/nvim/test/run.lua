@@ -122,6 +122,101 @@ local ok, err = xpcall(function()
   end
   check('only text before the target is scored', before == 1, before)
 
+  -- Messages the plugin echoes (generated response, faithfulness verdict).
+  local messages = {}
+  local notify = vim.notify
+  vim.notify = function(msg, level, o)
+    table.insert(messages, msg)
+    return notify(msg, level, o)
+  end
+  local function state()
+    return vim.b[buf].prompt_salience or {}
+  end
+  local function hover_at(line, character)
+    local r = client:request_sync('textDocument/hover', {
+      textDocument = { uri = vim.uri_from_bufnr(buf) },
+      position = { line = line, character = character },
+    }, 10000, buf)
+    return r and r.result and r.result.contents and r.result.contents.value or ''
+  end
+
+  -- Method completion offers the perturbation methods.
+  local methods = vim.fn.getcompletion('SalienceMethod ', 'cmdline')
+  check('method completion has leave_one_out and ablation_surrogate', vim.tbl_contains(methods, 'leave_one_out') and vim.tbl_contains(methods, 'ablation_surrogate'), methods)
+
+  -- Contrast: why the (visual) target rather than another text.
+  vim.api.nvim_buf_set_mark(buf, '<', 6, 29, {})
+  vim.api.nvim_buf_set_mark(buf, '>', 6, 47, {})
+  vim.cmd("'<,'>SalienceContrast Answer at length.")
+  vim.wait(120000, function()
+    return state().contrast ~= nil
+  end, 100)
+  check('contrast compute reports the alternative', state().contrast == 'Answer at length.', state())
+  local tmark2
+  for _, x in ipairs(marks(buf, ps.namespace)) do
+    if x[4].hl_group == 'PromptSalienceTarget' then
+      tmark2 = x
+    end
+  end
+  check('contrast keeps the visual target', tmark2 ~= nil and tmark2[2] == 5 and tmark2[3] == 29, tmark2)
+
+  -- Contrast on the whole response (three sentences before it: enough for the deletion test).
+  vim.cmd('SalienceContrast It is green.')
+  vim.wait(120000, function()
+    return state().contrast == 'It is green.'
+  end, 100)
+  check('contrast on the response', state().contrast == 'It is green.' and #marks(buf, ps.namespace) > 0, state())
+  local htext = hover_at(5, 4)
+  check('hover shows the contrast', htext:find('rather than "It is green."', 1, true) ~= nil, htext)
+
+  -- Faithfulness: the background check's verdict arrives in a second notification and is echoed.
+  vim.wait(180000, function()
+    return state().faithfulness ~= nil
+  end, 100)
+  local verdict = state().faithfulness
+  check('background faithfulness verdict arrives', type(verdict) == 'string' and #verdict > 0, state())
+  check('verdict echoed', vim.iter(messages):any(function(m)
+    return m:find('faithfulness', 1, true) ~= nil and m:find(verdict or '\0', 1, true) ~= nil
+  end), messages)
+  local n_msgs = #messages
+  vim.cmd('SalienceFaithfulness')
+  vim.wait(30000, function()
+    return #messages > n_msgs
+  end, 50)
+  check(':SalienceFaithfulness echoes the cached verdict', messages[n_msgs + 1] ~= nil and messages[n_msgs + 1]:find(verdict or '\0', 1, true) ~= nil, messages)
+  local fres = client:request_sync('workspace/executeCommand', { command = 'promptSalience.checkFaithfulness', arguments = { { uri = vim.uri_from_bufnr(buf) } } }, 30000, buf)
+  local f = fres and fres.result or {}
+  check('checkFaithfulness is cached with a deletion curve', f.cached == true and f.faithfulness and #f.faithfulness.points > 0, f)
+
+  -- Difference: compute, edit the question, compute again, paint the change.
+  vim.cmd('SalienceCompute')
+  vim.wait(120000, function()
+    local st = state()
+    return st.contrast == nil and st.faithfulness == nil and #marks(buf, ps.namespace) > 0 and st.granularity == 'sentence'
+  end, 100)
+  vim.api.nvim_buf_set_lines(buf, 7, 8, false, { 'What colour is the sky at noon on a clear day?' })
+  local version = vim.lsp.util.buf_versions[buf]
+  vim.cmd('SalienceCompute')
+  vim.wait(120000, function()
+    return state().version == version
+  end, 100)
+  check('recompute after an edit compares with the previous result', (state().compared or 0) >= 2, state())
+  htext = hover_at(5, 4)
+  check('hover shows before and after', htext:find('before the last change', 1, true) ~= nil, htext)
+  vim.cmd('SalienceDifference on')
+  vim.wait(10000, function()
+    return state().difference == true
+  end, 50)
+  check('difference on', state().difference == true and #marks(buf, ps.namespace) > 0, state())
+  htext = hover_at(5, 4)
+  check('hover shows the change', htext:find('Change since the previous result', 1, true) ~= nil, htext)
+  vim.cmd('SalienceDifference')
+  vim.wait(10000, function()
+    return state().difference == false
+  end, 50)
+  check('difference toggles off', state().difference == false, state())
+  vim.notify = notify
+
   vim.cmd('SalienceClear')
   check('clear', #marks(buf, ps.namespace) == 0)
 end, debug.traceback)

@@ -56,9 +56,15 @@ local function on_result(_, result, ctx)
     local line = vim.api.nvim_buf_get_lines(bufnr, pos.line, pos.line + 1, false)[1] or ''
     return vim.str_byteindex(line, enc, pos.character, false)
   end
+  -- A change since the previous result has a sign even for an unsigned method.
+  local signed = result.signed or result.difference == true
+  local compared = 0
   for _, s in ipairs(result.segments) do
+    if s.before ~= nil and s.before ~= vim.NIL then
+      compared = compared + 1
+    end
     if s.level > 0 then
-      local group = (not result.signed) and 'PromptSalienceLevel' or (s.score >= 0 and 'PromptSaliencePos' or 'PromptSalienceNeg')
+      local group = (not signed) and 'PromptSalienceLevel' or (s.score >= 0 and 'PromptSaliencePos' or 'PromptSalienceNeg')
       vim.api.nvim_buf_set_extmark(bufnr, ns, s.range.start.line, col(s.range.start), {
         end_row = s.range['end'].line,
         end_col = col(s.range['end']),
@@ -76,16 +82,35 @@ local function on_result(_, result, ctx)
       priority = 201,
     })
   end
-  local generated = result.generatedResponse ~= vim.NIL and result.generatedResponse or nil
-  vim.b[bufnr].prompt_salience = {
+  local function opt(v)
+    if v == vim.NIL then
+      return nil
+    end
+    return v
+  end
+  local generated = opt(result.generatedResponse)
+  local old = vim.b[bufnr].prompt_salience or {}
+  local state = {
+    version = result.version,
     granularity = result.granularity,
     method = result.method,
     gain = result.gain,
     model = result.model,
     generated = generated,
+    contrast = opt(result.contrast),
+    difference = result.difference == true,
+    faithfulness = opt(result.faithfulness),
+    -- Segments that also had a score in the previous result (hover shows before/after).
+    compared = compared,
   }
-  if generated then
+  vim.b[bufnr].prompt_salience = state
+  if generated and generated ~= old.generated then
     vim.notify('prompt-salience: explained the generated response (not in the file): ' .. generated, vim.log.levels.INFO)
+  end
+  -- The verdict arrives in a second notification once the background check is done; the
+  -- notification is sent again on every re-render, so say it only when it is new.
+  if state.faithfulness and state.faithfulness ~= old.faithfulness then
+    vim.notify('prompt-salience: faithfulness (' .. result.granularity .. 's): ' .. state.faithfulness, vim.log.levels.INFO)
   end
 end
 
@@ -106,9 +131,11 @@ local function exec(bufnr, command, args, on_done)
 end
 M.exec = exec
 
-function M.compute(opts)
+--- Computes salience; `opts` is a user command's (a range makes the target), `extra` adds
+--- arguments of `promptSalience.compute` (`contrast`, `method`, `granularity`).
+function M.compute(opts, extra)
   local bufnr = vim.api.nvim_get_current_buf()
-  local args = {}
+  local args = vim.deepcopy(extra or {})
   if opts and opts.range and opts.range > 0 then
     local client = client_for(bufnr)
     local enc = client and client.offset_encoding or 'utf-16'
@@ -127,6 +154,46 @@ function M.compute(opts)
   end
   exec(bufnr, 'promptSalience.compute', args)
 end
+
+--- Why the target rather than `text`: computes with `text` as the contrastive alternative.
+function M.contrast(text, opts)
+  if not text or vim.trim(text) == '' then
+    vim.notify('prompt-salience: give the alternative text, e.g. :SalienceContrast green', vim.log.levels.WARN)
+    return
+  end
+  M.compute(opts, { contrast = text })
+end
+
+local function step_gain(bufnr, up)
+  local state = vim.b[bufnr].prompt_salience or {}
+  local gain = state.gain or 1.0
+  gain = up and gain * 1.5 or gain / 1.5
+  exec(bufnr, 'promptSalience.setGain', { gain = gain })
+end
+
+--- The deletion test of the painted map (cached, or run now); the verdict is echoed.
+function M.faithfulness()
+  local bufnr = vim.api.nvim_get_current_buf()
+  exec(bufnr, 'promptSalience.checkFaithfulness', {}, function(res)
+    -- A fresh check also re-sends the result notification, which echoes the verdict.
+    if res and res.cached and res.faithfulness then
+      local f = res.faithfulness
+      vim.notify('prompt-salience: faithfulness (' .. tostring(f.level) .. 's): ' .. tostring(f.verdict), vim.log.levels.INFO)
+    end
+  end)
+end
+
+--- Paints the change since the previous result (`on` true), the scores again (false), or
+--- toggles (nil).
+function M.difference(on)
+  local bufnr = vim.api.nvim_get_current_buf()
+  if on == nil then
+    on = not (vim.b[bufnr].prompt_salience or {}).difference
+  end
+  exec(bufnr, 'promptSalience.showDifference', { value = on })
+end
+
+M.methods = { 'grad_dot_input', 'grad_l2', 'integrated_gradients', 'leave_one_out', 'ablation_surrogate' }
 
 function M.setup(opts)
   M.config = vim.tbl_deep_extend('force', M.config, opts or {})
@@ -166,18 +233,41 @@ function M.setup(opts)
   end })
   cmd('SalienceMethod', function(o)
     exec(vim.api.nvim_get_current_buf(), 'promptSalience.setMethod', { method = o.args })
-  end, { nargs = 1, complete = function()
-    return { 'grad_l2', 'grad_dot_input', 'integrated_gradients' }
+  end, { nargs = 1, complete = function(lead)
+    return vim.tbl_filter(function(m)
+      return vim.startswith(m, lead)
+    end, M.methods)
   end })
-  cmd('SalienceContrast', function(o)
-    local bufnr = vim.api.nvim_get_current_buf()
-    local state = vim.b[bufnr].prompt_salience or {}
-    local gain = state.gain or 1.0
-    gain = (o.args == '-') and gain / 1.5 or gain * 1.5
-    exec(bufnr, 'promptSalience.setGain', { gain = gain })
+  cmd('SalienceGain', function(o)
+    step_gain(vim.api.nvim_get_current_buf(), o.args ~= '-')
   end, { nargs = 1, complete = function()
     return { '+', '-' }
-  end })
+  end, desc = 'Raise (+) or lower (-) the display gain' })
+  cmd('SalienceContrast', function(o)
+    -- `+` / `-` alone step the display gain, as this command did before :SalienceGain.
+    if o.args == '+' or o.args == '-' then
+      step_gain(vim.api.nvim_get_current_buf(), o.args == '+')
+      return
+    end
+    M.contrast(o.args, o)
+  end, { nargs = '+', range = true, desc = 'Compute why the target rather than {text} (a visual range is the target)' })
+  cmd('SalienceFaithfulness', function()
+    M.faithfulness()
+  end, { desc = 'Check the painted map by deleting its top segments' })
+  cmd('SalienceDifference', function(o)
+    local on = nil
+    if o.args == 'on' then
+      on = true
+    elseif o.args == 'off' then
+      on = false
+    elseif o.args ~= '' then
+      vim.notify('prompt-salience: :SalienceDifference [on|off]', vim.log.levels.WARN)
+      return
+    end
+    M.difference(on)
+  end, { nargs = '?', complete = function()
+    return { 'on', 'off' }
+  end, desc = 'Paint the change since the previous result (toggle, or on/off)' })
   cmd('SalienceClear', function()
     local bufnr = vim.api.nvim_get_current_buf()
     vim.api.nvim_buf_clear_namespace(bufnr, ns, 0, -1)

@@ -4,7 +4,9 @@ import * as fs from 'fs';
 import * as path from 'path';
 import * as vscode from 'vscode';
 import { LanguageClient, LanguageClientOptions, ServerOptions } from 'vscode-languageclient/node';
-import { computeArguments, groupSegments, levelColour, LEVELS, nextGain, ordinal, SalienceResult, statusText } from './heatmap';
+import {
+  computeArguments, contrastArguments, groupSegments, levelColour, LspRange, METHODS, nextGain, SalienceResult, segmentHover, statusText, statusTooltip,
+} from './heatmap';
 
 let client: LanguageClient | undefined;
 let output: vscode.OutputChannel;
@@ -32,7 +34,7 @@ function serverPath(context: vscode.ExtensionContext): string {
 function settings(): Record<string, unknown> {
   const c = vscode.workspace.getConfiguration('promptSalience');
   const out: Record<string, unknown> = {};
-  for (const key of ['model', 'method', 'granularity', 'gain', 'igSteps', 'maxNewTokens', 'cacheDir', 'allowNetwork', 'inlayHints']) {
+  for (const key of ['model', 'method', 'granularity', 'gain', 'igSteps', 'maxNewTokens', 'cacheDir', 'allowNetwork', 'inlayHints', 'backgroundFaithfulness']) {
     const v = c.get(key);
     if (v !== undefined && v !== null && v !== '') out[key] = v;
   }
@@ -66,9 +68,7 @@ function paint(editor: vscode.TextEditor) {
       decorationFor(key),
       segs.map((s) => ({
         range: toRange(s.range),
-        hoverMessage: new vscode.MarkdownString(
-          `**Salience** ${s.score.toFixed(4)} · ${ordinal(s.rank)} of ${r.segments.length} ${r.granularity}s · ${(100 * s.share).toFixed(1)}% of the total`,
-        ),
+        hoverMessage: new vscode.MarkdownString(segmentHover(r, s)),
       })),
     );
   }
@@ -78,7 +78,9 @@ function paint(editor: vscode.TextEditor) {
 function repaintAll() {
   for (const e of vscode.window.visibleTextEditors) paint(e);
   const active = vscode.window.activeTextEditor;
-  status.text = statusText(active ? results.get(active.document.uri.toString()) : undefined);
+  const r = active ? results.get(active.document.uri.toString()) : undefined;
+  status.text = statusText(r);
+  status.tooltip = new vscode.MarkdownString(statusTooltip(r));
 }
 
 async function exec(command: string, args: Record<string, unknown>) {
@@ -111,8 +113,17 @@ async function startClient(context: vscode.ExtensionContext) {
   };
   client = new LanguageClient('promptSalience', 'Prompt Salience', serverOptions, clientOptions);
   client.onNotification('promptSalience/result', (r: SalienceResult) => {
+    const old = results.get(r.uri);
     results.set(r.uri, r);
-    if (r.generatedResponse) output.appendLine(`explained the generated response (not in the file): ${r.generatedResponse}`);
+    if (r.generatedResponse && r.generatedResponse !== old?.generatedResponse) {
+      output.appendLine(`explained the generated response (not in the file): ${r.generatedResponse}`);
+    }
+    if (r.contrast && r.contrast !== old?.contrast) output.appendLine(`contrast: why the target rather than "${r.contrast}"`);
+    // The verdict comes in a second notification once the background check is done, and
+    // again with every re-render: log it when it is new.
+    if (r.faithfulness && r.faithfulness !== old?.faithfulness) {
+      output.appendLine(`faithfulness (${r.granularity}s): ${r.faithfulness}`);
+    }
     repaintAll();
   });
   await client.start();
@@ -122,36 +133,67 @@ export async function activate(context: vscode.ExtensionContext) {
   output = vscode.window.createOutputChannel('Prompt Salience');
   status = vscode.window.createStatusBarItem(vscode.StatusBarAlignment.Right, 100);
   status.command = 'promptSalience.granularity';
-  status.tooltip = new vscode.MarkdownString(
-    `Prompt salience: green raises the target's probability, red lowers it, blue is unsigned (grad_l2); stronger colour, larger |score| (${LEVELS} levels).`,
-  );
+  status.tooltip = new vscode.MarkdownString(statusTooltip(undefined));
   status.text = statusText(undefined);
   status.show();
   targetDecoration = vscode.window.createTextEditorDecorationType({ border: '1px solid', borderColor: new vscode.ThemeColor('editor.foreground'), fontWeight: 'bold' });
   const register = (name: string, f: (...a: unknown[]) => unknown) => context.subscriptions.push(vscode.commands.registerCommand(name, f));
+
+  const selectionOf = (e: vscode.TextEditor): LspRange => ({
+    start: { line: e.selection.start.line, character: e.selection.start.character },
+    end: { line: e.selection.end.line, character: e.selection.end.character },
+  });
+  const compute = (args: Record<string, unknown>, title: string) =>
+    vscode.window.withProgress({ location: vscode.ProgressLocation.Notification, title, cancellable: true }, async (_p, token) => {
+      const cts = new vscode.CancellationTokenSource();
+      token.onCancellationRequested(() => cts.cancel());
+      try {
+        await client?.sendRequest('workspace/executeCommand', { command: 'promptSalience.compute', arguments: [args] }, cts.token);
+      } catch (err) {
+        if (!token.isCancellationRequested) vscode.window.showErrorMessage(`Prompt Salience: ${(err as Error).message}`);
+      }
+    });
 
   // The server's own commands (promptSalience.compute, …) are registered by the language
   // client for code lenses; the palette commands have ids of their own.
   register('promptSalience.computeSalience', async () => {
     const e = activeDoc();
     if (!e) return;
-    const sel = e.selection;
-    const args = computeArguments(e.document.uri.toString(), {
-      start: { line: sel.start.line, character: sel.start.character },
-      end: { line: sel.end.line, character: sel.end.character },
+    await compute(computeArguments(e.document.uri.toString(), selectionOf(e)), 'Computing salience');
+  });
+  register('promptSalience.computeContrast', async () => {
+    const e = activeDoc();
+    if (!e) return;
+    const selection = selectionOf(e);
+    const previous = results.get(e.document.uri.toString())?.contrast ?? undefined;
+    const contrast = await vscode.window.showInputBox({
+      title: 'Compute salience against…',
+      prompt: `Why the ${e.selection.isEmpty ? 'response' : 'selection'} rather than this text? (the alternative completion)`,
+      placeHolder: 'e.g. It is green.',
+      value: previous,
+      validateInput: (v) => (v.trim() === '' ? 'Type the alternative text' : undefined),
     });
-    await vscode.window.withProgress(
-      { location: vscode.ProgressLocation.Notification, title: 'Computing salience', cancellable: true },
-      async (_p, token) => {
-        const cts = new vscode.CancellationTokenSource();
-        token.onCancellationRequested(() => cts.cancel());
-        try {
-          await client?.sendRequest('workspace/executeCommand', { command: 'promptSalience.compute', arguments: [args] }, cts.token);
-        } catch (err) {
-          if (!token.isCancellationRequested) vscode.window.showErrorMessage(`Prompt Salience: ${(err as Error).message}`);
-        }
-      },
-    );
+    const args = contrastArguments(e.document.uri.toString(), selection, contrast);
+    if (args) await compute(args, 'Computing contrastive salience');
+  });
+  register('promptSalience.faithfulness', async () => {
+    const e = activeDoc();
+    if (!e) return;
+    const res = (await vscode.window.withProgress(
+      { location: vscode.ProgressLocation.Window, title: 'Checking faithfulness' },
+      () => exec('promptSalience.checkFaithfulness', { uri: e.document.uri.toString() }),
+    )) as { faithfulness?: { verdict?: string; level?: string } } | undefined;
+    const f = res?.faithfulness;
+    if (f?.verdict) {
+      // The output channel has it from the result notification.
+      vscode.window.showInformationMessage(`Prompt Salience: faithfulness (${f.level}s): ${f.verdict}`);
+    }
+  });
+  register('promptSalience.toggleDifference', async () => {
+    const e = activeDoc();
+    if (!e) return;
+    const on = !results.get(e.document.uri.toString())?.difference;
+    await exec('promptSalience.showDifference', { uri: e.document.uri.toString(), value: on });
   });
   register('promptSalience.generateResponse', async () => {
     const e = activeDoc();
@@ -166,7 +208,7 @@ export async function activate(context: vscode.ExtensionContext) {
   register('promptSalience.method', async () => {
     const e = activeDoc();
     if (!e) return;
-    const pick = await vscode.window.showQuickPick(['grad_dot_input', 'grad_l2', 'integrated_gradients'], { placeHolder: 'Method' });
+    const pick = await vscode.window.showQuickPick([...METHODS], { placeHolder: 'Method (leave_one_out and ablation_surrogate run the model on edited prompts: slower)' });
     if (pick) await exec('promptSalience.setMethod', { uri: e.document.uri.toString(), method: pick });
   });
   for (const [name, up] of [['promptSalience.increaseContrast', true], ['promptSalience.decreaseContrast', false]] as const) {

@@ -10,6 +10,8 @@ export interface Segment {
   level: number;
   rank: number;
   share: number;
+  /** The segment's score in the previous result, where it existed there. */
+  before?: number | null;
 }
 
 export interface SalienceResult {
@@ -24,8 +26,17 @@ export interface SalienceResult {
   /** null when the target is a response generated in memory (not in the file). */
   target: LspRange | null;
   generatedResponse?: string | null;
+  /** The contrastive alternative: why the target rather than this text. */
+  contrast?: string | null;
+  /** The segments show the change since the previous result, not the scores. */
+  difference?: boolean;
+  /** The faithfulness check's one-line verdict, once it has run. */
+  faithfulness?: string | null;
   segments: Segment[];
 }
+
+/** The methods of `promptSalience.method`: gradients first, then perturbation. */
+export const METHODS = ['grad_dot_input', 'grad_l2', 'integrated_gradients', 'leave_one_out', 'ablation_surrogate'] as const;
 
 export const LEVELS = 8;
 const POSITIVE = [30, 160, 70];
@@ -40,7 +51,8 @@ export function levelColour(level: number, sign: 'positive' | 'negative' | 'unsi
 }
 
 export function signOf(result: SalienceResult, s: Segment): 'positive' | 'negative' | 'unsigned' {
-  if (!result.signed) return 'unsigned';
+  // A change since the previous result has a sign even for an unsigned method.
+  if (!result.signed && !result.difference) return 'unsigned';
   return s.score >= 0 ? 'positive' : 'negative';
 }
 
@@ -64,6 +76,12 @@ export function computeArguments(uri: string, selection?: LspRange): { uri: stri
   return empty ? { uri } : { uri, range: selection };
 }
 
+/** Arguments of a contrastive compute; undefined when the alternative is blank. */
+export function contrastArguments(uri: string, selection: LspRange | undefined, contrast: string | undefined): { uri: string; range?: LspRange; contrast: string } | undefined {
+  if (contrast === undefined || contrast.trim() === '') return undefined;
+  return { ...computeArguments(uri, selection), contrast };
+}
+
 export function ordinal(n: number): string {
   const s = ['th', 'st', 'nd', 'rd'];
   const v = n % 100;
@@ -76,7 +94,51 @@ export function nextGain(gain: number, up: boolean): number {
   return Math.min(16, Math.max(0.1, Math.round(g * 1000) / 1000));
 }
 
+/** One line, at most `n` characters (an ellipsis when cut). */
+export function short(text: string, n: number): string {
+  const one = text.replace(/\s+/g, ' ').trim();
+  return one.length <= n ? one : one.slice(0, n - 1) + '…';
+}
+
+/** Text shown literally in Markdown. */
+export function escapeMarkdown(text: string): string {
+  return text.replace(/[\\`*_{}[\]()#+\-.!|<>~]/g, '\\$&');
+}
+
+function signed(x: number): string {
+  return (x >= 0 ? '+' : '') + x.toFixed(4);
+}
+
+/** Hover of a painted segment (Markdown): the score, or the change since the previous result. */
+export function segmentHover(r: SalienceResult, s: Segment): string {
+  const before = s.before ?? undefined;
+  if (r.difference) {
+    const b = before ?? 0;
+    return `**Change since the previous result** ${signed(s.score)} · before ${signed(b)} → now ${signed(b + s.score)}`;
+  }
+  let text = `**Salience** ${s.score.toFixed(4)} · ${ordinal(s.rank)} of ${r.segments.length} ${r.granularity}s · ${(100 * s.share).toFixed(1)}% of the total`;
+  if (before !== undefined) text += ` · before ${signed(before)} (${signed(s.score - before)})`;
+  return text;
+}
+
 export function statusText(r: SalienceResult | undefined): string {
   if (!r) return '$(symbol-color) salience';
-  return `$(symbol-color) ${r.method} · ${r.granularity} · ${r.model}`;
+  let text = `$(symbol-color) ${r.method} · ${r.granularity} · ${r.model}`;
+  // `$(` would start an icon in the status bar.
+  if (r.contrast) text += ` · vs “${short(r.contrast, 24).replace(/\$\(/g, '$ (')}”`;
+  if (r.difference) text += ' · Δ';
+  return text;
+}
+
+export const LEGEND = `Prompt salience: green raises the target's probability, red lowers it, blue is unsigned (grad_l2); stronger colour, larger |score| (${LEVELS} levels).`;
+
+/** Status bar tooltip (Markdown): the legend, then what the result is (contrast, difference, faithfulness). */
+export function statusTooltip(r: SalienceResult | undefined): string {
+  const lines = [LEGEND];
+  if (!r) return lines.join('\n\n');
+  if (r.contrast) lines.push(`Contrast: why the target rather than “${escapeMarkdown(short(r.contrast, 200))}”.`);
+  if (r.difference) lines.push('Showing the change since the previous result (green rose, red fell).');
+  if (r.faithfulness) lines.push(`Faithfulness (${r.granularity}s): ${r.faithfulness}`);
+  else lines.push('Faithfulness: not checked yet.');
+  return lines.join('\n\n');
 }

@@ -1,6 +1,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { computeArguments, groupSegments, levelColour, nextGain, ordinal, SalienceResult } from '../../src/heatmap';
+import {
+  computeArguments, contrastArguments, escapeMarkdown, groupSegments, levelColour, METHODS, nextGain, ordinal, SalienceResult, segmentHover, short, statusText, statusTooltip,
+} from '../../src/heatmap';
 
 const range = (l0: number, c0: number, l1: number, c1: number) => ({ start: { line: l0, character: c0 }, end: { line: l1, character: c1 } });
 
@@ -40,4 +42,56 @@ test('contrast steps and ordinals', () => {
   assert.equal(nextGain(1.5, false), 1);
   assert.equal(nextGain(0.1, false), 0.1);
   assert.deepEqual([1, 2, 3, 4, 11, 12, 13, 21, 22, 101].map(ordinal), ['1st', '2nd', '3rd', '4th', '11th', '12th', '13th', '21st', '22nd', '101st']);
+});
+
+const result = (extra: Partial<SalienceResult> = {}): SalienceResult => ({
+  uri: 'file:///a.prompt.md', version: 1, model: 'm', method: 'grad_l2', signed: false, granularity: 'sentence', gain: 1,
+  objective: -1, target: range(3, 0, 3, 5),
+  segments: [
+    { range: range(0, 0, 0, 5), score: 0.25, normalized: 1, level: 8, rank: 1, share: 0.5, before: 0.5 },
+    { range: range(1, 0, 1, 5), score: -0.125, normalized: -0.5, level: 4, rank: 2, share: 0.25, before: null },
+  ],
+  ...extra,
+});
+
+test('a difference is signed even for an unsigned method', () => {
+  assert.deepEqual([...groupSegments(result()).keys()].sort(), ['unsigned:4', 'unsigned:8']);
+  assert.deepEqual([...groupSegments(result({ difference: true })).keys()].sort(), ['negative:4', 'positive:8']);
+});
+
+test('contrast arguments: selection as target, blank alternative is no command', () => {
+  assert.deepEqual(contrastArguments('u', range(1, 2, 1, 7), 'It is green.'), { uri: 'u', range: range(1, 2, 1, 7), contrast: 'It is green.' });
+  assert.deepEqual(contrastArguments('u', range(1, 2, 1, 2), 'green'), { uri: 'u', contrast: 'green' });
+  assert.equal(contrastArguments('u', undefined, undefined), undefined);
+  assert.equal(contrastArguments('u', undefined, '   '), undefined);
+});
+
+test('the method pick offers the perturbation methods', () => {
+  assert.ok(METHODS.includes('leave_one_out') && METHODS.includes('ablation_surrogate'));
+  assert.equal(METHODS[0], 'grad_dot_input');
+});
+
+test('segment hover: before/after, and the change when showing the difference', () => {
+  const r = result();
+  assert.equal(segmentHover(r, r.segments[0]), '**Salience** 0.2500 · 1st of 2 sentences · 50.0% of the total · before +0.5000 (-0.2500)');
+  assert.equal(segmentHover(r, r.segments[1]), '**Salience** -0.1250 · 2nd of 2 sentences · 25.0% of the total');
+  const d = result({ difference: true });
+  assert.equal(segmentHover(d, d.segments[0]), '**Change since the previous result** +0.2500 · before +0.5000 → now +0.7500');
+});
+
+test('status text and tooltip: contrast, difference, faithfulness', () => {
+  assert.equal(statusText(undefined), '$(symbol-color) salience');
+  assert.equal(statusText(result()), '$(symbol-color) grad_l2 · sentence · m');
+  assert.equal(statusText(result({ contrast: 'It is  green,\nsurely and certainly blue', difference: true })),
+    '$(symbol-color) grad_l2 · sentence · m · vs “It is green, surely and…” · Δ');
+  assert.equal(statusText(result({ contrast: '$(x)' })), '$(symbol-color) grad_l2 · sentence · m · vs “$ (x)”');
+  assert.ok(!statusTooltip(undefined).includes('Faithfulness'));
+  assert.ok(statusTooltip(result()).endsWith('Faithfulness: not checked yet.'));
+  const t = statusTooltip(result({ contrast: 'a *b*', faithfulness: 'removing the top 20 % raises F by 1.22', difference: true }));
+  assert.ok(t.includes('rather than “a \\*b\\*”'), t);
+  assert.ok(t.includes('change since the previous result'), t);
+  assert.ok(t.endsWith('Faithfulness (sentences): removing the top 20 % raises F by 1.22'), t);
+  assert.equal(short('abc', 3), 'abc');
+  assert.equal(short('abcd', 3), 'ab…');
+  assert.equal(escapeMarkdown('[x](y)'), '\\[x\\]\\(y\\)');
 });

@@ -354,7 +354,7 @@ pub fn analyse(
     };
     if opts.method.is_perturbation() {
         analysis.tokens = tokens;
-        perturb(engine, &mut analysis, opts, progress, cancel)?;
+        // The objective's terms come from the analysis: the contrast must be in place first.
         analysis.contrast = match (&opts.contrast, contrast_ids) {
             (Some(text), Some(ids)) => {
                 let log_probs = log_probs_after(engine, &analysis.context_ids(), &ids, cancel)?;
@@ -366,6 +366,7 @@ pub fn analyse(
             }
             _ => None,
         };
+        perturb(engine, &mut analysis, opts, progress, cancel)?;
         return Ok(analysis);
     }
     let result = salience::compute(&engine.model, &req, progress, cancel)?;

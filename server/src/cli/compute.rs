@@ -36,8 +36,11 @@ pub struct AnalysisArgs {
     target_lines: Option<String>,
     /// Contrastive target: explain why the target rather than this alternative
     /// (F = ln p(target) - ln p(alternative)). Default: the file's `salience.contrast`.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "no_contrast")]
     contrast: Option<String>,
+    /// Ignore the file's `salience.contrast`: explain the target alone.
+    #[arg(long)]
+    no_contrast: bool,
     /// grad_l2, grad_dot_input, integrated_gradients, leave_one_out, ablation_surrogate
     /// (default: the file's `salience.method`, else grad_dot_input)
     #[arg(long)]
@@ -198,7 +201,11 @@ pub fn analyse_file(
             ..IgOptions::default()
         },
         generation: generation.options_with(s),
-        contrast: args.contrast.clone().or(s.contrast.clone()),
+        contrast: if args.no_contrast {
+            None
+        } else {
+            args.contrast.clone().or(s.contrast.clone())
+        },
         segments: selected.clone(),
         surrogate: SurrogateOptions {
             samples: args

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Runs every case study of docs/tutorial.md and writes the reports next to this script:
+# one HTML and one JSON report per case and method, and the two comparisons.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+bin=${PROMPT_SALIENCE_BIN:-target/release/prompt-salience}
+out=docs/case-studies
+cs=prompts/case-studies
+methods="grad_l2 grad_dot_input integrated_gradients leave_one_out ablation_surrogate"
+run() { # name file extra-args...
+  local name=$1 file=$2; shift 2
+  for m in $methods; do
+    "$bin" compute "$file" --method "$m" --format json -o "$out/$name.$m.json" "$@" 2>/dev/null
+  done
+  "$bin" compute "$file" --format html -o "$out/$name.html" "$@" 2>/dev/null
+}
+run menu-few-shot $cs/menu-few-shot.prompt.md
+run menu-few-shot-plain $cs/menu-few-shot.prompt.md --no-contrast
+run principles-first $cs/principles-first.prompt.md
+run principles-last $cs/principles-last.prompt.md
+run math-chain-of-thought $cs/math-chain-of-thought.prompt.md --target "Answer: 7"
+"$bin" compare $cs/principles-first.prompt.md $cs/principles-last.prompt.md -o $out/principles.compare.html 2>/dev/null
+"$bin" compare $cs/model-comparison.prompt.md --model smollm2-135m-instruct --model gemma-3-270m -o $out/models.compare.html 2>/dev/null
+"$bin" compare $cs/model-comparison.prompt.md --model smollm2-135m-instruct --model gemma-3-270m --format json -o $out/models.compare.json 2>/dev/null
+# The table of the tutorial: faithfulness at 20 % per case and method.
+python3 - "$out" <<'PY'
+import json, glob, os, sys
+out = sys.argv[1]
+rows = []
+for f in sorted(glob.glob(os.path.join(out, "*.*.json"))):
+    name = os.path.basename(f)
+    if name.count(".") != 2 or "compare" in name:
+        continue
+    case, method, _ = name.split(".")
+    r = json.load(open(f))
+    fa = r.get("faithfulness")
+    if not fa:
+        continue
+    p = fa["points"][1] if len(fa["points"]) > 1 else fa["points"][0]
+    rows.append((case, method, r["seconds"], p["deleted"], fa["segments"], fa["level"], p["top_drop"], p["random_mean"], p["random_sd"]))
+with open(os.path.join(out, "faithfulness.md"), "w") as md:
+    md.write("| case | method | seconds | deleted (20 %) | top: drop in F | random: drop in F |\n|---|---|---|---|---|---|\n")
+    for c, m, s, k, n, lvl, top, mean, sd in rows:
+        md.write(f"| {c} | {m} | {s:.1f} | {k} of {n} {lvl}s | {top:+.2f} | {mean:+.2f} ± {sd:.2f} |\n")
+print(open(os.path.join(out, "faithfulness.md")).read())
+PY

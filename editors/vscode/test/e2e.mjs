@@ -1,5 +1,6 @@
 // End to end in real VS Code (code-server) driven by headless Chromium: open a prompt file, run
-// "Compute salience" from the palette, see the heatmap and a hover score, take a screenshot.
+// "Compute salience" from the palette, see the heatmap and a hover score, take a screenshot;
+// then a contrast from the input box, a faithfulness check and the difference toggle.
 // Env: CODE_SERVER, PLAYWRIGHT_CORE (module path), VSIX, WORKDIR, SCREENSHOT.
 import { spawn, execFileSync } from 'node:child_process';
 import fs from 'node:fs';
@@ -92,6 +93,35 @@ try {
   let words = 0;
   for (let i = 0; i < 20 && words <= n; i++) { await page.waitForTimeout(300); words = await painted(); }
   check('granularity switch repaints by word', words > n, { words, sentences: n });
+  const statusIncludes = async (text, tries = 240) => {
+    let t = '';
+    for (let i = 0; i < tries && !t.includes(text); i++) { await page.waitForTimeout(500); t = await page.locator('.statusbar').innerText(); }
+    return t;
+  };
+  // Contrast: the alternative comes from an input box; the status bar names it.
+  await runCommand('Prompt Salience: Compute salience against');
+  await page.waitForTimeout(1000);
+  await page.waitForSelector('.quick-input-widget:not([style*="display: none"]) input', { timeout: 10000 });
+  await page.keyboard.type('It is green.');
+  await page.keyboard.press('Enter');
+  const withContrast = await statusIncludes('vs “It is green.”');
+  check('contrast compute shows the alternative in the status bar', withContrast.includes('vs “It is green.”'), withContrast);
+  // Faithfulness on demand: a notification with the verdict.
+  await runCommand('Prompt Salience: Check faithfulness');
+  let toast = '';
+  for (let i = 0; i < 240 && !toast.includes('faithfulness ('); i++) {
+    await page.waitForTimeout(500);
+    toast = (await page.locator('.notifications-toasts').allInnerTexts()).join('\n');
+  }
+  check('check faithfulness shows the verdict', /faithfulness \(sentences\): .*random/.test(toast), toast);
+  // The change since the previous result (the first map), then back to the scores.
+  await runCommand('Prompt Salience: Show difference from previous result');
+  const diffOn = await statusIncludes('Δ', 40);
+  check('show difference marks the status bar', diffOn.includes('Δ'), diffOn);
+  await runCommand('Prompt Salience: Show difference from previous result');
+  let diffOff = diffOn;
+  for (let i = 0; i < 40 && diffOff.includes('Δ'); i++) { await page.waitForTimeout(500); diffOff = await page.locator('.statusbar').innerText(); }
+  check('show difference toggles back', !diffOff.includes('Δ') && diffOff.includes('It is green.'), diffOff);
 } catch (e) {
   failed++;
   console.error('ERROR', e);

@@ -86,6 +86,24 @@ fn check_deletion_matches_plain_runs(arch: Arch) {
             "{arch:?} deleting {deleted:?}: {got} vs {want}"
         );
     }
+    // Batched variants (same first deletion, and not) give the same F as one at a time.
+    let variants = vec![
+        vec![3],
+        vec![3, 7],
+        vec![3, 4, 9],
+        vec![1],
+        vec![6, 8],
+        vec![9],
+    ];
+    let one_by_one: Vec<f32> = variants
+        .iter()
+        .map(|d| scorer.without(d, &cancel).unwrap())
+        .collect();
+    scorer.batch = 4;
+    let batched = scorer.without_many(&variants, &cancel).unwrap();
+    for (a, b) in one_by_one.iter().zip(&batched) {
+        assert!((a - b).abs() < 1e-4, "{one_by_one:?} vs {batched:?}");
+    }
     // Leave-one-out is F(full) - F(without the unit), unit by unit.
     let units = vec![vec![1, 2], vec![3], vec![4, 5, 6], vec![7, 8, 9]];
     let loo = perturbation::leave_one_out(&mut scorer, &units, &no_progress, &cancel).unwrap();

@@ -6,6 +6,7 @@ use clap::Args;
 
 use super::ModelArgs;
 use crate::engine::generate::GenerateOptions;
+use crate::engine::perturbation::{self, DeletionScorer, SurrogateOptions, TargetTerm};
 use crate::engine::salience::{self, Baseline, IgOptions, Method, SalienceRequest, Spacing};
 use crate::engine::{no_progress, CancelToken, EngineError};
 
@@ -26,6 +27,9 @@ pub struct BenchArgs {
     ig_lengths: Vec<usize>,
     #[arg(long, default_value_t = 64)]
     generate_tokens: usize,
+    /// Prompt lengths for leave-one-out over 10 equal segments.
+    #[arg(long, value_delimiter = ',', default_value = "100,300")]
+    perturbation_lengths: Vec<usize>,
     /// Repetitions; the best time is reported.
     #[arg(long, default_value_t = 2)]
     repeat: usize,
@@ -93,6 +97,104 @@ pub fn run(args: BenchArgs) -> Result<(), EngineError> {
     }
     for &len in &args.ig_lengths {
         run_case(len, Method::IntegratedGradients, args.ig_steps)?;
+    }
+    println!(
+        "\nleave-one-out, 10 equal segments, {}-token target:",
+        args.target_tokens
+    );
+    println!(
+        "| prompt tokens | plain forward passes | reused prefix | reused prefix + batches of 4 |"
+    );
+    println!("|---|---|---|---|");
+    let mut surrogate_rows = Vec::new();
+    for &len in &args.perturbation_lengths {
+        let context = &pool[..len];
+        let target = &pool[len..len + args.target_tokens];
+        let units: Vec<Vec<usize>> = (0..10)
+            .map(|k| (1.max(k * len / 10)..(k + 1) * len / 10).collect())
+            .collect();
+        let best_of = |f: &mut dyn FnMut() -> Result<(), EngineError>| -> Result<f64, EngineError> {
+            let mut best = f64::INFINITY;
+            for _ in 0..args.repeat {
+                let started = Instant::now();
+                f()?;
+                best = best.min(started.elapsed().as_secs_f64());
+            }
+            Ok(best)
+        };
+        // The baseline: every shortened prompt run from scratch, one at a time.
+        let plain = best_of(&mut || {
+            for unit in &units {
+                let ids: Vec<u32> = context
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| !unit.contains(i))
+                    .map(|(_, &id)| id)
+                    .chain(target.iter().copied())
+                    .collect();
+                let e = engine
+                    .model
+                    .embeddings(&ids)
+                    .and_then(|e| e.unsqueeze(0))
+                    .map_err(EngineError::candle)?;
+                salience::objectives(&engine.model, &e, target, ids.len() - target.len(), &cancel)
+                    .map_err(EngineError::candle)?;
+            }
+            Ok(())
+        })?;
+        let with_batch = |batch: usize| {
+            best_of(&mut || {
+                let mut scorer = DeletionScorer::new(
+                    &engine.model,
+                    context,
+                    TargetTerm::objective(target, None),
+                    &cancel,
+                )?;
+                scorer.batch = batch;
+                perturbation::leave_one_out(&mut scorer, &units, &no_progress, &cancel)?;
+                Ok(())
+            })
+        };
+        let (reused, batched) = (with_batch(1)?, with_batch(4)?);
+        println!(
+            "| {len} | {plain:.3} s | {reused:.3} s ({:.2}x) | {batched:.3} s ({:.2}x) |",
+            plain / reused,
+            plain / batched
+        );
+        surrogate_rows.push((len, units, context, target));
+    }
+    println!("\nablation_surrogate, 32 masks over the same segments:");
+    println!("| prompt tokens | batches of 1 | batches of 4 |");
+    println!("|---|---|---|");
+    for (len, units, context, target) in surrogate_rows {
+        let time = |batch: usize| -> Result<f64, EngineError> {
+            let mut best = f64::INFINITY;
+            for _ in 0..args.repeat {
+                let started = Instant::now();
+                let mut scorer = DeletionScorer::new(
+                    &engine.model,
+                    context,
+                    TargetTerm::objective(target, None),
+                    &cancel,
+                )?;
+                scorer.batch = batch;
+                let opts = SurrogateOptions {
+                    samples: 32,
+                    ..SurrogateOptions::default()
+                };
+                perturbation::ablation_surrogate(
+                    &mut scorer,
+                    &units,
+                    &opts,
+                    &no_progress,
+                    &cancel,
+                )?;
+                best = best.min(started.elapsed().as_secs_f64());
+            }
+            Ok(best)
+        };
+        let (one, four) = (time(1)?, time(4)?);
+        println!("| {len} | {one:.3} s | {four:.3} s ({:.2}x) |", one / four);
     }
     let prompt: Vec<u32> = pool[..100].to_vec();
     let opts = GenerateOptions {

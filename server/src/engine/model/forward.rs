@@ -140,6 +140,38 @@ impl Model {
         Ok(h)
     }
 
+    /// Runs `b` rows of `t` ids each (`ids` row after row) after the same cached prefix,
+    /// leaving the cache as it is; returns every new position's hidden state (b * t, hidden),
+    /// before the final norm. Rows may end in padding: attention is causal, so padding never
+    /// changes the positions before it.
+    pub fn forward_after_prefix(
+        &self,
+        ids: &[u32],
+        b: usize,
+        t: usize,
+        prefix: &KvCache,
+    ) -> Result<Tensor> {
+        let offset = prefix.len;
+        let mut h = (self.embeddings(ids)? * self.cfg.embed_scale as f64)?;
+        let rope = self.rope_tables(offset, t)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let past = match prefix.layers.get(i) {
+                Some((k, v)) if offset > 0 => {
+                    let grow = |x: &Tensor| -> Result<Tensor> {
+                        let (_, heads, len, hd) = x.dims4()?;
+                        x.broadcast_as((b, heads, len, hd))?.contiguous()
+                    };
+                    Some((grow(k)?, grow(v)?))
+                }
+                _ => None,
+            };
+            let (next, _, _) =
+                self.layer_forward_kv(layer, &h, b, t, &rope, past.as_ref(), true)?;
+            h = next;
+        }
+        Ok(h)
+    }
+
     pub fn logits(&self, normed: &Tensor) -> Result<Tensor> {
         linear(normed, self.head())
     }

@@ -280,3 +280,67 @@ fn perturbation_methods_need_segments() {
     .unwrap_err();
     assert!(err.to_string().contains("segments"), "{err}");
 }
+
+/// A one-layer model that copies: uniform attention adds every earlier token's embedding to
+/// the last position, and the tied head reads it back, so each token in the context raises its
+/// own logit. The answer is known: the token the target repeats matters most.
+fn copying_model() -> Model {
+    let cfg = ModelConfig {
+        arch: Arch::Llama,
+        n_layer: 1,
+        hidden: 64,
+        n_head: 1,
+        n_kv_head: 1,
+        head_dim: 64,
+        ffn: 8,
+        vocab: 40,
+        eps: 1e-5,
+        rope_base: 10_000.0,
+        rope_base_local: 10_000.0,
+        sliding_window: None,
+        embed_scale: 1.0,
+        attn_scale: 1.0 / 8.0,
+        context_length: 64,
+        activation: Activation::Silu,
+    };
+    let mut m = Model::random(cfg, 5).unwrap();
+    let dev = candle_core::Device::Cpu;
+    let eye = Tensor::eye(64, candle_core::DType::F32, &dev).unwrap();
+    let zeros = Tensor::zeros((64, 64), candle_core::DType::F32, &dev).unwrap();
+    let l = &mut m.layers[0];
+    l.attn_norm = Tensor::ones(64, candle_core::DType::F32, &dev).unwrap();
+    // No query or key: every earlier position gets the same attention weight.
+    l.w_qkv = Tensor::cat(&[&zeros, &zeros, &(&eye * 8.0).unwrap()], 0).unwrap();
+    l.wo = eye;
+    l.w_down = l.w_down.zeros_like().unwrap();
+    m.final_norm = Tensor::ones(64, candle_core::DType::F32, &dev).unwrap();
+    m
+}
+
+#[test]
+fn the_token_a_target_copies_ranks_first() {
+    let model = copying_model();
+    let cancel = CancelToken::new();
+    let context = [3, 17, 5, 29, 11, 2, 38, 21, 9, 14];
+    for (copied, target) in [(3usize, 29u32), (6, 38), (8, 9)] {
+        let units: Vec<Vec<usize>> = (1..context.len()).map(|p| vec![p]).collect();
+        let mut scorer = DeletionScorer::new(
+            &model,
+            &context,
+            TargetTerm::objective(&[target], None),
+            &cancel,
+        )
+        .unwrap();
+        let loo = perturbation::leave_one_out(&mut scorer, &units, &no_progress, &cancel).unwrap();
+        let best = (0..loo.len())
+            .max_by(|&a, &b| loo[a].total_cmp(&loo[b]))
+            .unwrap();
+        assert_eq!(units[best], vec![copied], "leave-one-out {loo:?}");
+        let opts = SurrogateOptions::default();
+        let (w, _) =
+            perturbation::ablation_surrogate(&mut scorer, &units, &opts, &no_progress, &cancel)
+                .unwrap();
+        let best = (0..w.len()).max_by(|&a, &b| w[a].total_cmp(&w[b])).unwrap();
+        assert_eq!(units[best], vec![copied], "surrogate {w:?}");
+    }
+}

@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use prompt_salience::engine::model::ops::Activation;
+use prompt_salience::engine::model::{Arch, Model, ModelConfig};
 use prompt_salience::engine::registry::{self, FetchOptions, ModelSpec, DEFAULT_MODEL};
 use prompt_salience::engine::Engine;
 
@@ -18,4 +20,34 @@ pub fn default_engine() -> Engine {
 pub fn shared_dir() -> PathBuf {
     let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     here.join("../../shared")
+}
+
+/// A tiny random-weight model of either architecture, built in memory.
+#[allow(dead_code)]
+pub fn tiny(arch: Arch, seed: u64) -> Model {
+    let gemma = arch == Arch::Gemma3;
+    let cfg = ModelConfig {
+        arch,
+        n_layer: 3,
+        hidden: 16,
+        n_head: 4,
+        n_kv_head: 2,
+        head_dim: 8,
+        ffn: 24,
+        vocab: 40,
+        eps: 1e-5,
+        rope_base: if gemma { 1_000_000.0 } else { 10_000.0 },
+        rope_base_local: 10_000.0,
+        // Small enough that the local layers really cut attention off.
+        sliding_window: if gemma { Some(4) } else { None },
+        embed_scale: if gemma { 4.0 } else { 1.0 },
+        attn_scale: 1.0 / 8f32.sqrt(),
+        context_length: 64,
+        activation: if gemma {
+            Activation::GeluTanh
+        } else {
+            Activation::Silu
+        },
+    };
+    Model::random(cfg, seed).unwrap()
 }

@@ -2,39 +2,16 @@
 //! architectures), built in memory.
 
 use candle_core::{Device, Tensor};
-use prompt_salience::engine::model::ops::Activation;
-use prompt_salience::engine::model::{Arch, Model, ModelConfig};
+use prompt_salience::engine::model::{Arch, Model};
 use prompt_salience::engine::salience::{
     self, gradients, Baseline, IgOptions, Method, SalienceRequest, Spacing,
 };
 use prompt_salience::engine::{no_progress, CancelToken};
 
+mod common;
+
 fn tiny(arch: Arch) -> Model {
-    let gemma = arch == Arch::Gemma3;
-    let cfg = ModelConfig {
-        arch,
-        n_layer: 3,
-        hidden: 16,
-        n_head: 4,
-        n_kv_head: 2,
-        head_dim: 8,
-        ffn: 24,
-        vocab: 40,
-        eps: 1e-5,
-        rope_base: if gemma { 1_000_000.0 } else { 10_000.0 },
-        rope_base_local: 10_000.0,
-        // Small enough that the local layers really cut attention off.
-        sliding_window: if gemma { Some(4) } else { None },
-        embed_scale: if gemma { 4.0 } else { 1.0 },
-        attn_scale: 1.0 / 8f32.sqrt(),
-        context_length: 64,
-        activation: if gemma {
-            Activation::GeluTanh
-        } else {
-            Activation::Silu
-        },
-    };
-    Model::random(cfg, 7).unwrap()
+    common::tiny(arch, 7)
 }
 
 const IDS: [u32; 9] = [3, 17, 5, 29, 11, 2, 38, 21, 9];

@@ -9,31 +9,10 @@ use prompt_salience::engine::perturbation::{self, DeletionScorer, SurrogateOptio
 use prompt_salience::engine::salience::{self, IgOptions, Method, SalienceRequest};
 use prompt_salience::engine::{no_progress, CancelToken};
 
+mod common;
+
 fn tiny(arch: Arch) -> Model {
-    let gemma = arch == Arch::Gemma3;
-    let cfg = ModelConfig {
-        arch,
-        n_layer: 3,
-        hidden: 16,
-        n_head: 4,
-        n_kv_head: 2,
-        head_dim: 8,
-        ffn: 24,
-        vocab: 40,
-        eps: 1e-5,
-        rope_base: if gemma { 1_000_000.0 } else { 10_000.0 },
-        rope_base_local: 10_000.0,
-        sliding_window: if gemma { Some(4) } else { None },
-        embed_scale: if gemma { 4.0 } else { 1.0 },
-        attn_scale: 1.0 / 8f32.sqrt(),
-        context_length: 64,
-        activation: if gemma {
-            Activation::GeluTanh
-        } else {
-            Activation::Silu
-        },
-    };
-    Model::random(cfg, 11).unwrap()
+    common::tiny(arch, 11)
 }
 
 const CONTEXT: [u32; 10] = [3, 17, 5, 29, 11, 2, 38, 21, 9, 14];

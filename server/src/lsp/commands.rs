@@ -143,6 +143,26 @@ impl Backend {
         }
     }
 
+    /// Model work about to start: its progress (when the client supports it) and a guard that
+    /// cancels it and ends the progress if the request is dropped.
+    async fn begin_work(
+        &self,
+        title: &str,
+        cancel: &CancelToken,
+    ) -> (Work, Option<tokio::sync::mpsc::UnboundedSender<Progress>>) {
+        let (token, tx) = match self.start_progress(title, cancel).await {
+            Some((t, tx)) => (Some(t), Some(tx)),
+            None => (None, None),
+        };
+        let work = Work {
+            cancel: cancel.clone(),
+            token,
+            client: self.client.clone(),
+            state: self.state.clone(),
+        };
+        (work, tx)
+    }
+
     /// Starts `$/progress` if the client supports it; returns a sender for engine progress.
     async fn start_progress(
         &self,
@@ -397,17 +417,7 @@ impl Backend {
             let model = model_name(s, settings);
             (f, doc.version, target, model, options, granularity, gain)
         };
-        let progress = self.start_progress("Computing salience", &cancel).await;
-        let (token, tx) = match progress {
-            Some((t, tx)) => (Some(t), Some(tx)),
-            None => (None, None),
-        };
-        let mut work = Work {
-            cancel: cancel.clone(),
-            token,
-            client: self.client.clone(),
-            state: self.state.clone(),
-        };
+        let (mut work, tx) = self.begin_work("Computing salience", &cancel).await;
         let task = Task::Analyse {
             file,
             target,
@@ -544,17 +554,7 @@ impl Backend {
             }
             snapshot
         };
-        let progress = self.start_progress("Checking faithfulness", &cancel).await;
-        let (token, tx) = match progress {
-            Some((t, tx)) => (Some(t), Some(tx)),
-            None => (None, None),
-        };
-        let mut work = Work {
-            cancel: cancel.clone(),
-            token,
-            client: self.client.clone(),
-            state: self.state.clone(),
-        };
+        let (mut work, tx) = self.begin_work("Checking faithfulness", &cancel).await;
         let task = Task::Faithfulness {
             analysis: analysis.clone(),
             level: Level::Standard(granularity),
@@ -708,17 +708,7 @@ impl Backend {
             let model = model_name(s, settings);
             (f, doc.version, model, generation)
         };
-        let progress = self.start_progress("Generating response", &cancel).await;
-        let (token, tx) = match progress {
-            Some((t, tx)) => (Some(t), Some(tx)),
-            None => (None, None),
-        };
-        let mut work = Work {
-            cancel: cancel.clone(),
-            token,
-            client: self.client.clone(),
-            state: self.state.clone(),
-        };
+        let (mut work, tx) = self.begin_work("Generating response", &cancel).await;
         let task = Task::Generate {
             file: file.clone(),
             template: file.settings.template,

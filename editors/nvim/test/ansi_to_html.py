@@ -76,4 +76,6 @@ def convert(text, fg0="#1f1f1f", bg0="#ffffff"):
 
 
 if __name__ == "__main__":
-    sys.stdout.write(convert(sys.stdin.read()))
+    # usage: ansi_to_html.py [PAGE_BG [PAGE_FG]] < screen.ansi > screen.html
+    colours = dict(zip(["bg0", "fg0"], sys.argv[1:3]))
+    sys.stdout.write(convert(sys.stdin.read(), **colours))

@@ -416,6 +416,23 @@ async fn contrast_faithfulness_and_before_after_across_an_edit() {
             .len(),
         3
     );
+    // Another level means deleting other segments: a perturbation map is computed anew.
+    let r = c
+        .request(
+            "workspace/executeCommand",
+            json!({"command": "promptSalience.setGranularity", "arguments": [{"uri": URI, "granularity": "paragraph"}]}),
+        )
+        .await;
+    assert_eq!(r["result"]["recomputed"], true, "{r}");
+    assert_eq!(r["result"]["granularity"], "paragraph", "{r}");
+    assert_eq!(r["result"]["method"], "leave_one_out", "{r}");
+    let r = c
+        .request(
+            "workspace/executeCommand",
+            json!({"command": "promptSalience.setGranularity", "arguments": [{"uri": URI, "granularity": "sentence"}]}),
+        )
+        .await;
+    assert_eq!(r["result"]["granularity"], "sentence", "{r}");
     // Edit the third sentence and compute again: the others keep their previous scores.
     c.notify("textDocument/didChange", json!({"textDocument": {"uri": URI, "version": 2}, "contentChanges": [{"range": {"start": {"line": 4, "character": 65}, "end": {"line": 4, "character": 72}}, "text": "sea"}]})).await;
     let r = c

@@ -617,6 +617,32 @@ impl Backend {
             .or_else(|| rest.get("granularity"))
             .or_else(|| rest.get("gain"))
             .cloned();
+        // A perturbation method's scores belong to the segments it deleted: another level
+        // means deleting other segments, so it computes anew (keeping the method and contrast).
+        if command == protocol::SET_GRANULARITY {
+            let redo = {
+                let st = self.state();
+                st.docs
+                    .map
+                    .get(&uri)
+                    .and_then(|d| d.painted.as_ref())
+                    .filter(|p| p.analysis.method.is_perturbation())
+                    .map(|p| (p.analysis.method, p.analysis.contrast.clone()))
+            };
+            if let (Some((method, contrast)), Some(g)) =
+                (redo, value.as_ref().and_then(Value::as_str))
+            {
+                let g: Granularity = g.parse().map_err(invalid)?;
+                let mut args =
+                    json!({ "uri": uri, "method": method.name(), "granularity": g.name() });
+                if let Some(c) = contrast {
+                    args["contrast"] = json!(c.text);
+                }
+                let mut v = self.compute(&[args]).await?;
+                v["recomputed"] = json!(true);
+                return Ok(v);
+            }
+        }
         let params =
             {
                 let mut st = self.state();

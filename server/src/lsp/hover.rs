@@ -91,12 +91,12 @@ pub(super) fn hover(st: &State, params: &HoverParams) -> Option<Hover> {
         None if p.previous.is_some() => "\n\nnew since the previous result".to_string(),
         None => String::new(),
     };
-    let sign = if !a.method.is_signed() {
-        "gradient magnitude (unsigned)".to_string()
-    } else if seg.score >= 0.0 {
-        "**raises** the target's probability".to_string()
-    } else {
-        "**lowers** the target's probability".to_string()
+    let sign = match (&a.contrast, seg.score >= 0.0) {
+        _ if !a.method.is_signed() => "gradient magnitude (unsigned)".to_string(),
+        (Some(c), true) => format!("**favours** the target over \"{}\"", c.text),
+        (Some(c), false) => format!("**favours** \"{}\" over the target", c.text),
+        (None, true) => "**raises** the target's probability".to_string(),
+        (None, false) => "**lowers** the target's probability".to_string(),
     };
     let text = format!(
         "**Salience** {:+.4} (normalized {:+.2})\n\n{} of {} {}s · {:.1}% of the total |score| · {}{}\n\ntarget{}: \"{}{}\"\n\n{}",

@@ -49,6 +49,18 @@ pub(super) fn hover(st: &State, params: &HoverParams) -> Option<Hover> {
             a.objective_text()
         ));
     }
+    if let Some(ig) = &a.ig {
+        footer.push_str(&format!(
+            "\n\nintegrated gradients: {} gradients, completeness gap {:.1} %{}",
+            ig.steps,
+            ig.completeness_gap * 100.0,
+            if ig.completeness_gap > crate::report::UNRELIABLE_GAP {
+                " — **not reliable**"
+            } else {
+                ""
+            }
+        ));
+    }
     if let Some(f) = p.faithfulness.get(&p.granularity) {
         footer.push_str(&format!("\n\nfaithfulness: {}", f.verdict));
     }

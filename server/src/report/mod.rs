@@ -176,10 +176,19 @@ pub fn terminal(a: &Analysis, level: &LevelResult, gain: f32) -> String {
             ig.baseline,
             ig.completeness_gap * 100.0
         ));
+        if ig.completeness_gap > UNRELIABLE_GAP {
+            out.push_str(&format!(
+                "\nwarning: the attributions miss F(input) - F(baseline) by {:.0} %: this integrated-gradients map is not reliable (more --max-steps, or another method)",
+                ig.completeness_gap * 100.0
+            ));
+        }
     }
     out.push('\n');
     out
 }
+
+/// Above this completeness gap, reports warn that an integrated-gradients map is unreliable.
+pub const UNRELIABLE_GAP: f32 = 0.25;
 
 /// The deletion test as a few lines: the verdict and the curve.
 pub fn faithfulness_text(f: &Faithfulness) -> String {

@@ -51,6 +51,21 @@ fn a_copied_word_ranks_first_under_leave_one_out(engine: &Engine) {
     let file = prompt_file::parse(
         "The password is zebra. Please repeat the password exactly.\n<!-- response -->\nzebra\n",
     );
+    // Hundreds of words one at a time would take minutes: a clear error instead.
+    let long = prompt_file::parse(&format!(
+        "{}\n<!-- response -->\nzebra\n",
+        "one more word ".repeat(100)
+    ));
+    let err = analyse(
+        engine,
+        &long,
+        &Target::Response,
+        &options(&long, Method::LeaveOneOut, Granularity::Word),
+        &no_progress,
+        &CancelToken::new(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("coarser granularity"), "{err}");
     for method in [Method::LeaveOneOut, Method::AblationSurrogate] {
         let a = run(engine, &file, &options(&file, method, Granularity::Word));
         let level = a.level(&Level::Standard(Granularity::Word), 1.0);

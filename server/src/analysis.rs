@@ -407,6 +407,9 @@ fn log_probs_after(
     run().map_err(EngineError::candle)
 }
 
+/// More segments than this make leave-one-out a wait of minutes: it asks for a coarser level.
+pub const MAX_LEAVE_ONE_OUT: usize = 256;
+
 /// Scores the segments at `opts.segments` by deleting them; each segment's score is shared
 /// evenly by its tokens, so it is exact at that level and summed at coarser ones.
 fn perturb(
@@ -423,6 +426,15 @@ fn perturb(
         return Err(EngineError::InvalidInput(
             "there is no segment before the target to delete".into(),
         ));
+    }
+    if opts.method == Method::LeaveOneOut && units.len() > MAX_LEAVE_ONE_OUT {
+        return Err(EngineError::InvalidInput(format!(
+            "leave_one_out would delete {} {} segments one at a time ({} forward passes): \
+             choose a coarser granularity (sentence, paragraph, block) or ablation_surrogate",
+            units.len(),
+            opts.segments.name(),
+            units.len() + 1
+        )));
     }
     let mut scorer = DeletionScorer::new(
         &engine.model,

@@ -356,6 +356,13 @@ impl Backend {
         // Snapshot under the lock; a newer compute on this document supersedes a running one.
         let (file, version, target, model, options, granularity, gain) = {
             let mut st = self.state();
+            // One model thread: a background deletion test on any document must not delay a
+            // map someone asked for. It can be run again with checkFaithfulness.
+            for other in st.docs.map.values_mut() {
+                if let Some(check) = other.checking.take() {
+                    check.cancel();
+                }
+            }
             let enc = st.encoding;
             let settings = st.settings.clone();
             let doc = st
@@ -366,10 +373,7 @@ impl Backend {
             if let Some(old) = doc.running.replace(cancel.clone()) {
                 old.cancel();
             }
-            // The model is needed for the new map; a deletion test of the old one can wait.
-            if let Some(check) = doc.checking.take() {
-                check.cancel();
-            }
+
             let f = doc.parsed.clone();
             let target = match range {
                 Some(r) => {

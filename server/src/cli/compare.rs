@@ -6,7 +6,7 @@ use clap::Args;
 
 use super::compute::{analyse_file, read, AnalysisArgs, FileRun, Format};
 use super::{FetchArgs, GenerationArgs};
-use crate::engine::registry::{self, ModelSpec, DEFAULT_MODEL};
+use crate::engine::registry::DEFAULT_MODEL;
 use crate::engine::{Engine, EngineError};
 use crate::report::compare::{self, Side};
 
@@ -32,12 +32,6 @@ pub struct CompareArgs {
     generation: GenerationArgs,
 }
 
-fn load(name: &str, fetch: &FetchArgs) -> Result<Engine, EngineError> {
-    let spec = ModelSpec::parse(name)?;
-    let path = registry::resolve(&spec, &fetch.options())?;
-    Engine::load(&path, &spec.display_name())
-}
-
 pub fn run(args: CompareArgs) -> Result<(), EngineError> {
     let bad = |m: &str| Err(EngineError::InvalidInput(m.into()));
     // (file, model) per side.
@@ -61,7 +55,7 @@ pub fn run(args: CompareArgs) -> Result<(), EngineError> {
         // One model in memory at a time; two files on one model load it once.
         if engine.as_ref().is_none_or(|(n, _)| *n != name) {
             drop(engine.take());
-            engine = Some((name.clone(), load(&name, &args.fetch)?));
+            engine = Some((name.clone(), args.fetch.load(&name)?));
         }
         let e = &engine.as_ref().expect("loaded").1;
         eprintln!("{}: {}", path.display(), e.name);

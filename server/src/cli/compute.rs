@@ -7,11 +7,10 @@ use clap::{Args, ValueEnum};
 use super::{stderr_progress, GenerationArgs, ModelArgs};
 use crate::analysis::{analyse, Analysis, AnalysisOptions, Target};
 use crate::engine::perturbation::SurrogateOptions;
-use crate::engine::prompt::TemplateMode;
 use crate::engine::salience::{Baseline, IgOptions, Method};
 use crate::engine::{CancelToken, Engine, EngineError};
 use crate::faithfulness::{self, Faithfulness, FaithfulnessOptions};
-use crate::prompt_file::{self, write, Granularity, PromptFile, SalienceSettings};
+use crate::prompt_file::{self, write, Granularity, PromptFile};
 use crate::report;
 use crate::segments::Level;
 
@@ -103,15 +102,6 @@ pub struct FileRun {
     pub gain: f32,
 }
 
-/// The chat template when the model has one, unless the file asks otherwise.
-pub fn template_for(engine: &Engine, s: &SalienceSettings) -> TemplateMode {
-    s.template.unwrap_or(if engine.chat_template.is_some() {
-        TemplateMode::Chat
-    } else {
-        TemplateMode::Raw
-    })
-}
-
 pub fn read(path: &Path) -> Result<(PromptFile, Vec<u8>), EngineError> {
     let (file, bytes) =
         prompt_file::read(path).map_err(|e| EngineError::InvalidInput(e.to_string()))?;
@@ -193,7 +183,7 @@ pub fn analyse_file(
     let selected = custom.clone().unwrap_or(Level::Standard(granularity));
     let opts = AnalysisOptions {
         method: args.method.or(s.method).unwrap_or(Method::GradDotInput),
-        template: template_for(engine, s),
+        template: engine.template_or_default(s.template),
         system: s.system.clone(),
         ig: IgOptions {
             baseline: args.baseline.or(s.baseline).unwrap_or_default(),
@@ -316,7 +306,7 @@ pub fn generate_into_file(
     let prepared = engine.prepare(
         file.prompt_text(),
         s.system.as_deref(),
-        template_for(&engine, s),
+        engine.template_or_default(s.template),
     )?;
     let gen = engine.generate(
         &prepared.ids(),

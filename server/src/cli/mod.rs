@@ -13,7 +13,7 @@ use serde_json::json;
 
 use crate::engine::generate::GenerateOptions;
 use crate::engine::prompt::TemplateMode;
-use crate::engine::registry::{self, FetchOptions, ModelSpec, DEFAULT_MODEL, MODELS};
+use crate::engine::registry::{self, FetchOptions, DEFAULT_MODEL, MODELS};
 use crate::engine::salience::{self, Baseline, IgOptions, Method, SalienceRequest, Spacing};
 use crate::engine::{CancelToken, Engine, EngineError, Progress};
 use crate::prompt_file::SalienceSettings;
@@ -78,6 +78,11 @@ pub struct FetchArgs {
 }
 
 impl FetchArgs {
+    /// Loads a model by registered name, path or hub id, fetching it if needed.
+    pub fn load(&self, name: &str) -> Result<Engine, EngineError> {
+        Engine::load_named(name, &self.options())
+    }
+
     pub fn options(&self) -> FetchOptions {
         let mut o = FetchOptions::default();
         if let Some(d) = &self.cache_dir {
@@ -106,9 +111,7 @@ impl ModelArgs {
     /// Loads the model named on the command line, else `fallback`, else the default.
     pub fn load_or(&self, fallback: Option<&str>) -> Result<Engine, EngineError> {
         let name = self.model.as_deref().or(fallback).unwrap_or(DEFAULT_MODEL);
-        let spec = ModelSpec::parse(name)?;
-        let path = registry::resolve(&spec, &self.fetch.options())?;
-        Engine::load(&path, &spec.display_name())
+        self.fetch.load(name)
     }
 }
 

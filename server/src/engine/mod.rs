@@ -122,6 +122,26 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// The template mode asked for, else the chat template when the model has one (a base
+    /// model without one gets the text raw).
+    pub fn template_or_default(
+        &self,
+        chosen: Option<prompt::TemplateMode>,
+    ) -> prompt::TemplateMode {
+        chosen.unwrap_or(if self.chat_template.is_some() {
+            prompt::TemplateMode::Chat
+        } else {
+            prompt::TemplateMode::Raw
+        })
+    }
+
+    /// Loads a model by registered name, `.gguf` path or hub id, fetching it when missing.
+    pub fn load_named(name: &str, fetch: &registry::FetchOptions) -> Result<Self, EngineError> {
+        let spec = registry::ModelSpec::parse(name)?;
+        let path = registry::resolve(&spec, fetch)?;
+        Self::load(&path, &spec.display_name())
+    }
+
     pub fn load(path: &std::path::Path, name: &str) -> Result<Self, EngineError> {
         threads::configure();
         let mut gguf = GgufFile::open(path)?;

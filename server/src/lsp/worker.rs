@@ -8,7 +8,7 @@ use tokio::sync::{mpsc as tokio_mpsc, oneshot};
 use crate::analysis::{analyse, Analysis, AnalysisOptions, Target};
 use crate::engine::generate::GenerateOptions;
 use crate::engine::prompt::TemplateMode;
-use crate::engine::registry::{self, FetchOptions, ModelSpec};
+use crate::engine::registry::FetchOptions;
 use crate::engine::{CancelToken, Engine, EngineError, Progress};
 use crate::faithfulness::{self, Faithfulness, FaithfulnessOptions};
 use crate::prompt_file::PromptFile;
@@ -127,12 +127,7 @@ fn run(
     if loaded.as_ref().is_none_or(|(name, _)| name != model) {
         *loaded = None; // one model in memory at a time
         tracing::info!("loading model {model}");
-        let spec = ModelSpec::parse(model)?;
-        let path = registry::resolve(&spec, fetch)?;
-        *loaded = Some((
-            model.to_string(),
-            Engine::load(&path, &spec.display_name())?,
-        ));
+        *loaded = Some((model.to_string(), Engine::load_named(model, fetch)?));
     }
     let engine = &loaded.as_ref().expect("loaded").1;
     let report = move |p: Progress| {
@@ -146,10 +141,7 @@ fn run(
             target,
             mut options,
         } => {
-            // A base model has no chat template: without an explicit choice, send text raw.
-            if file.settings.template.is_none() && engine.chat_template.is_none() {
-                options.template = TemplateMode::Raw;
-            }
+            options.template = engine.template_or_default(file.settings.template);
             analyse(engine, &file, &target, &options, &report, cancel)
                 .map(|a| Output::Analysis(Box::new(a)))
         }
@@ -159,11 +151,7 @@ fn run(
             system,
             generation,
         } => {
-            let template = template.unwrap_or(if engine.chat_template.is_some() {
-                TemplateMode::Chat
-            } else {
-                TemplateMode::Raw
-            });
+            let template = engine.template_or_default(template);
             let prepared = engine.prepare(file.prompt_text(), system.as_deref(), template)?;
             let gen = engine.generate(&prepared.ids(), &generation, &report, cancel)?;
             Ok(Output::Generated(gen.text))

@@ -92,6 +92,22 @@ pub fn align<S: AsRef<str>>(before: &[S], after: &[S]) -> Vec<Row> {
         .collect()
 }
 
+/// Aligns the segments of two levels, each on its own text.
+pub fn align_levels(
+    before_text: &str,
+    before: &LevelResult,
+    after_text: &str,
+    after: &LevelResult,
+) -> Vec<Row> {
+    let texts = |text: &str, l: &LevelResult| -> Vec<String> {
+        l.segments
+            .iter()
+            .map(|s| text[s.start..s.end].to_string())
+            .collect()
+    };
+    align(&texts(before_text, before), &texts(after_text, after))
+}
+
 /// For each segment of `after`, its score in `before` when it still exists there.
 pub fn previous_scores(
     before_text: &str,
@@ -99,15 +115,8 @@ pub fn previous_scores(
     after_text: &str,
     after: &LevelResult,
 ) -> Vec<Option<f32>> {
-    let texts = |text: &str, l: &LevelResult| -> Vec<String> {
-        l.segments
-            .iter()
-            .map(|s| text[s.start..s.end].to_string())
-            .collect()
-    };
-    let rows = align(&texts(before_text, before), &texts(after_text, after));
     let mut out = vec![None; after.segments.len()];
-    for row in rows {
+    for row in align_levels(before_text, before, after_text, after) {
         if let (Some(i), Some(j)) = (row.before, row.after) {
             out[j] = Some(before.segments[i].score);
         }

@@ -3,9 +3,10 @@
 
 use serde_json::{json, Value};
 
+use super::colors::heat_rgb;
 use super::html::escape;
 use crate::analysis::Analysis;
-use crate::compare::{align, Row};
+use crate::compare::{align_levels, Row};
 use crate::faithfulness::Faithfulness;
 use crate::segments::{intensity, LevelResult};
 
@@ -19,14 +20,7 @@ pub struct Side<'a> {
 }
 
 fn rows(a: &Side, b: &Side) -> Vec<Row> {
-    let texts = |s: &Side| -> Vec<String> {
-        s.level
-            .segments
-            .iter()
-            .map(|g| s.analysis.text[g.start..g.end].to_string())
-            .collect()
-    };
-    align(&texts(a), &texts(b))
+    align_levels(&a.analysis.text, a.level, &b.analysis.text, b.level)
 }
 
 fn side_json(s: &Side) -> Value {
@@ -112,19 +106,14 @@ pub fn terminal(a: &Side, b: &Side) -> String {
     out
 }
 
+/// The terminal report's heat colour, on a scale shared by both maps.
 fn colour(score: f32, max: f32, signed: bool) -> String {
     if max <= 0.0 {
         return "transparent".into();
     }
-    let a = intensity((score / max).abs().min(1.0), 1.0);
-    let rgb = if !signed {
-        "40,110,220"
-    } else if score >= 0.0 {
-        "30,160,70"
-    } else {
-        "210,50,50"
-    };
-    format!("rgba({rgb},{:.3})", 0.85 * a)
+    let shade = intensity((score / max).abs().min(1.0), 1.0) * score.signum();
+    let (r, g, b) = heat_rgb(shade, signed);
+    format!("rgb({r},{g},{b})")
 }
 
 fn painted(s: &Side, max: f32) -> String {

@@ -352,20 +352,18 @@ pub fn analyse(
         seconds: 0.0,
         also: Vec::new(),
     };
+    // Its log-probs come with the scores below; the perturbation methods need its ids first.
+    analysis.contrast = opts
+        .contrast
+        .clone()
+        .zip(contrast_ids)
+        .map(|(text, ids)| Contrast {
+            text,
+            ids,
+            log_probs: Vec::new(),
+        });
     if opts.method.is_perturbation() {
         analysis.tokens = tokens;
-        // The objective's terms come from the analysis: the contrast must be in place first.
-        analysis.contrast = match (&opts.contrast, contrast_ids) {
-            (Some(text), Some(ids)) => {
-                let log_probs = log_probs_after(engine, &analysis.context_ids(), &ids, cancel)?;
-                Some(Contrast {
-                    text: text.clone(),
-                    ids,
-                    log_probs,
-                })
-            }
-            _ => None,
-        };
         perturb(engine, &mut analysis, opts, progress, cancel)?;
         return Ok(analysis);
     }
@@ -379,32 +377,10 @@ pub fn analyse(
     analysis.ig = result.ig;
     analysis.seconds = result.seconds;
     analysis.also = result.also;
-    analysis.contrast = match (&opts.contrast, contrast_ids) {
-        (Some(text), Some(ids)) => Some(Contrast {
-            text: text.clone(),
-            ids,
-            log_probs: result.contrast_log_probs,
-        }),
-        _ => None,
-    };
+    if let Some(c) = &mut analysis.contrast {
+        c.log_probs = result.contrast_log_probs;
+    }
     Ok(analysis)
-}
-
-/// ln p of each of `ids` right after `context`.
-fn log_probs_after(
-    engine: &Engine,
-    context: &[u32],
-    ids: &[u32],
-    cancel: &CancelToken,
-) -> Result<Vec<f32>, EngineError> {
-    let ctx = context.len();
-    let all: Vec<u32> = context.iter().chain(ids).copied().collect();
-    let run = || -> candle_core::Result<Vec<f32>> {
-        let e = engine.model.embeddings(&all)?.unsqueeze(0)?;
-        let (_, log_probs) = salience::objectives(&engine.model, &e, ids, ctx, cancel)?;
-        Ok(log_probs)
-    };
-    run().map_err(EngineError::candle)
 }
 
 /// More segments than this make leave-one-out a wait of minutes: it asks for a coarser level.
@@ -464,12 +440,12 @@ fn perturb(
         }
     }
     analysis.objective = scorer.full;
-    analysis.target_log_probs = log_probs_after(
-        engine,
-        &analysis.context_ids(),
-        &analysis.target_ids,
-        cancel,
-    )?;
+    // The scorer's terms are the target's, then the contrast's.
+    let mut full = scorer.full_log_probs.clone().into_iter();
+    analysis.target_log_probs = full.next().unwrap_or_default();
+    if let Some(c) = &mut analysis.contrast {
+        c.log_probs = full.next().unwrap_or_default();
+    }
     analysis.perturbation = Some(PerturbationReport {
         level: opts.segments.name(),
         segments: units.len(),

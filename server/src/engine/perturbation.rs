@@ -48,6 +48,8 @@ pub struct DeletionScorer<'a> {
     cache: KvCache,
     /// F with nothing deleted.
     pub full: f32,
+    /// With nothing deleted, ln p of each term's tokens (the target's, then the contrast's).
+    pub full_log_probs: Vec<Vec<f32>>,
     /// Forward passes run so far (one per term per variant).
     pub passes: usize,
     /// Perturbed prompts per batched forward pass (at most; a token budget also applies).
@@ -96,12 +98,19 @@ impl<'a> DeletionScorer<'a> {
             terms,
             cache,
             full: 0.0,
+            full_log_probs: Vec::new(),
             passes: 0,
             // Batches of perturbed prompts did not pay on the 2-core CI machine
             // (`prompt-salience bench`: 0.9-1.0x for masks, 0.96x for leave-one-out).
             batch: 1,
         };
-        scorer.full = scorer.without(&[], cancel)?;
+        let (from, kept) = scorer.plan(&[]);
+        scorer.full_log_probs = scorer
+            .term_log_probs(from, &[kept])
+            .map_err(EngineError::candle)?
+            .remove(0);
+        scorer.full = scorer.objective(&scorer.full_log_probs);
+        scorer.passes = scorer.terms.len();
         Ok(scorer)
     }
 
@@ -187,13 +196,35 @@ impl<'a> DeletionScorer<'a> {
 
     /// F of each row of context tokens that follows the first `common` cached positions.
     fn score_rows(&self, common: usize, rows: &[Vec<u32>]) -> candle_core::Result<Vec<f32>> {
+        Ok(self
+            .term_log_probs(common, rows)?
+            .iter()
+            .map(|terms| self.objective(terms))
+            .collect())
+    }
+
+    /// F from each term's token log-probs.
+    fn objective(&self, log_probs: &[Vec<f32>]) -> f32 {
+        log_probs
+            .iter()
+            .zip(&self.terms)
+            .map(|(lp, term)| term.sign * lp.iter().sum::<f32>())
+            .sum()
+    }
+
+    /// ln p of every term's tokens after each row: [row][term][token].
+    fn term_log_probs(
+        &self,
+        common: usize,
+        rows: &[Vec<u32>],
+    ) -> candle_core::Result<Vec<Vec<Vec<f32>>>> {
         let mut prefix = self.cache.clone();
         prefix.truncate(common)?;
         if common == 0 {
             prefix = KvCache::default();
         }
         let b = rows.len();
-        let mut f = vec![0f32; b];
+        let mut out = vec![Vec::with_capacity(self.terms.len()); b];
         for term in &self.terms {
             let n = term.ids.len();
             let t = rows.iter().map(|r| r.len()).max().unwrap_or(0) + n;
@@ -209,11 +240,11 @@ impl<'a> DeletionScorer<'a> {
             let hidden = hidden.index_select(&Tensor::new(picks.as_slice(), &Device::Cpu)?, 0)?;
             let targets: Vec<u32> = (0..b).flat_map(|_| term.ids.iter().copied()).collect();
             let (log_probs, _) = self.model.target_log_probs(&hidden, &targets)?;
-            for (r, chunk) in log_probs.chunks(n).enumerate() {
-                f[r] += term.sign * chunk.iter().sum::<f32>();
+            for (row, chunk) in out.iter_mut().zip(log_probs.chunks(n)) {
+                row.push(chunk.to_vec());
             }
         }
-        Ok(f)
+        Ok(out)
     }
 }
 

@@ -285,27 +285,14 @@ impl Backend {
                 .map
                 .get_mut(&uri)
                 .ok_or_else(|| invalid("document is not open"))?;
-            match doc
-                .painted
-                .as_ref()
-                .and_then(|p| p.analysis.switched_to(method).map(|a| (p, a)))
-            {
-                Some((p, a)) => {
-                    let painted = Painted::new(
-                        p.version,
-                        Arc::new(a),
-                        p.model.clone(),
-                        p.granularity,
-                        p.gain,
-                        None,
-                    );
-                    doc.paint(painted);
-                    Some(result_params(
-                        &uri,
-                        &doc.rope,
-                        enc,
-                        doc.painted.as_ref().expect("painted"),
-                    ))
+            match doc.painted.as_ref().and_then(|p| {
+                let a = p.analysis.switched_to(method)?;
+                Some((p.version, a, p.model.clone(), p.granularity, p.gain))
+            }) {
+                Some((version, a, model, granularity, gain)) => {
+                    doc.paint(version, Arc::new(a), model, granularity, gain);
+                    let painted = doc.painted.as_ref().expect("painted");
+                    Some(result_params(&uri, &doc.rope, enc, painted))
                 }
                 None => None,
             }
@@ -503,15 +490,9 @@ impl Backend {
                         .into(),
                 )));
             }
-            doc.paint(Painted::new(
-                version,
-                analysis,
-                model,
-                granularity,
-                gain,
-                None,
-            ));
-            result_params(&uri, &doc.rope, enc, doc.painted.as_ref().expect("painted"))
+            doc.paint(version, analysis, model, granularity, gain);
+            let painted = doc.painted.as_ref().expect("painted");
+            result_params(&uri, &doc.rope, enc, painted)
         };
         self.after_paint(notification.clone()).await;
         if self.state().settings.background_faithfulness != Some(false) {

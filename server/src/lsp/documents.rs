@@ -45,7 +45,8 @@ impl Painted {
     ) -> Self {
         let mut p = Self {
             version,
-            level: analysis.level(&Level::Standard(granularity), gain),
+            // Filled by `rerender` below.
+            level: LevelResult::default(),
             analysis,
             model,
             granularity,
@@ -171,16 +172,29 @@ impl Document {
 
     /// Paints a new result; the one it replaces (or the one an edit removed) becomes the
     /// previous result, for before/after comparisons.
-    pub fn paint(&mut self, mut painted: Painted) {
+    pub fn paint(
+        &mut self,
+        version: i32,
+        analysis: Arc<Analysis>,
+        model: String,
+        granularity: Granularity,
+        gain: f32,
+    ) {
         if let Some(p) = self.painted.take() {
             self.previous = Some(p.analysis);
         }
         if let Some(c) = self.checking.take() {
             c.cancel();
         }
-        painted.previous = self.previous.clone();
-        painted.rerender(painted.granularity, painted.gain);
-        self.painted = Some(painted);
+        let previous = self.previous.clone();
+        self.painted = Some(Painted::new(
+            version,
+            analysis,
+            model,
+            granularity,
+            gain,
+            previous,
+        ));
     }
 }
 

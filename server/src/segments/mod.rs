@@ -134,7 +134,7 @@ pub struct SegmentScore {
 pub const LEVELS: u8 = 8;
 
 /// A level's segments with their scores.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct LevelResult {
     pub name: String,
     pub segments: Vec<SegmentScore>,

@@ -106,6 +106,25 @@ pub fn run(args: BenchArgs) -> Result<(), EngineError> {
         "| prompt tokens | plain forward passes | reused prefix | reused prefix + batches of 4 |"
     );
     println!("|---|---|---|---|");
+    let best_of = |f: &mut dyn FnMut() -> Result<(), EngineError>| -> Result<f64, EngineError> {
+        let mut best = f64::INFINITY;
+        for _ in 0..args.repeat {
+            let started = Instant::now();
+            f()?;
+            best = best.min(started.elapsed().as_secs_f64());
+        }
+        Ok(best)
+    };
+    let scorer = |context, target, batch| -> Result<DeletionScorer, EngineError> {
+        let mut s = DeletionScorer::new(
+            &engine.model,
+            context,
+            TargetTerm::objective(target, None),
+            &cancel,
+        )?;
+        s.batch = batch;
+        Ok(s)
+    };
     let mut surrogate_rows = Vec::new();
     for &len in &args.perturbation_lengths {
         let context = &pool[..len];
@@ -113,15 +132,6 @@ pub fn run(args: BenchArgs) -> Result<(), EngineError> {
         let units: Vec<Vec<usize>> = (0..10)
             .map(|k| (1.max(k * len / 10)..(k + 1) * len / 10).collect())
             .collect();
-        let best_of = |f: &mut dyn FnMut() -> Result<(), EngineError>| -> Result<f64, EngineError> {
-            let mut best = f64::INFINITY;
-            for _ in 0..args.repeat {
-                let started = Instant::now();
-                f()?;
-                best = best.min(started.elapsed().as_secs_f64());
-            }
-            Ok(best)
-        };
         // The baseline: every shortened prompt run from scratch, one at a time.
         let plain = best_of(&mut || {
             for unit in &units {
@@ -144,14 +154,8 @@ pub fn run(args: BenchArgs) -> Result<(), EngineError> {
         })?;
         let with_batch = |batch: usize| {
             best_of(&mut || {
-                let mut scorer = DeletionScorer::new(
-                    &engine.model,
-                    context,
-                    TargetTerm::objective(target, None),
-                    &cancel,
-                )?;
-                scorer.batch = batch;
-                perturbation::leave_one_out(&mut scorer, &units, &no_progress, &cancel)?;
+                let mut s = scorer(context, target, batch)?;
+                perturbation::leave_one_out(&mut s, &units, &no_progress, &cancel)?;
                 Ok(())
             })
         };
@@ -167,31 +171,16 @@ pub fn run(args: BenchArgs) -> Result<(), EngineError> {
     println!("| prompt tokens | batches of 1 | batches of 4 |");
     println!("|---|---|---|");
     for (len, units, context, target) in surrogate_rows {
-        let time = |batch: usize| -> Result<f64, EngineError> {
-            let mut best = f64::INFINITY;
-            for _ in 0..args.repeat {
-                let started = Instant::now();
-                let mut scorer = DeletionScorer::new(
-                    &engine.model,
-                    context,
-                    TargetTerm::objective(target, None),
-                    &cancel,
-                )?;
-                scorer.batch = batch;
-                let opts = SurrogateOptions {
-                    samples: 32,
-                    ..SurrogateOptions::default()
-                };
-                perturbation::ablation_surrogate(
-                    &mut scorer,
-                    &units,
-                    &opts,
-                    &no_progress,
-                    &cancel,
-                )?;
-                best = best.min(started.elapsed().as_secs_f64());
-            }
-            Ok(best)
+        let opts = SurrogateOptions {
+            samples: 32,
+            ..SurrogateOptions::default()
+        };
+        let time = |batch: usize| {
+            best_of(&mut || {
+                let mut s = scorer(context, target, batch)?;
+                perturbation::ablation_surrogate(&mut s, &units, &opts, &no_progress, &cancel)?;
+                Ok(())
+            })
         };
         let (one, four) = (time(1)?, time(4)?);
         println!("| {len} | {one:.3} s | {four:.3} s ({:.2}x) |", one / four);

@@ -114,7 +114,7 @@ function render() {{
     (signed ? ' · green raises the target\'s probability, red lowers it' : ' · gradient magnitude') +
     ` · template tokens: ${{(100 * L.template_share).toFixed(1)}}% of |score|`;
   if (R.ig) sum += ` · IG: ${{R.ig.steps}} gradients, completeness gap ${{(100 * R.ig.completeness_gap).toFixed(1)}}%` +
-    (R.ig.completeness_gap > 0.25 ? ' (not reliable: the attributions miss F(input) − F(baseline) by that much)' : '');
+    (R.ig_unreliable ? ' (not reliable: the attributions miss F(input) − F(baseline) by that much)' : '');
   if (R.response.generated) sum += ' · response generated for this report (not in the file)';
   if (R.perturbation) sum += ` · ${{R.perturbation.segments}} ${{R.perturbation.level}}s deleted in ${{R.perturbation.forward_passes}} forward passes` +
     (R.perturbation.surrogate ? `, surrogate held-out R² ${{R.perturbation.surrogate.held_out_r2.toFixed(2)}}` : '');

@@ -87,6 +87,7 @@ pub fn json(
             "log_probs": a.target_log_probs,
         },
         "ig": a.ig,
+        "ig_unreliable": a.ig.as_ref().map(|ig| ig.completeness_gap > UNRELIABLE_GAP),
         "tokens": a.tokens.iter().map(|t| json!({
             "id": t.id,
             "text": t.text,

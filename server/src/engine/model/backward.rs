@@ -2,8 +2,9 @@
 
 use candle_core::{Result, Tensor};
 
+use super::attention::Attention;
 use super::forward::{LayerTape, Tape};
-use super::kernels::{gated_backward, rms_norm_backward, softmax_backward};
+use super::kernels::{gated_backward, rms_norm_backward};
 use super::ops::{linear_backward, Activation};
 use super::{Layer, Model};
 
@@ -66,11 +67,18 @@ impl Model {
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b, nkv, grp * t, hd))?;
-        let g_v = lt.probs.t()?.matmul(&g_o)?;
-        let g_p = g_o.matmul(&lt.v.t()?)?;
-        let g_s = softmax_backward(&lt.probs, &g_p, c.attn_scale)?;
-        let g_q = g_s.matmul(&lt.k)?.reshape((b, nh, t, hd))?;
-        let g_k = g_s.t()?.matmul(&lt.q)?;
+        let attention = Attention {
+            batch: b,
+            kv_heads: nkv,
+            group: grp,
+            queries: t,
+            keys: t,
+            head_dim: hd,
+            window: c.sliding_window.filter(|_| layer.is_local),
+            scale: c.attn_scale,
+        };
+        let grads = attention.backward(&lt.q, &lt.k, &lt.v, &lt.probs, &g_o)?;
+        let (g_q, g_k, g_v) = (grads.q.reshape((b, nh, t, hd))?, grads.k, grads.v);
         // The rope is a rotation: its transpose rotates by the opposite angle.
         let neg_sin = sin.neg()?;
         let mut g_q = candle_nn::rotary_emb::rope(&g_q.contiguous()?, cos, &neg_sin)?;

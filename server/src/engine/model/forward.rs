@@ -3,7 +3,8 @@
 
 use candle_core::{Result, Tensor, D};
 
-use super::kernels::{causal_softmax, gated};
+use super::attention::Attention;
+use super::kernels::gated;
 use super::ops::Activation;
 use super::ops::{self, linear, rms_norm};
 use super::{Layer, Model};
@@ -226,12 +227,20 @@ impl Model {
         };
         // Queries that share a key head are stacked along the sequence axis, so grouped-query
         // attention needs no copies of the keys and values.
+        // Queries that share a key head are stacked along the sequence axis, so grouped-query
+        // attention needs no copies of the keys and values.
         let q = q.reshape((b, nkv, g * t, hd))?;
-        let scores = q.matmul(&k_all.t()?)?;
-        let offset = past.map_or(Ok(0), |(pk, _)| pk.dim(2))?;
-        let window = c.sliding_window.filter(|_| layer.is_local);
-        let probs = causal_softmax(&scores, c.attn_scale, t, offset, window)?;
-        let o = probs.matmul(&v_all)?;
+        let attention = Attention {
+            batch: b,
+            kv_heads: nkv,
+            group: g,
+            queries: t,
+            keys: k_all.dim(2)?,
+            head_dim: hd,
+            window: c.sliding_window.filter(|_| layer.is_local),
+            scale: c.attn_scale,
+        };
+        let (o, probs) = attention.forward(&q, &k_all, &v_all)?;
         let o = o
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?

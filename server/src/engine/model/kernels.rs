@@ -5,7 +5,7 @@ use candle_core::{bail, Device, Result, Storage, Tensor};
 use rayon::prelude::*;
 
 /// Runs `f` on the contiguous f32 data of `t`.
-fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+pub(super) fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else {
@@ -21,62 +21,6 @@ fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
 fn rows_of(t: &Tensor) -> Result<(usize, usize)> {
     let n = t.dim(candle_core::D::Minus1)?;
     Ok((t.elem_count() / n.max(1), n))
-}
-
-/// Causal (optionally sliding-window) softmax of `scores` laid out as (.., group * tq, tk):
-/// row r is the query at position `offset + r % tq`. Masked entries are never exponentiated.
-pub fn causal_softmax(
-    scores: &Tensor,
-    scale: f32,
-    tq: usize,
-    offset: usize,
-    window: Option<usize>,
-) -> Result<Tensor> {
-    let (rows, tk) = rows_of(scores)?;
-    let mut out = vec![0f32; rows * tk];
-    with_slice(scores, |s| {
-        out.par_chunks_mut(tk)
-            .zip(s.par_chunks(tk))
-            .enumerate()
-            .for_each(|(r, (o, x))| {
-                let q = offset + r % tq;
-                let hi = q.min(tk - 1);
-                let lo = window.map_or(0, |w| (q + 1).saturating_sub(w));
-                let max = x[lo..=hi].iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                let mut sum = 0f32;
-                for j in lo..=hi {
-                    let e = ((x[j] - max) * scale).exp();
-                    o[j] = e;
-                    sum += e;
-                }
-                let inv = 1.0 / sum;
-                for v in &mut o[lo..=hi] {
-                    *v *= inv;
-                }
-            });
-        Ok(())
-    })?;
-    Tensor::from_vec(out, scores.shape(), &Device::Cpu)
-}
-
-/// d scores for p = softmax(scale * s): scale * p * (dp - sum(dp * p)).
-pub fn softmax_backward(p: &Tensor, dp: &Tensor, scale: f32) -> Result<Tensor> {
-    let (rows, n) = rows_of(p)?;
-    let mut out = vec![0f32; rows * n];
-    with_slice(p, |p| {
-        with_slice(dp, |dp| {
-            out.par_chunks_mut(n)
-                .zip(p.par_chunks(n).zip(dp.par_chunks(n)))
-                .for_each(|(o, (p, dp))| {
-                    let inner: f32 = p.iter().zip(dp).map(|(a, b)| a * b).sum();
-                    for ((o, &p), &dp) in o.iter_mut().zip(p).zip(dp) {
-                        *o = scale * p * (dp - inner);
-                    }
-                });
-            Ok(())
-        })
-    })?;
-    Tensor::from_vec(out, p.shape(), &Device::Cpu)
 }
 
 /// dx for y = x / rms(x) * w over the last dimension.
@@ -204,21 +148,6 @@ mod tests {
             .unwrap()
             .to_scalar()
             .unwrap()
-    }
-
-    #[test]
-    fn causal_softmax_matches_mask_and_softmax() {
-        let (g, tq, tk, off) = (2, 3, 5, 2);
-        let s = Tensor::randn(0f32, 1.0, (2, g * tq, tk), &Device::Cpu).unwrap();
-        for window in [None, Some(2)] {
-            let mask = ops::attention_mask(g, tq, tk, off, window).unwrap();
-            let want = candle_nn::ops::softmax_last_dim(
-                &(&s * 0.5).unwrap().broadcast_add(&mask).unwrap(),
-            )
-            .unwrap();
-            let got = causal_softmax(&s, 0.5, tq, off, window).unwrap();
-            assert!(max_diff(&want, &got) < 1e-6);
-        }
     }
 
     #[test]

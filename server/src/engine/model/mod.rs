@@ -4,6 +4,7 @@
 //! backward; salience needs `forward_embeds(embeddings)` and input gradients, so the forward
 //! and the backward live here.
 
+mod attention;
 mod backward;
 mod forward;
 pub mod kernels;

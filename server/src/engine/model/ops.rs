@@ -75,7 +75,8 @@ impl Activation {
     }
 }
 
-/// Additive attention mask for grouped queries laid out as `(group * tq, tk)`: row `r` is the
+/// Additive attention mask for grouped queries (the plain computation that tests compare the
+/// blocked attention with) laid out as `(group * tq, tk)`: row `r` is the
 /// query at position `offset + r % tq`; keys after it (or farther than `window`) are masked.
 pub fn attention_mask(
     group: usize,

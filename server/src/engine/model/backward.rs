@@ -77,7 +77,7 @@ impl Model {
             window: c.sliding_window.filter(|_| layer.is_local),
             scale: c.attn_scale,
         };
-        let grads = attention.backward(&lt.q, &lt.k, &lt.v, &lt.probs, &g_o)?;
+        let grads = attention.backward(&lt.q, &lt.k, &lt.v, &lt.lse, &g_o)?;
         let (g_q, g_k, g_v) = (grads.q.reshape((b, nh, t, hd))?, grads.k, grads.v);
         // The rope is a rotation: its transpose rotates by the opposite angle.
         let neg_sin = sin.neg()?;

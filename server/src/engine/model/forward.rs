@@ -19,8 +19,9 @@ pub struct LayerTape {
     /// Roped keys (b, kv_heads, t, head_dim).
     pub k: Tensor,
     pub v: Tensor,
-    /// Attention probabilities (b, kv_heads, group * t, t).
-    pub probs: Tensor,
+    /// Log-sum-exp of each query row's scaled scores (b, kv_heads, group * t): the backward
+    /// pass recomputes the probabilities from it.
+    pub lse: Tensor,
     pub attn_pre_norm: Option<Tensor>,
     pub h2: Tensor,
     /// The MLP's gate and up projections side by side (b * t, 2 * ffn).
@@ -240,7 +241,7 @@ impl Model {
             window: c.sliding_window.filter(|_| layer.is_local),
             scale: c.attn_scale,
         };
-        let (o, probs) = attention.forward(&q, &k_all, &v_all)?;
+        let (o, lse) = attention.forward(&q, &k_all, &v_all)?;
         let o = o
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?
@@ -275,7 +276,7 @@ impl Model {
                 q,
                 k,
                 v,
-                probs,
+                lse,
                 attn_pre_norm,
                 h2,
                 gate_up,

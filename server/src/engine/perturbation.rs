@@ -239,7 +239,7 @@ impl<'a> DeletionScorer<'a> {
             let hidden = self.model.forward_after_prefix(&ids, b, t, &prefix)?;
             let hidden = hidden.index_select(&Tensor::new(picks.as_slice(), &Device::Cpu)?, 0)?;
             let targets: Vec<u32> = (0..b).flat_map(|_| term.ids.iter().copied()).collect();
-            let (log_probs, _) = self.model.target_log_probs(&hidden, &targets)?;
+            let (log_probs, _) = self.model.target_log_probs(&hidden, &targets, false)?;
             for (row, chunk) in out.iter_mut().zip(log_probs.chunks(n)) {
                 row.push(chunk.to_vec());
             }

@@ -252,8 +252,9 @@ pub fn gradients(
     let rows = Tensor::new(rows.as_slice(), &Device::Cpu)?;
     let hidden = tape.last_hidden.index_select(&rows, 0)?;
     let all_targets: Vec<u32> = (0..b).flat_map(|_| targets.iter().copied()).collect();
-    let (log_probs, g_logits) = model.target_log_probs(&hidden, &all_targets)?;
+    let (log_probs, g_logits) = model.target_log_probs(&hidden, &all_targets, true)?;
     let objective = log_probs.chunks(n).map(|c| c.iter().sum()).collect();
+    let g_logits = g_logits.expect("gradient requested");
     let g_normed = linear_backward(&g_logits, model.head())?;
     let g_hidden = rms_norm_backward(&hidden, &model.final_norm, model.cfg.eps, &g_normed)?;
     let g_last = tape
@@ -287,7 +288,7 @@ pub fn objectives(
         .last_hidden
         .index_select(&Tensor::new(rows.as_slice(), &Device::Cpu)?, 0)?;
     let all_targets: Vec<u32> = (0..b).flat_map(|_| targets.iter().copied()).collect();
-    let (log_probs, _) = model.target_log_probs(&hidden, &all_targets)?;
+    let (log_probs, _) = model.target_log_probs(&hidden, &all_targets, false)?;
     let objective = log_probs.chunks(n).map(|c| c.iter().sum()).collect();
     Ok((objective, log_probs[..n].to_vec()))
 }

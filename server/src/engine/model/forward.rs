@@ -1,10 +1,10 @@
 //! Forward passes: one that records what the backward pass needs (salience), and one with a
 //! KV cache (generation). Both share the layer code so they cannot drift apart.
 
-use candle_core::{Result, Tensor, D};
+use candle_core::{Result, Tensor};
 
 use super::attention::Attention;
-use super::kernels::gated;
+use super::kernels::{gated, target_log_softmax};
 use super::ops::Activation;
 use super::ops::{self, linear, rms_norm};
 use super::{Layer, Model};
@@ -287,25 +287,15 @@ impl Model {
     }
 
     /// log p of each target token: rows of `hidden` (n, hidden) predict `targets` (n).
-    /// Returns (per-token log-probs, d sum(logp) / d logits).
-    pub fn target_log_probs(&self, hidden: &Tensor, targets: &[u32]) -> Result<(Vec<f32>, Tensor)> {
+    /// Returns the per-token log-probs and, with `with_grad`, d sum(logp) / d logits.
+    pub fn target_log_probs(
+        &self,
+        hidden: &Tensor,
+        targets: &[u32],
+        with_grad: bool,
+    ) -> Result<(Vec<f32>, Option<Tensor>)> {
         let normed = rms_norm(hidden, &self.final_norm, self.cfg.eps)?;
         let logits = self.logits(&normed)?;
-        let logp = ops::log_softmax(&logits)?;
-        let rows: Vec<Vec<f32>> = logp.to_vec2()?;
-        let per_token: Vec<f32> = rows
-            .iter()
-            .zip(targets)
-            .map(|(r, &t)| r[t as usize])
-            .collect();
-        // d/dlogits of log softmax at the target: onehot - softmax.
-        let probs = logp.exp()?;
-        let vocab = logits.dim(D::Minus1)?;
-        let mut onehot = vec![0f32; targets.len() * vocab];
-        for (i, &t) in targets.iter().enumerate() {
-            onehot[i * vocab + t as usize] = 1.0;
-        }
-        let onehot = Tensor::from_vec(onehot, (targets.len(), vocab), logits.device())?;
-        Ok((per_token, (onehot - probs)?))
+        target_log_softmax(&logits, targets, with_grad)
     }
 }

@@ -132,6 +132,64 @@ fn gelu_tanh_and_derivative(x: f32) -> (f32, f32) {
     (act, deriv)
 }
 
+/// ln softmax of each row of `logits` (rows, vocab) at `targets[row]`, and, with `want_grad`,
+/// its gradient with respect to the logits: onehot(target) - softmax. One parallel pass per
+/// row instead of a chain of whole-matrix ops (which took 0.5 s for the 160 rows of a batch of
+/// integrated-gradients steps).
+pub fn target_log_softmax(
+    logits: &Tensor,
+    targets: &[u32],
+    want_grad: bool,
+) -> Result<(Vec<f32>, Option<Tensor>)> {
+    let (rows, vocab) = rows_of(logits)?;
+    if targets.len() != rows {
+        bail!(
+            "target_log_softmax: {rows} rows but {} targets",
+            targets.len()
+        )
+    }
+    if let Some(&t) = targets.iter().find(|&&t| t as usize >= vocab) {
+        bail!("target_log_softmax: token {t} is outside the vocabulary of {vocab}")
+    }
+    let mut log_probs = vec![0f32; rows];
+    let mut grad = vec![0f32; if want_grad { rows * vocab } else { 0 }];
+    with_slice(logits, |x| {
+        let row_pass = |(r, lp): (usize, &mut f32), g: Option<&mut [f32]>| {
+            let x = &x[r * vocab..(r + 1) * vocab];
+            let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let sum: f32 = x.iter().map(|&v| (v - max).exp()).sum();
+            let t = targets[r] as usize;
+            *lp = x[t] - max - sum.ln();
+            if let Some(g) = g {
+                let inv = 1.0 / sum;
+                for (g, &v) in g.iter_mut().zip(x) {
+                    *g = -(v - max).exp() * inv;
+                }
+                g[t] += 1.0;
+            }
+        };
+        if want_grad {
+            log_probs
+                .par_iter_mut()
+                .enumerate()
+                .zip(grad.par_chunks_mut(vocab))
+                .for_each(|(lp, g)| row_pass(lp, Some(g)));
+        } else {
+            log_probs
+                .par_iter_mut()
+                .enumerate()
+                .for_each(|lp| row_pass(lp, None));
+        }
+        Ok(())
+    })?;
+    let grad = if want_grad {
+        Some(Tensor::from_vec(grad, (rows, vocab), &Device::Cpu)?)
+    } else {
+        None
+    };
+    Ok((log_probs, grad))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,5 +235,28 @@ mod tests {
             assert!(max_diff(&want_dg, &dg) < 1e-4);
             assert!(max_diff(&want_du, &du) < 1e-4);
         }
+    }
+
+    #[test]
+    fn target_log_softmax_matches_the_composed_ops() {
+        let logits = (Tensor::randn(0f32, 3.0, (5, 40), &Device::Cpu).unwrap() + 7.0).unwrap();
+        let targets = [0u32, 39, 7, 7, 21];
+        let (lp, grad) = target_log_softmax(&logits, &targets, true).unwrap();
+        let want = ops::log_softmax(&logits).unwrap();
+        let want_rows: Vec<Vec<f32>> = want.to_vec2().unwrap();
+        for (r, &t) in targets.iter().enumerate() {
+            assert!((lp[r] - want_rows[r][t as usize]).abs() < 1e-5);
+        }
+        let mut onehot = vec![0f32; 5 * 40];
+        for (r, &t) in targets.iter().enumerate() {
+            onehot[r * 40 + t as usize] = 1.0;
+        }
+        let onehot = Tensor::from_vec(onehot, (5, 40), &Device::Cpu).unwrap();
+        let want_grad = (onehot - want.exp().unwrap()).unwrap();
+        assert!(max_diff(&want_grad, &grad.unwrap()) < 1e-6);
+        let (lp2, none) = target_log_softmax(&logits, &targets, false).unwrap();
+        assert_eq!(lp, lp2);
+        assert!(none.is_none());
+        assert!(target_log_softmax(&logits, &[0, 1, 2, 3, 40], false).is_err());
     }
 }

@@ -1,0 +1,111 @@
+"""PyTorch baseline for `prompt-salience bench`: the same measurements with transformers.
+
+Loads the same GGUF (dequantized to float32 by transformers), 2 threads, and times what
+`prompt-salience bench` times: gradient salience (one forward + backward with respect to the
+input embeddings, weights frozen) for prompts of N tokens plus a 20-token target, and integrated
+gradients with a zero baseline and the midpoint rule, batched. Run it on the same machine,
+right after the bench, so that the two are compared on the same load:
+
+    python3 -m pip install torch transformers gguf accelerate
+    python3 docs/bench/pytorch_baseline.py PATH/TO/SmolLM2-135M-Instruct.Q4_1.gguf
+"""
+
+import argparse
+import os
+import resource
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog while the committee reviews "
+    "the quarterly budget, and every number must add up before Friday. "
+)
+
+
+def objective(model, embeds, prompt_len, target_ids):
+    logits = model(inputs_embeds=embeds).logits
+    pred = logits[:, prompt_len - 1 : prompt_len - 1 + target_ids.shape[1], :]
+    logp = torch.log_softmax(pred.float(), dim=-1)
+    return logp.gather(-1, target_ids.expand(embeds.shape[0], -1).unsqueeze(-1)).sum(dim=(1, 2))
+
+
+def grad_salience(model, table, ids, prompt_len, target_ids):
+    e = table[ids].unsqueeze(0).clone().requires_grad_(True)
+    f = objective(model, e, prompt_len, target_ids).sum()
+    (g,) = torch.autograd.grad(f, e)
+    return (g[0, :prompt_len] * e[0, :prompt_len]).sum(-1)
+
+
+def integrated_gradients(model, table, ids, prompt_len, target_ids, steps, batch):
+    e = table[ids]
+    total = torch.zeros_like(e[:prompt_len])
+    alphas = [(k + 0.5) / steps for k in range(steps)]
+    for i in range(0, steps, batch):
+        chunk = torch.tensor(alphas[i : i + batch]).view(-1, 1, 1)
+        x = e.unsqueeze(0).repeat(len(chunk), 1, 1)
+        x[:, :prompt_len] = x[:, :prompt_len] * chunk
+        x = x.detach().requires_grad_(True)
+        f = objective(model, x, prompt_len, target_ids).sum()
+        (g,) = torch.autograd.grad(f, x)
+        total += g[:, :prompt_len].sum(0)
+    return (total / steps * e[:prompt_len]).sum(-1)
+
+
+def best_of(repeat, fn):
+    fn()  # warm-up, as the reference timings do
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("gguf")
+    ap.add_argument("--lengths", default="100,300,600")
+    ap.add_argument("--ig-lengths", default="100,300")
+    ap.add_argument("--ig-steps", type=int, default=8)
+    ap.add_argument("--ig-batch", type=int, default=4)
+    ap.add_argument("--target-tokens", type=int, default=20)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    folder, name = os.path.split(os.path.abspath(args.gguf))
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, torch_dtype=torch.float32, attn_implementation="sdpa"
+    ).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    table = model.get_input_embeddings().weight
+    pool = tok(TEXT * 200, add_special_tokens=False)["input_ids"]
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"| prompt tokens | method | seconds (best of {args.repeat}) |")
+    print("|---|---|---|")
+    t = args.target_tokens
+    for n in [int(x) for x in args.lengths.split(",") if x]:
+        ids = torch.tensor(pool[: n + t])
+        target = ids[n:].unsqueeze(0)
+        s = best_of(args.repeat, lambda: grad_salience(model, table, ids, n, target))
+        print(f"| {n} | grad_dot_input | {s:.3f} |", flush=True)
+    for n in [int(x) for x in args.ig_lengths.split(",") if x]:
+        ids = torch.tensor(pool[: n + t])
+        target = ids[n:].unsqueeze(0)
+        s = best_of(
+            1,
+            lambda: integrated_gradients(
+                model, table, ids, n, target, args.ig_steps, args.ig_batch
+            ),
+        )
+        print(f"| {n} | integrated_gradients ({args.ig_steps} steps) | {s:.3f} |", flush=True)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS: {rss:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

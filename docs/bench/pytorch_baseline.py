@@ -3,7 +3,8 @@
 Loads the same GGUF (dequantized to float32 by transformers), 2 threads, and times what
 `prompt-salience bench` times: gradient salience (one forward + backward with respect to the
 input embeddings, weights frozen) for prompts of N tokens plus a 20-token target, and integrated
-gradients with a zero baseline and the midpoint rule, batched. Run it on the same machine,
+gradients with a zero baseline and the midpoint rule, batched, plus the two forward passes
+for the completeness gap that prompt-salience always reports. Run it on the same machine,
 right after the bench, so that the two are compared on the same load:
 
     python3 -m pip install torch transformers gguf accelerate
@@ -38,8 +39,15 @@ def grad_salience(model, table, ids, prompt_len, target_ids):
     return (g[0, :prompt_len] * e[0, :prompt_len]).sum(-1)
 
 
-def integrated_gradients(model, table, ids, prompt_len, target_ids, steps, batch):
+def integrated_gradients(model, table, ids, prompt_len, target_ids, steps, batch, completeness):
     e = table[ids]
+    if completeness:
+        # F at the input and at the baseline, one forward pass for both, as prompt-salience
+        # does to report the completeness gap.
+        ends = e.unsqueeze(0).repeat(2, 1, 1)
+        ends[1, :prompt_len] = 0
+        with torch.no_grad():
+            objective(model, ends, prompt_len, target_ids)
     total = torch.zeros_like(e[:prompt_len])
     alphas = [(k + 0.5) / steps for k in range(steps)]
     for i in range(0, steps, batch):
@@ -69,7 +77,12 @@ def main():
     ap.add_argument("--lengths", default="100,300,600")
     ap.add_argument("--ig-lengths", default="100,300")
     ap.add_argument("--ig-steps", type=int, default=8)
-    ap.add_argument("--ig-batch", type=int, default=4)
+    ap.add_argument("--ig-batch", type=int, default=8)
+    ap.add_argument(
+        "--no-completeness",
+        action="store_true",
+        help="skip the two forward passes for F(input) and F(baseline) (prompt-salience always runs them)",
+    )
     ap.add_argument("--target-tokens", type=int, default=20)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
@@ -99,7 +112,14 @@ def main():
         s = best_of(
             1,
             lambda: integrated_gradients(
-                model, table, ids, n, target, args.ig_steps, args.ig_batch
+                model,
+                table,
+                ids,
+                n,
+                target,
+                args.ig_steps,
+                args.ig_batch,
+                not args.no_completeness,
             ),
         )
         print(f"| {n} | integrated_gradients ({args.ig_steps} steps) | {s:.3f} |", flush=True)

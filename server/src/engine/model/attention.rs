@@ -13,6 +13,8 @@
 //! kv_heads, keys, head_dim), the log-sum-exp as (batch, kv_heads, group * queries). The
 //! queries are the last `queries` of the `keys` positions (earlier keys come from a cache).
 
+use std::ops::Range;
+
 use candle_core::{bail, Device, Result, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -36,6 +38,21 @@ pub struct Attention {
     pub window: Option<usize>,
     /// Scores are multiplied by this before the softmax.
     pub scale: f32,
+}
+
+/// One block of queries: see `Attention::block`. Ranges count rows of `head_dim` values.
+struct Block {
+    i0: usize,
+    klo: usize,
+    rows: Range<usize>,
+    keys: Range<usize>,
+}
+
+impl Block {
+    /// The rows `r` of a matrix whose rows hold `width` values.
+    fn of<'a>(r: &Range<usize>, x: &'a [f32], width: usize) -> &'a [f32] {
+        &x[r.start * width..r.end * width]
+    }
 }
 
 /// What the backward pass returns: d q, d k, d v, in the layouts above.
@@ -75,9 +92,18 @@ impl Attention {
         (lo, p + 1)
     }
 
-    /// The keys any of the queries `i0..i1` sees.
-    fn visible_to_block(&self, i0: usize, i1: usize) -> (usize, usize) {
-        (self.visible(i0).0, self.visible(i1 - 1).1)
+    /// Where queries `i0..i1` of stacked matrix `mi` live: their rows in `q` (and `o`, the
+    /// log-sum-exp), and the rows of `k` and `v` they see, from key `klo` on.
+    fn block(&self, mi: usize, i0: usize, i1: usize) -> Block {
+        let (tq, tk) = (self.queries, self.keys);
+        let (klo, khi) = (self.visible(i0).0, self.visible(i1 - 1).1);
+        let head = mi / self.group;
+        Block {
+            i0,
+            klo,
+            rows: mi * tq + i0..mi * tq + i1,
+            keys: head * tk + klo..head * tk + khi,
+        }
     }
 
     fn check(&self, t: &Tensor, rows: usize, cols: usize, what: &str) -> Result<()> {
@@ -165,15 +191,13 @@ impl Attention {
                                 .map(move |(bi, (l, o))| (mi, bi * BLOCK, l, o))
                         })
                         .for_each(|(mi, i0, l, o)| {
-                            let bh = mi / g;
-                            let i1 = i0 + l.len();
-                            let (klo, khi) = self.visible_to_block(i0, i1);
-                            let q = &q[(mi * tq + i0) * hd..(mi * tq + i1) * hd];
-                            let keys = &k[(bh * tk + klo) * hd..(bh * tk + khi) * hd];
-                            let values = &v[(bh * tk + klo) * hd..(bh * tk + khi) * hd];
-                            let (p, block_lse) = self.block_probs(q, keys, i0, klo, None);
+                            let b = self.block(mi, i0, i0 + l.len());
+                            let q = Block::of(&b.rows, q, hd);
+                            let values = Block::of(&b.keys, v, hd);
+                            let keys = Block::of(&b.keys, k, hd);
+                            let (p, block_lse) = self.block_probs(q, keys, b.i0, b.klo, None);
                             l.copy_from_slice(&block_lse);
-                            let (m, nk) = (i1 - i0, khi - klo);
+                            let (m, nk) = (b.rows.len(), b.keys.len());
                             matmul(
                                 Out(o, hd),
                                 In(&p, nk, 1),
@@ -230,18 +254,14 @@ impl Attention {
                                         .map(move |(bi, dq)| (mi, bi * BLOCK, dq))
                                 })
                                 .fold(zero, |mut acc, (mi, i0, dq)| {
-                                    let bh = mi / g;
-                                    let i1 = i0 + dq.len() / hd;
-                                    let (klo, khi) = self.visible_to_block(i0, i1);
-                                    let (m, nk) = (i1 - i0, khi - klo);
-                                    let rows = (mi * tq + i0)..(mi * tq + i1);
-                                    let qs = &q[rows.start * hd..rows.end * hd];
-                                    let d_o = &d_out[rows.start * hd..rows.end * hd];
-                                    let keys_at = (bh * tk + klo) * hd..(bh * tk + khi) * hd;
-                                    let keys = &k[keys_at.clone()];
-                                    let values = &v[keys_at.clone()];
-                                    let (p, _) =
-                                        self.block_probs(qs, keys, i0, klo, Some(&lse[rows]));
+                                    let b = self.block(mi, i0, i0 + dq.len() / hd);
+                                    let (m, nk) = (b.rows.len(), b.keys.len());
+                                    let qs = Block::of(&b.rows, q, hd);
+                                    let d_o = Block::of(&b.rows, d_out, hd);
+                                    let keys = Block::of(&b.keys, k, hd);
+                                    let values = Block::of(&b.keys, v, hd);
+                                    let lse = Block::of(&b.rows, lse, 1);
+                                    let (p, _) = self.block_probs(qs, keys, b.i0, b.klo, Some(lse));
                                     // d probs = d_o values^T, then d scores in place.
                                     let mut ds = vec![0f32; m * nk];
                                     matmul(
@@ -262,9 +282,11 @@ impl Attention {
                                     let ds = In(&ds, nk, 1);
                                     matmul(Out(dq, hd), ds, In(keys, hd, 1), (m, hd, nk), false);
                                     let ds_t = In(ds.0, 1, nk);
-                                    let dk = Out(&mut acc.k[keys_at.clone()], hd);
+                                    let dk =
+                                        Out(&mut acc.k[b.keys.start * hd..b.keys.end * hd], hd);
                                     matmul(dk, ds_t, In(qs, hd, 1), (nk, hd, m), true);
-                                    let dv = Out(&mut acc.v[keys_at], hd);
+                                    let dv =
+                                        Out(&mut acc.v[b.keys.start * hd..b.keys.end * hd], hd);
                                     matmul(dv, In(&p, 1, nk), In(d_o, hd, 1), (nk, hd, m), true);
                                     acc
                                 })
@@ -347,6 +369,7 @@ fn matmul(dst: Out, lhs: In, rhs: In, (m, n, k): (usize, usize, usize), accumula
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::model::kernels::tests::max_diff;
     use crate::engine::model::ops;
     use candle_core::D;
 
@@ -360,19 +383,6 @@ mod tests {
         let probs = candle_nn::ops::softmax(&masked, D::Minus1).unwrap();
         let lse = masked.exp().unwrap().sum(D::Minus1).unwrap().log().unwrap();
         (probs.matmul(v).unwrap(), lse)
-    }
-
-    fn max_diff(x: &Tensor, y: &Tensor) -> f32 {
-        (x - y)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
     }
 
     fn cases() -> Vec<Attention> {

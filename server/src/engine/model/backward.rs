@@ -2,7 +2,6 @@
 
 use candle_core::{Result, Tensor};
 
-use super::attention::Attention;
 use super::forward::{LayerTape, Tape};
 use super::kernels::{gated_backward, rms_norm_backward};
 use super::ops::{linear_backward, Activation};
@@ -67,17 +66,9 @@ impl Model {
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b, nkv, grp * t, hd))?;
-        let attention = Attention {
-            batch: b,
-            kv_heads: nkv,
-            group: grp,
-            queries: t,
-            keys: t,
-            head_dim: hd,
-            window: c.sliding_window.filter(|_| layer.is_local),
-            scale: c.attn_scale,
-        };
-        let grads = attention.backward(&lt.q, &lt.k, &lt.v, &lt.lse, &g_o)?;
+        let grads = self
+            .attention(layer, b, t, t)
+            .backward(&lt.q, &lt.k, &lt.v, &lt.lse, &g_o)?;
         let (g_q, g_k, g_v) = (grads.q.reshape((b, nh, t, hd))?, grads.k, grads.v);
         // The rope is a rotation: its transpose rotates by the opposite angle.
         let neg_sin = sin.neg()?;

@@ -178,6 +178,28 @@ impl Model {
         linear(normed, self.head())
     }
 
+    /// Attention of `layer` for `b` rows of `queries` new positions after `keys - queries`
+    /// cached ones.
+    pub(super) fn attention(
+        &self,
+        layer: &Layer,
+        b: usize,
+        queries: usize,
+        keys: usize,
+    ) -> Attention {
+        let c = &self.cfg;
+        Attention {
+            batch: b,
+            kv_heads: c.n_kv_head,
+            group: self.group(),
+            queries,
+            keys,
+            head_dim: c.head_dim,
+            window: c.sliding_window.filter(|_| layer.is_local),
+            scale: c.attn_scale,
+        }
+    }
+
     pub(super) fn group(&self) -> usize {
         self.cfg.n_head / self.cfg.n_kv_head
     }
@@ -228,20 +250,10 @@ impl Model {
         };
         // Queries that share a key head are stacked along the sequence axis, so grouped-query
         // attention needs no copies of the keys and values.
-        // Queries that share a key head are stacked along the sequence axis, so grouped-query
-        // attention needs no copies of the keys and values.
         let q = q.reshape((b, nkv, g * t, hd))?;
-        let attention = Attention {
-            batch: b,
-            kv_heads: nkv,
-            group: g,
-            queries: t,
-            keys: k_all.dim(2)?,
-            head_dim: hd,
-            window: c.sliding_window.filter(|_| layer.is_local),
-            scale: c.attn_scale,
-        };
-        let (o, lse) = attention.forward(&q, &k_all, &v_all)?;
+        let (o, lse) = self
+            .attention(layer, b, t, k_all.dim(2)?)
+            .forward(&q, &k_all, &v_all)?;
         let o = o
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?

@@ -78,6 +78,7 @@ impl Activation {
 /// Additive attention mask for grouped queries (the plain computation that tests compare the
 /// blocked attention with) laid out as `(group * tq, tk)`: row `r` is the
 /// query at position `offset + r % tq`; keys after it (or farther than `window`) are masked.
+#[cfg(test)]
 pub fn attention_mask(
     group: usize,
     tq: usize,
@@ -120,7 +121,9 @@ pub fn rope_tables(dim: usize, base: f32, offset: usize, len: usize) -> Result<(
     ))
 }
 
-/// log softmax over the last dimension, computed in f32 with max subtraction.
+/// log softmax over the last dimension, computed in f32 with max subtraction (the plain
+/// computation that tests compare the fused kernel with).
+#[cfg(test)]
 pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?;
     let shifted = x.broadcast_sub(&max)?;

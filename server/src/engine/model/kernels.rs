@@ -4,6 +4,8 @@
 use candle_core::{bail, Device, Result, Storage, Tensor};
 use rayon::prelude::*;
 
+use super::simd;
+
 /// Runs `f` on the contiguous f32 data of `t`.
 pub(super) fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     let t = t.contiguous()?;
@@ -72,13 +74,15 @@ pub fn gated(gate_up: &Tensor, gelu: bool) -> Result<Tensor> {
             .zip(gu.par_chunks(two_f))
             .for_each(|(o, row)| {
                 let (g, u) = row.split_at(f);
-                for ((o, &x), &u) in o.iter_mut().zip(g).zip(u) {
-                    let act = if gelu {
-                        gelu_tanh_and_derivative(x).0
-                    } else {
-                        x / (1.0 + (-x).exp())
-                    };
-                    *o = act * u;
+                if gelu {
+                    for ((o, &x), &u) in o.iter_mut().zip(g).zip(u) {
+                        *o = gelu_tanh_and_derivative(x).0 * u;
+                    }
+                } else {
+                    simd::sigmoid(g, o);
+                    for ((o, &x), &u) in o.iter_mut().zip(g).zip(u) {
+                        *o *= x * u;
+                    }
                 }
             });
         Ok(())
@@ -105,16 +109,20 @@ pub fn gated_backward(gate_up: &Tensor, d_out: &Tensor, gelu: bool) -> Result<Te
                 .for_each(|(o, (row, d))| {
                     let (g, u) = row.split_at(f);
                     let (dg, du) = o.split_at_mut(f);
-                    for i in 0..f {
-                        let x = g[i];
-                        let (act, deriv) = if gelu {
-                            gelu_tanh_and_derivative(x)
-                        } else {
-                            let s = 1.0 / (1.0 + (-x).exp());
-                            (x * s, s * (1.0 + x * (1.0 - s)))
-                        };
-                        dg[i] = d[i] * u[i] * deriv;
-                        du[i] = d[i] * act;
+                    if gelu {
+                        for i in 0..f {
+                            let (act, deriv) = gelu_tanh_and_derivative(g[i]);
+                            dg[i] = d[i] * u[i] * deriv;
+                            du[i] = d[i] * act;
+                        }
+                    } else {
+                        // The sigmoid goes into d gate first, then each entry is finished.
+                        simd::sigmoid(g, dg);
+                        for i in 0..f {
+                            let (x, s) = (g[i], dg[i]);
+                            dg[i] = d[i] * u[i] * s * (1.0 + x * (1.0 - s));
+                            du[i] = d[i] * x * s;
+                        }
                     }
                 });
             Ok(())

@@ -9,6 +9,7 @@ mod backward;
 mod forward;
 pub mod kernels;
 pub mod ops;
+mod simd;
 
 use candle_core::{DType, Device, Tensor};
 

@@ -64,6 +64,16 @@ pub struct AttentionGrads {
     pub v: Tensor,
 }
 
+/// The backward pass's inputs as slices, in the layouts above.
+#[derive(Clone, Copy)]
+struct BackwardInputs<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    lse: &'a [f32],
+    d_out: &'a [f32],
+}
+
 /// d k and d v of every key head, summed over the blocks one thread has done.
 struct KeyGrads {
     k: Vec<f32>,
@@ -166,6 +176,57 @@ impl Attention {
         lse_out
     }
 
+    /// One query block's share of the backward pass: writes its rows of d q and adds its
+    /// keys' d k and d v to `acc`.
+    fn block_backward(
+        &self,
+        (mi, i0, dq): (usize, usize, &mut [f32]),
+        mut acc: KeyGrads,
+        inputs: &BackwardInputs,
+    ) -> KeyGrads {
+        let BackwardInputs {
+            q,
+            k,
+            v,
+            lse,
+            d_out,
+        } = *inputs;
+        let hd = self.head_dim;
+        let b = self.block(mi, i0, i0 + dq.len() / hd);
+        let (m, nk) = (b.rows.len(), b.keys.len());
+        let qs = Block::of(&b.rows, q, hd);
+        let d_o = Block::of(&b.rows, d_out, hd);
+        let keys = Block::of(&b.keys, k, hd);
+        let values = Block::of(&b.keys, v, hd);
+        let lse = Block::of(&b.rows, lse, 1);
+        with_scratch(m * nk, |p, ds| {
+            self.block_probs(qs, keys, b.i0, b.klo, Some(lse), p);
+            // d probs = d_o values^T, then d scores in place.
+            matmul(
+                Out(ds, nk),
+                In(d_o, hd, 1),
+                In(values, 1, hd),
+                (m, nk, hd),
+                false,
+            );
+            for (row, p) in ds.chunks_mut(nk).zip(p.chunks(nk)) {
+                let inner: f32 = row.iter().zip(p.iter()).map(|(d, p)| d * p).sum();
+                for (d, &p) in row.iter_mut().zip(p) {
+                    *d = self.scale * p * (*d - inner);
+                }
+            }
+            // d q = d scores keys; d k += d scores^T q; d v += p^T d_o.
+            let keys = In(keys, hd, 1);
+            matmul(Out(dq, hd), In(ds, nk, 1), keys, (m, hd, nk), false);
+            let rows = b.keys.start * hd..b.keys.end * hd;
+            let dk = Out(&mut acc.k[rows.clone()], hd);
+            matmul(dk, In(ds, 1, nk), In(qs, hd, 1), (nk, hd, m), true);
+            let dv = Out(&mut acc.v[rows], hd);
+            matmul(dv, In(p, 1, nk), In(d_o, hd, 1), (nk, hd, m), true);
+        });
+        acc
+    }
+
     /// Returns the output (layout of `q`) and each query row's log-sum-exp of scaled scores.
     pub fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let (g, tq, tk, hd) = (self.group, self.queries, self.keys, self.head_dim);
@@ -244,58 +305,40 @@ impl Attention {
                                 k: vec![0f32; key_len],
                                 v: vec![0f32; key_len],
                             };
-                            Ok(dq
-                                .par_chunks_mut(tq * hd)
+                            let blocks: Vec<(usize, usize, &mut [f32])> = dq
+                                .chunks_mut(tq * hd)
                                 .enumerate()
                                 .flat_map(|(mi, dq)| {
-                                    dq.par_chunks_mut(BLOCK * hd)
+                                    dq.chunks_mut(BLOCK * hd)
                                         .enumerate()
                                         .map(move |(bi, dq)| (mi, bi * BLOCK, dq))
                                 })
-                                .fold(zero, |mut acc, (mi, i0, dq)| {
-                                    let b = self.block(mi, i0, i0 + dq.len() / hd);
-                                    let (m, nk) = (b.rows.len(), b.keys.len());
-                                    let qs = Block::of(&b.rows, q, hd);
-                                    let d_o = Block::of(&b.rows, d_out, hd);
-                                    let keys = Block::of(&b.keys, k, hd);
-                                    let values = Block::of(&b.keys, v, hd);
-                                    let lse = Block::of(&b.rows, lse, 1);
-                                    with_scratch(m * nk, |p, ds| {
-                                        self.block_probs(qs, keys, b.i0, b.klo, Some(lse), p);
-                                        // d probs = d_o values^T, then d scores in place.
-                                        matmul(
-                                            Out(ds, nk),
-                                            In(d_o, hd, 1),
-                                            In(values, 1, hd),
-                                            (m, nk, hd),
-                                            false,
-                                        );
-                                        for (row, p) in ds.chunks_mut(nk).zip(p.chunks(nk)) {
-                                            let inner: f32 =
-                                                row.iter().zip(p.iter()).map(|(d, p)| d * p).sum();
-                                            for (d, &p) in row.iter_mut().zip(p) {
-                                                *d = self.scale * p * (*d - inner);
-                                            }
-                                        }
-                                        // d q = d scores keys; d k += d scores^T q;
-                                        // d v += p^T d_o.
-                                        let keys = In(keys, hd, 1);
-                                        matmul(
-                                            Out(dq, hd),
-                                            In(ds, nk, 1),
-                                            keys,
-                                            (m, hd, nk),
-                                            false,
-                                        );
-                                        let rows = b.keys.start * hd..b.keys.end * hd;
-                                        let dk = Out(&mut acc.k[rows.clone()], hd);
-                                        matmul(dk, In(ds, 1, nk), In(qs, hd, 1), (nk, hd, m), true);
-                                        let dv = Out(&mut acc.v[rows], hd);
-                                        matmul(dv, In(p, 1, nk), In(d_o, hd, 1), (nk, hd, m), true);
-                                    });
-                                    acc
+                                .collect();
+                            let inputs = BackwardInputs {
+                                q,
+                                k,
+                                v,
+                                lse,
+                                d_out,
+                            };
+                            let cost = |&(mi, i0, ref dq): &(usize, usize, &mut [f32])| {
+                                let b = self.block(mi, i0, i0 + dq.len() / hd);
+                                b.rows.len() * b.keys.len()
+                            };
+                            // A few parts of equal cost, each with one d k / d v accumulator:
+                            // rayon's own splitting made one per leaf task, and adding them
+                            // up cost more than the blocks' exps.
+                            let parts =
+                                split_by_cost(blocks, 2 * rayon::current_num_threads(), cost);
+                            Ok(parts
+                                .into_par_iter()
+                                .map(|part| {
+                                    part.into_iter().fold(zero(), |acc, block| {
+                                        self.block_backward(block, acc, &inputs)
+                                    })
                                 })
-                                .reduce(zero, KeyGrads::add))
+                                .reduce_with(KeyGrads::add)
+                                .unwrap_or_else(zero))
                         })
                     })
                 })
@@ -309,6 +352,24 @@ impl Attention {
             v: Tensor::from_vec(key_grads.v, (b, kv, tk, hd), dev)?,
         })
     }
+}
+
+/// Splits `items` into at most `parts` consecutive runs of about equal total `cost`.
+fn split_by_cost<T>(items: Vec<T>, parts: usize, cost: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
+    let total: usize = items.iter().map(&cost).sum();
+    let share = total.div_ceil(parts.max(1)).max(1);
+    let mut out = vec![Vec::new()];
+    let mut run = 0;
+    for item in items {
+        let c = cost(&item);
+        if run >= share {
+            out.push(Vec::new());
+            run = 0;
+        }
+        run += c;
+        out.last_mut().expect("never empty").push(item);
+    }
+    out
 }
 
 thread_local! {

@@ -3,7 +3,7 @@
 use candle_core::{Result, Tensor};
 
 use super::forward::{LayerTape, Tape};
-use super::kernels::{gated_backward, rms_norm_backward};
+use super::kernels::{gated_backward, merge_heads, rms_norm_backward, split_heads};
 use super::ops::{linear_backward, Activation};
 use super::{Layer, Model};
 
@@ -61,10 +61,8 @@ impl Model {
         if let (Some(n), Some(pre)) = (&layer.post_attn_norm, &lt.attn_pre_norm) {
             g_attn = rms_norm_backward(pre, n, c.eps, &g_attn)?;
         }
-        let g_o = linear_backward(&g_attn, &layer.wo)?
-            .reshape((b, t, nh, hd))?
-            .transpose(1, 2)?
-            .contiguous()?
+        let g_o = split_heads(&linear_backward(&g_attn, &layer.wo)?, (b, t, hd), &[nh])?
+            .remove(0)
             .reshape((b, nkv, grp * t, hd))?;
         let grads = self
             .attention(layer, b, t, t)
@@ -80,19 +78,7 @@ impl Model {
         if let (Some(n), Some(pre)) = (&layer.k_norm, &lt.k_pre_norm) {
             g_k = rms_norm_backward(pre, n, c.eps, &g_k)?;
         }
-        let from_heads = |x: Tensor, heads: usize| -> Result<Tensor> {
-            x.transpose(1, 2)?
-                .contiguous()?
-                .reshape((b * t, heads * hd))
-        };
-        let g_qkv = Tensor::cat(
-            &[
-                &from_heads(g_q, nh)?,
-                &from_heads(g_k, nkv)?,
-                &from_heads(g_v, nkv)?,
-            ],
-            1,
-        )?;
+        let g_qkv = merge_heads(&[&g_q, &g_k, &g_v], (b, t, hd))?;
         let g_a = linear_backward(&g_qkv, &layer.w_qkv)?;
         g_h2 + rms_norm_backward(&lt.h, &layer.attn_norm, c.eps, &g_a)?
     }

@@ -4,7 +4,7 @@
 use candle_core::{Result, Tensor};
 
 use super::attention::Attention;
-use super::kernels::{gated, target_log_softmax};
+use super::kernels::{gated, merge_heads, split_heads, target_log_softmax};
 use super::ops::Activation;
 use super::ops::{self, linear, rms_norm};
 use super::{Layer, Model};
@@ -220,13 +220,10 @@ impl Model {
         let c = &self.cfg;
         let (nh, nkv, hd, g) = (c.n_head, c.n_kv_head, c.head_dim, self.group());
         let a = rms_norm(h, &layer.attn_norm, c.eps)?;
-        let to_heads = |x: Tensor, heads: usize| -> Result<Tensor> {
-            x.reshape((b, t, heads, hd))?.transpose(1, 2)?.contiguous()
-        };
         let qkv = linear(&a, &layer.w_qkv)?;
-        let mut q = to_heads(qkv.narrow(1, 0, nh * hd)?, nh)?;
-        let mut k = to_heads(qkv.narrow(1, nh * hd, nkv * hd)?, nkv)?;
-        let v = to_heads(qkv.narrow(1, (nh + nkv) * hd, nkv * hd)?, nkv)?;
+        let [mut q, mut k, v]: [Tensor; 3] = split_heads(&qkv, (b, t, hd), &[nh, nkv, nkv])?
+            .try_into()
+            .expect("three groups of heads");
         let (mut q_pre_norm, mut k_pre_norm) = (None, None);
         if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
             let qn_out = rms_norm(&q, qn, c.eps)?;
@@ -254,11 +251,7 @@ impl Model {
         let (o, lse) = self
             .attention(layer, b, t, k_all.dim(2)?)
             .forward(&q, &k_all, &v_all)?;
-        let o = o
-            .reshape((b, nh, t, hd))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b * t, nh * hd))?;
+        let o = merge_heads(&[&o], (b, t, hd))?;
         let mut attn = linear(&o, &layer.wo)?;
         let mut attn_pre_norm = None;
         if let Some(n) = &layer.post_attn_norm {

@@ -8,16 +8,107 @@ use super::simd;
 
 /// Runs `f` on the contiguous f32 data of `t`.
 pub(super) fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        bail!("fused kernels run on the CPU only")
-    };
-    let data = cpu.as_slice::<f32>()?;
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        bail!("tensor is not contiguous")
-    };
-    f(&data[start..end])
+    with_slices(&[t], |s| f(s[0]))
+}
+
+/// Runs `f` on the contiguous f32 data of each tensor in `ts`.
+fn with_slices<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> Result<R>) -> Result<R> {
+    let ts: Vec<Tensor> = ts.iter().map(|t| t.contiguous()).collect::<Result<_>>()?;
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(guards.len());
+    for (storage, layout) in &guards {
+        let Storage::Cpu(cpu) = &**storage else {
+            bail!("fused kernels run on the CPU only")
+        };
+        let data = cpu.as_slice::<f32>()?;
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            bail!("tensor is not contiguous")
+        };
+        slices.push(&data[start..end]);
+    }
+    f(&slices)
+}
+
+/// Rows handled by one task of the head layout kernels.
+const HEAD_ROWS_PER_TASK: usize = 64;
+
+/// Splits the rows of `x` (b * t, sum of `heads` * hd), whose columns hold one group of heads
+/// after another, into one (b, heads[i], t, hd) tensor per group. A parallel gather: candle's
+/// transpose-and-copy is single-threaded, and it ran several times per layer.
+pub fn split_heads(
+    x: &Tensor,
+    (b, t, hd): (usize, usize, usize),
+    heads: &[usize],
+) -> Result<Vec<Tensor>> {
+    let width: usize = heads.iter().sum::<usize>() * hd;
+    if x.elem_count() != b * t * width {
+        bail!("split_heads: {:?} is not ({b} * {t}, {width})", x.shape())
+    }
+    with_slice(x, |x| {
+        let mut offset = 0;
+        let mut out = Vec::with_capacity(heads.len());
+        for &h in heads {
+            let mut dst = vec![0f32; b * h * t * hd];
+            dst.par_chunks_mut(t * hd)
+                .enumerate()
+                .flat_map(|(bh, d)| {
+                    d.par_chunks_mut(HEAD_ROWS_PER_TASK * hd)
+                        .enumerate()
+                        .map(move |(c, d)| (bh, c * HEAD_ROWS_PER_TASK, d))
+                })
+                .for_each(|(bh, r0, d)| {
+                    let (bi, head) = (bh / h, bh % h);
+                    for (r, d) in d.chunks_mut(hd).enumerate() {
+                        let src = (bi * t + r0 + r) * width + offset + head * hd;
+                        d.copy_from_slice(&x[src..src + hd]);
+                    }
+                });
+            out.push(Tensor::from_vec(dst, (b, h, t, hd), &Device::Cpu)?);
+            offset += h * hd;
+        }
+        Ok(out)
+    })
+}
+
+/// The inverse of `split_heads`: (b, heads_i, t, hd) tensors side by side as rows
+/// (b * t, sum of heads_i * hd).
+pub fn merge_heads(parts: &[&Tensor], (b, t, hd): (usize, usize, usize)) -> Result<Tensor> {
+    let heads: Vec<usize> = parts
+        .iter()
+        .map(|p| p.elem_count() / (b * t * hd).max(1))
+        .collect();
+    for (p, h) in parts.iter().zip(&heads) {
+        if p.elem_count() != b * h * t * hd {
+            bail!(
+                "merge_heads: {:?} is not ({b}, heads, {t}, {hd})",
+                p.shape()
+            )
+        }
+    }
+    let width: usize = heads.iter().sum::<usize>() * hd;
+    let mut out = vec![0f32; b * t * width];
+    with_slices(parts, |parts| {
+        out.par_chunks_mut(HEAD_ROWS_PER_TASK * width)
+            .enumerate()
+            .for_each(|(c, rows)| {
+                for (i, row) in rows.chunks_mut(width).enumerate() {
+                    let (bi, r) = (
+                        (c * HEAD_ROWS_PER_TASK + i) / t,
+                        (c * HEAD_ROWS_PER_TASK + i) % t,
+                    );
+                    let mut col = 0;
+                    for (p, &h) in parts.iter().zip(&heads) {
+                        for head in 0..h {
+                            let src = ((bi * h + head) * t + r) * hd;
+                            row[col..col + hd].copy_from_slice(&p[src..src + hd]);
+                            col += hd;
+                        }
+                    }
+                }
+            });
+        Ok(())
+    })?;
+    Tensor::from_vec(out, (b * t, width), &Device::Cpu)
 }
 
 fn rows_of(t: &Tensor) -> Result<(usize, usize)> {
@@ -243,6 +334,34 @@ pub(super) mod tests {
             assert!(max_diff(&want_dg, &dg) < 1e-4);
             assert!(max_diff(&want_du, &du) < 1e-4);
         }
+    }
+
+    #[test]
+    fn head_layouts_match_candle_transposes() {
+        let (b, t, hd) = (2, 70, 4);
+        let heads = [3, 1, 2];
+        let width = 6 * hd;
+        let x = Tensor::randn(0f32, 1.0, (b * t, width), &Device::Cpu).unwrap();
+        let parts = split_heads(&x, (b, t, hd), &heads).unwrap();
+        let mut offset = 0;
+        for (p, &h) in parts.iter().zip(&heads) {
+            let want = x
+                .narrow(1, offset, h * hd)
+                .unwrap()
+                .reshape((b, t, h, hd))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap();
+            assert_eq!(p.dims(), want.dims());
+            assert_eq!(max_diff(p, &want), 0.0);
+            offset += h * hd;
+        }
+        let refs: Vec<&Tensor> = parts.iter().collect();
+        let back = merge_heads(&refs, (b, t, hd)).unwrap();
+        assert_eq!(max_diff(&back, &x), 0.0);
+        assert!(split_heads(&x, (b, t, hd), &[3, 2]).is_err());
     }
 
     #[test]

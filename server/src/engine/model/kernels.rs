@@ -165,15 +165,11 @@ pub fn gated(gate_up: &Tensor, gelu: bool) -> Result<Tensor> {
             .zip(gu.par_chunks(two_f))
             .for_each(|(o, row)| {
                 let (g, u) = row.split_at(f);
-                if gelu {
-                    for ((o, &x), &u) in o.iter_mut().zip(g).zip(u) {
-                        *o = gelu_tanh_and_derivative(x).0 * u;
-                    }
-                } else {
-                    simd::sigmoid(g, o);
-                    for ((o, &x), &u) in o.iter_mut().zip(g).zip(u) {
-                        *o *= x * u;
-                    }
+                // Both activations are x * sigmoid(z): SiLU with z = x, GELU-tanh with
+                // z = 2 c (x + k x^3), since (1 + tanh(y)) / 2 = sigmoid(2 y).
+                sigmoid_of_gate(g, o, gelu);
+                for ((o, &x), &u) in o.iter_mut().zip(g).zip(u) {
+                    *o *= x * u;
                 }
             });
         Ok(())
@@ -200,20 +196,18 @@ pub fn gated_backward(gate_up: &Tensor, d_out: &Tensor, gelu: bool) -> Result<Te
                 .for_each(|(o, (row, d))| {
                     let (g, u) = row.split_at(f);
                     let (dg, du) = o.split_at_mut(f);
-                    if gelu {
-                        for i in 0..f {
-                            let (act, deriv) = gelu_tanh_and_derivative(g[i]);
-                            dg[i] = d[i] * u[i] * deriv;
-                            du[i] = d[i] * act;
-                        }
-                    } else {
-                        // The sigmoid goes into d gate first, then each entry is finished.
-                        simd::sigmoid(g, dg);
-                        for i in 0..f {
-                            let (x, s) = (g[i], dg[i]);
-                            dg[i] = d[i] * u[i] * s * (1.0 + x * (1.0 - s));
-                            du[i] = d[i] * x * s;
-                        }
+                    // The sigmoid goes into d gate first, then each entry is finished.
+                    sigmoid_of_gate(g, dg, gelu);
+                    for i in 0..f {
+                        let (x, s) = (g[i], dg[i]);
+                        // d/dx x s(z) = s + x s (1 - s) dz/dx.
+                        let dz = if gelu {
+                            2.0 * GELU_C * (1.0 + 3.0 * GELU_K * x * x)
+                        } else {
+                            1.0
+                        };
+                        dg[i] = d[i] * u[i] * (s + x * s * (1.0 - s) * dz);
+                        du[i] = d[i] * x * s;
                     }
                 });
             Ok(())
@@ -222,13 +216,19 @@ pub fn gated_backward(gate_up: &Tensor, d_out: &Tensor, gelu: bool) -> Result<Te
     Tensor::from_vec(out, (rows, two_f), &Device::Cpu)
 }
 
-fn gelu_tanh_and_derivative(x: f32) -> (f32, f32) {
-    const C: f32 = 0.797_884_6; // sqrt(2 / pi)
-    const K: f32 = 0.044715;
-    let t = (C * (x + K * x * x * x)).tanh();
-    let act = 0.5 * x * (1.0 + t);
-    let deriv = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * C * (1.0 + 3.0 * K * x * x);
-    (act, deriv)
+const GELU_C: f32 = 0.797_884_6; // sqrt(2 / pi)
+const GELU_K: f32 = 0.044715;
+
+/// out = sigmoid(z(x)) with z = x (SiLU) or 2 c (x + k x^3) (GELU-tanh).
+fn sigmoid_of_gate(x: &[f32], out: &mut [f32], gelu: bool) {
+    if gelu {
+        for (o, &x) in out.iter_mut().zip(x) {
+            *o = 2.0 * GELU_C * (x + GELU_K * x * x * x);
+        }
+    } else {
+        out.copy_from_slice(x);
+    }
+    simd::sigmoid(out);
 }
 
 /// ln softmax of each row of `logits` (rows, vocab) at `targets[row]`, and, with `want_grad`,

@@ -24,21 +24,16 @@ pub fn exp_affine_sum(x: &mut [f32], scale: f32, shift: f32) -> f32 {
     scalar_exp_affine_sum(x, scale, shift)
 }
 
-/// out[i] = 1 / (1 + exp(-x[i])).
-pub fn sigmoid(x: &[f32], out: &mut [f32]) {
-    assert_eq!(
-        x.len(),
-        out.len(),
-        "sigmoid: input and output lengths differ"
-    );
+/// x[i] = 1 / (1 + exp(-x[i])).
+pub fn sigmoid(x: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
-        // SAFETY: as above; the lengths are equal.
-        unsafe { avx2::sigmoid(x, out) };
+        // SAFETY: as above.
+        unsafe { avx2::sigmoid(x) };
         return;
     }
-    for (o, &v) in out.iter_mut().zip(x) {
-        *o = 1.0 / (1.0 + (-v).exp());
+    for v in x.iter_mut() {
+        *v = 1.0 / (1.0 + (-*v).exp());
     }
 }
 
@@ -125,22 +120,20 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn sigmoid(x: &[f32], out: &mut [f32]) {
+    pub(super) unsafe fn sigmoid(x: &mut [f32]) {
         let one = _mm256_set1_ps(1.0);
-        let n = x.len() / 8 * 8;
-        for i in (0..n).step_by(8) {
-            // SAFETY: i + 8 <= n <= both lengths.
-            let v = unsafe { _mm256_loadu_ps(x.as_ptr().add(i)) };
+        let mut chunks = x.chunks_exact_mut(8);
+        for c in &mut chunks {
+            // SAFETY: `c` holds exactly eight f32.
+            let v = unsafe { _mm256_loadu_ps(c.as_ptr()) };
             let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), v));
             let s = _mm256_div_ps(one, _mm256_add_ps(one, e));
-            unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(i), s) };
+            unsafe { _mm256_storeu_ps(c.as_mut_ptr(), s) };
         }
-        let mut rest = [0f32; 8];
-        let len = x.len() - n;
-        rest[..len].copy_from_slice(&x[n..]);
-        tail(&mut rest[..len], |v| -v);
-        for (o, e) in out[n..].iter_mut().zip(&rest[..len]) {
-            *o = 1.0 / (1.0 + e);
+        let rest = chunks.into_remainder();
+        tail(rest, |v| -v);
+        for v in rest.iter_mut() {
+            *v = 1.0 / (1.0 + *v);
         }
     }
 
@@ -213,8 +206,8 @@ mod tests {
                 assert!(rel_err(*a, *b as f64) < 5e-7, "len {len}: {a} vs {b}");
             }
             assert!((s1 - s2).abs() <= 1e-5 * s2.abs().max(1.0), "len {len}");
-            let mut sig = vec![0f32; len];
-            sigmoid(&x, &mut sig);
+            let mut sig = x.clone();
+            sigmoid(&mut sig);
             for (s, &v) in sig.iter().zip(&x) {
                 let want = 1.0 / (1.0 + (-(v as f64)).exp());
                 assert!(rel_err(*s, want) < 5e-7, "sigmoid({v}) = {s}, want {want}");

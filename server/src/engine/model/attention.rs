@@ -74,7 +74,7 @@ struct BackwardInputs<'a> {
     d_out: &'a [f32],
 }
 
-/// d k and d v of every key head, summed over the blocks one thread has done.
+/// d k and d v of every key head, summed over the blocks of one part of the work.
 struct KeyGrads {
     k: Vec<f32>,
     v: Vec<f32>,

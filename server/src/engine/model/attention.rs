@@ -144,13 +144,7 @@ impl Attention {
     ) -> Vec<f32> {
         let hd = self.head_dim;
         let (m, nk) = (q.len() / hd, keys.len() / hd);
-        matmul(
-            Out(p, nk),
-            In(q, hd, 1),
-            In(keys, 1, hd),
-            (m, nk, hd),
-            false,
-        );
+        times_transposed(p, q, keys, hd);
         let mut lse_out = Vec::with_capacity(if lse.is_some() { 0 } else { m });
         for (r, row) in p.chunks_mut(nk).enumerate() {
             let (lo, hi) = self.visible(i0 + r);
@@ -202,13 +196,7 @@ impl Attention {
         with_scratch(m * nk, |p, ds| {
             self.block_probs(qs, keys, b.i0, b.klo, Some(lse), p);
             // d probs = d_o values^T, then d scores in place.
-            matmul(
-                Out(ds, nk),
-                In(d_o, hd, 1),
-                In(values, 1, hd),
-                (m, nk, hd),
-                false,
-            );
+            times_transposed(ds, d_o, values, hd);
             for (row, p) in ds.chunks_mut(nk).zip(p.chunks(nk)) {
                 let inner: f32 = row.iter().zip(p.iter()).map(|(d, p)| d * p).sum();
                 for (d, &p) in row.iter_mut().zip(p) {
@@ -397,6 +385,19 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R
 struct In<'a>(&'a [f32], usize, usize);
 /// A matrix written to a slice with unit column stride: (data, row stride).
 struct Out<'a>(&'a mut [f32], usize);
+
+/// dst (m × n) = lhs (m × hd) · rhs^T for rhs (n × hd), both row-major: a block's scores
+/// against its keys, or its d probs against its values.
+fn times_transposed(dst: &mut [f32], lhs: &[f32], rhs: &[f32], hd: usize) {
+    let (m, n) = (lhs.len() / hd, rhs.len() / hd);
+    matmul(
+        Out(dst, n),
+        In(lhs, hd, 1),
+        In(rhs, 1, hd),
+        (m, n, hd),
+        false,
+    );
+}
 
 /// dst (m × n) = lhs (m × k) · rhs (k × n), or dst += when `accumulate`. Single-threaded: the
 /// callers run blocks in parallel.

@@ -92,10 +92,8 @@ pub fn merge_heads(parts: &[&Tensor], (b, t, hd): (usize, usize, usize)) -> Resu
             .enumerate()
             .for_each(|(c, rows)| {
                 for (i, row) in rows.chunks_mut(width).enumerate() {
-                    let (bi, r) = (
-                        (c * HEAD_ROWS_PER_TASK + i) / t,
-                        (c * HEAD_ROWS_PER_TASK + i) % t,
-                    );
+                    let position = c * HEAD_ROWS_PER_TASK + i;
+                    let (bi, r) = (position / t, position % t);
                     let mut col = 0;
                     for (p, &h) in parts.iter().zip(&heads) {
                         for head in 0..h {

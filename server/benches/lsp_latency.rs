@@ -1,12 +1,9 @@
 //! Latency of hover and semantic tokens on a 5,000-line document, idle and while a long
 //! computation runs on another document. `cargo bench --bench lsp_latency`.
 
-#[path = "../../tests/lsp_client.rs"]
-mod lsp_client;
-
 use std::time::{Duration, Instant};
 
-use lsp_client::Client;
+use prompt_salience::lsp::test_client::Client;
 use serde_json::json;
 
 const BIG: &str = "file:///tmp/big.prompt.md";

@@ -1,15 +1,13 @@
 //! prompt-salience: which parts of a prompt drove a language model's answer.
 //!
-//! - [`engine`]: models, tokenization, generation and salience — plain types, byte offsets.
-//! - [`cli`]: the command line.
+//! The engine (`salience-engine`: models, gradients, perturbation, generation) and the document
+//! layer (`salience-core`: prompt files, segments, analysis, settings) are crates of their own;
+//! this crate holds the front ends that people use:
+//! - [`cli`]: the command line;
+//! - [`lsp`]: the language server, the only place that knows lsp-types and JSON-RPC;
+//! - [`report`]: terminal, JSON and HTML reports.
 #![deny(clippy::print_stdout)]
 
-pub mod analysis;
 pub mod cli;
-pub mod compare;
-pub mod engine;
-pub mod faithfulness;
 pub mod lsp;
-pub mod prompt_file;
 pub mod report;
-pub mod segments;

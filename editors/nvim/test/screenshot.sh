@@ -40,7 +40,7 @@ else
   window=$(awk -v c="$cols" -v r="$rows" 'BEGIN { printf "%d,%d", c * 9.04 + 30, r * 20.25 + 30 }')
 fi
 tools=${EDITOR_TOOLS:-$root/.cache/editors}
-nvim=$(bash "$root/../shared/editor-testing/install-nvim.sh" "$tools/nvim")
+nvim=$(bash "$root/editors/test-tools/install-nvim.sh" "$tools/nvim")
 session=ps-shot-$$
 tmp=$(mktemp -d)
 trap 'tmux kill-session -t "$session" 2>/dev/null || true; rm -rf "$tmp"' EXIT

@@ -211,7 +211,7 @@ export async function activate(context: vscode.ExtensionContext) {
     const pick = await vscode.window.showQuickPick([...METHODS], { placeHolder: 'Method (leave_one_out and ablation_surrogate run the model on edited prompts: slower)' });
     if (pick) await exec('promptSalience.setMethod', { uri: e.document.uri.toString(), method: pick });
   });
-  for (const [name, up] of [['promptSalience.increaseContrast', true], ['promptSalience.decreaseContrast', false]] as const) {
+  for (const [name, up] of [['promptSalience.increaseGain', true], ['promptSalience.decreaseGain', false]] as const) {
     register(name, async () => {
       const e = activeDoc();
       if (!e) return;

@@ -5,7 +5,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../../.." && pwd)
 tools=${EDITOR_TOOLS:-$root/.cache/editors}
 mkdir -p "$tools"
-code_server=$(bash "$root/../shared/editor-testing/install-code-server.sh" "$tools/vscode")
+code_server=$(bash "$root/editors/test-tools/install-code-server.sh" "$tools/vscode")
 bash "$root/editors/vscode/scripts/package.sh" >&2
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

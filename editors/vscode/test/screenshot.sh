@@ -12,7 +12,7 @@ case $out in /*) ;; *) out=$PWD/$out ;; esac
 case $prompt in /*) ;; *) prompt=$PWD/$prompt ;; esac
 tools=${EDITOR_TOOLS:-$root/.cache/editors}
 mkdir -p "$tools"
-code_server=$(bash "$root/../shared/editor-testing/install-code-server.sh" "$tools/vscode")
+code_server=$(bash "$root/editors/test-tools/install-code-server.sh" "$tools/vscode")
 vsix=${VSIX:-$root/editors/vscode/prompt-salience.vsix}
 [ -f "$vsix" ] || bash "$root/editors/vscode/scripts/package.sh" >&2
 work=$(mktemp -d)

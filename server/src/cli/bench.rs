@@ -5,10 +5,10 @@ use std::time::Instant;
 use clap::Args;
 
 use super::ModelArgs;
-use crate::engine::generate::GenerateOptions;
-use crate::engine::perturbation::{self, DeletionScorer, SurrogateOptions, TargetTerm};
-use crate::engine::salience::{self, Baseline, IgOptions, Method, SalienceRequest, Spacing};
-use crate::engine::{no_progress, CancelToken, EngineError};
+use salience_engine::generate::GenerateOptions;
+use salience_engine::perturbation::{self, DeletionScorer, SurrogateOptions, TargetTerm};
+use salience_engine::salience::{self, Baseline, IgOptions, Method, SalienceRequest, Spacing};
+use salience_engine::{no_progress, CancelToken, EngineError};
 
 #[derive(Args)]
 pub struct BenchArgs {

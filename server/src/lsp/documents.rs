@@ -8,19 +8,20 @@ use ropey::Rope;
 use tower_lsp_server::lsp_types::{TextDocumentContentChangeEvent, Uri};
 
 use super::convert::{self, Encoding};
-use crate::analysis::Analysis;
-use crate::compare;
-use crate::engine::CancelToken;
-use crate::faithfulness::Faithfulness;
-use crate::prompt_file::{self, Granularity, PromptFile};
-use crate::segments::{Level, LevelResult};
+use salience_core::analysis::Analysis;
+use salience_core::compare;
+use salience_core::faithfulness::Faithfulness;
+use salience_core::prompt_file::{self, PromptFile};
+use salience_core::segments::{LevelResult, Segmentation};
+use salience_engine::CancelToken;
 
 pub struct Painted {
     pub version: i32,
     pub analysis: Arc<Analysis>,
     /// The model as the worker names it, to run more work on the same model.
     pub model: String,
-    pub granularity: Granularity,
+    /// The segments painted (a granularity, or the file's custom separators).
+    pub segmentation: Segmentation,
     pub gain: f32,
     /// What is painted: the scores, or their change since `previous` when `difference` is set.
     pub level: LevelResult,
@@ -30,8 +31,8 @@ pub struct Painted {
     /// Per painted segment: its score in `previous`, where it still exists.
     pub before: Vec<Option<f32>>,
     pub difference: bool,
-    /// Deletion tests done for this map, by level.
-    pub faithfulness: HashMap<Granularity, Faithfulness>,
+    /// Deletion tests done for this map, by segmentation name.
+    pub faithfulness: HashMap<String, Faithfulness>,
 }
 
 impl Painted {
@@ -39,7 +40,7 @@ impl Painted {
         version: i32,
         analysis: Arc<Analysis>,
         model: String,
-        granularity: Granularity,
+        segmentation: Segmentation,
         gain: f32,
         previous: Option<Arc<Analysis>>,
     ) -> Self {
@@ -49,7 +50,7 @@ impl Painted {
             level: LevelResult::default(),
             analysis,
             model,
-            granularity,
+            segmentation: segmentation.clone(),
             gain,
             computed_at: Instant::now(),
             previous,
@@ -57,20 +58,20 @@ impl Painted {
             difference: false,
             faithfulness: HashMap::new(),
         };
-        p.rerender(granularity, gain);
+        p.rerender(segmentation, gain);
         p
     }
 
     /// Re-aggregates from the cached token scores: no model run.
-    pub fn rerender(&mut self, granularity: Granularity, gain: f32) {
-        self.granularity = granularity;
+    pub fn rerender(&mut self, segmentation: Segmentation, gain: f32) {
+        self.segmentation = segmentation;
         self.gain = gain;
-        let level = Level::Standard(granularity);
-        let now = self.analysis.level(&level, gain);
+        let level = &self.segmentation;
+        let now = self.analysis.level(level, gain);
         self.before = match &self.previous {
             Some(prev) => compare::previous_scores(
                 &prev.text,
-                &prev.level(&level, gain),
+                &prev.level(level, gain),
                 &self.analysis.text,
                 &now,
             ),
@@ -102,7 +103,12 @@ impl Painted {
     /// Paints the change since the previous result (or the scores again).
     pub fn set_difference(&mut self, on: bool) {
         self.difference = on;
-        self.rerender(self.granularity, self.gain);
+        self.rerender(self.segmentation.clone(), self.gain);
+    }
+
+    /// The faithfulness check of the painted segmentation, once it has run.
+    pub fn faithfulness(&self) -> Option<&Faithfulness> {
+        self.faithfulness.get(&self.segmentation.name())
     }
 
     /// The painted segment's score in the previous result, where it existed.
@@ -177,7 +183,7 @@ impl Document {
         version: i32,
         analysis: Arc<Analysis>,
         model: String,
-        granularity: Granularity,
+        segmentation: Segmentation,
         gain: f32,
     ) {
         if let Some(p) = self.painted.take() {
@@ -191,7 +197,7 @@ impl Document {
             version,
             analysis,
             model,
-            granularity,
+            segmentation,
             gain,
             previous,
         ));

@@ -61,7 +61,7 @@ pub(super) fn hover(st: &State, params: &HoverParams) -> Option<Hover> {
             }
         ));
     }
-    if let Some(f) = p.faithfulness.get(&p.granularity) {
+    if let Some(f) = p.faithfulness() {
         footer.push_str(&format!("\n\nfaithfulness: {}", f.verdict));
     }
     if !a.generated_response && a.target.contains(&at) {

@@ -5,8 +5,8 @@ use tower_lsp_server::lsp_types::{InlayHint, InlayHintLabel, InlayHintParams};
 
 use super::convert;
 use super::State;
-use crate::prompt_file::Granularity;
-use crate::segments::Level;
+use salience_core::prompt_file::Granularity;
+use salience_core::segments::Segmentation;
 
 pub(super) fn hints(st: &State, params: &InlayHintParams) -> Option<Vec<InlayHint>> {
     if !st.settings.inlay_hints.unwrap_or(false) {
@@ -16,11 +16,11 @@ pub(super) fn hints(st: &State, params: &InlayHintParams) -> Option<Vec<InlayHin
     let p = doc.painted.as_ref()?;
     let window = convert::byte_range(&doc.rope, &params.range, st.encoding);
     let coarse;
-    let level = match p.granularity {
-        Granularity::Token | Granularity::Word => {
+    let level = match p.segmentation {
+        Segmentation::Standard(Granularity::Token | Granularity::Word) => {
             coarse = p
                 .analysis
-                .level(&Level::Standard(Granularity::Paragraph), p.gain);
+                .level(&Segmentation::Standard(Granularity::Paragraph), p.gain);
             &coarse
         }
         _ => &p.level,

@@ -14,6 +14,8 @@ mod inlay_hints;
 pub mod protocol;
 mod semantic_tokens;
 mod settings;
+pub mod test_client;
+mod transport;
 mod worker;
 
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -41,7 +43,7 @@ struct State {
     progress_supported: bool,
     refresh_supported: bool,
     /// Running work by `$/progress` token, for the progress cancel button.
-    progress_cancels: std::collections::HashMap<String, crate::engine::CancelToken>,
+    progress_cancels: std::collections::HashMap<String, salience_engine::CancelToken>,
 }
 
 impl Backend {
@@ -251,6 +253,21 @@ impl LanguageServer for Backend {
     }
 }
 
+impl Backend {
+    /// Asks the client for the `promptSalience` section of its configuration.
+    async fn pull_configuration(&self) {
+        let item = ConfigurationItem {
+            scope_uri: None,
+            section: Some("promptSalience".into()),
+        };
+        if let Ok(values) = self.client.configuration(vec![item]).await {
+            if let Some(v) = values.first().filter(|v| v.is_object()) {
+                self.state().settings.merge_json(v);
+            }
+        }
+    }
+}
+
 pub fn service() -> (LspService<Backend>, tower_lsp_server::ClientSocket) {
     // tower-lsp-server has no handler for the progress cancel button yet: add it here.
     LspService::build(Backend::new)
@@ -258,14 +275,35 @@ pub fn service() -> (LspService<Backend>, tower_lsp_server::ClientSocket) {
         .finish()
 }
 
-/// Serves LSP on stdin/stdout until the client exits.
+/// How many messages the server works on at once. Model work waits on the worker, not here
+/// (at most [`worker::MAX_QUEUED`] jobs are accepted), so notifications, cancels and quick
+/// requests are never queued behind long computations.
+const CONCURRENCY: usize = 64;
+
+/// Serves LSP on `input`/`output` until the client exits. Every frame is checked first
+/// (`transport.rs`): a malformed one is answered and the next one served.
 pub async fn serve<I, O>(input: I, output: O)
 where
-    I: tokio::io::AsyncRead + Unpin,
-    O: tokio::io::AsyncWrite,
+    I: tokio::io::AsyncRead + Unpin + Send + 'static,
+    O: tokio::io::AsyncWrite + Unpin,
 {
     let (service, socket) = service();
-    Server::new(input, output, socket).serve(service).await;
+    let (to_server, server_input) = tokio::io::duplex(1 << 16);
+    let (server_output, from_server) = tokio::io::duplex(1 << 16);
+    let (answers_tx, answers_rx) = tokio::sync::mpsc::unbounded_channel();
+    let reading = tokio::spawn(transport::forward_input(input, to_server, answers_tx));
+    let serving = async move {
+        Server::new(server_input, server_output, socket)
+            .concurrency_level(CONCURRENCY)
+            .serve(service)
+            .await;
+    };
+    tokio::join!(
+        serving,
+        transport::forward_output(from_server, answers_rx, output)
+    );
+    // After `exit` the client may keep its end open: stop reading it.
+    reading.abort();
 }
 
 pub fn run_stdio() {
@@ -275,4 +313,6 @@ pub fn run_stdio() {
         .build()
         .expect("tokio runtime");
     rt.block_on(serve(tokio::io::stdin(), tokio::io::stdout()));
+    // A read of stdin may still be blocked in its thread: do not wait for it.
+    rt.shutdown_background();
 }

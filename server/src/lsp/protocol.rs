@@ -1,6 +1,8 @@
-//! What this server adds to LSP: command names, the semantic-token legend, and the
-//! `promptSalience/result` notification. Documented in the README.
+//! What this server adds to LSP, declared once: the commands with their typed arguments, the
+//! semantic-token legend, and the `promptSalience/result` notification. Documented in the README.
 
+use salience_core::prompt_file::Granularity;
+use salience_engine::salience::Method;
 use serde::{Deserialize, Serialize};
 use tower_lsp_server::lsp_types::notification::Notification;
 use tower_lsp_server::lsp_types::{
@@ -13,10 +15,7 @@ pub const SET_GRANULARITY: &str = "promptSalience.setGranularity";
 pub const SET_GAIN: &str = "promptSalience.setGain";
 pub const SET_METHOD: &str = "promptSalience.setMethod";
 pub const CLEAR: &str = "promptSalience.clear";
-/// The deletion test of the painted map at its granularity (cached; also run in the
-/// background after each result unless the client turns that off).
 pub const CHECK_FAITHFULNESS: &str = "promptSalience.checkFaithfulness";
-/// `{uri, value: bool}`: paint the change since the previous result, or the scores again.
 pub const SHOW_DIFFERENCE: &str = "promptSalience.showDifference";
 pub const COMMANDS: [&str; 8] = [
     COMPUTE,
@@ -28,6 +27,114 @@ pub const COMMANDS: [&str; 8] = [
     CHECK_FAITHFULNESS,
     SHOW_DIFFERENCE,
 ];
+
+/// A `workspace/executeCommand` request, typed: the command's name picks the variant, and its
+/// first argument (one JSON object) is deserialized into that variant's arguments.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    /// Explain a target (the selection, else the response) by salience over the prompt.
+    Compute(ComputeArgs),
+    /// Generate the response and ask the client to apply it as an edit.
+    Generate(DocumentArgs),
+    /// Re-render the painted map at another granularity (perturbation maps recompute).
+    SetGranularity(SetGranularityArgs),
+    /// Re-render with another display gain.
+    SetGain(SetGainArgs),
+    /// Switch between the gradient methods without a run, or compute with another method.
+    SetMethod(SetMethodArgs),
+    /// Remove the painted map.
+    Clear(DocumentArgs),
+    /// The deletion test of the painted map at its segmentation (cached; also run in the
+    /// background after each result unless the client turns that off).
+    CheckFaithfulness(DocumentArgs),
+    /// Paint the change since the previous result, or the scores again.
+    ShowDifference(ShowDifferenceArgs),
+}
+
+impl Command {
+    /// Parses a command's name and arguments; the message says what is wrong.
+    pub fn parse(name: &str, arguments: &[serde_json::Value]) -> Result<Self, String> {
+        fn args<T: serde::de::DeserializeOwned>(
+            name: &str,
+            arguments: &[serde_json::Value],
+        ) -> Result<T, String> {
+            let first = match arguments.first() {
+                // A bare uri stands for `{uri}`.
+                Some(serde_json::Value::String(uri)) => serde_json::json!({ "uri": uri }),
+                Some(object) => object.clone(),
+                None => return Err(format!("{name}: missing arguments: expected {{uri, ...}}")),
+            };
+            T::deserialize(first).map_err(|e| format!("{name}: {e}"))
+        }
+        Ok(match name {
+            COMPUTE => Command::Compute(args(name, arguments)?),
+            GENERATE => Command::Generate(args(name, arguments)?),
+            SET_GRANULARITY => Command::SetGranularity(args(name, arguments)?),
+            SET_GAIN => Command::SetGain(args(name, arguments)?),
+            SET_METHOD => Command::SetMethod(args(name, arguments)?),
+            CLEAR => Command::Clear(args(name, arguments)?),
+            CHECK_FAITHFULNESS => Command::CheckFaithfulness(args(name, arguments)?),
+            SHOW_DIFFERENCE => Command::ShowDifference(args(name, arguments)?),
+            other => return Err(format!("unknown command `{other}`")),
+        })
+    }
+}
+
+/// `{uri}`: commands that need only the document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DocumentArgs {
+    pub uri: Uri,
+}
+
+/// `{uri, range?, method?, contrast?, granularity?}`: what is given here wins over the file's
+/// front matter, which wins over the client's settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ComputeArgs {
+    pub uri: Uri,
+    /// The target (the editor's selection); none or empty: the whole response.
+    #[serde(default)]
+    pub range: Option<Range>,
+    #[serde(default)]
+    pub method: Option<Method>,
+    /// Explain why the target rather than this text.
+    #[serde(default)]
+    pub contrast: Option<String>,
+    #[serde(default)]
+    pub granularity: Option<Granularity>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SetGranularityArgs {
+    pub uri: Uri,
+    #[serde(alias = "value")]
+    pub granularity: Granularity,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SetGainArgs {
+    pub uri: Uri,
+    #[serde(alias = "value")]
+    pub gain: f32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SetMethodArgs {
+    pub uri: Uri,
+    #[serde(alias = "value")]
+    pub method: Method,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShowDifferenceArgs {
+    pub uri: Uri,
+    /// On (the default) or off.
+    #[serde(default = "yes")]
+    pub value: bool,
+}
+
+fn yes() -> bool {
+    true
+}
 
 /// Semantic token types, in legend order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,7 +161,7 @@ pub fn legend() -> SemanticTokensLegend {
         SemanticTokenModifier::new("positive"),
         SemanticTokenModifier::new("negative"),
     ];
-    for l in 1..=crate::segments::LEVELS {
+    for l in 1..=salience_core::segments::LEVELS {
         modifiers.push(SemanticTokenModifier::new(Box::leak(
             format!("level{l}").into_boxed_str(),
         )));

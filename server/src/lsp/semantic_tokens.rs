@@ -60,13 +60,11 @@ pub(super) fn full(
                 continue;
             }
         }
-        // One token per line of the span.
+        // One token per line of the span, as LSP counts lines.
         let text = &p.analysis.text[range.clone()];
-        let mut offset = range.start;
-        for line in text.split_inclusive('\n') {
-            let content = line.trim_end_matches(['\n', '\r']);
+        for (at, content) in convert::lines(text) {
             if !content.trim().is_empty() {
-                let pos = convert::position(&doc.rope, offset, enc);
+                let pos = convert::position(&doc.rope, range.start + at, enc);
                 let delta_line = pos.line - prev_line;
                 let delta_start = if delta_line == 0 {
                     pos.character - prev_start
@@ -83,7 +81,6 @@ pub(super) fn full(
                 prev_line = pos.line;
                 prev_start = pos.character;
             }
-            offset += line.len();
         }
     }
     Some(SemanticTokensResult::Tokens(SemanticTokens {

@@ -1,6 +1,7 @@
 //! Client settings (`initializationOptions`, `workspace/configuration` section
 //! `promptSalience`). A prompt file's own front matter wins over these.
 
+use salience_core::prompt_file::SalienceSettings;
 use serde_json::Value;
 
 #[derive(Debug, Clone, Default)]
@@ -20,6 +21,26 @@ pub struct ClientSettings {
 }
 
 impl ClientSettings {
+    /// These settings as the lowest layer for [`salience_core::options`]. A method or
+    /// granularity the server does not know is logged and left unset.
+    pub fn layer(&self) -> SalienceSettings {
+        fn parsed<T: std::str::FromStr<Err = String>>(what: &str, v: &Option<String>) -> Option<T> {
+            let text = v.as_deref()?;
+            text.parse()
+                .map_err(|e| tracing::warn!("client setting {what}: {e}"))
+                .ok()
+        }
+        SalienceSettings {
+            model: self.model.clone(),
+            method: parsed("method", &self.method),
+            granularity: parsed("granularity", &self.granularity),
+            gain: self.gain,
+            ig_steps: self.ig_steps,
+            max_new_tokens: self.max_new_tokens,
+            ..SalienceSettings::default()
+        }
+    }
+
     /// Takes the keys present in `v` (camelCase or snake_case); ignores others.
     pub fn merge_json(&mut self, v: &Value) {
         // Clients send every declared setting; null or "" means "not set".

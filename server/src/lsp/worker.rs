@@ -1,18 +1,19 @@
 //! Model work runs on one dedicated thread that owns the model (loaded lazily, one at a time);
 //! handlers send it jobs and await the reply, so no handler future ever runs the model.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 
 use tokio::sync::{mpsc as tokio_mpsc, oneshot};
 
-use crate::analysis::{analyse, Analysis, AnalysisOptions, Target};
-use crate::engine::generate::GenerateOptions;
-use crate::engine::prompt::TemplateMode;
-use crate::engine::registry::FetchOptions;
-use crate::engine::{CancelToken, Engine, EngineError, Progress};
-use crate::faithfulness::{self, Faithfulness, FaithfulnessOptions};
-use crate::prompt_file::PromptFile;
-use crate::segments::Level;
+use salience_core::analysis::{analyse, Analysis, AnalysisOptions, Target};
+use salience_core::faithfulness::{self, Faithfulness, FaithfulnessOptions};
+use salience_core::prompt_file::PromptFile;
+use salience_core::segments::Segmentation;
+use salience_engine::generate::GenerateOptions;
+use salience_engine::prompt::TemplateMode;
+use salience_engine::registry::FetchOptions;
+use salience_engine::{CancelToken, Engine, EngineError, Progress};
 
 pub enum Task {
     Analyse {
@@ -29,7 +30,7 @@ pub enum Task {
     /// The deletion test of a painted map at one level.
     Faithfulness {
         analysis: Arc<Analysis>,
-        level: Level,
+        segmentation: Segmentation,
     },
 }
 
@@ -39,7 +40,22 @@ pub enum Output {
     Faithfulness(Box<Faithfulness>),
 }
 
+/// The most model jobs waiting or running at once; more are refused (a compute on a document
+/// cancels the one before it, so only many documents, or a misbehaving client, reach this).
+pub const MAX_QUEUED: usize = 16;
+
+/// A place in the worker's queue, given back when the job is done with (run, skipped or
+/// dropped).
+struct QueueSlot(Arc<AtomicUsize>);
+
+impl Drop for QueueSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 pub struct Job {
+    _slot: QueueSlot,
     pub model: String,
     pub fetch: FetchOptions,
     pub task: Task,
@@ -51,6 +67,7 @@ pub struct Job {
 #[derive(Clone)]
 pub struct Worker {
     tx: mpsc::Sender<Job>,
+    queued: Arc<AtomicUsize>,
 }
 
 impl Worker {
@@ -62,6 +79,7 @@ impl Worker {
                 let mut loaded: Option<(String, Engine)> = None;
                 for job in rx {
                     let Job {
+                        _slot,
                         model,
                         fetch,
                         task,
@@ -89,7 +107,10 @@ impl Worker {
                 }
             })
             .expect("spawn model worker");
-        Self { tx }
+        Self {
+            tx,
+            queued: Arc::default(),
+        }
     }
 
     pub async fn submit(
@@ -100,9 +121,17 @@ impl Worker {
         cancel: CancelToken,
         progress: Option<tokio_mpsc::UnboundedSender<Progress>>,
     ) -> Result<Output, EngineError> {
+        if self.queued.fetch_add(1, Ordering::SeqCst) >= MAX_QUEUED {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(EngineError::Compute(format!(
+                "the server is busy: {MAX_QUEUED} model jobs are waiting; try again when they finish"
+            )));
+        }
+        let slot = QueueSlot(self.queued.clone());
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Job {
+                _slot: slot,
                 model,
                 fetch,
                 task,
@@ -139,12 +168,9 @@ fn run(
         Task::Analyse {
             file,
             target,
-            mut options,
-        } => {
-            options.template = engine.template_or_default(file.settings.template);
-            analyse(engine, &file, &target, &options, &report, cancel)
-                .map(|a| Output::Analysis(Box::new(a)))
-        }
+            options,
+        } => analyse(engine, &file, &target, &options, &report, cancel)
+            .map(|a| Output::Analysis(Box::new(a))),
         Task::Generate {
             file,
             template,
@@ -156,10 +182,13 @@ fn run(
             let gen = engine.generate(&prepared.ids(), &generation, &report, cancel)?;
             Ok(Output::Generated(gen.text))
         }
-        Task::Faithfulness { analysis, level } => faithfulness::check(
+        Task::Faithfulness {
+            analysis,
+            segmentation,
+        } => faithfulness::check(
             engine,
             &analysis,
-            &level,
+            &segmentation,
             &FaithfulnessOptions::default(),
             &report,
             cancel,

@@ -5,10 +5,10 @@ use serde_json::{json, Value};
 
 use super::colors::heat_rgb;
 use super::html::escape;
-use crate::analysis::Analysis;
-use crate::compare::{align_levels, Row};
-use crate::faithfulness::Faithfulness;
-use crate::segments::{intensity, LevelResult};
+use salience_core::analysis::Analysis;
+use salience_core::compare::{align_levels, Row};
+use salience_core::faithfulness::Faithfulness;
+use salience_core::segments::{intensity, LevelResult};
 
 /// One map of a comparison.
 pub struct Side<'a> {
@@ -196,7 +196,7 @@ pub fn html(a: &Side, b: &Side) -> String {
             (None, Some(g)) => &a.analysis.text[g.start..g.end],
             (None, None) => "",
         };
-        let num = |g: Option<&crate::segments::SegmentScore>| {
+        let num = |g: Option<&salience_core::segments::SegmentScore>| {
             g.map_or(("—".to_string(), String::new()), |g| {
                 (format!("{:+.4}", g.score), g.rank.to_string())
             })

@@ -7,20 +7,20 @@ mod html;
 
 use serde_json::{json, Value};
 
-use crate::analysis::Analysis;
-use crate::faithfulness::Faithfulness;
-use crate::prompt_file::Granularity;
-use crate::segments::{intensity, Level, LevelResult};
+use salience_core::analysis::Analysis;
+use salience_core::faithfulness::Faithfulness;
+use salience_core::prompt_file::Granularity;
+use salience_core::segments::{intensity, LevelResult, Segmentation};
 
 pub use html::html;
 
 pub const SCHEMA_VERSION: u32 = 1;
 
 /// Every standard level, plus the custom one when given.
-pub fn all_levels(a: &Analysis, custom: Option<&Level>, gain: f32) -> Vec<LevelResult> {
+pub fn all_levels(a: &Analysis, custom: Option<&Segmentation>, gain: f32) -> Vec<LevelResult> {
     let mut out: Vec<LevelResult> = Granularity::ALL
         .iter()
-        .map(|g| a.level(&Level::Standard(*g), gain))
+        .map(|g| a.level(&Segmentation::Standard(*g), gain))
         .collect();
     if let Some(c) = custom {
         out.push(a.level(c, gain));
@@ -50,8 +50,8 @@ fn level_json(a: &Analysis, l: &LevelResult) -> Value {
 pub fn json(
     a: &Analysis,
     file: &str,
-    selected: &Level,
-    custom: Option<&Level>,
+    selected: &Segmentation,
+    custom: Option<&Segmentation>,
     gain: f32,
     faithfulness: Option<&Faithfulness>,
 ) -> Value {

@@ -1,16 +1,30 @@
--- prompt-salience for Neovim: a thin client. All logic lives in the language server; this
--- starts it, passes the selection as the target, and paints what it sends back.
+-- prompt-salience for Neovim 0.11+: a thin client. All logic lives in the language server;
+-- lsp/prompt_salience.lua configures it, this passes the selection as the target and paints
+-- what it sends back. The commands are made in plugin/prompt_salience.lua.
 local M = {}
 
 local NAME = 'prompt_salience'
+M.name = NAME
 local ns = vim.api.nvim_create_namespace('prompt_salience')
 M.namespace = ns
 
+--- The options given to setup() (merged over these defaults); the server's config itself is
+--- `vim.lsp.config.prompt_salience` (lsp/prompt_salience.lua and any overrides).
 M.config = {
   cmd = { 'prompt-salience', 'lsp' },
   settings = {},
   filetypes = { 'promptmd' },
 }
+
+--- False (after an error message, once) on a Neovim older than 0.11.
+function M.supported()
+  if vim.fn.has('nvim-0.11') == 1 then
+    return true
+  end
+  local v = vim.version()
+  vim.notify_once(string.format('prompt-salience: needs Neovim 0.11 or newer (this is %d.%d.%d)', v.major, v.minor, v.patch), vim.log.levels.ERROR)
+  return false
+end
 
 -- Background colours: green raises the target's probability, red lowers it, blue is unsigned.
 local function blend(rgb, a)
@@ -41,7 +55,7 @@ end
 
 --- Paints `promptSalience/result`: signed colours need sign and level together, which
 --- semantic-token modifiers alone cannot give a highlight group.
-local function on_result(_, result, ctx)
+function M.on_result(_, result, ctx)
   local bufnr = vim.uri_to_bufnr(result.uri)
   if not vim.api.nvim_buf_is_loaded(bufnr) then
     return
@@ -164,7 +178,7 @@ function M.contrast(text, opts)
   M.compute(opts, { contrast = text })
 end
 
-local function step_gain(bufnr, up)
+function M.step_gain(bufnr, up)
   local state = vim.b[bufnr].prompt_salience or {}
   local gain = state.gain or 1.0
   gain = up and gain * 1.5 or gain / 1.5
@@ -195,84 +209,49 @@ end
 
 M.methods = { 'grad_dot_input', 'grad_l2', 'integrated_gradients', 'leave_one_out', 'ablation_surrogate' }
 
+--- Writes the model's response into the file.
+function M.generate()
+  exec(vim.api.nvim_get_current_buf(), 'promptSalience.generate', {})
+end
+
+function M.set_granularity(level)
+  exec(vim.api.nvim_get_current_buf(), 'promptSalience.setGranularity', { granularity = level })
+end
+
+function M.set_method(method)
+  exec(vim.api.nvim_get_current_buf(), 'promptSalience.setMethod', { method = method })
+end
+
+--- Removes the highlights here and the server's result for the buffer.
+function M.clear()
+  local bufnr = vim.api.nvim_get_current_buf()
+  vim.api.nvim_buf_clear_namespace(bufnr, ns, 0, -1)
+  exec(bufnr, 'promptSalience.clear', {})
+end
+
+--- Optional: `vim.lsp.enable('prompt_salience')` does the same with the defaults. `opts.cmd`,
+--- `opts.filetypes` and any other |vim.lsp.Config| field override lsp/prompt_salience.lua;
+--- `opts.settings` are the server's settings (the `promptSalience` section).
 function M.setup(opts)
-  M.config = vim.tbl_deep_extend('force', M.config, opts or {})
-  M.define_highlights()
-  vim.api.nvim_create_autocmd('ColorScheme', { callback = M.define_highlights })
-  local cfg = {
-    cmd = M.config.cmd,
-    filetypes = M.config.filetypes,
-    root_markers = { '.git' },
-    init_options = M.config.settings,
-    settings = { promptSalience = M.config.settings },
-    handlers = { ['promptSalience/result'] = on_result },
-  }
-  if vim.lsp.config and vim.lsp.enable then
-    vim.lsp.config(NAME, cfg)
-    vim.lsp.enable(NAME)
-  else
-    -- Neovim 0.10: start per buffer.
-    vim.api.nvim_create_autocmd('FileType', {
-      pattern = M.config.filetypes,
-      callback = function(args)
-        vim.lsp.start(vim.tbl_extend('force', cfg, { name = NAME, root_dir = vim.fs.root(args.buf, '.git') or vim.fn.getcwd() }), { bufnr = args.buf })
-      end,
-    })
+  if not M.supported() then
+    return
   end
-  local cmd = vim.api.nvim_create_user_command
-  cmd('SalienceGenerate', function()
-    exec(vim.api.nvim_get_current_buf(), 'promptSalience.generate', {})
-  end, { desc = 'Generate the response into the prompt file' })
-  cmd('SalienceCompute', function(o)
-    M.compute(o)
-  end, { range = true, desc = 'Compute salience (a visual range is the target)' })
-  cmd('SalienceGranularity', function(o)
-    exec(vim.api.nvim_get_current_buf(), 'promptSalience.setGranularity', { granularity = o.args })
-  end, { nargs = 1, complete = function()
-    return { 'token', 'word', 'sentence', 'line', 'paragraph', 'block' }
-  end })
-  cmd('SalienceMethod', function(o)
-    exec(vim.api.nvim_get_current_buf(), 'promptSalience.setMethod', { method = o.args })
-  end, { nargs = 1, complete = function(lead)
-    return vim.tbl_filter(function(m)
-      return vim.startswith(m, lead)
-    end, M.methods)
-  end })
-  cmd('SalienceGain', function(o)
-    step_gain(vim.api.nvim_get_current_buf(), o.args ~= '-')
-  end, { nargs = 1, complete = function()
-    return { '+', '-' }
-  end, desc = 'Raise (+) or lower (-) the display gain' })
-  cmd('SalienceContrast', function(o)
-    -- `+` / `-` alone step the display gain, as this command did before :SalienceGain.
-    if o.args == '+' or o.args == '-' then
-      step_gain(vim.api.nvim_get_current_buf(), o.args == '+')
-      return
-    end
-    M.contrast(o.args, o)
-  end, { nargs = '+', range = true, desc = 'Compute why the target rather than {text} (a visual range is the target)' })
-  cmd('SalienceFaithfulness', function()
-    M.faithfulness()
-  end, { desc = 'Check the painted map by deleting its top segments' })
-  cmd('SalienceDifference', function(o)
-    local on = nil
-    if o.args == 'on' then
-      on = true
-    elseif o.args == 'off' then
-      on = false
-    elseif o.args ~= '' then
-      vim.notify('prompt-salience: :SalienceDifference [on|off]', vim.log.levels.WARN)
-      return
-    end
-    M.difference(on)
-  end, { nargs = '?', complete = function()
-    return { 'on', 'off' }
-  end, desc = 'Paint the change since the previous result (toggle, or on/off)' })
-  cmd('SalienceClear', function()
-    local bufnr = vim.api.nvim_get_current_buf()
-    vim.api.nvim_buf_clear_namespace(bufnr, ns, 0, -1)
-    exec(bufnr, 'promptSalience.clear', {})
-  end, {})
+  opts = opts or {}
+  M.config = vim.tbl_deep_extend('force', M.config, opts)
+  -- Filetype detection and the commands, where the plugin directory was not sourced at startup.
+  if not vim.g.loaded_prompt_salience then
+    vim.cmd.runtime('plugin/prompt_salience.lua')
+  end
+  local overrides = vim.deepcopy(opts)
+  overrides.settings = opts.settings and { promptSalience = opts.settings } or nil
+  if next(overrides) ~= nil then
+    vim.lsp.config(NAME, overrides)
+  end
+  vim.lsp.enable(NAME)
+end
+
+if vim.fn.has('nvim-0.11') == 1 then
+  M.define_highlights()
 end
 
 return M

@@ -1,0 +1,273 @@
+//! Salience gradients against finite differences on tiny random-weight models (both
+//! architectures), built in memory.
+
+use candle_core::{Device, Tensor};
+use salience_engine::model::{Arch, Model};
+use salience_engine::salience::{
+    self, gradients, Baseline, IgOptions, Method, SalienceRequest, Spacing,
+};
+use salience_engine::{no_progress, CancelToken};
+
+mod common;
+
+fn tiny(arch: Arch) -> Model {
+    common::tiny(arch, 7)
+}
+
+const IDS: [u32; 9] = [3, 17, 5, 29, 11, 2, 38, 21, 9];
+const TARGET: std::ops::Range<usize> = 6..9;
+
+fn objective(model: &Model, embeds: &[f32]) -> f64 {
+    let t = TARGET.end;
+    let e = Tensor::from_vec(embeds.to_vec(), (1, t, model.cfg.hidden), &Device::Cpu).unwrap();
+    let g = gradients(model, &e, &IDS[TARGET], TARGET.start, &CancelToken::new()).unwrap();
+    g.objective[0] as f64
+}
+
+/// dF/de by central differences, for the scored positions (before the target).
+fn numeric_gradient(model: &Model, embeds: &[f32], step: f32) -> Vec<f32> {
+    let h = model.cfg.hidden;
+    (0..TARGET.start * h)
+        .map(|i| {
+            let mut p = embeds.to_vec();
+            p[i] += step;
+            let mut m = embeds.to_vec();
+            m[i] -= step;
+            ((objective(model, &p) - objective(model, &m)) / (2.0 * step as f64)) as f32
+        })
+        .collect()
+}
+
+fn embeds(model: &Model) -> Vec<f32> {
+    model
+        .embeddings(&IDS[..TARGET.end])
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+fn scores(model: &Model, method: Method, ig: IgOptions) -> salience::SalienceResult {
+    let req = SalienceRequest {
+        ids: IDS.to_vec(),
+        target: TARGET,
+        method,
+        ig,
+        pad_id: Some(0),
+        contrast: None,
+    };
+    salience::compute(model, &req, &no_progress, &CancelToken::new()).unwrap()
+}
+
+fn assert_close(what: &str, ours: &[f32], numeric: &[f32], tol: f32) {
+    let scale = numeric.iter().map(|x| x.abs()).fold(0.0f32, f32::max);
+    assert!(scale > 1e-4, "{what}: the numeric gradient is degenerate");
+    for (i, (a, b)) in ours.iter().zip(numeric).enumerate() {
+        assert!(
+            (a - b).abs() <= tol * scale,
+            "{what}[{i}]: analytic {a} vs numeric {b} (scale {scale})"
+        );
+    }
+}
+
+fn check_gradient_methods(arch: Arch) {
+    let model = tiny(arch);
+    let e = embeds(&model);
+    let num = numeric_gradient(&model, &e, 1e-2);
+    let h = model.cfg.hidden;
+    let l2: Vec<f32> = num
+        .chunks(h)
+        .map(|g| g.iter().map(|x| x * x).sum::<f32>().sqrt())
+        .collect();
+    let dot: Vec<f32> = num
+        .chunks(h)
+        .zip(e.chunks(h))
+        .map(|(g, x)| g.iter().zip(x).map(|(a, b)| a * b).sum())
+        .collect();
+    let r = scores(&model, Method::GradL2, IgOptions::default());
+    assert_close(&format!("{arch:?} grad_l2"), &r.scores, &l2, 2e-3);
+    let r = scores(&model, Method::GradDotInput, IgOptions::default());
+    assert_close(&format!("{arch:?} grad_dot_input"), &r.scores, &dot, 2e-3);
+    // F itself: log-probs are negative and sum over the target tokens.
+    assert!((r.objective as f64 - objective(&model, &e)).abs() < 1e-5);
+    assert!(r.target_log_probs.iter().all(|&lp| lp < 0.0));
+}
+
+fn check_integrated_gradients(arch: Arch) {
+    let model = tiny(arch);
+    let e = embeds(&model);
+    let h = model.cfg.hidden;
+    let steps = 4;
+    // IG from numeric gradients at the same midpoints, zero baseline on scored positions.
+    let mut ig = vec![0f32; TARGET.start];
+    for k in 0..steps {
+        let alpha = (k as f32 + 0.5) / steps as f32;
+        let point: Vec<f32> = e
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| if i < TARGET.start * h { x * alpha } else { x })
+            .collect();
+        // Near the zero baseline RMSNorm makes F steep: a smaller step.
+        let g = numeric_gradient(&model, &point, 2e-3);
+        for (pos, score) in ig.iter_mut().enumerate() {
+            let s: f32 = (0..h).map(|d| g[pos * h + d] * e[pos * h + d]).sum();
+            *score += s / steps as f32;
+        }
+    }
+    let opts = IgOptions {
+        baseline: Baseline::Zero,
+        spacing: Spacing::Uniform,
+        fixed_steps: Some(steps),
+        batch: Some(3),
+        ..IgOptions::default()
+    };
+    let r = scores(&model, Method::IntegratedGradients, opts);
+    assert_close(
+        &format!("{arch:?} integrated_gradients"),
+        &r.scores,
+        &ig,
+        2e-3,
+    );
+    assert_eq!(r.ig.unwrap().steps, steps);
+}
+
+#[test]
+fn llama_gradients_match_finite_differences() {
+    check_gradient_methods(Arch::Llama);
+}
+
+#[test]
+fn gemma3_gradients_match_finite_differences() {
+    check_gradient_methods(Arch::Gemma3);
+}
+
+#[test]
+fn llama_integrated_gradients_match_finite_differences() {
+    check_integrated_gradients(Arch::Llama);
+}
+
+#[test]
+fn gemma3_integrated_gradients_match_finite_differences() {
+    check_integrated_gradients(Arch::Gemma3);
+}
+
+#[test]
+fn integrated_gradients_completeness_improves_with_steps() {
+    let model = tiny(Arch::Llama);
+    let run = |steps| {
+        let opts = IgOptions {
+            baseline: Baseline::Mean,
+            fixed_steps: Some(steps),
+            ..IgOptions::default()
+        };
+        scores(&model, Method::IntegratedGradients, opts)
+            .ig
+            .unwrap()
+            .completeness_gap
+    };
+    let (coarse, fine) = (run(2), run(64));
+    assert!(fine < 0.01, "64 steps leave a gap of {fine}");
+    assert!(fine <= coarse, "{fine} > {coarse}");
+}
+
+#[test]
+fn adaptive_integrated_gradients_stop_at_tolerance_or_cap() {
+    let model = tiny(Arch::Gemma3);
+    let opts = IgOptions {
+        baseline: Baseline::Pad,
+        initial_steps: 2,
+        max_steps: 64,
+        tolerance: 0.02,
+        ..IgOptions::default()
+    };
+    let report = scores(&model, Method::IntegratedGradients, opts)
+        .ig
+        .unwrap();
+    // Refining where the midpoint estimate misses the exact F(b) - F(a) closes the gap well
+    // within the budget on a smooth model.
+    assert!(report.adaptive, "{report:?}");
+    assert!(
+        report.completeness_gap <= 0.02 && report.steps <= 64,
+        "{report:?}"
+    );
+}
+
+#[test]
+fn kv_cache_decoding_matches_the_full_forward() {
+    for arch in [Arch::Llama, Arch::Gemma3] {
+        let model = tiny(arch);
+        // Full forward over all tokens: logits of the last position.
+        let e = (model.embeddings(&IDS).unwrap() * model.cfg.embed_scale as f64)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let tape = model.forward_embeds(&e, &mut || Ok(())).unwrap();
+        let last = tape.last_hidden.narrow(0, IDS.len() - 1, 1).unwrap();
+        let normed =
+            salience_engine::model::ops::rms_norm(&last, &model.final_norm, model.cfg.eps).unwrap();
+        let full: Vec<f32> = model
+            .logits(&normed)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        // Cached: a prefix, then one token at a time.
+        let mut cache = Default::default();
+        model.forward_cached(&IDS[..4], &mut cache).unwrap();
+        let mut h = None;
+        for &id in &IDS[4..] {
+            h = Some(model.forward_cached(&[id], &mut cache).unwrap());
+        }
+        let cached: Vec<f32> = model
+            .logits(&h.unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for (a, b) in full.iter().zip(&cached) {
+            assert!((a - b).abs() < 1e-4, "{arch:?}: {a} vs {b}");
+        }
+    }
+}
+
+#[test]
+fn invalid_targets_are_errors() {
+    let model = tiny(Arch::Llama);
+    for target in [0..3, 5..5, 7..12] {
+        let req = SalienceRequest {
+            ids: IDS.to_vec(),
+            target: target.clone(),
+            method: Method::GradL2,
+            ig: IgOptions::default(),
+            pad_id: None,
+            contrast: None,
+        };
+        assert!(
+            salience::compute(&model, &req, &no_progress, &CancelToken::new()).is_err(),
+            "{target:?}"
+        );
+    }
+}
+
+#[test]
+fn cancellation_stops_the_computation() {
+    let model = tiny(Arch::Llama);
+    let cancel = CancelToken::new();
+    cancel.cancel();
+    let req = SalienceRequest {
+        ids: IDS.to_vec(),
+        target: TARGET,
+        method: Method::GradL2,
+        ig: IgOptions::default(),
+        pad_id: None,
+        contrast: None,
+    };
+    let err = salience::compute(&model, &req, &no_progress, &cancel).unwrap_err();
+    assert!(
+        matches!(err, salience_engine::EngineError::Cancelled),
+        "{err}"
+    );
+}

@@ -1,0 +1,242 @@
+//! Agreement with an independent PyTorch computation on the default model's weights
+//! (`tests/reference/`, vendored). Its scores attribute the loss; ours attribute F = -loss, so the
+//! signed methods flip sign.
+
+mod common;
+
+use salience_engine::generate::GenerateOptions;
+use salience_engine::prompt::TemplateMode;
+use salience_engine::salience::{self, Baseline, IgOptions, Method, SalienceRequest, Spacing};
+use salience_engine::{no_progress, CancelToken, Engine};
+use serde_json::Value;
+
+struct Case {
+    input: Value,
+    reference: Value,
+}
+
+fn load(name: &str) -> Case {
+    let dir = common::reference_dir();
+    let read = |f: String| -> Value {
+        let text = std::fs::read_to_string(dir.join(&f))
+            .unwrap_or_else(|e| panic!("reference file {f}: {e}"));
+        serde_json::from_str(&text).unwrap()
+    };
+    Case {
+        input: read(format!("{name}.json")),
+        reference: read(format!("{name}.ref.json")),
+    }
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn floats(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+fn pearson(a: &[f64], b: &[f64]) -> f64 {
+    let n = a.len() as f64;
+    let (ma, mb) = (a.iter().sum::<f64>() / n, b.iter().sum::<f64>() / n);
+    let cov: f64 = a.iter().zip(b).map(|(x, y)| (x - ma) * (y - mb)).sum();
+    let va: f64 = a.iter().map(|x| (x - ma).powi(2)).sum();
+    let vb: f64 = b.iter().map(|y| (y - mb).powi(2)).sum();
+    cov / (va * vb).sqrt()
+}
+
+fn rel_l2(a: &[f64], b: &[f64]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| y * y).sum();
+    (num / den).sqrt()
+}
+
+fn request(engine: &Engine, case: &Case, method: Method, ig: IgOptions) -> SalienceRequest {
+    let prompt = case.input["prompt"].as_str().unwrap();
+    let target = case.input["target"].as_str().unwrap();
+    let prepared = engine.prepare(prompt, None, TemplateMode::Raw).unwrap();
+    let mut all = prepared.ids();
+    assert_eq!(all, ids(&case.reference["prompt_ids"]), "prompt token ids");
+    let target_ids: Vec<u32> = engine
+        .tokenize_target(target)
+        .unwrap()
+        .iter()
+        .map(|t| t.0)
+        .collect();
+    assert_eq!(
+        target_ids,
+        ids(&case.reference["target_ids"]),
+        "target token ids"
+    );
+    // Byte offsets agree with the reference's for every prompt token.
+    for (tok, r) in prepared
+        .tokens
+        .iter()
+        .zip(case.reference["prompt_tokens"].as_array().unwrap())
+    {
+        let src = tok.source.clone().expect("raw prompts map every token");
+        assert_eq!(src.start as u64, r["byte_start"].as_u64().unwrap());
+        assert_eq!(src.end as u64, r["byte_end"].as_u64().unwrap());
+    }
+    let start = all.len();
+    all.extend(&target_ids);
+    SalienceRequest {
+        ids: all,
+        target: start..start + target_ids.len(),
+        method,
+        ig,
+        pad_id: None,
+        contrast: None,
+    }
+}
+
+fn check_gradient_methods(name: &str) {
+    let engine = common::default_engine();
+    let case = load(name);
+    let loss = case.reference["loss"].as_f64().unwrap();
+    for (method, key, sign) in [
+        (Method::GradL2, "grad_l2", 1.0),
+        (Method::GradDotInput, "grad_dot_input", -1.0),
+    ] {
+        let req = request(&engine, &case, method, IgOptions::default());
+        let r = salience::compute(&engine.model, &req, &no_progress, &CancelToken::new()).unwrap();
+        let ours: Vec<f64> = r.scores.iter().map(|&s| s as f64).collect();
+        let theirs: Vec<f64> = floats(&case.reference["results"][key]["scores"])
+            .into_iter()
+            .map(|s| s * sign)
+            .collect();
+        assert_eq!(ours.len(), theirs.len());
+        let (r_corr, err) = (pearson(&ours, &theirs), rel_l2(&ours, &theirs));
+        eprintln!("{name} {key}: pearson {r_corr:.9}, relative L2 {err:.2e}");
+        assert!(r_corr >= 0.999, "{key}: pearson {r_corr}");
+        assert!(err <= 1e-3, "{key}: relative L2 {err}");
+        assert!(
+            ((r.objective as f64) + loss).abs() <= 1e-3 * loss.abs().max(1.0),
+            "F {} vs -loss {}",
+            r.objective,
+            -loss
+        );
+    }
+}
+
+fn check_integrated_gradients(name: &str) {
+    let engine = common::default_engine();
+    let case = load(name);
+    let ig_ref = &case.reference["results"]["ig_extra"]["ig_midpoint_32_prompt"];
+    let ig = IgOptions {
+        baseline: Baseline::Zero,
+        spacing: Spacing::Uniform,
+        fixed_steps: Some(32),
+        ..IgOptions::default()
+    };
+    let req = request(&engine, &case, Method::IntegratedGradients, ig);
+    let r = salience::compute(&engine.model, &req, &no_progress, &CancelToken::new()).unwrap();
+    let ours: Vec<f64> = r.scores.iter().map(|&s| s as f64).collect();
+    let theirs: Vec<f64> = floats(&ig_ref["scores"]).into_iter().map(|s| -s).collect();
+    let err = rel_l2(&ours, &theirs);
+    let report = r.ig.unwrap();
+    eprintln!(
+        "{name} integrated gradients (32 midpoint steps, zero baseline): relative L2 {err:.2e}, completeness gap {:.3}",
+        report.completeness_gap
+    );
+    assert_eq!(report.steps, 32);
+    assert!(err <= 2e-2, "integrated gradients relative L2 {err}");
+    let ref_gap = ig_ref["completeness"]["rel_error"].as_f64().unwrap().abs();
+    assert!(
+        (report.completeness_gap as f64 - ref_gap).abs() < 0.02,
+        "gap {} vs reference {ref_gap}",
+        report.completeness_gap
+    );
+}
+
+fn check_greedy(name: &str) {
+    let engine = common::default_engine();
+    let case = load(name);
+    let prompt = case.input["prompt"].as_str().unwrap();
+    let want = ids(&case.input["greedy_ids"]);
+    let prepared = engine.prepare(prompt, None, TemplateMode::Raw).unwrap();
+    let opts = GenerateOptions {
+        max_new_tokens: want.len(),
+        ..GenerateOptions::default()
+    };
+    let g = engine
+        .generate(&prepared.ids(), &opts, &no_progress, &CancelToken::new())
+        .unwrap();
+    assert_eq!(
+        g.ids,
+        want,
+        "greedy ids: got {:?}",
+        engine.tokenizer.decode(&g.ids)
+    );
+}
+
+#[test]
+fn few_shot_classification_gradients() {
+    check_gradient_methods("few_shot_classification");
+}
+
+#[test]
+fn non_ascii_gradients() {
+    check_gradient_methods("non_ascii");
+}
+
+#[test]
+fn few_shot_classification_integrated_gradients() {
+    check_integrated_gradients("few_shot_classification");
+}
+
+#[test]
+fn non_ascii_integrated_gradients() {
+    check_integrated_gradients("non_ascii");
+}
+
+#[test]
+fn few_shot_classification_greedy() {
+    check_greedy("few_shot_classification");
+}
+
+#[test]
+fn non_ascii_greedy() {
+    check_greedy("non_ascii");
+}
+
+/// The default integrated-gradients settings (mean baseline, adaptive pieces) must close the
+/// completeness gap to 5 % within 64 gradient evaluations on the reference prompts.
+fn check_default_integrated_gradients(name: &str) {
+    let engine = common::default_engine();
+    let case = load(name);
+    let req = request(
+        &engine,
+        &case,
+        Method::IntegratedGradients,
+        IgOptions::default(),
+    );
+    let r = salience::compute(&engine.model, &req, &no_progress, &CancelToken::new()).unwrap();
+    let report = r.ig.unwrap();
+    eprintln!(
+        "{name} integrated gradients (defaults): {} gradients, completeness gap {:.4}",
+        report.steps, report.completeness_gap
+    );
+    assert!(report.adaptive && report.steps <= 64, "{report:?}");
+    assert!(report.completeness_gap <= 0.05, "{report:?}");
+    let sum: f32 = r.scores.iter().sum();
+    assert!((sum - report.attribution_sum).abs() < 1e-3 * sum.abs().max(1.0));
+}
+
+#[test]
+fn few_shot_classification_default_integrated_gradients_are_complete() {
+    check_default_integrated_gradients("few_shot_classification");
+}
+
+#[test]
+fn non_ascii_default_integrated_gradients_are_complete() {
+    check_default_integrated_gradients("non_ascii");
+}

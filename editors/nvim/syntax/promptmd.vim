@@ -1,0 +1,5 @@
+" Prompt files (*.prompt.md) are Markdown.
+if exists('b:current_syntax')
+  finish
+endif
+runtime! syntax/markdown.vim

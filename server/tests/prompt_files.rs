@@ -1,0 +1,208 @@
+//! End to end on the real default model: `compute` on every file in `prompts/` gives a JSON
+//! report that follows the schema and is deterministic; `generate FILE` fills the response.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+/// The binary; it may fetch the models it needs (tests fetch or fail, never skip).
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_prompt-salience"));
+    c.env("PROMPT_SALIENCE_ALLOW_NETWORK", "1");
+    c
+}
+
+fn prompts() -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../prompts");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(".prompt.md"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 3, "prompts/ holds at least three examples");
+    files
+}
+
+fn compute_json(file: &Path, extra: &[&str]) -> Value {
+    let out = bin()
+        .arg("compute")
+        .arg(file)
+        .args(["--format", "json"])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        file.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The schema of docs/json-schema.md, checked field by field.
+fn check_schema(v: &Value) {
+    assert_eq!(v["schema"], "prompt-salience/compute");
+    assert_eq!(v["version"], 1);
+    for key in ["file", "model", "method", "template", "granularity", "text"] {
+        assert!(v[key].is_string(), "{key}");
+    }
+    for key in ["objective", "seconds", "gain"] {
+        assert!(v[key].is_number(), "{key}");
+    }
+    assert!(v["signed"].is_boolean());
+    let text = v["text"].as_str().unwrap();
+    let at = |x: &Value| x.as_u64().unwrap() as usize;
+    let (ts, te) = (at(&v["target"]["start"]), at(&v["target"]["end"]));
+    assert!(ts < te && te <= text.len());
+    assert_eq!(v["target"]["text"].as_str().unwrap(), &text[ts..te]);
+    assert!(v["target"]["log_probs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|x| x.as_f64().unwrap() <= 0.0));
+    let tokens = v["tokens"].as_array().unwrap();
+    let token_sum: f64 = tokens
+        .iter()
+        .filter(|t| !t["start"].is_null())
+        .map(|t| t["score"].as_f64().unwrap())
+        .sum();
+    let levels = v["levels"].as_object().unwrap();
+    for name in ["token", "word", "sentence", "line", "paragraph", "block"] {
+        let level = &levels[name];
+        let segs = level["segments"].as_array().unwrap();
+        assert!(!segs.is_empty(), "{name}");
+        let mut prev_end = 0;
+        let mut sum = 0.0;
+        let mut share = 0.0;
+        for s in segs {
+            let (a, b) = (at(&s["start"]), at(&s["end"]));
+            assert!(
+                prev_end <= a && a < b && b <= ts,
+                "{name}: {a}..{b} after {prev_end}, target at {ts}"
+            );
+            assert_eq!(s["text"].as_str().unwrap(), &text[a..b]);
+            assert!(s["normalized"].as_f64().unwrap().abs() <= 1.0 + 1e-6);
+            assert!(s["level"].as_u64().unwrap() <= 8);
+            assert!(s["rank"].as_u64().unwrap() >= 1);
+            sum += s["score"].as_f64().unwrap();
+            share += s["share"].as_f64().unwrap();
+            prev_end = b;
+        }
+        assert!(
+            (sum - token_sum).abs() <= 1e-3 * token_sum.abs().max(1.0),
+            "{name}: {sum} vs {token_sum}"
+        );
+        assert!((share - 1.0).abs() < 1e-3, "{name}: shares {share}");
+        assert!(level["template_share"].as_f64().unwrap() >= 0.0);
+    }
+}
+
+fn top(v: &Value, level: &str) -> String {
+    let segs = v["levels"][level]["segments"].as_array().unwrap();
+    let best = segs.iter().find(|s| s["rank"] == 1).unwrap();
+    best["text"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn compute_reports_follow_the_schema_and_are_deterministic() {
+    for file in prompts() {
+        let a = compute_json(&file, &[]);
+        check_schema(&a);
+        let b = compute_json(&file, &[]);
+        assert_eq!(
+            top(&a, "sentence"),
+            top(&b, "sentence"),
+            "{}",
+            file.display()
+        );
+        assert_eq!(a["target"], b["target"]);
+    }
+}
+
+#[test]
+fn targets_by_text_lines_and_inside_the_prompt() {
+    let file = prompts()
+        .into_iter()
+        .find(|p| p.to_string_lossy().contains("principles"))
+        .unwrap();
+    // A target inside the prompt: salience over the text before it only.
+    let v = compute_json(&file, &["--target", "Be kind", "--method", "grad_l2"]);
+    check_schema(&v);
+    assert_eq!(v["target"]["text"], "Be kind");
+    let v = compute_json(&file, &["--target-lines", "10..10"]);
+    assert_eq!(
+        v["target"]["text"],
+        "1. Be honest: say when you do not know."
+    );
+    let out = bin()
+        .arg("compute")
+        .arg(&file)
+        .args(["--target", "not in the file"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not in the prompt or the response"));
+}
+
+#[test]
+fn html_report_is_self_contained() {
+    let file = &prompts()[0];
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("r.html");
+    let status = bin()
+        .arg("compute")
+        .arg(file)
+        .args(["--format", "html", "-o"])
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let page = std::fs::read_to_string(&out).unwrap();
+    assert!(page.starts_with("<!DOCTYPE html>"));
+    assert!(
+        !page.contains("http://") && !page.contains("https://"),
+        "no network"
+    );
+    for level in ["\"sentence\"", "\"block\"", "\"word\""] {
+        assert!(page.contains(level), "all levels embedded: {level}");
+    }
+}
+
+#[test]
+fn generate_writes_only_the_response() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.prompt.md");
+    let original = "---\nsalience:\n  max_new_tokens: 6\n---\nName a colour.\n";
+    std::fs::write(&path, original).unwrap();
+    let out = bin().arg("generate").arg(&path).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.starts_with(original), "{text}");
+    let rest = &text[original.len()..];
+    assert!(
+        rest.starts_with("\n<!-- response -->\n") && rest.len() > 20,
+        "{rest:?}"
+    );
+    // Running again replaces the response, still keeping the prompt.
+    let out = bin()
+        .arg("generate")
+        .arg(&path)
+        .args(["--max-new-tokens", "2"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let again = std::fs::read_to_string(&path).unwrap();
+    assert!(again.starts_with(original) && again.len() < text.len());
+    // A file that is not UTF-8 is refused with a clear message.
+    std::fs::write(&path, b"bad \xff bytes").unwrap();
+    let out = bin().arg("generate").arg(&path).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not UTF-8"));
+}

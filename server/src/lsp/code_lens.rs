@@ -9,7 +9,7 @@ use super::State;
 
 pub(super) fn lenses(st: &State, uri: &Uri) -> Option<Vec<CodeLens>> {
     let doc = st.docs.map.get(uri)?;
-    let f = &doc.parsed;
+    let f = doc.parsed();
     let at = |offset: usize| {
         let p = convert::position(&doc.rope, offset, st.encoding);
         Range::new(p, p)

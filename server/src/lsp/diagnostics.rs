@@ -7,7 +7,7 @@ use super::documents::Document;
 use salience_engine::registry::ModelSpec;
 
 pub fn of(doc: &Document, enc: Encoding) -> Vec<Diagnostic> {
-    let f = &doc.parsed;
+    let f = doc.parsed();
     let mut out: Vec<Diagnostic> = f
         .problems
         .iter()

@@ -1,5 +1,6 @@
 //! Open documents: text in a rope, the parse of it, and the salience result painted on it.
 
+use std::cell::OnceCell;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
@@ -120,7 +121,9 @@ impl Painted {
 pub struct Document {
     pub rope: Rope,
     pub version: i32,
-    pub parsed: PromptFile,
+    /// The parse of `rope`, made when first needed after an edit: typing in a large document
+    /// does not re-parse it on every keystroke.
+    parsed: OnceCell<PromptFile>,
     pub painted: Option<Painted>,
     /// The computation running for this document, if any.
     pub running: Option<CancelToken>,
@@ -131,11 +134,22 @@ pub struct Document {
 }
 
 impl Document {
+    /// The prompt file as the text now reads.
+    pub fn parsed(&self) -> &PromptFile {
+        self.parsed
+            .get_or_init(|| prompt_file::parse(&self.rope.to_string()))
+    }
+
+    /// Bytes of text: large documents get their diagnostics after a pause in typing.
+    pub fn len(&self) -> usize {
+        self.rope.len_bytes()
+    }
+
     pub fn new(text: &str, version: i32) -> Self {
         Self {
             rope: Rope::from_str(text),
             version,
-            parsed: prompt_file::parse(text),
+            parsed: OnceCell::from(prompt_file::parse(text)),
             painted: None,
             running: None,
             checking: None,
@@ -164,7 +178,7 @@ impl Document {
             }
         }
         self.version = version;
-        self.parsed = prompt_file::parse(&self.rope.to_string());
+        self.parsed = OnceCell::new();
         if let Some(p) = self.painted.take() {
             self.previous = Some(p.analysis);
         }
@@ -244,6 +258,98 @@ mod tests {
         assert_eq!(d.version, 2);
     }
 
+    /// The plain model of LSP positions: lines end at `\n`, `\r\n` or a lone `\r`, nothing
+    /// else; columns count UTF-8 bytes or UTF-16 units.
+    fn model_position(text: &str, at: usize, enc: Encoding) -> Position {
+        let before = &text[..at];
+        let mut line = 0;
+        let mut line_start = 0;
+        let b = before.as_bytes();
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'\n' || (b[i] == b'\r' && b.get(i + 1) != Some(&b'\n')) {
+                line += 1;
+                line_start = i + 1;
+            }
+            i += 1;
+        }
+        let col = &before[line_start..];
+        let character = match enc {
+            Encoding::Utf8 => col.len(),
+            Encoding::Utf16 => col.encode_utf16().count(),
+        };
+        Position::new(line, character as u32)
+    }
+
+    fn inside_crlf(text: &str, at: usize) -> bool {
+        at > 0 && text.as_bytes()[at - 1] == b'\r' && text.as_bytes().get(at) == Some(&b'\n')
+    }
+
+    /// Random incremental edits with the characters that other tools count as line breaks
+    /// (U+2028, U+2029, U+0085, VT, FF), lone CRs, CRLFs and surrogate pairs, in both
+    /// encodings: the document always equals the plain model of the text.
+    #[test]
+    fn random_edits_match_a_plain_model_of_lsp_lines() {
+        use rand::{Rng, SeedableRng};
+        let pieces = [
+            "a", "bc", "\n", "\r", "\r\n", "\u{2028}", "\u{2029}", "\u{85}", "\u{b}", "\u{c}",
+            "😀", "東京", "é", "",
+        ];
+        for enc in [Encoding::Utf8, Encoding::Utf16] {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+            for _ in 0..40 {
+                let mut text = String::new();
+                let mut doc = Document::new("", 1);
+                for step in 0..200 {
+                    // Positions inside "\r\n" or inside a character are not positions.
+                    let valid: Vec<usize> = (0..=text.len())
+                        .filter(|&i| text.is_char_boundary(i))
+                        .filter(|&i| !inside_crlf(&text, i))
+                        .collect();
+                    let mut a = valid[rng.random_range(0..valid.len())];
+                    let mut b = valid[rng.random_range(0..valid.len())];
+                    if a > b {
+                        std::mem::swap(&mut a, &mut b);
+                    }
+                    if rng.random_bool(0.5) {
+                        b = a;
+                    }
+                    let insert: String = (0..rng.random_range(0..4))
+                        .map(|_| pieces[rng.random_range(0..pieces.len())])
+                        .collect();
+                    let (start, end) =
+                        (model_position(&text, a, enc), model_position(&text, b, enc));
+                    doc.apply(
+                        step + 2,
+                        vec![edit(
+                            start.line,
+                            start.character,
+                            end.line,
+                            end.character,
+                            &insert,
+                        )],
+                        enc,
+                    );
+                    text.replace_range(a..b, &insert);
+                    assert_eq!(doc.rope.to_string(), text, "{enc:?} step {step}");
+                }
+                // Every position maps back and forth as the model says.
+                for at in (0..=text.len()).filter(|&i| text.is_char_boundary(i)) {
+                    if inside_crlf(&text, at) {
+                        continue;
+                    }
+                    let pos = model_position(&text, at, enc);
+                    assert_eq!(
+                        convert::position(&doc.rope, at, enc),
+                        pos,
+                        "{text:?} at {at}"
+                    );
+                    assert_eq!(convert::offset(&doc.rope, pos, enc), at, "{text:?} {pos:?}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn an_edit_drops_the_painted_result_and_cancels_running_work() {
         let mut d = Document::new("Ask.\n", 1);
@@ -251,6 +357,6 @@ mod tests {
         d.running = Some(running.clone());
         d.apply(2, vec![edit(0, 0, 0, 0, "Please ")], Encoding::Utf16);
         assert!(running.is_cancelled() && d.painted.is_none());
-        assert_eq!(d.parsed.prompt_text(), "Please Ask.");
+        assert_eq!(d.parsed().prompt_text(), "Please Ask.");
     }
 }

@@ -164,7 +164,7 @@ impl LanguageServer for Backend {
         let uri = params.text_document.uri;
         let version = params.text_document.version;
         // Applied under the lock before any await: edits are never reordered or lost.
-        let diags = {
+        let size = {
             let mut st = self.state();
             let enc = st.encoding;
             let Some(doc) = st.docs.map.get_mut(&uri) else {
@@ -175,11 +175,17 @@ impl LanguageServer for Backend {
                 tracing::warn!("stale change (version {version} <= {})", doc.version);
             }
             doc.apply(version, params.content_changes, enc);
-            diagnostics::of(doc, enc)
+            doc.len()
         };
-        self.client
-            .publish_diagnostics(uri, diags, Some(version))
-            .await;
+        if size > DEBOUNCE_ABOVE {
+            let this = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(DEBOUNCE).await;
+                this.publish_diagnostics(uri, version).await;
+            });
+        } else {
+            self.publish_diagnostics(uri, version).await;
+        }
     }
 
     async fn did_close(&self, params: DidCloseTextDocumentParams) {
@@ -253,7 +259,26 @@ impl LanguageServer for Backend {
     }
 }
 
+/// Documents larger than this are parsed for diagnostics only after a pause in typing.
+const DEBOUNCE_ABOVE: usize = 64 << 10;
+const DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(200);
+
 impl Backend {
+    /// Publishes the diagnostics of `uri` if it is still at `version` (a later edit publishes
+    /// its own).
+    async fn publish_diagnostics(&self, uri: Uri, version: i32) {
+        let diags = {
+            let st = self.state();
+            match st.docs.map.get(&uri) {
+                Some(doc) if doc.version == version => diagnostics::of(doc, st.encoding),
+                _ => return,
+            }
+        };
+        self.client
+            .publish_diagnostics(uri, diags, Some(version))
+            .await;
+    }
+
     /// Asks the client for the `promptSalience` section of its configuration.
     async fn pull_configuration(&self) {
         let item = ConfigurationItem {

@@ -13,6 +13,8 @@ pub struct Client {
     reader: BufReader<ReadHalf<DuplexStream>>,
     next_id: i64,
     pub notifications: Vec<Value>,
+    /// Answers that arrived while waiting for another request.
+    responses: Vec<Value>,
     /// Edits the server asked us to apply (workspace/applyEdit).
     pub edits: Vec<Value>,
     init_result: Option<Value>,
@@ -36,6 +38,7 @@ impl Client {
             reader: BufReader::new(read),
             next_id: 1,
             notifications: vec![],
+            responses: vec![],
             edits: vec![],
             init_result: None,
         };
@@ -58,9 +61,15 @@ impl Client {
     }
 
     pub async fn send(&mut self, msg: Value) {
-        let body = serde_json::to_string(&msg).unwrap();
-        let frame = format!("Content-Length: {}\r\n\r\n{}", body.len(), body);
-        self.writer.write_all(frame.as_bytes()).await.unwrap();
+        self.send_body(serde_json::to_string(&msg).unwrap().as_bytes())
+            .await;
+    }
+
+    /// Frames `body` as it is, valid JSON or not.
+    pub async fn send_body(&mut self, body: &[u8]) {
+        let header = format!("Content-Length: {}\r\n\r\n", body.len());
+        self.writer.write_all(header.as_bytes()).await.unwrap();
+        self.writer.write_all(body).await.unwrap();
         self.writer.flush().await.unwrap();
     }
 
@@ -97,12 +106,24 @@ impl Client {
 
     /// Reads until the response to `id`, answering the server's own requests meanwhile.
     pub async fn wait(&mut self, id: i64) -> Value {
+        if let Some(at) = self
+            .responses
+            .iter()
+            .position(|r| r.get("id") == Some(&json!(id)))
+        {
+            return self.responses.remove(at);
+        }
         loop {
             let msg = tokio::time::timeout(Duration::from_secs(300), self.read_message())
                 .await
                 .expect("server answers");
-            if msg.get("id") == Some(&json!(id)) && msg.get("method").is_none() {
-                return msg;
+            if msg.get("method").is_none() && msg.get("id").is_some_and(|i| !i.is_null()) {
+                if msg.get("id") == Some(&json!(id)) {
+                    return msg;
+                }
+                // The answer to another request: kept for its own wait.
+                self.responses.push(msg);
+                continue;
             }
             if let (Some(method), Some(sid)) =
                 (msg.get("method").and_then(Value::as_str), msg.get("id"))

@@ -119,6 +119,34 @@ fn check_body(body: Vec<u8>) -> Frame {
     malformed(id, "not a JSON-RPC 2.0 request, notification or response")
 }
 
+/// A document-sync notification whose params the server cannot read: tower-lsp drops such a
+/// notification silently, and a lost edit leaves the server's text different from the
+/// editor's, so it is logged and the user is told.
+fn unreadable_sync_notification(body: &[u8]) -> Option<String> {
+    use tower_lsp_server::lsp_types::*;
+    fn check<T: serde::de::DeserializeOwned>(params: Option<&Value>) -> Result<(), String> {
+        let params = params.cloned().unwrap_or(Value::Null);
+        T::deserialize(params)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+    let v: Value = serde_json::from_slice(body).ok()?;
+    if v.get("id").is_some() {
+        return None;
+    }
+    let method = v.get("method")?.as_str()?;
+    let params = v.get("params");
+    let result = match method {
+        "textDocument/didOpen" => check::<DidOpenTextDocumentParams>(params),
+        "textDocument/didChange" => check::<DidChangeTextDocumentParams>(params),
+        "textDocument/didClose" => check::<DidCloseTextDocumentParams>(params),
+        _ => Ok(()),
+    };
+    result
+        .err()
+        .map(|e| format!("{method} with invalid params was ignored ({e}); reopen the document so the server has its text"))
+}
+
 /// The answer to a malformed frame.
 pub fn parse_error(id: Value, reason: &str) -> Value {
     json!({
@@ -145,6 +173,14 @@ where
     loop {
         match read_frame(&mut input).await {
             Ok(Some(Frame::Json(body))) => {
+                if let Some(problem) = unreadable_sync_notification(&body) {
+                    tracing::error!("{problem}");
+                    let _ = answers.send(json!({
+                        "jsonrpc": "2.0",
+                        "method": "window/showMessage",
+                        "params": { "type": 1, "message": format!("prompt-salience: {problem}") },
+                    }));
+                }
                 if write_frame(&mut server, &body).await.is_err() {
                     return; // the server has stopped
                 }
@@ -237,6 +273,15 @@ mod tests {
             matches!(&got[4], Frame::Malformed { reason, .. } if reason.contains("Content-Length"))
         );
         assert_eq!(got[5], Frame::Json(ok.as_bytes().to_vec()));
+    }
+
+    #[test]
+    fn a_change_with_unreadable_params_is_reported() {
+        let bad = br#"{"jsonrpc":"2.0","method":"textDocument/didChange","params":{"textDocument":{"uri":"file:///a"}}}"#;
+        let problem = unreadable_sync_notification(bad).unwrap();
+        assert!(problem.contains("didChange"), "{problem}");
+        let good = br#"{"jsonrpc":"2.0","method":"textDocument/didChange","params":{"textDocument":{"uri":"file:///a","version":2},"contentChanges":[{"text":"x"}]}}"#;
+        assert_eq!(unreadable_sync_notification(good), None);
     }
 
     #[tokio::test]

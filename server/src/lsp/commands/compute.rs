@@ -58,7 +58,7 @@ impl Backend {
             };
             let resolved = Layers {
                 arguments: &arguments,
-                file: &doc.parsed.settings,
+                file: &doc.parsed().settings,
                 client: &client,
             }
             .resolve()
@@ -66,7 +66,7 @@ impl Backend {
             if let Some(old) = doc.running.replace(cancel.clone()) {
                 old.cancel();
             }
-            (doc.parsed.clone(), doc.version, target, resolved)
+            (doc.parsed().clone(), doc.version, target, resolved)
         };
         let task = Task::Analyse {
             file,
@@ -143,7 +143,7 @@ impl Backend {
                 (doc.version == version && overflow).then(|| {
                     let mut diags = diagnostics::of(doc, enc);
                     diags.push(Diagnostic {
-                        range: convert::range(&doc.rope, &doc.parsed.prompt, enc),
+                        range: convert::range(&doc.rope, &doc.parsed().prompt, enc),
                         severity: Some(DiagnosticSeverity::ERROR),
                         source: Some("prompt-salience".into()),
                         message: e.to_string(),

@@ -27,7 +27,7 @@ impl Backend {
             let mut st = self.state();
             let client = st.settings.layer();
             let doc = st.document(&uri)?;
-            let file = doc.parsed.clone();
+            let file = doc.parsed().clone();
             if file.prompt.is_empty() {
                 return Err(invalid("the prompt is empty"));
             }

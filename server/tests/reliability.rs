@@ -1,0 +1,320 @@
+//! The server stays up and in step with the editor whatever a client sends (issue 13): the
+//! real server in-process over `tokio::io::duplex`, and once over real stdio.
+
+use std::time::{Duration, Instant};
+
+use prompt_salience::lsp::test_client::{Client, URI};
+use serde_json::{json, Value};
+
+fn compute(uri: &str) -> Value {
+    json!({"command": "promptSalience.compute", "arguments": [{"uri": uri}]})
+}
+
+/// Decodes semantic tokens into absolute (line, start, length).
+fn tokens(data: &Value) -> Vec<(u32, u32, u32)> {
+    let d: Vec<u32> = data
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
+    let (mut line, mut start) = (0, 0);
+    d.chunks(5)
+        .map(|t| {
+            if t[0] > 0 {
+                line += t[0];
+                start = t[1];
+            } else {
+                start += t[1];
+            }
+            (line, start, t[2])
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_messages_get_parse_errors_and_the_next_one_is_served() {
+    let mut c = Client::start(json!({}), &["utf-16"]).await;
+    c.send_body(b"{this is not json").await;
+    c.send_body(&[0xff, 0xfe, 0x7b]).await;
+    c.send_body(br#"{"jsonrpc":"2.0","id":{},"method":"textDocument/hover"}"#)
+        .await;
+    let mut parse_errors = 0;
+    while parse_errors < 3 {
+        let m = tokio::time::timeout(Duration::from_secs(5), c.read_message())
+            .await
+            .expect("an answer to each malformed message");
+        if m["error"]["code"] == -32700 {
+            parse_errors += 1;
+        }
+    }
+    // Still serving, with its state.
+    c.open("Ask me.\n").await;
+    let r = c
+        .request(
+            "textDocument/codeLens",
+            json!({"textDocument": {"uri": URI}}),
+        )
+        .await;
+    assert!(r["result"].as_array().is_some_and(|l| !l.is_empty()), "{r}");
+}
+
+#[test]
+fn over_stdio_a_malformed_body_is_answered_and_the_server_goes_on() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_prompt-salience"))
+        .arg("lsp")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut send = |body: &str| {
+        write!(stdin, "Content-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        stdin.flush().unwrap();
+    };
+    let mut read = || -> Value {
+        let mut len = 0;
+        loop {
+            let mut line = String::new();
+            stdout.read_line(&mut line).unwrap();
+            match line.trim_end().strip_prefix("Content-Length: ") {
+                Some(n) => len = n.parse().unwrap(),
+                None if line.trim_end().is_empty() && len > 0 => break,
+                None => {}
+            }
+        }
+        let mut body = vec![0; len];
+        stdout.read_exact(&mut body).unwrap();
+        serde_json::from_slice(&body).unwrap()
+    };
+    send(
+        &json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"capabilities": {}}})
+            .to_string(),
+    );
+    assert!(read()["result"]["capabilities"].is_object());
+    send("{\"jsonrpc\": \"2.0\", \"id\": 9, \"method\": ");
+    let answer = read();
+    assert_eq!(answer["error"]["code"], -32700, "{answer}");
+    send(&json!({"jsonrpc": "2.0", "id": 2, "method": "shutdown"}).to_string());
+    let answer = read();
+    assert_eq!(answer["id"], 2, "{answer}");
+    assert!(answer.get("error").is_none(), "{answer}");
+    send(&json!({"jsonrpc": "2.0", "method": "exit"}).to_string());
+    // The server exits on `exit` even though the client keeps its end open.
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "still running after exit"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success());
+    drop(stdin);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_with_invalid_params_is_reported_not_silently_dropped() {
+    let mut c = Client::start(json!({}), &["utf-16"]).await;
+    c.open("Ask me.\n").await;
+    c.notify(
+        "textDocument/didChange",
+        json!({"textDocument": {"uri": URI}, "contentChanges": "nope"}),
+    )
+    .await;
+    let m = c
+        .wait_for("window/showMessage", |n| {
+            n["params"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("didChange")
+        })
+        .await;
+    assert_eq!(m["params"]["type"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_beyond_their_bounds_are_refused_with_a_clear_message() {
+    // Front matter: a diagnostic, and the setting is not used.
+    let mut c = Client::start(json!({"igSteps": 99_999_999_999u64}), &["utf-16"]).await;
+    c.open("---\nsalience:\n  samples: 99999999999\n  method: ablation_surrogate\n---\nAsk.\n")
+        .await;
+    let d = c
+        .wait_for("textDocument/publishDiagnostics", |n| {
+            n["params"]["diagnostics"]
+                .as_array()
+                .is_some_and(|d| !d.is_empty())
+        })
+        .await;
+    let message = d["params"]["diagnostics"][0]["message"].as_str().unwrap();
+    assert!(
+        message.contains("samples") && message.contains("limit"),
+        "{message}"
+    );
+    // Client settings: the request is refused before any model work.
+    let started = Instant::now();
+    let r = c.request("workspace/executeCommand", compute(URI)).await;
+    let error = r["error"]["message"].as_str().unwrap_or("");
+    assert!(error.contains("ig_steps") && error.contains("limit"), "{r}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_outside_the_document_is_refused() {
+    let mut c = Client::start(json!({}), &["utf-16"]).await;
+    c.open("Ask me.\n<!-- response -->\nNo.\n").await;
+    let r = c
+        .request(
+            "workspace/executeCommand",
+            json!({"command": "promptSalience.compute", "arguments": [{"uri": URI,
+                "range": {"start": {"line": 40, "character": 0}, "end": {"line": 41, "character": 0}}}]}),
+        )
+        .await;
+    assert_eq!(r["error"]["code"], -32602, "{r}");
+    assert!(r["error"]["message"].as_str().unwrap().contains("outside"));
+}
+
+/// A lone CR ends a line in LSP: no token may run past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn semantic_tokens_stay_within_lsp_lines() {
+    let text = "---\nsalience:\n  granularity: paragraph\n---\nAlpha beta gamma\rdelta epsilon zeta\u{2028}eta theta\n\nIs the sky blue?\n<!-- response -->\nYes.\n";
+    let mut c = Client::start(json!({"backgroundFaithfulness": false}), &["utf-16"]).await;
+    c.open(text).await;
+    let r = c.request("workspace/executeCommand", compute(URI)).await;
+    assert!(r.get("result").is_some(), "{r}");
+    let t = c
+        .request(
+            "textDocument/semanticTokens/full",
+            json!({"textDocument": {"uri": URI}}),
+        )
+        .await;
+    // LSP lines: split at \n, \r\n and \r only (U+2028 is inside a line).
+    let lines: Vec<&str> = text.split(['\n', '\r']).collect();
+    let toks = tokens(&t["result"]["data"]);
+    assert!(!toks.is_empty());
+    for (line, start, len) in toks {
+        let units = lines[line as usize].encode_utf16().count() as u32;
+        assert!(start + len <= units, "line {line}: {start}+{len} > {units}");
+    }
+    // The line after the lone CR holds the U+2028 and is one line for the server too.
+    let hover = c
+        .request(
+            "textDocument/hover",
+            json!({"textDocument": {"uri": URI}, "position": {"line": 5, "character": 22}}),
+        )
+        .await;
+    assert!(hover["result"]["contents"]["value"].is_string(), "{hover}");
+}
+
+/// Long computations on several documents never hold up cancels, edits or quick requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_requests_answer_within_100_ms_while_computations_queue() {
+    let mut c = Client::start(json!({"backgroundFaithfulness": false}), &["utf-16"]).await;
+    let doc = "---\nsalience:\n  method: integrated_gradients\n  ig_steps: 64\n---\nYou are a careful assistant. Answer in one word.\n\nWhat colour is the sky on a clear day?\n<!-- response -->\nBlue\n";
+    let uris: Vec<String> = (0..5)
+        .map(|i| format!("file:///tmp/stress{i}.prompt.md"))
+        .collect();
+    for u in &uris {
+        c.open_uri(u, doc).await;
+    }
+    c.open("Ask me.\n").await;
+    let mut computes = Vec::new();
+    for u in &uris {
+        computes.push(c.send_request("workspace/executeCommand", compute(u)).await);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut slowest = Duration::ZERO;
+    for round in 0..20 {
+        let started = Instant::now();
+        let id = c
+            .send_request(
+                "textDocument/hover",
+                json!({"textDocument": {"uri": URI}, "position": {"line": 0, "character": 1}}),
+            )
+            .await;
+        c.wait(id).await;
+        let started_lens = Instant::now();
+        let id = c
+            .send_request(
+                "textDocument/codeLens",
+                json!({"textDocument": {"uri": URI}}),
+            )
+            .await;
+        c.wait(id).await;
+        slowest = slowest
+            .max(started_lens.elapsed())
+            .max(started_lens - started);
+        // An edit to another document, then a quick request that must see it.
+        c.notify(
+            "textDocument/didChange",
+            json!({"textDocument": {"uri": URI, "version": round + 2},
+                   "contentChanges": [{"text": format!("Ask me {round}.\n")}]}),
+        )
+        .await;
+        if round == 5 {
+            // Cancel the computation that is running (the first) and one still queued.
+            for id in [computes[0], computes[3]] {
+                c.notify("$/cancelRequest", json!({ "id": id })).await;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        slowest < Duration::from_millis(100),
+        "a quick request waited {slowest:?}"
+    );
+    // The cancelled ones answer promptly with RequestCancelled.
+    for id in [computes[0], computes[3]] {
+        let started = Instant::now();
+        let r = c.wait(id).await;
+        assert_eq!(r["error"]["code"], -32800, "{r}");
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+    // The others are still queued or running: end them by closing their documents.
+    for (i, u) in uris.iter().enumerate() {
+        if i != 0 && i != 3 {
+            c.notify("textDocument/didClose", json!({"textDocument": {"uri": u}}))
+                .await;
+        }
+    }
+    for (i, id) in computes.iter().enumerate() {
+        if i != 0 && i != 3 {
+            let r = c.wait(*id).await;
+            assert!(r.get("error").is_some(), "{r}");
+        }
+    }
+}
+
+/// Typing in a 10 MB document does not re-parse it on every keystroke.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fast_typing_in_a_huge_document_keeps_hover_quick() {
+    let mut c = Client::start(json!({}), &["utf-16"]).await;
+    let big = "A line of the prompt, with a few words in it.\n".repeat(10_000_000 / 46);
+    c.open(&big).await;
+    for i in 0..200 {
+        c.notify(
+            "textDocument/didChange",
+            json!({"textDocument": {"uri": URI, "version": i + 2},
+                   "contentChanges": [{"range": {"start": {"line": 3, "character": 0}, "end": {"line": 3, "character": 0}}, "text": "x"}]}),
+        )
+        .await;
+    }
+    let started = Instant::now();
+    c.request(
+        "textDocument/hover",
+        json!({"textDocument": {"uri": URI}, "position": {"line": 3, "character": 1}}),
+    )
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "hover after 200 keystrokes took {:?}",
+        started.elapsed()
+    );
+}

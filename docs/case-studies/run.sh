@@ -36,11 +36,13 @@ for f in sorted(glob.glob(os.path.join(out, "*.*.json"))):
     fa = r.get("faithfulness")
     if not fa:
         continue
-    p = fa["points"][1] if len(fa["points"]) > 1 else fa["points"][0]
-    rows.append((case, method, r["seconds"], p["deleted"], fa["segments"], fa["level"], p["top_drop"], p["random_mean"], p["random_sd"]))
+    n = fa["segments"]
+    k = max(1, min(n - 1, int(0.2 * n + 0.5)))  # the point the verdict is judged at
+    p = next(q for q in fa["points"] if q["deleted"] == k)
+    rows.append((case, method, r["seconds"], fa["verdict"], p["deleted"], n, fa["level"], p["top_drop"], p["random_mean"], p["random_sd"]))
 with open(os.path.join(out, "faithfulness.md"), "w") as md:
-    md.write("| case | method | seconds | deleted (20 %) | top: drop in F | random: drop in F |\n|---|---|---|---|---|---|\n")
-    for c, m, s, k, n, lvl, top, mean, sd in rows:
-        md.write(f"| {c} | {m} | {s:.1f} | {k} of {n} {lvl}s | {top:+.2f} | {mean:+.2f} ± {sd:.2f} |\n")
+    md.write("| case | method | seconds | verdict | deleted (20 %) | top: drop in F | random: drop in F |\n|---|---|---|---|---|---|---|\n")
+    for c, m, s, v, k, n, lvl, top, mean, sd in rows:
+        md.write(f"| {c} | {m} | {s:.1f} | {v} | {k} of {n} {lvl}s | {top:+.2f} | {mean:+.2f} ± {sd:.2f} |\n")
 print(open(os.path.join(out, "faithfulness.md")).read())
 PY

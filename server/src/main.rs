@@ -1,3 +1,5 @@
+//! The `prompt-salience` binary: the allocator set-up, then the command line (`cli`).
+
 // Salience allocates and frees large activation buffers every layer; mimalloc reuses them
 // instead of returning pages to the kernel and faulting them back in (measured in `bench`).
 #[global_allocator]

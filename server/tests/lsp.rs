@@ -326,54 +326,6 @@ async fn malformed_requests_get_errors_and_the_server_stays_up() {
     assert_eq!(r["result"].as_array().unwrap().len(), 2, "{r}");
 }
 
-#[test]
-fn stdio_server_speaks_only_protocol_on_stdout() {
-    use std::io::{Read, Write};
-    use std::process::{Command, Stdio};
-    let mut child = Command::new(env!("CARGO_BIN_EXE_prompt-salience"))
-        .arg("lsp")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    for msg in [
-        json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"capabilities": {}}}),
-        json!({"jsonrpc": "2.0", "method": "initialized", "params": {}}),
-        json!({"jsonrpc": "2.0", "id": 2, "method": "shutdown"}),
-        json!({"jsonrpc": "2.0", "method": "exit"}),
-    ] {
-        let body = msg.to_string();
-        write!(stdin, "Content-Length: {}\r\n\r\n{}", body.len(), body).unwrap();
-    }
-    drop(stdin);
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    assert!(child.wait().unwrap().success());
-    // Every byte is a framed message.
-    let mut rest = out.as_str();
-    let mut n = 0;
-    while !rest.is_empty() {
-        let header_end = rest.find("\r\n\r\n").expect("header");
-        let len: usize = rest[..header_end]
-            .trim_start_matches("Content-Length: ")
-            .parse()
-            .unwrap();
-        let body: Value =
-            serde_json::from_str(&rest[header_end + 4..header_end + 4 + len]).unwrap();
-        assert_eq!(body["jsonrpc"], "2.0");
-        rest = &rest[header_end + 4 + len..];
-        n += 1;
-    }
-    assert!(n >= 2, "{out}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn contrast_faithfulness_and_before_after_across_an_edit() {
     let doc = "---\nsalience:\n  granularity: sentence\n---\nYou are a careful assistant. Answer in one word. Think about the weather.\n\nWhat colour is the sky on a clear day?\n<!-- response -->\nBlue\n";
@@ -398,7 +350,10 @@ async fn contrast_faithfulness_and_before_after_across_an_edit() {
     assert_eq!(p["segments"].as_array().unwrap().len(), 4, "{note}");
     let verdict = p["faithfulness"].as_str().unwrap();
     assert!(
-        verdict.contains("removing the top") && verdict.contains("random"),
+        ["faithful: ", "not faithful: ", "inconclusive: "]
+            .iter()
+            .any(|v| verdict.starts_with(v))
+            && verdict.contains("deleting the top"),
         "{verdict}"
     );
     let r = c
@@ -408,12 +363,13 @@ async fn contrast_faithfulness_and_before_after_across_an_edit() {
         )
         .await;
     assert_eq!(r["result"]["cached"], true, "{r}");
-    assert_eq!(
-        r["result"]["faithfulness"]["points"]
-            .as_array()
-            .unwrap()
-            .len(),
-        3
+    // Four sentences: 10, 20 and 30 % all delete one, so one point, against every deletion.
+    let f = &r["result"]["faithfulness"];
+    assert_eq!(f["points"].as_array().unwrap().len(), 1, "{f}");
+    assert_eq!(f["points"][0]["random"]["exact"], true, "{f}");
+    assert!(
+        ["faithful", "not faithful", "inconclusive"].contains(&f["verdict"].as_str().unwrap()),
+        "{f}"
     );
     // Another level means deleting other segments: a perturbation map is computed anew.
     let r = c

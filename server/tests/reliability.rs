@@ -59,17 +59,63 @@ async fn malformed_messages_get_parse_errors_and_the_next_one_is_served() {
     assert!(r["result"].as_array().is_some_and(|l| !l.is_empty()), "{r}");
 }
 
-#[test]
-fn over_stdio_a_malformed_body_is_answered_and_the_server_goes_on() {
-    use std::io::{BufRead, BufReader, Read, Write};
+/// The real binary serving LSP on its stdin and stdout.
+fn stdio_server() -> std::process::Child {
     use std::process::{Command, Stdio};
-    let mut child = Command::new(env!("CARGO_BIN_EXE_prompt-salience"))
+    Command::new(env!("CARGO_BIN_EXE_prompt-salience"))
         .arg("lsp")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
+        .unwrap()
+}
+
+#[test]
+fn stdio_server_speaks_only_protocol_on_stdout() {
+    use std::io::{Read, Write};
+    let mut child = stdio_server();
+    let mut stdin = child.stdin.take().unwrap();
+    for msg in [
+        json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"capabilities": {}}}),
+        json!({"jsonrpc": "2.0", "method": "initialized", "params": {}}),
+        json!({"jsonrpc": "2.0", "id": 2, "method": "shutdown"}),
+        json!({"jsonrpc": "2.0", "method": "exit"}),
+    ] {
+        let body = msg.to_string();
+        write!(stdin, "Content-Length: {}\r\n\r\n{}", body.len(), body).unwrap();
+    }
+    drop(stdin);
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
         .unwrap();
+    assert!(child.wait().unwrap().success());
+    // Every byte is a framed message.
+    let mut rest = out.as_str();
+    let mut n = 0;
+    while !rest.is_empty() {
+        let header_end = rest.find("\r\n\r\n").expect("header");
+        let len: usize = rest[..header_end]
+            .trim_start_matches("Content-Length: ")
+            .parse()
+            .unwrap();
+        let body: Value =
+            serde_json::from_str(&rest[header_end + 4..header_end + 4 + len]).unwrap();
+        assert_eq!(body["jsonrpc"], "2.0");
+        rest = &rest[header_end + 4 + len..];
+        n += 1;
+    }
+    assert!(n >= 2, "{out}");
+}
+
+#[test]
+fn over_stdio_a_malformed_body_is_answered_and_the_server_goes_on() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut child = stdio_server();
     let mut stdin = child.stdin.take().unwrap();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let mut send = |body: &str| {

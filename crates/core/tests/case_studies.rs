@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use salience_core::analysis::{analyse, Analysis, AnalysisOptions, Target};
 use salience_core::compare::align;
-use salience_core::faithfulness::{self, FaithfulnessOptions};
+use salience_core::faithfulness::{self, FaithfulnessOptions, Verdict};
 use salience_core::prompt_file::{self, Granularity, PromptFile};
 use salience_core::segments::Segmentation;
 use salience_engine::prompt::TemplateMode;
@@ -159,31 +159,70 @@ fn the_case_study_maps_and_their_faithfulness(engine: &Engine) {
         serde_json::to_value(&f1).unwrap()["points"],
         serde_json::to_value(&f2).unwrap()["points"]
     );
-    let f3 = check(&loo, 1);
-    assert_ne!(
-        f1.points.iter().map(|p| p.random_mean).collect::<Vec<_>>(),
-        f3.points.iter().map(|p| p.random_mean).collect::<Vec<_>>(),
-        "another seed draws other random segments"
+    // Five blocks: 10 %, 20 % and 30 % delete 1, 1 and 2 blocks; one point per size, and with
+    // so few blocks every possible deletion is tried (no seed involved).
+    assert_eq!(
+        f1.points.iter().map(|p| p.deleted).collect::<Vec<_>>(),
+        vec![1, 2]
     );
-    assert_eq!(f1.points.len(), 3);
+    assert!(f1.points.iter().all(|p| p.random.exact));
+    assert_eq!(f1.points[0].random.drops.len(), 5);
+    assert_eq!(f1.points[1].random.drops.len(), 10);
     // Leave-one-out deletes one segment, so its top segment's drop at one deleted segment is
-    // its own score.
+    // its own score, and no single deletion does better: faithful by construction.
     let top = loo
         .level(&block, 1.0)
         .segments
         .iter()
         .map(|s| s.score)
         .fold(f32::MIN, f32::max);
-    let one = f1.points.iter().find(|p| p.deleted == 1).unwrap();
+    let one = &f1.points[0];
     assert!(
         (one.top_drop - top).abs() < 1e-3,
         "{} vs {top}",
         one.top_drop
     );
+    assert_eq!(f1.verdict, Verdict::Faithful, "{}", f1.summary());
     assert!(
-        f1.verdict.contains("removing the top 20 % of blocks"),
+        f1.reason
+            .starts_with("deleting the top 1 of 5 blocks lowers F by"),
         "{}",
-        f1.verdict
+        f1.reason
+    );
+    // The same map upside down points at the wrong blocks: the test must say so.
+    let mut reversed = loo.clone();
+    for t in &mut reversed.tokens {
+        t.score = -t.score;
+    }
+    let f = check(&reversed, 0);
+    assert_eq!(f.verdict, Verdict::NotFaithful, "{}", f.summary());
+    // Past the exact limit: random draws, whose seed matters.
+    let sampled = |seed| {
+        let opts = FaithfulnessOptions {
+            seed,
+            exact_up_to: 0,
+            random_draws: 6,
+            ..FaithfulnessOptions::default()
+        };
+        faithfulness::check(
+            engine,
+            &loo,
+            &block,
+            &opts,
+            &no_progress,
+            &CancelToken::new(),
+        )
+        .unwrap()
+    };
+    let (s0, s1) = (sampled(0), sampled(1));
+    assert!(s0
+        .points
+        .iter()
+        .all(|p| !p.random.exact && p.random.drops.len() == 6 && p.random.standard_error > 0.0));
+    assert_ne!(
+        s0.points.iter().map(|p| p.random_mean).collect::<Vec<_>>(),
+        s1.points.iter().map(|p| p.random_mean).collect::<Vec<_>>(),
+        "another seed draws other random segments"
     );
 
     // Principles first or last: the same sentences, moved; the alignment finds them all.

@@ -113,8 +113,17 @@ try {
     await page.waitForTimeout(500);
     toast = (await page.locator('.notifications-toasts').allInnerTexts()).join('\n');
   }
-  check('check faithfulness shows the verdict', /faithfulness \(sentences\): .*random/.test(toast), toast);
-  // The change since the previous result (the first map), then back to the scores.
+  check('check faithfulness shows the verdict', /faithfulness \(sentences\): (faithful|not faithful|inconclusive): deleting the top/.test(toast), toast);
+  // The same contrast again: a map comparable with the one before (same target, method and
+  // contrast), so the change since then can be painted; then back to the scores.
+  await runCommand('Prompt Salience: Compute salience against');
+  await page.waitForTimeout(1000);
+  await page.waitForSelector('.quick-input-widget:not([style*="display: none"]) input', { timeout: 10000 });
+  await page.keyboard.press('Control+a');
+  await page.keyboard.type('It is green.');
+  await page.keyboard.press('Enter');
+  await page.waitForTimeout(3000);
+  await statusIncludes('vs “It is green.”');
   await runCommand('Prompt Salience: Show difference from previous result');
   const diffOn = await statusIncludes('Δ', 40);
   check('show difference marks the status bar', diffOn.includes('Δ'), diffOn);

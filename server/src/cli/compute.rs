@@ -66,8 +66,9 @@ pub struct AnalysisArgs {
     /// Skip the faithfulness (deletion) check that comes with every report.
     #[arg(long)]
     no_faithfulness: bool,
-    /// Faithfulness check: random deletions per fraction.
-    #[arg(long, default_value_t = 5)]
+    /// Faithfulness check: random deletions per number of deleted segments, when there are
+    /// more than 40 possible deletions (otherwise every one is tried).
+    #[arg(long, default_value_t = 32)]
     draws: usize,
     /// Seed of the ablation masks and of the faithfulness check's random deletions.
     #[arg(long, default_value_t = 0)]

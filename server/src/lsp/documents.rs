@@ -32,6 +32,9 @@ pub struct Painted {
     /// Per painted segment: its score in `previous`, where it still exists.
     pub before: Vec<Option<f32>>,
     pub difference: bool,
+    /// Why the result before this one is not compared with it (another target, method,
+    /// contrast or model), if so.
+    pub incomparable: Option<String>,
     /// Deletion tests done for this map, by segmentation name.
     pub faithfulness: HashMap<String, Faithfulness>,
 }
@@ -57,6 +60,7 @@ impl Painted {
             previous,
             before: Vec::new(),
             difference: false,
+            incomparable: None,
             faithfulness: HashMap::new(),
         };
         p.rerender(segmentation, gain);
@@ -116,6 +120,34 @@ impl Painted {
     pub fn before_of(&self, index: usize) -> Option<f32> {
         self.before.get(index).copied().flatten()
     }
+}
+
+/// What changed between two results that makes their scores incomparable, if anything.
+pub fn incomparable(previous: &Analysis, now: &Analysis) -> Option<String> {
+    let mut changed = Vec::new();
+    if previous.model != now.model {
+        changed.push(format!("model ({} → {})", previous.model, now.model));
+    }
+    if previous.method != now.method {
+        changed.push(format!(
+            "method ({} → {})",
+            previous.method.name(),
+            now.method.name()
+        ));
+    }
+    if previous.target_text() != now.target_text() {
+        changed.push("target".to_string());
+    }
+    let contrast = |a: &Analysis| a.contrast.as_ref().map(|c| c.text.clone());
+    if contrast(previous) != contrast(now) {
+        changed.push("contrast".to_string());
+    }
+    (!changed.is_empty()).then(|| {
+        format!(
+            "not compared with the previous result: {} changed",
+            changed.join(", ")
+        )
+    })
 }
 
 pub struct Document {
@@ -206,15 +238,15 @@ impl Document {
         if let Some(c) = self.checking.take() {
             c.cancel();
         }
-        let previous = self.previous.clone();
-        self.painted = Some(Painted::new(
-            version,
-            analysis,
-            model,
-            segmentation,
-            gain,
-            previous,
-        ));
+        // Before/after only between results that explain the same thing the same way.
+        let incomparable = self
+            .previous
+            .as_ref()
+            .and_then(|p| incomparable(p, &analysis));
+        let previous = self.previous.clone().filter(|_| incomparable.is_none());
+        let mut painted = Painted::new(version, analysis, model, segmentation, gain, previous);
+        painted.incomparable = incomparable;
+        self.painted = Some(painted);
     }
 }
 

@@ -62,7 +62,7 @@ pub(super) fn hover(st: &State, params: &HoverParams) -> Option<Hover> {
         ));
     }
     if let Some(f) = p.faithfulness() {
-        footer.push_str(&format!("\n\nfaithfulness: {}", f.verdict));
+        footer.push_str(&format!("\n\nfaithfulness: {}", f.summary()));
     }
     if !a.generated_response && a.target.contains(&at) {
         return Some(markdown(
@@ -101,6 +101,9 @@ pub(super) fn hover(st: &State, params: &HoverParams) -> Option<Hover> {
             seg.score - b
         ),
         None if p.previous.is_some() => "\n\nnew since the previous result".to_string(),
+        None if p.incomparable.is_some() => {
+            format!("\n\n{}", p.incomparable.as_deref().unwrap_or_default())
+        }
         None => String::new(),
     };
     let sign = match (&a.contrast, seg.score >= 0.0) {

@@ -133,7 +133,10 @@ impl LanguageServer for Backend {
     }
 
     async fn initialized(&self, _: InitializedParams) {
-        self.pull_configuration().await;
+        // In its own task: a client that never answers must not keep the server from
+        // finishing its handlers (and from exiting on `exit`).
+        let this = self.clone();
+        tokio::spawn(async move { this.pull_configuration().await });
     }
 
     async fn shutdown(&self) -> Result<()> {
@@ -207,7 +210,8 @@ impl LanguageServer for Backend {
                 .unwrap_or(&params.settings);
             st.settings.merge_json(v);
         }
-        self.pull_configuration().await;
+        let this = self.clone();
+        tokio::spawn(async move { this.pull_configuration().await });
     }
 
     async fn semantic_tokens_full(

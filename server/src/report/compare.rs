@@ -70,7 +70,7 @@ pub fn terminal(a: &Side, b: &Side) -> String {
             one_line(s.analysis.target_text(), 50)
         ));
         if let Some(f) = s.faithfulness {
-            out.push_str(&format!("   faithfulness: {}\n", f.verdict));
+            out.push_str(&format!("   faithfulness: {}\n", f.summary()));
         }
     }
     out.push_str(&format!(
@@ -149,7 +149,7 @@ fn faithfulness_html(f: Option<&Faithfulness>) -> String {
         "<p class=meta>faithfulness ({}s, seed {}): {}</p><table><tr><th>deleted</th><th>top: drop in F</th><th>random: mean ± sd</th></tr>",
         escape(&f.level),
         f.seed,
-        escape(&f.verdict)
+        escape(&f.summary())
     );
     for p in &f.points {
         out.push_str(&format!(

@@ -122,7 +122,7 @@ function render() {{
   const F = R.faithfulness, fb = document.getElementById('faithfulness'); fb.textContent = '';
   if (F) {{
     const p = document.createElement('p'); p.className = 'meta';
-    p.textContent = `Faithfulness (${{F.level}}s, seed ${{F.seed}}): ${{F.verdict}}`; fb.appendChild(p);
+    p.textContent = `Faithfulness (${{F.level}}s, seed ${{F.seed}}): ${{F.verdict}}: ${{F.reason}}`; fb.appendChild(p);
     const tbl = document.createElement('table'); tbl.id = 'deletion';
     const head = tbl.createTHead().insertRow();
     for (const h of ['deleted', 'top segments: drop in F', 'random: mean ± sd']) {{ const th = document.createElement('th'); th.textContent = h; head.appendChild(th); }}

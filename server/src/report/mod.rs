@@ -193,17 +193,36 @@ pub const UNRELIABLE_GAP: f32 = 0.25;
 
 /// The deletion test as a few lines: the verdict and the curve.
 pub fn faithfulness_text(f: &Faithfulness) -> String {
-    let mut out = format!("faithfulness: {}\n", f.verdict);
+    let mut out = format!("faithfulness: {}\n", f.summary());
     for p in &f.points {
+        let baseline = if p.random.exact {
+            format!("all {} deletions", p.random.drops.len())
+        } else {
+            format!(
+                "{} random, s.e. {:.3}",
+                p.random.drops.len(),
+                p.random.standard_error
+            )
+        };
         out.push_str(&format!(
-            "  delete {:>3.0} % ({:>2} {}s): top {:+.3}   random {:+.3} ± {:.3}\n",
-            p.fraction * 100.0,
+            "  delete {:>2} {}s: top {:+.3} (as good: {:>3.0} %)",
             p.deleted,
             f.level,
-            p.top_drop,
-            p.random_mean,
-            p.random_sd
+            p.top.drop,
+            100.0 * p.top.as_good
+        ));
+        if let Some(b) = &p.bottom {
+            out.push_str(&format!(
+                "   most negative {:+.3} (as good: {:>3.0} %)",
+                b.drop,
+                100.0 * b.as_good
+            ));
+        }
+        out.push_str(&format!(
+            "   random {:+.3} ± {:.3} ({baseline})\n",
+            p.random.mean, p.random.sd
         ));
     }
+    out.push_str("  (a drop is F(full) − F(without those segments): positive lowers F)\n");
     out
 }

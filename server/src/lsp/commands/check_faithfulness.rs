@@ -47,11 +47,7 @@ impl Backend {
         let params = {
             let mut st = self.state();
             let enc = st.encoding;
-            let doc = st
-                .docs
-                .map
-                .get_mut(&uri)
-                .ok_or_else(|| content_modified("the document was closed"))?;
+            let doc = st.document_after_work(&uri)?;
             if is_ours(&doc.checking, &cancel) {
                 doc.checking = None;
             }

@@ -63,6 +63,15 @@ impl State {
             .get_mut(uri)
             .ok_or_else(|| invalid("document is not open"))
     }
+
+    /// The document a finished job belongs to; if it was closed meanwhile, the result is
+    /// dropped.
+    fn document_after_work(&mut self, uri: &Uri) -> Result<&mut Document> {
+        self.docs
+            .map
+            .get_mut(uri)
+            .ok_or_else(|| content_modified("the document was closed"))
+    }
 }
 
 impl Backend {
@@ -147,7 +156,7 @@ fn result_params(
             .then(|| p.analysis.target_text().to_string()),
         contrast: p.analysis.contrast.as_ref().map(|c| c.text.clone()),
         difference: p.difference,
-        faithfulness: p.faithfulness().map(|f| f.verdict.clone()),
+        faithfulness: p.faithfulness().map(|f| f.summary()),
         segments: p
             .level
             .segments

@@ -12,9 +12,9 @@ impl Backend {
     pub(super) async fn show_difference(&self, args: ShowDifferenceArgs) -> Result<Value> {
         self.repaint(&args.uri, |p| {
             if args.value && p.previous.is_none() {
-                return Err(invalid(
-                    "no previous result to compare with: compute, edit, and compute again",
-                ));
+                return Err(invalid(p.incomparable.clone().unwrap_or_else(|| {
+                    "no previous result to compare with: compute, edit, and compute again".into()
+                })));
             }
             p.set_difference(args.value);
             Ok(())

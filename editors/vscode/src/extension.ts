@@ -233,10 +233,8 @@ export async function activate(context: vscode.ExtensionContext) {
   context.subscriptions.push(
     vscode.window.onDidChangeVisibleTextEditors(repaintAll),
     vscode.window.onDidChangeActiveTextEditor(repaintAll),
-    vscode.workspace.onDidChangeTextDocument((ev) => {
-      // The server drops results on edits; so do the decorations.
-      if (results.delete(ev.document.uri.toString())) repaintAll();
-    }),
+    // On an edit the decorations move with the text by themselves; the server then sends the
+    // map for the new version, with the segments the edit touched left unpainted.
     output,
     status,
   );

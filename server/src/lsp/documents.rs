@@ -2,6 +2,7 @@
 
 use std::cell::OnceCell;
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -32,6 +33,9 @@ pub struct Painted {
     /// Per painted segment: its score in `previous`, where it still exists.
     pub before: Vec<Option<f32>>,
     pub difference: bool,
+    /// Edits since the map was computed, in order: the byte range replaced (in the text as it
+    /// was then) and the length of the text put in its place.
+    pub edits: Vec<(Range<usize>, usize)>,
     /// Why the result before this one is not compared with it (another target, method,
     /// contrast or model), if so.
     pub incomparable: Option<String>,
@@ -60,6 +64,7 @@ impl Painted {
             previous,
             before: Vec::new(),
             difference: false,
+            edits: Vec::new(),
             incomparable: None,
             faithfulness: HashMap::new(),
         };
@@ -111,6 +116,17 @@ impl Painted {
         self.rerender(self.segmentation.clone(), self.gain);
     }
 
+    /// Where `r`, a range of the text the map was computed on, lies in the document now, and
+    /// whether an edit touched it (then the range covers what replaced it).
+    pub fn now(&self, r: &Range<usize>) -> (Range<usize>, bool) {
+        map_through(&self.edits, r)
+    }
+
+    /// Whether the text changed since the map was computed.
+    pub fn edited(&self) -> bool {
+        !self.edits.is_empty()
+    }
+
     /// The faithfulness check of the painted segmentation, once it has run.
     pub fn faithfulness(&self) -> Option<&Faithfulness> {
         self.faithfulness.get(&self.segmentation.name())
@@ -120,6 +136,37 @@ impl Painted {
     pub fn before_of(&self, index: usize) -> Option<f32> {
         self.before.get(index).copied().flatten()
     }
+}
+
+/// Maps `r` through `edits` (each a byte range replaced, in the text as it was then, and the
+/// length of its replacement): where it lies after them, and whether one touched it.
+pub fn map_through(edits: &[(Range<usize>, usize)], r: &Range<usize>) -> (Range<usize>, bool) {
+    let (mut start, mut end, mut touched) = (r.start, r.end, false);
+    for (old, new_len) in edits {
+        let shift = |x: usize| x + new_len - old.len();
+        touched |= if old.is_empty() {
+            start < old.start && old.start < end
+        } else {
+            start < old.end && old.start < end
+        };
+        (start, end) = (
+            if start < old.start {
+                start
+            } else if start >= old.end {
+                shift(start)
+            } else {
+                old.start
+            },
+            if end <= old.start {
+                end
+            } else if end >= old.end {
+                shift(end)
+            } else {
+                old.start + new_len
+            },
+        );
+    }
+    (start..end, touched)
 }
 
 /// What changed between two results that makes their scores incomparable, if anything.
@@ -189,8 +236,9 @@ impl Document {
         }
     }
 
-    /// Applies edits in order. A result painted on the old text no longer matches it: it is
-    /// dropped, and a computation still running for the old text is cancelled.
+    /// Applies edits in order. A painted result follows the text: its segments move with the
+    /// edits, and those an edit touched become stale. A computation still running for the old
+    /// text is cancelled.
     pub fn apply(
         &mut self,
         version: i32,
@@ -198,22 +246,27 @@ impl Document {
         enc: Encoding,
     ) {
         for change in changes {
-            match change.range {
+            let replaced = match change.range {
                 Some(r) => {
                     let span = convert::byte_range(&self.rope, &r, enc);
                     let start = self.rope.byte_to_char(span.start);
                     let end = self.rope.byte_to_char(span.end);
                     self.rope.remove(start..end);
                     self.rope.insert(start, &change.text);
+                    span
                 }
-                None => self.rope = Rope::from_str(&change.text),
+                None => {
+                    let all = 0..self.rope.len_bytes();
+                    self.rope = Rope::from_str(&change.text);
+                    all
+                }
+            };
+            if let Some(p) = &mut self.painted {
+                p.edits.push((replaced, change.text.len()));
             }
         }
         self.version = version;
         self.parsed = OnceCell::new();
-        if let Some(p) = self.painted.take() {
-            self.previous = Some(p.analysis);
-        }
         for c in [self.running.take(), self.checking.take()]
             .into_iter()
             .flatten()
@@ -382,13 +435,70 @@ mod tests {
         }
     }
 
+    /// Property: a segment no edit touched holds the same text after the edits, at its
+    /// mapped range; one that an edit touched is reported as touched.
     #[test]
-    fn an_edit_drops_the_painted_result_and_cancels_running_work() {
+    fn segments_follow_random_edits() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        for _ in 0..500 {
+            let original: String = (0..rng.random_range(5..40))
+                .map(|_| ["ab", "c", " ", "\n", "é", "😀"][rng.random_range(0..6)])
+                .collect();
+            let cuts: Vec<usize> = {
+                let mut c: Vec<usize> = (0..=original.len())
+                    .filter(|&i| original.is_char_boundary(i))
+                    .filter(|_| rng.random_bool(0.3))
+                    .collect();
+                c.insert(0, 0);
+                c.push(original.len());
+                c.dedup();
+                c
+            };
+            let segments: Vec<std::ops::Range<usize>> =
+                cuts.windows(2).map(|w| w[0]..w[1]).collect();
+            let mut text = original.clone();
+            let mut edits = Vec::new();
+            for _ in 0..rng.random_range(1..4) {
+                let valid: Vec<usize> = (0..=text.len())
+                    .filter(|&i| text.is_char_boundary(i))
+                    .collect();
+                let mut a = valid[rng.random_range(0..valid.len())];
+                let mut b = valid[rng.random_range(0..valid.len())];
+                if a > b {
+                    std::mem::swap(&mut a, &mut b);
+                }
+                let insert = ["", "x", "yz\n", "東"][rng.random_range(0..4)];
+                text.replace_range(a..b, insert);
+                edits.push((a..b, insert.len()));
+            }
+            for seg in &segments {
+                let (now, touched) = map_through(&edits, seg);
+                if !touched {
+                    assert_eq!(
+                        &text[now.clone()],
+                        &original[seg.clone()],
+                        "{original:?} -> {text:?} {edits:?} {seg:?}"
+                    );
+                }
+            }
+        }
+        // Direct cases: an insertion inside touches, at either end does not.
+        let seg = 5..10;
+        assert_eq!(map_through(&[(7..7, 3)], &seg), (5..13, true));
+        assert_eq!(map_through(&[(5..5, 3)], &seg), (8..13, false));
+        assert_eq!(map_through(&[(10..10, 3)], &seg), (5..10, false));
+        assert_eq!(map_through(&[(0..2, 0)], &seg), (3..8, false));
+        assert_eq!(map_through(&[(9..12, 1)], &seg), (5..10, true));
+    }
+
+    #[test]
+    fn an_edit_keeps_the_painted_result_and_cancels_running_work() {
         let mut d = Document::new("Ask.\n", 1);
         let running = CancelToken::new();
         d.running = Some(running.clone());
         d.apply(2, vec![edit(0, 0, 0, 0, "Please ")], Encoding::Utf16);
-        assert!(running.is_cancelled() && d.painted.is_none());
+        assert!(running.is_cancelled());
         assert_eq!(d.parsed().prompt_text(), "Please Ask.");
     }
 }

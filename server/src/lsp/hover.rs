@@ -42,6 +42,9 @@ pub(super) fn hover(st: &State, params: &HoverParams) -> Option<Hover> {
         a.model,
         ago(p.computed_at.elapsed().as_secs())
     );
+    if p.edited() {
+        footer.push_str(" · the text was edited since: segments moved with it");
+    }
     if let Some(c) = &a.contrast {
         footer.push_str(&format!(
             "\n\ncontrast: why the target rather than \"{}\" — {}",
@@ -64,22 +67,34 @@ pub(super) fn hover(st: &State, params: &HoverParams) -> Option<Hover> {
     if let Some(f) = p.faithfulness() {
         footer.push_str(&format!("\n\nfaithfulness: {}", f.summary()));
     }
-    if !a.generated_response && a.target.contains(&at) {
+    let (target_now, target_stale) = p.now(&a.target);
+    if !a.generated_response && !target_stale && target_now.contains(&at) {
         return Some(markdown(
             format!(
                 "**Salience target** — log p = {:.4} over {} tokens\n\n{footer}",
                 a.target_log_probs.iter().sum::<f32>(),
                 a.target_log_probs.len()
             ),
-            convert::range(&doc.rope, &a.target, st.encoding),
+            convert::range(&doc.rope, &target_now, st.encoding),
         ));
     }
-    let (index, seg) = p
+    let (index, seg, now) = p
         .level
         .segments
         .iter()
         .enumerate()
-        .find(|(_, s)| s.start <= at && at < s.end)?;
+        .map(|(i, s)| (i, s, p.now(&(s.start..s.end))))
+        .find(|(_, _, (now, _))| now.start <= at && at < now.end)?;
+    let (now, stale) = now;
+    if stale {
+        return Some(markdown(
+            format!(
+                "**Edited since computed** — this {} was {:+.4} before the edit; run *Compute salience* again\n\n{footer}",
+                p.level.name, seg.score
+            ),
+            convert::range(&doc.rope, &now, st.encoding),
+        ));
+    }
     let n = p.level.segments.len();
     if p.difference {
         let before = p.before_of(index).unwrap_or(0.0);
@@ -89,10 +104,7 @@ pub(super) fn hover(st: &State, params: &HoverParams) -> Option<Hover> {
             before,
             before + seg.score
         );
-        return Some(markdown(
-            text,
-            convert::range(&doc.rope, &(seg.start..seg.end), st.encoding),
-        ));
+        return Some(markdown(text, convert::range(&doc.rope, &now, st.encoding)));
     }
     let before = match p.before_of(index) {
         Some(b) => format!(
@@ -128,10 +140,7 @@ pub(super) fn hover(st: &State, params: &HoverParams) -> Option<Hover> {
         ellipsis,
         footer
     );
-    Some(markdown(
-        text,
-        convert::range(&doc.rope, &(seg.start..seg.end), st.encoding),
-    ))
+    Some(markdown(text, convert::range(&doc.rope, &now, st.encoding)))
 }
 
 fn markdown(value: String, range: tower_lsp_server::lsp_types::Range) -> Hover {

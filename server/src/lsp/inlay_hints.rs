@@ -29,9 +29,12 @@ pub(super) fn hints(st: &State, params: &InlayHintParams) -> Option<Vec<InlayHin
         level
             .segments
             .iter()
-            .filter(|s| s.end > window.start && s.start < window.end)
-            .map(|s| InlayHint {
-                position: convert::position(&doc.rope, s.end, st.encoding),
+            .filter_map(|s| {
+                let (now, stale) = p.now(&(s.start..s.end));
+                (!stale && now.end > window.start && now.start < window.end).then_some((s, now))
+            })
+            .map(|(s, now)| InlayHint {
+                position: convert::position(&doc.rope, now.end, st.encoding),
                 label: InlayHintLabel::String(format!("{:+.3}", s.score)),
                 kind: None,
                 text_edits: None,

@@ -180,15 +180,15 @@ impl LanguageServer for Backend {
             doc.apply(version, params.content_changes, enc);
             doc.len()
         };
-        if size > DEBOUNCE_ABOVE {
-            let this = self.clone();
-            tokio::spawn(async move {
+        // In its own task: the notification never waits on the client (semantic-token
+        // refresh is a request to it); a later edit supersedes this one's work.
+        let this = self.clone();
+        tokio::spawn(async move {
+            if size > DEBOUNCE_ABOVE {
                 tokio::time::sleep(DEBOUNCE).await;
-                this.publish_diagnostics(uri, version).await;
-            });
-        } else {
-            self.publish_diagnostics(uri, version).await;
-        }
+            }
+            this.after_edit(uri, version).await;
+        });
     }
 
     async fn did_close(&self, params: DidCloseTextDocumentParams) {
@@ -268,19 +268,27 @@ const DEBOUNCE_ABOVE: usize = 64 << 10;
 const DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(200);
 
 impl Backend {
-    /// Publishes the diagnostics of `uri` if it is still at `version` (a later edit publishes
-    /// its own).
-    async fn publish_diagnostics(&self, uri: Uri, version: i32) {
-        let diags = {
+    /// After an edit (if `uri` is still at `version`: a later edit does its own): the
+    /// diagnostics, and the painted map as it follows the text.
+    async fn after_edit(&self, uri: Uri, version: i32) {
+        let (diags, painted) = {
             let st = self.state();
             match st.docs.map.get(&uri) {
-                Some(doc) if doc.version == version => diagnostics::of(doc, st.encoding),
+                Some(doc) if doc.version == version => (
+                    diagnostics::of(doc, st.encoding),
+                    doc.painted
+                        .as_ref()
+                        .map(|p| commands::result_params(&uri, &doc.rope, version, st.encoding, p)),
+                ),
                 _ => return,
             }
         };
         self.client
             .publish_diagnostics(uri, diags, Some(version))
             .await;
+        if let Some(p) = painted {
+            self.after_paint(p).await;
+        }
     }
 
     /// Asks the client for the `promptSalience` section of its configuration.

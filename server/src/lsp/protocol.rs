@@ -187,7 +187,8 @@ impl Notification for ResultNotification {
 #[serde(rename_all = "camelCase")]
 pub struct ResultParams {
     pub uri: Uri,
-    /// The document version the result belongs to.
+    /// The document version the ranges are for (later than the one computed on when the
+    /// map follows edits).
     pub version: i32,
     pub model: String,
     pub method: String,
@@ -205,6 +206,9 @@ pub struct ResultParams {
     pub difference: bool,
     /// The faithfulness check's one-line verdict at this granularity, once it has run.
     pub faithfulness: Option<String>,
+    /// The document changed since the map was computed: segments moved with the edits, and
+    /// the ones an edit touched are `stale`.
+    pub edited: bool,
     pub segments: Vec<SegmentInfo>,
 }
 
@@ -219,4 +223,6 @@ pub struct SegmentInfo {
     pub share: f32,
     /// The segment's score in the previous result, when it existed there.
     pub before: Option<f32>,
+    /// An edit touched the segment since the map was computed: its `level` is 0 (no colour).
+    pub stale: bool,
 }

@@ -27,12 +27,17 @@ pub(super) fn full(
     };
     let window = within.map(|r| convert::byte_range(&doc.rope, &r, enc));
     let signed = p.analysis.method.is_signed();
+    // Where the segments are now; the ones an edit touched are not painted.
     let mut spans: Vec<(Range<usize>, u32, u32)> = p
         .level
         .segments
         .iter()
         .filter(|s| s.level > 0)
-        .map(|s| {
+        .filter_map(|s| {
+            let (now, stale) = p.now(&(s.start..s.end));
+            (!stale).then_some((s, now))
+        })
+        .map(|(s, now)| {
             let sign = if !signed {
                 0
             } else if s.score >= 0.0 {
@@ -41,17 +46,16 @@ pub(super) fn full(
                 MOD_NEGATIVE
             };
             (
-                s.start..s.end,
+                now,
                 TokenType::Salience as u32,
                 sign | level_modifier(s.level),
             )
         })
         .collect();
-    spans.push((
-        p.analysis.target.clone(),
-        TokenType::SalienceTarget as u32,
-        0,
-    ));
+    let (target, target_stale) = p.now(&p.analysis.target);
+    if !target_stale && !p.analysis.generated_response {
+        spans.push((target, TokenType::SalienceTarget as u32, 0));
+    }
     spans.sort_by_key(|s| s.0.start);
     let (mut prev_line, mut prev_start) = (0u32, 0u32);
     for (range, ty, mods) in spans {
@@ -61,8 +65,10 @@ pub(super) fn full(
             }
         }
         // One token per line of the span, as LSP counts lines.
-        let text = &p.analysis.text[range.clone()];
-        for (at, content) in convert::lines(text) {
+        let end = range.end.min(doc.rope.len_bytes());
+        let range = range.start.min(end)..end;
+        let text = doc.rope.byte_slice(range.clone()).to_string();
+        for (at, content) in convert::lines(&text) {
             if !content.trim().is_empty() {
                 let pos = convert::position(&doc.rope, range.start + at, enc);
                 let delta_line = pos.line - prev_line;

@@ -56,7 +56,7 @@ impl Backend {
                 Some(p) if Arc::ptr_eq(&p.analysis, &analysis) => {
                     p.faithfulness
                         .insert(segmentation.name(), faithfulness.clone());
-                    result_params(&uri, &doc.rope, enc, p)
+                    result_params(&uri, &doc.rope, doc.version, enc, p)
                 }
                 _ => {
                     return Err(content_modified(

@@ -103,7 +103,7 @@ impl Backend {
                 resolved.gain,
             );
             let painted = doc.painted.as_ref().expect("painted");
-            result_params(&uri, &doc.rope, enc, painted)
+            result_params(&uri, &doc.rope, doc.version, enc, painted)
         };
         self.after_paint(notification.clone()).await;
         if self.state().settings.background_faithfulness != Some(false) {

@@ -105,7 +105,7 @@ impl Backend {
                 .as_mut()
                 .ok_or_else(|| invalid(NOTHING_COMPUTED))?;
             change(painted)?;
-            result_params(uri, &doc.rope, enc, painted)
+            result_params(uri, &doc.rope, doc.version, enc, painted)
         };
         let summary = json!({
             "granularity": params.granularity,
@@ -118,7 +118,7 @@ impl Backend {
         Ok(summary)
     }
 
-    async fn after_paint(&self, params: ResultParams) {
+    pub(super) async fn after_paint(&self, params: ResultParams) {
         self.refresh_semantic_tokens().await;
         self.client
             .send_notification::<ResultNotification>(params)
@@ -132,24 +132,27 @@ impl Backend {
     }
 }
 
-/// The painted map as `promptSalience/result` sends it.
-fn result_params(
+/// The painted map as `promptSalience/result` sends it, on the document as it is now
+/// (`version`): segments moved by edits since, and the ones an edit touched marked stale.
+pub(super) fn result_params(
     uri: &Uri,
     rope: &ropey::Rope,
+    version: i32,
     enc: convert::Encoding,
     p: &Painted,
 ) -> ResultParams {
+    let target = p.now(&p.analysis.target);
     ResultParams {
         uri: uri.clone(),
-        version: p.version,
+        version,
         model: p.analysis.model.clone(),
         method: p.analysis.method.name().into(),
         signed: p.analysis.method.is_signed(),
         granularity: p.segmentation.name(),
         gain: p.gain,
         objective: p.analysis.objective,
-        target: (!p.analysis.generated_response)
-            .then(|| convert::range(rope, &p.analysis.target, enc)),
+        target: (!p.analysis.generated_response && !target.1)
+            .then(|| convert::range(rope, &target.0, enc)),
         generated_response: p
             .analysis
             .generated_response
@@ -157,19 +160,24 @@ fn result_params(
         contrast: p.analysis.contrast.as_ref().map(|c| c.text.clone()),
         difference: p.difference,
         faithfulness: p.faithfulness().map(|f| f.summary()),
+        edited: p.edited(),
         segments: p
             .level
             .segments
             .iter()
             .enumerate()
-            .map(|(i, s)| SegmentInfo {
-                range: convert::range(rope, &(s.start..s.end), enc),
-                score: s.score,
-                normalized: s.normalized,
-                level: s.level,
-                rank: s.rank,
-                share: s.share,
-                before: p.before_of(i),
+            .map(|(i, s)| {
+                let (range, stale) = p.now(&(s.start..s.end));
+                SegmentInfo {
+                    range: convert::range(rope, &range, enc),
+                    score: s.score,
+                    normalized: s.normalized,
+                    level: if stale { 0 } else { s.level },
+                    rank: s.rank,
+                    share: s.share,
+                    before: p.before_of(i),
+                    stale,
+                }
             })
             .collect(),
     }

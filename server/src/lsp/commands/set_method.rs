@@ -29,7 +29,7 @@ impl Backend {
             switch.map(|(version, a, model, segmentation, gain)| {
                 doc.paint(version, Arc::new(a), model, segmentation, gain);
                 let painted = doc.painted.as_ref().expect("painted");
-                result_params(&args.uri, &doc.rope, enc, painted)
+                result_params(&args.uri, &doc.rope, doc.version, enc, painted)
             })
         };
         match switched {

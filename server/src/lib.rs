@@ -5,9 +5,11 @@
 //! this crate holds the front ends that people use:
 //! - [`cli`]: the command line;
 //! - [`lsp`]: the language server, the only place that knows lsp-types and JSON-RPC;
-//! - [`report`]: terminal, JSON and HTML reports.
+//! - [`report`]: terminal, JSON and HTML reports;
+//! - [`template_sandbox`]: chat templates rendered in a child process with a memory limit.
 #![deny(clippy::print_stdout)]
 
 pub mod cli;
 pub mod lsp;
 pub mod report;
+pub mod template_sandbox;

@@ -20,6 +20,12 @@ fn keep_freed_memory_for_a_while() {
 }
 
 fn main() -> std::process::ExitCode {
+    use prompt_salience::template_sandbox;
+    // The template renderer's child: nothing else of the program starts in it.
+    if std::env::args().nth(1).as_deref() == Some(template_sandbox::SUBCOMMAND) {
+        return template_sandbox::child_main();
+    }
     keep_freed_memory_for_a_while();
+    salience_engine::chat_template::isolate_with(template_sandbox::render);
     prompt_salience::cli::main()
 }

@@ -364,3 +364,39 @@ async fn fast_typing_in_a_huge_document_keeps_hover_quick() {
         started.elapsed()
     );
 }
+
+/// A chat template from a model file runs in a child process with a memory limit: one that
+/// doubles a string until memory runs out fails with an error, and this process lives on.
+#[test]
+fn a_template_that_doubles_a_string_is_refused_and_the_caller_lives_on() {
+    use prompt_salience::template_sandbox::render_with;
+    use salience_engine::chat_template::{Message, TemplateJob};
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_prompt-salience"));
+    let job = |source: &str| TemplateJob {
+        source: source.into(),
+        messages: vec![Message::new("user", "Hi")],
+        bos_token: String::new(),
+        eos_token: String::new(),
+    };
+    let doubling = format!(
+        "{{% set s = 'ab' %}}{}{{{{ s | length }}}}",
+        "{% set s = s ~ s %}".repeat(40)
+    );
+    let started = Instant::now();
+    let err = render_with(exe, &job(&doubling)).unwrap_err().to_string();
+    assert!(err.contains("memory"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+    let err = render_with(
+        exe,
+        &job("{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% endfor %}"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("too much work"), "{err}");
+    let ok = render_with(
+        exe,
+        &job("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"),
+    )
+    .unwrap();
+    assert_eq!(ok, "<user>Hi");
+}

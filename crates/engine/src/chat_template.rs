@@ -4,11 +4,13 @@
 use std::ops::Range;
 
 use minijinja::{Environment, Error as JinjaError, ErrorKind, Value};
-use serde::Serialize;
+use std::sync::OnceLock;
+
+use serde::{Deserialize, Serialize};
 
 use super::EngineError;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Message {
     pub role: String,
     pub content: String,
@@ -31,27 +33,19 @@ pub struct RenderedPrompt {
     pub content_ranges: Vec<Option<Range<usize>>>,
 }
 
-pub struct ChatTemplate {
-    source: String,
-    bos_token: String,
-    eos_token: String,
+/// One rendering of a template: all it needs, so it can be done in another process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TemplateJob {
+    pub source: String,
+    pub messages: Vec<Message>,
+    pub bos_token: String,
+    pub eos_token: String,
 }
 
-// Private-use code points bracket each message while rendering, so the content's place in the
-// output is known exactly rather than searched for.
-const OPEN: char = '\u{F8F0}';
-const CLOSE: char = '\u{F8F1}';
-
-impl ChatTemplate {
-    pub fn new(source: String, bos_token: String, eos_token: String) -> Self {
-        Self {
-            source,
-            bos_token,
-            eos_token,
-        }
-    }
-
-    fn render_raw(&self, messages: &[Message]) -> Result<String, EngineError> {
+impl TemplateJob {
+    /// Renders the template here, within the fuel and output budgets.
+    pub fn render(&self) -> Result<String, EngineError> {
+        let messages = &self.messages;
         let mut env = Environment::new();
         // Python's jinja2 as transformers configures it.
         env.set_trim_blocks(true);
@@ -95,6 +89,53 @@ impl ChatTemplate {
                 out.limit
             ))),
             Err(e) => Err(EngineError::Template(e.to_string())),
+        }
+    }
+}
+
+/// Renders a template job in isolation. Fuel bounds a template's work and the output bound
+/// its writing, but a template can still build a huge string in memory (doubling it a few
+/// dozen times); a front end that can run one in a child process with a memory limit installs
+/// this, and then every template renders there.
+pub type Isolation = fn(&TemplateJob) -> Result<String, EngineError>;
+
+static ISOLATION: OnceLock<Isolation> = OnceLock::new();
+
+/// Installs the isolated renderer (once, at start-up).
+pub fn isolate_with(render: Isolation) {
+    let _ = ISOLATION.set(render);
+}
+
+pub struct ChatTemplate {
+    source: String,
+    bos_token: String,
+    eos_token: String,
+}
+
+// Private-use code points bracket each message while rendering, so the content's place in the
+// output is known exactly rather than searched for.
+const OPEN: char = '\u{F8F0}';
+const CLOSE: char = '\u{F8F1}';
+
+impl ChatTemplate {
+    pub fn new(source: String, bos_token: String, eos_token: String) -> Self {
+        Self {
+            source,
+            bos_token,
+            eos_token,
+        }
+    }
+
+    fn render_raw(&self, messages: &[Message]) -> Result<String, EngineError> {
+        let job = TemplateJob {
+            source: self.source.clone(),
+            messages: messages.to_vec(),
+            bos_token: self.bos_token.clone(),
+            eos_token: self.eos_token.clone(),
+        };
+        match ISOLATION.get() {
+            Some(isolated) => isolated(&job),
+            None => job.render(),
         }
     }
 

@@ -198,9 +198,19 @@ local ok, err = xpcall(function()
   end, 100)
   vim.api.nvim_buf_set_lines(buf, 7, 8, false, { 'What colour is the sky at noon on a clear day?' })
   local version = vim.lsp.util.buf_versions[buf]
+  -- The map follows the edit: the untouched sentences keep their colour, the edited one is unpainted.
+  vim.wait(10000, function()
+    return state().version == version and state().edited
+  end, 50)
+  local function painted_on(line)
+    return vim.iter(marks(buf, ps.namespace)):any(function(m)
+      return m[2] == line and m[4].hl_group ~= 'PromptSalienceTarget'
+    end)
+  end
+  check('an edit keeps the map where it did not touch', state().edited and painted_on(5) and not painted_on(7), marks(buf, ps.namespace))
   vim.cmd('SalienceCompute')
   vim.wait(120000, function()
-    return state().version == version
+    return state().version == version and not state().edited
   end, 100)
   check('recompute after an edit compares with the previous result', (state().compared or 0) >= 2, state())
   htext = hover_at(5, 4)

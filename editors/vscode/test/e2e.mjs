@@ -131,6 +131,24 @@ try {
   let diffOff = diffOn;
   for (let i = 0; i < 40 && diffOff.includes('Δ'); i++) { await page.waitForTimeout(500); diffOff = await page.locator('.statusbar').innerText(); }
   check('show difference toggles back', !diffOff.includes('Δ') && diffOff.includes('It is green.'), diffOff);
+  // An edit inside the first sentence: the map follows the text; that sentence goes stale.
+  const paintedBefore = await painted();
+  const first = page.locator('.view-lines .view-line', { hasText: 'careful assistant' }).first();
+  await first.click();
+  await page.keyboard.press('Home');
+  for (let i = 0; i < 4; i++) await page.keyboard.press('ArrowRight');
+  await page.keyboard.type('x');
+  await page.waitForTimeout(2000);
+  const paintedAfter = await painted();
+  check('an edit keeps the rest of the map painted', paintedAfter > 0 && paintedAfter < paintedBefore + 1, { paintedBefore, paintedAfter });
+  const firstBox = await first.boundingBox();
+  await page.mouse.move(firstBox.x + 60, firstBox.y + firstBox.height / 2);
+  let staleHover = '';
+  for (let i = 0; i < 20 && !staleHover.includes('Edited since computed'); i++) {
+    await page.waitForTimeout(300);
+    staleHover = (await page.locator('.monaco-hover:not(.hidden)').allInnerTexts()).join('\n');
+  }
+  check('hover on the edited sentence says it is stale', staleHover.includes('Edited since computed'), staleHover);
 } catch (e) {
   failed++;
   console.error('ERROR', e);

@@ -113,6 +113,8 @@ function M.on_result(_, result, ctx)
     generated = generated,
     contrast = opt(result.contrast),
     difference = result.difference == true,
+    -- The text changed since the map was computed: it follows the edits, touched segments unpainted.
+    edited = result.edited == true,
     faithfulness = opt(result.faithfulness),
     -- Segments that also had a score in the previous result (hover shows before/after).
     compared = compared,

@@ -135,7 +135,11 @@ impl<'a> Layers<'a> {
         let granularity = self
             .first(|s| s.granularity)
             .unwrap_or(Granularity::Sentence);
-        let custom = match self.first(|s| s.separators.as_deref()) {
+        // The first layer that chooses segments decides; within a layer, separators win.
+        let chosen = self.first(|s| {
+            (s.separators.is_some() || s.granularity.is_some()).then_some(s.separators.as_deref())
+        });
+        let custom = match chosen.flatten() {
             Some(source) => Some(Segmentation::Custom(
                 limits::separators(source).map_err(|e| format!("separators: {e}"))?,
             )),
@@ -290,18 +294,34 @@ mod tests {
     }
 
     #[test]
-    fn separators_from_any_layer_win_over_the_granularity() {
+    fn the_first_layer_that_chooses_segments_decides() {
         let none = SalienceSettings::default();
-        let client = settings(|s| s.separators = Some("[;|]".into()));
-        let r = Layers {
-            arguments: &settings(|s| s.granularity = Some(Granularity::Word)),
-            file: &none,
-            client: &client,
-        }
-        .resolve()
-        .unwrap();
+        let separators = settings(|s| s.separators = Some("[;|]".into()));
+        let word = settings(|s| s.granularity = Some(Granularity::Word));
+        let resolve = |arguments, file, client| {
+            Layers {
+                arguments,
+                file,
+                client,
+            }
+            .resolve()
+            .unwrap()
+        };
+        // Separators in the file, no choice above: custom segments.
+        let r = resolve(&none, &separators, &word);
         assert_eq!(r.segmentation().name(), "custom ([;|])");
-        assert_eq!(r.granularity, Granularity::Word);
+        // A granularity asked for in the arguments wins over the file's separators.
+        let r = resolve(&word, &separators, &none);
+        assert_eq!(r.segmentation().name(), "word");
+        assert!(r.custom.is_none());
+        // Within one layer, separators win over its granularity.
+        let both = settings(|s| {
+            s.separators = Some(";".into());
+            s.granularity = Some(Granularity::Line);
+        });
+        let r = resolve(&none, &both, &none);
+        assert_eq!(r.segmentation().name(), "custom (;)");
+        assert_eq!(r.granularity, Granularity::Line);
     }
 
     #[test]

@@ -52,7 +52,7 @@ end, { range = true, desc = 'Compute salience (a visual range is the target)' })
 cmd('SalienceGranularity', function(o)
   ps().set_granularity(o.args)
 end, { nargs = 1, complete = function()
-  return { 'token', 'word', 'sentence', 'line', 'paragraph', 'block' }
+  return { 'token', 'word', 'sentence', 'line', 'paragraph', 'block', 'custom' }
 end, desc = 'Show the scores at another granularity' })
 cmd('SalienceMethod', function(o)
   ps().set_method(o.args)

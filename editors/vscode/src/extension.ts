@@ -202,7 +202,7 @@ export async function activate(context: vscode.ExtensionContext) {
   register('promptSalience.granularity', async () => {
     const e = activeDoc();
     if (!e) return;
-    const pick = await vscode.window.showQuickPick(['token', 'word', 'sentence', 'line', 'paragraph', 'block'], { placeHolder: 'Granularity' });
+    const pick = await vscode.window.showQuickPick(['token', 'word', 'sentence', 'line', 'paragraph', 'block', 'custom'], { placeHolder: 'Granularity (custom: the file\'s salience.separators)' });
     if (pick) await exec('promptSalience.setGranularity', { uri: e.document.uri.toString(), granularity: pick });
   });
   register('promptSalience.method', async () => {

@@ -107,7 +107,22 @@ pub struct ComputeArgs {
 pub struct SetGranularityArgs {
     pub uri: Uri,
     #[serde(alias = "value")]
-    pub granularity: Granularity,
+    pub granularity: GranularityChoice,
+}
+
+/// A standard granularity, or `custom`: the file's `salience.separators`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum GranularityChoice {
+    Standard(Granularity),
+    Custom(CustomWord),
+}
+
+/// The word `custom`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CustomWord {
+    Custom,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -132,6 +132,26 @@ fn targets_by_text_lines_and_inside_the_prompt() {
     let v = compute_json(&file, &["--target", "Be kind", "--method", "grad_l2"]);
     check_schema(&v);
     assert_eq!(v["target"]["text"], "Be kind");
+    // And it says so: the text was not found in the response.
+    let out = bin()
+        .arg("compute")
+        .arg(&file)
+        .args([
+            "--target",
+            "Be kind",
+            "--method",
+            "grad_l2",
+            "--no-faithfulness",
+            "--format",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("not in the response") && stderr.contains("in the prompt (line"),
+        "{stderr}"
+    );
     let v = compute_json(&file, &["--target-lines", "10..10"]);
     assert_eq!(
         v["target"]["text"],

@@ -181,7 +181,7 @@ fn adaptive_integrated_gradients_stop_at_tolerance_or_cap() {
         tolerance: 0.02,
         ..IgOptions::default()
     };
-    let report = scores(&model, Method::IntegratedGradients, opts)
+    let report = scores(&model, Method::IntegratedGradients, opts.clone())
         .ig
         .unwrap();
     // Refining where the midpoint estimate misses the exact F(b) - F(a) closes the gap well
@@ -191,6 +191,26 @@ fn adaptive_integrated_gradients_stop_at_tolerance_or_cap() {
         report.completeness_gap <= 0.02 && report.steps <= 64,
         "{report:?}"
     );
+    // Stopping before the cap, the progress still ends at 100 %.
+    let seen = std::sync::Mutex::new(Vec::new());
+    let record = |p: salience_engine::Progress| {
+        if let salience_engine::Progress::IntegratedGradients { step, steps } = p {
+            seen.lock().unwrap().push((step, steps));
+        }
+    };
+    let req = SalienceRequest {
+        ids: IDS.to_vec(),
+        target: TARGET,
+        method: Method::IntegratedGradients,
+        ig: opts,
+        pad_id: Some(0),
+        contrast: None,
+    };
+    salience::compute(&model, &req, &record, &CancelToken::new()).unwrap();
+    let seen = seen.into_inner().unwrap();
+    let (step, steps) = *seen.last().expect("progress reported");
+    assert!(report.steps < 64, "the cap was not reached: {report:?}");
+    assert_eq!((step, steps), (report.steps, report.steps), "{seen:?}");
 }
 
 #[test]

@@ -17,6 +17,7 @@ pub struct BenchArgs {
     /// Prompt lengths in tokens (gradient salience). Each list may be given empty to skip it.
     #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "100,300,600")]
     lengths: Vec<usize>,
+    /// Tokens in the explained target.
     #[arg(long, default_value_t = 20)]
     target_tokens: usize,
     /// Integrated gradients steps (fixed, zero baseline).
@@ -25,6 +26,7 @@ pub struct BenchArgs {
     /// Prompt lengths for integrated gradients (slow).
     #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "100,300")]
     ig_lengths: Vec<usize>,
+    /// Tokens to generate in the decoding benchmark.
     #[arg(long, default_value_t = 64)]
     generate_tokens: usize,
     /// Prompt lengths for leave-one-out over 10 equal segments.

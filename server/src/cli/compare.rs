@@ -23,6 +23,7 @@ pub struct CompareArgs {
     fetch: FetchArgs,
     #[command(flatten)]
     analysis: AnalysisArgs,
+    /// html (one page, both maps side by side), json, or terminal.
     #[arg(long, value_enum, default_value = "html")]
     format: Format,
     /// Write the report here instead of stdout.

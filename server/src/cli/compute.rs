@@ -58,6 +58,7 @@ pub struct AnalysisArgs {
     /// Integrated gradients: fixed steps (default: adaptive).
     #[arg(long)]
     steps: Option<usize>,
+    /// Integrated gradients: the path's start, mean | zero | pad (default: the file's, else mean).
     #[arg(long)]
     baseline: Option<Baseline>,
     /// ablation_surrogate: random ablation masks (default: the file's `salience.samples`, else 64).
@@ -81,6 +82,7 @@ pub struct ComputeArgs {
     file: PathBuf,
     #[command(flatten)]
     analysis: AnalysisArgs,
+    /// terminal (colours in the terminal), json (every level), or html (one self-contained page).
     #[arg(long, value_enum, default_value = "terminal")]
     format: Format,
     /// Write the report here instead of stdout.
@@ -128,14 +130,19 @@ fn target(args: &AnalysisArgs, file: &PromptFile) -> Result<Target, EngineError>
     let bad = |m: String| Err(EngineError::InvalidInput(m));
     if let Some(t) = &args.target {
         let text = &file.text;
-        let found = text[file.response.clone()]
+        let in_response = text[file.response.clone()]
             .find(t.as_str())
-            .map(|p| file.response.start + p)
-            .or_else(|| {
-                text[file.prompt.clone()]
-                    .find(t.as_str())
-                    .map(|p| file.prompt.start + p)
-            });
+            .map(|p| file.response.start + p);
+        let found = in_response.or_else(|| {
+            let at = text[file.prompt.clone()]
+                .find(t.as_str())
+                .map(|p| file.prompt.start + p)?;
+            let line = text[..at].matches('\n').count() + 1;
+            eprintln!(
+                "--target: {t:?} is not in the response; explaining its first occurrence in the prompt (line {line}) by the text before it"
+            );
+            Some(at)
+        });
         return match found {
             Some(start) if !t.is_empty() => Ok(Target::Bytes(start..start + t.len())),
             _ => bad(format!(

@@ -56,6 +56,7 @@ enum Command {
 enum ModelCommand {
     /// Put a registered model into the cache (verifying its sha256).
     Fetch {
+        /// A registered model name (see `model list`).
         #[arg(default_value = DEFAULT_MODEL)]
         name: String,
         #[command(flatten)]
@@ -139,8 +140,10 @@ pub struct GenerationArgs {
     /// 0 = greedy (default: the file's setting, else 0).
     #[arg(long)]
     temperature: Option<f32>,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches this (default: the file's, else 1).
     #[arg(long)]
     top_p: Option<f32>,
+    /// Seed of the sampler when the temperature is above 0 (default: the file's, else 0).
     #[arg(long)]
     seed: Option<u64>,
     /// Stop when the text contains this (repeatable).
@@ -184,6 +187,7 @@ struct GenerateArgs {
     #[command(flatten)]
     generation: GenerationArgs,
     /// Print one JSON object instead of text.
+    /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
 }
@@ -197,6 +201,7 @@ struct SalienceArgs {
     /// The text whose probability is explained (default: the model's greedy response).
     #[arg(long)]
     target: Option<String>,
+    /// grad_l2, grad_dot_input or integrated_gradients.
     #[arg(long, default_value = "grad_dot_input")]
     method: Method,
     /// Integrated gradients: a fixed number of steps (no adaptivity). With `--spacing uniform`
@@ -217,6 +222,7 @@ struct SalienceArgs {
     tolerance: f32,
     #[command(flatten)]
     generation: GenerationArgs,
+    /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
 }

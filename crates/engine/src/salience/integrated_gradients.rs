@@ -258,6 +258,11 @@ pub(super) fn integrated_gradients(
                     }
                 }
             }
+            // Done before the cap: the progress ends at 100 %, not at the share of the cap used.
+            progress(Progress::IntegratedGradients {
+                step: evaluations,
+                steps: evaluations,
+            });
             let mut sum = diff.zeros_like()?;
             for p in &pieces {
                 sum = (sum + (&p.grad * (p.b - p.a))?)?;

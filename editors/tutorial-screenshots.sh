@@ -29,7 +29,7 @@ for w in $what; do
       bash editors/vscode/test/screenshot.sh "$out/vscode-menu-few-shot.png" "$case_file"
     ;;
   reports)
-    code_server=$(bash "$root/../shared/editor-testing/install-code-server.sh" "$tools/vscode") # playwright-core
+    code_server=$(bash "$root/editors/test-tools/install-code-server.sh" "$tools/vscode") # playwright-core
     export PLAYWRIGHT_CORE=$tools/vscode/e2e/node_modules/playwright-core/index.mjs
     shot() { node editors/html-screenshot.mjs "docs/case-studies/$1" "$out/$2" "${3:-1200}" "${4:-1400}"; }
     shot menu-few-shot.html report-menu-few-shot.png 1200 1400

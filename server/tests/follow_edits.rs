@@ -2,7 +2,7 @@
 //! with the text; the ones an edit touched are stale (unpainted, and hover says so); a new
 //! compute replaces them.
 
-use prompt_salience::lsp::test_client::{Client, URI};
+use prompt_salience::lsp::test_client::{decode_semantic_tokens, Client, URI};
 use serde_json::{json, Value};
 
 fn segment(result: &Value, line: u64, character: u64) -> &Value {
@@ -78,22 +78,10 @@ async fn segments_move_with_edits_and_touched_ones_go_stale() {
             json!({"textDocument": {"uri": URI}}),
         )
         .await;
-    let data: Vec<u64> = t["result"]["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap())
+    let starts: Vec<(u64, u64)> = decode_semantic_tokens(&t["result"]["data"])
+        .into_iter()
+        .map(|t| (t.0, t.1))
         .collect();
-    let (mut line, mut col, mut starts) = (0, 0, Vec::new());
-    for tok in data.chunks(5) {
-        if tok[0] > 0 {
-            line += tok[0];
-            col = tok[1];
-        } else {
-            col += tok[1];
-        }
-        starts.push((line, col));
-    }
     assert!(!starts.contains(&(0, 17)), "{starts:?}");
     if moved["level"].as_u64().unwrap() > 0 {
         assert!(starts.contains(&(0, 44)), "{starts:?}");

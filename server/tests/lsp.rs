@@ -5,28 +5,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use prompt_salience::lsp::test_client::{Client, URI};
+use prompt_salience::lsp::test_client::{decode_semantic_tokens, Client, URI};
 
 const DOC: &str = "---\nsalience:\n  max_new_tokens: 8\n  granularity: sentence\n---\nYou are a careful assistant. Answer in one word.\n\nWhat colour is the sky on a clear day?\n";
-
-/// Decodes semantic tokens into (line, start, length, type, modifiers).
-fn decode(data: &[Value]) -> Vec<(u64, u64, u64, u64, u64)> {
-    let mut out = Vec::new();
-    let (mut line, mut start) = (0, 0);
-    for t in data.chunks(5) {
-        let (dl, ds) = (t[0].as_u64().unwrap(), t[1].as_u64().unwrap());
-        line += dl;
-        start = if dl == 0 { start + ds } else { ds };
-        out.push((
-            line,
-            start,
-            t[2].as_u64().unwrap(),
-            t[3].as_u64().unwrap(),
-            t[4].as_u64().unwrap(),
-        ));
-    }
-    out
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn initialize_negotiates_encoding_and_declares_features() {
@@ -112,7 +93,7 @@ async fn compute_paints_tokens_and_hover_and_switches_granularity_without_recomp
             json!({"textDocument": {"uri": URI}}),
         )
         .await;
-    let tokens = decode(t["result"]["data"].as_array().unwrap());
+    let tokens = decode_semantic_tokens(&t["result"]["data"]);
     assert!(
         tokens.iter().any(|t| t.3 == 0 && t.4 != 0),
         "salience tokens with modifiers: {tokens:?}"

@@ -3,33 +3,11 @@
 
 use std::time::{Duration, Instant};
 
-use prompt_salience::lsp::test_client::{Client, URI};
+use prompt_salience::lsp::test_client::{decode_semantic_tokens, Client, URI};
 use serde_json::{json, Value};
 
 fn compute(uri: &str) -> Value {
     json!({"command": "promptSalience.compute", "arguments": [{"uri": uri}]})
-}
-
-/// Decodes semantic tokens into absolute (line, start, length).
-fn tokens(data: &Value) -> Vec<(u32, u32, u32)> {
-    let d: Vec<u32> = data
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect();
-    let (mut line, mut start) = (0, 0);
-    d.chunks(5)
-        .map(|t| {
-            if t[0] > 0 {
-                line += t[0];
-                start = t[1];
-            } else {
-                start += t[1];
-            }
-            (line, start, t[2])
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -243,10 +221,10 @@ async fn semantic_tokens_stay_within_lsp_lines() {
         .await;
     // LSP lines: split at \n, \r\n and \r only (U+2028 is inside a line).
     let lines: Vec<&str> = text.split(['\n', '\r']).collect();
-    let toks = tokens(&t["result"]["data"]);
+    let toks = decode_semantic_tokens(&t["result"]["data"]);
     assert!(!toks.is_empty());
-    for (line, start, len) in toks {
-        let units = lines[line as usize].encode_utf16().count() as u32;
+    for (line, start, len, _, _) in toks {
+        let units = lines[line as usize].encode_utf16().count() as u64;
         assert!(start + len <= units, "line {line}: {start}+{len} > {units}");
     }
     // The line after the lone CR holds the U+2028 and is one line for the server too.

@@ -195,3 +195,20 @@ impl Client {
         &self.init_result.as_ref().unwrap()["result"]["capabilities"]
     }
 }
+
+/// Decodes a semantic-tokens `data` array into absolute (line, start, length, type, modifiers).
+pub fn decode_semantic_tokens(data: &Value) -> Vec<(u64, u64, u64, u64, u64)> {
+    let numbers: Vec<u64> = data
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_u64).collect())
+        .unwrap_or_default();
+    let (mut line, mut start) = (0, 0);
+    numbers
+        .chunks(5)
+        .map(|t| {
+            line += t[0];
+            start = if t[0] == 0 { start + t[1] } else { t[1] };
+            (line, start, t[2], t[3], t[4])
+        })
+        .collect()
+}

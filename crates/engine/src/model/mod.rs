@@ -10,6 +10,7 @@ mod forward;
 pub mod kernels;
 pub mod ops;
 mod simd;
+pub mod weight;
 
 use candle_core::{DType, Device, Tensor};
 

@@ -1,0 +1,714 @@
+//! Weight matrices kept in the precision they were stored in.
+//!
+//! A 1–8B model does not fit in memory as f32, so GGUF block-quantized tensors and f16/bf16
+//! safetensors stay as they are; products dequantize a tile of rows at a time into a small
+//! f32 buffer and multiply it there. Salience needs two products per matrix: `x Wᵀ` (forward)
+//! and `dy W` (the input gradient; never a weight gradient).
+
+use std::sync::Arc;
+
+use candle_core::quantized::k_quants::{
+    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
+    BlockQ8K, BlockQ8_0, BlockQ8_1, GgmlType,
+};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{bail, CpuStorage, DType, Device, Module, Result, Storage, Tensor};
+use gemm::Parallelism;
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use super::kernels::with_slice;
+
+/// f32 values one tile holds: small enough to stay in L2 next to the operands.
+const TILE_ELEMS: usize = 64 * 1024;
+
+/// Up to this many input rows, a block-quantized matrix uses candle's quantized dot products
+/// (decoding); above it, tiles dequantized to f32 (prompts, salience), which are exact.
+const QUANTIZED_DOT_MAX_ROWS: usize = 4;
+
+/// How one stored matrix (rows = output features, cols = input features) is held.
+#[derive(Clone)]
+enum Stored {
+    F32(Tensor),
+    /// An f16 or bf16 tensor, e.g. from safetensors.
+    Half(Tensor),
+    /// GGUF data: block-quantized, or f16/bf16.
+    Blocks(Arc<QTensor>),
+}
+
+#[derive(Clone)]
+struct Matrix {
+    stored: Stored,
+    rows: usize,
+    cols: usize,
+}
+
+/// A weight matrix (rows = output features), possibly several stored matrices stacked by rows
+/// (q, k and v; gate and up), each in its own precision.
+#[derive(Clone)]
+pub struct Weight {
+    parts: Vec<Matrix>,
+    rows: usize,
+    cols: usize,
+}
+
+/// The stored values of one matrix, borrowed for the duration of a product.
+enum Values<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+    BF16(&'a [bf16]),
+    Blocks(&'a [u8], GgmlDType),
+}
+
+impl Weight {
+    /// A matrix held as f32.
+    pub fn dense(t: Tensor) -> Result<Self> {
+        let t = t.to_dtype(DType::F32)?.contiguous()?;
+        Self::one(Stored::F32(t))
+    }
+
+    /// A matrix from a tensor in its own dtype: f32 stays f32, f16/bf16 stay half.
+    pub fn from_tensor(t: Tensor) -> Result<Self> {
+        match t.dtype() {
+            DType::F16 | DType::BF16 => Self::one(Stored::Half(t.contiguous()?)),
+            _ => Self::dense(t),
+        }
+    }
+
+    /// A matrix from GGUF data, kept as stored (f32 data becomes a plain tensor).
+    pub fn from_qtensor(q: QTensor) -> Result<Self> {
+        if q.dtype() == GgmlDType::F32 {
+            return Self::dense(q.dequantize(&Device::Cpu)?);
+        }
+        if q.shape().rank() != 2 {
+            bail!(
+                "a weight matrix must have two dimensions, got {:?}",
+                q.shape()
+            )
+        }
+        Self::one(Stored::Blocks(Arc::new(q)))
+    }
+
+    fn one(stored: Stored) -> Result<Self> {
+        let (rows, cols) = match &stored {
+            Stored::F32(t) | Stored::Half(t) => t.dims2()?,
+            Stored::Blocks(q) => q.shape().dims2()?,
+        };
+        Ok(Self {
+            parts: vec![Matrix { stored, rows, cols }],
+            rows,
+            cols,
+        })
+    }
+
+    /// Stacks matrices with the same number of columns by rows. Adjacent f32 parts are joined
+    /// into one tensor so that candle multiplies them in one call.
+    pub fn stack(weights: Vec<Weight>) -> Result<Self> {
+        let cols = match weights.first() {
+            Some(w) => w.cols,
+            None => bail!("stacking no weights"),
+        };
+        let mut parts: Vec<Matrix> = Vec::new();
+        for w in weights {
+            if w.cols != cols {
+                bail!("stacking weights of {} and {cols} columns", w.cols)
+            }
+            for p in w.parts {
+                match (parts.last_mut(), &p.stored) {
+                    (
+                        Some(Matrix {
+                            stored: Stored::F32(prev),
+                            rows,
+                            ..
+                        }),
+                        Stored::F32(next),
+                    ) => {
+                        *prev = Tensor::cat(&[&*prev, next], 0)?;
+                        *rows += p.rows;
+                    }
+                    _ => parts.push(p),
+                }
+            }
+        }
+        let rows = parts.iter().map(|p| p.rows).sum();
+        Ok(Self { parts, rows, cols })
+    }
+
+    /// Rows `start..start + len`, keeping each part's storage (used to split fused tensors).
+    pub fn narrow_rows(&self, start: usize, len: usize) -> Result<Self> {
+        let mut parts = Vec::new();
+        let mut offset = 0;
+        for p in &self.parts {
+            let (lo, hi) = (start.max(offset), (start + len).min(offset + p.rows));
+            if lo < hi {
+                parts.push(p.narrow_rows(lo - offset, hi - lo)?);
+            }
+            offset += p.rows;
+        }
+        let rows = parts.iter().map(|p| p.rows).sum();
+        if rows != len {
+            bail!(
+                "rows {start}..{} of a {}-row weight",
+                start + len,
+                self.rows
+            )
+        }
+        Ok(Self {
+            parts,
+            rows,
+            cols: self.cols,
+        })
+    }
+
+    /// Reorders rows: output row `i` is input row `order[i]` (undoing llama.cpp's rotary
+    /// permutation, for example). Quantized rows move as bytes.
+    pub fn permute_rows(&self, order: &[usize]) -> Result<Self> {
+        if self.parts.len() != 1 || order.len() != self.rows {
+            bail!("permute_rows needs one stored matrix and one index per row")
+        }
+        let p = &self.parts[0];
+        let stored = match &p.stored {
+            Stored::F32(t) | Stored::Half(t) => {
+                let idx: Vec<u32> = order.iter().map(|&i| i as u32).collect();
+                let t = t.index_select(&Tensor::new(idx.as_slice(), &Device::Cpu)?, 0)?;
+                if p.is_half() {
+                    Stored::Half(t)
+                } else {
+                    Stored::F32(t)
+                }
+            }
+            Stored::Blocks(q) => {
+                let data = q.data()?;
+                let row_bytes = data.len() / p.rows;
+                let mut out = Vec::with_capacity(data.len());
+                for &r in order {
+                    out.extend_from_slice(&data[r * row_bytes..(r + 1) * row_bytes]);
+                }
+                let storage = candle_core::quantized::QStorage::from_data(
+                    std::borrow::Cow::Owned(out),
+                    &Device::Cpu,
+                    q.dtype(),
+                )?;
+                Stored::Blocks(Arc::new(QTensor::new(storage, (p.rows, p.cols))?))
+            }
+        };
+        Self::one(stored)
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    pub fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// Bytes the stored values take.
+    pub fn stored_bytes(&self) -> usize {
+        self.parts
+            .iter()
+            .map(|p| match &p.stored {
+                Stored::F32(t) | Stored::Half(t) => t.elem_count() * t.dtype().size_in_bytes(),
+                Stored::Blocks(q) => q.storage_size_in_bytes(),
+            })
+            .sum()
+    }
+
+    /// Whether every part is f32 (nothing is dequantized on the fly).
+    pub fn is_f32(&self) -> bool {
+        self.parts
+            .iter()
+            .all(|p| matches!(p.stored, Stored::F32(_)))
+    }
+
+    /// Names of the stored precisions, e.g. "q4_k+q6_k".
+    pub fn precision(&self) -> String {
+        let mut names: Vec<String> = self.parts.iter().map(|p| p.precision()).collect();
+        names.dedup();
+        names.join("+")
+    }
+
+    /// The whole matrix as f32 (tests, and the small vectors of a model).
+    pub fn to_f32(&self) -> Result<Tensor> {
+        let parts: Vec<Tensor> = self
+            .parts
+            .iter()
+            .map(|p| p.to_f32())
+            .collect::<Result<_>>()?;
+        Tensor::cat(&parts, 0)
+    }
+
+    /// The same matrix, every part converted to f32: the plain reference for the tiled products.
+    pub fn dequantized(&self) -> Result<Self> {
+        Self::dense(self.to_f32()?)
+    }
+
+    /// x Wᵀ for x of shape (.., cols): (.., rows).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let n = x.elem_count() / self.cols;
+        let x2 = x.reshape((n, self.cols))?;
+        let outs: Vec<Tensor> = self
+            .parts
+            .iter()
+            .map(|p| p.forward(&x2, n))
+            .collect::<Result<_>>()?;
+        let y = if outs.len() == 1 {
+            outs.into_iter().next().expect("one part")
+        } else {
+            Tensor::cat(&outs, 1)?
+        };
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("x has a last dimension") = self.rows;
+        y.reshape(out_dims)
+    }
+
+    /// dy W for dy of shape (n, rows): (n, cols). The input gradient of `forward`.
+    pub fn backward(&self, dy: &Tensor) -> Result<Tensor> {
+        let n = dy.elem_count() / self.rows;
+        let dy = dy.reshape((n, self.rows))?;
+        let mut offset = 0;
+        let mut total: Option<Tensor> = None;
+        for p in &self.parts {
+            let part_dy = if self.parts.len() == 1 {
+                dy.clone()
+            } else {
+                dy.narrow(1, offset, p.rows)?.contiguous()?
+            };
+            let dx = p.backward(&part_dy, n)?;
+            total = Some(match total {
+                None => dx,
+                Some(t) => (t + dx)?,
+            });
+            offset += p.rows;
+        }
+        total.ok_or_else(|| candle_core::Error::Msg("empty weight".into()))
+    }
+
+    /// Rows `ids` as f32 (n, cols): embedding lookups.
+    pub fn select_rows(&self, ids: &[u32]) -> Result<Tensor> {
+        if let [Matrix {
+            stored: Stored::F32(t),
+            ..
+        }] = self.parts.as_slice()
+        {
+            return t.index_select(&Tensor::new(ids, &Device::Cpu)?, 0);
+        }
+        let cols = self.cols;
+        let mut out = vec![0f32; ids.len() * cols];
+        for (&id, dst) in ids.iter().zip(out.chunks_mut(cols)) {
+            let mut id = id as usize;
+            if id >= self.rows {
+                bail!("token id {id} is outside the {}-row table", self.rows)
+            }
+            for p in &self.parts {
+                if id < p.rows {
+                    p.with_values(|v| {
+                        dequantize(&v, cols, id, 0, cols, dst);
+                        Ok(())
+                    })?;
+                    break;
+                }
+                id -= p.rows;
+            }
+        }
+        Tensor::from_vec(out, (ids.len(), cols), &Device::Cpu)
+    }
+}
+
+impl Matrix {
+    fn is_half(&self) -> bool {
+        matches!(self.stored, Stored::Half(_))
+    }
+
+    fn precision(&self) -> String {
+        match &self.stored {
+            Stored::F32(_) => "f32".into(),
+            Stored::Half(t) => format!("{:?}", t.dtype()).to_lowercase(),
+            Stored::Blocks(q) => format!("{:?}", q.dtype()).to_lowercase(),
+        }
+    }
+
+    fn to_f32(&self) -> Result<Tensor> {
+        match &self.stored {
+            Stored::F32(t) => Ok(t.clone()),
+            Stored::Half(t) => t.to_dtype(DType::F32),
+            Stored::Blocks(q) => q.dequantize(&Device::Cpu),
+        }
+    }
+
+    fn narrow_rows(&self, start: usize, len: usize) -> Result<Matrix> {
+        if start == 0 && len == self.rows {
+            return Ok(self.clone());
+        }
+        let stored = match &self.stored {
+            Stored::F32(t) => Stored::F32(t.narrow(0, start, len)?.contiguous()?),
+            Stored::Half(t) => Stored::Half(t.narrow(0, start, len)?.contiguous()?),
+            Stored::Blocks(q) => {
+                let data = q.data()?;
+                let row_bytes = data.len() / self.rows;
+                let bytes = data[start * row_bytes..(start + len) * row_bytes].to_vec();
+                let storage = candle_core::quantized::QStorage::from_data(
+                    std::borrow::Cow::Owned(bytes),
+                    &Device::Cpu,
+                    q.dtype(),
+                )?;
+                Stored::Blocks(Arc::new(QTensor::new(storage, (len, self.cols))?))
+            }
+        };
+        Ok(Matrix {
+            stored,
+            rows: len,
+            cols: self.cols,
+        })
+    }
+
+    /// Runs `f` on the stored values.
+    fn with_values<R>(&self, f: impl FnOnce(Values) -> Result<R>) -> Result<R> {
+        match &self.stored {
+            Stored::F32(t) => with_slice(t, |s| f(Values::F32(s))),
+            Stored::Half(t) => {
+                let (storage, layout) = t.storage_and_layout();
+                let Some((start, end)) = layout.contiguous_offsets() else {
+                    bail!("half weight is not contiguous")
+                };
+                match &*storage {
+                    Storage::Cpu(CpuStorage::F16(v)) => f(Values::F16(&v[start..end])),
+                    Storage::Cpu(CpuStorage::BF16(v)) => f(Values::BF16(&v[start..end])),
+                    _ => bail!("half weights live on the CPU as f16 or bf16"),
+                }
+            }
+            Stored::Blocks(q) => {
+                let data = q.data()?;
+                f(Values::Blocks(&data, q.dtype()))
+            }
+        }
+    }
+
+    fn forward(&self, x: &Tensor, n: usize) -> Result<Tensor> {
+        if let Stored::F32(w) = &self.stored {
+            return x.matmul(&w.t()?);
+        }
+        if let Stored::Blocks(q) = &self.stored {
+            let quantized = !matches!(q.dtype(), GgmlDType::F16 | GgmlDType::BF16);
+            if quantized && n <= QUANTIZED_DOT_MAX_ROWS {
+                return QMatMul::QTensor(q.clone()).forward(&x.contiguous()?);
+            }
+        }
+        let (rows, cols) = (self.rows, self.cols);
+        let mut out = vec![0f32; n * rows];
+        with_slice(x, |x| {
+            self.with_values(|values| {
+                let tile_rows = (TILE_ELEMS / cols).clamp(1, rows);
+                let out_ptr = SendPtr(out.as_mut_ptr());
+                (0..rows.div_ceil(tile_rows)).into_par_iter().for_each_init(
+                    || vec![0f32; tile_rows * cols],
+                    |tile, ti| {
+                        let r0 = ti * tile_rows;
+                        let r1 = (r0 + tile_rows).min(rows);
+                        let m = r1 - r0;
+                        for (r, dst) in (r0..r1).zip(tile.chunks_mut(cols)) {
+                            dequantize(&values, cols, r, 0, cols, dst);
+                        }
+                        // SAFETY: each tile writes only its own columns r0..r1 of `out`
+                        // (n × rows, row-major), which no other tile touches.
+                        unsafe {
+                            gemm::gemm(
+                                n,
+                                m,
+                                cols,
+                                out_ptr.get().add(r0),
+                                1,
+                                rows as isize,
+                                false,
+                                x.as_ptr(),
+                                1,
+                                cols as isize,
+                                tile.as_ptr(),
+                                cols as isize,
+                                1,
+                                1.0,
+                                1.0,
+                                false,
+                                false,
+                                false,
+                                Parallelism::None,
+                            )
+                        }
+                    },
+                );
+                Ok(())
+            })
+        })?;
+        Tensor::from_vec(out, (n, rows), &Device::Cpu)
+    }
+
+    fn backward(&self, dy: &Tensor, n: usize) -> Result<Tensor> {
+        if let Stored::F32(w) = &self.stored {
+            return dy.matmul(w);
+        }
+        let (rows, cols) = (self.rows, self.cols);
+        let block = match &self.stored {
+            Stored::Blocks(q) => q.dtype().block_size(),
+            _ => 1,
+        };
+        // Column chunks (whole quantization blocks) run in parallel and own their columns of
+        // dx; inside a chunk, row tiles accumulate.
+        let threads = rayon::current_num_threads().max(1);
+        let chunk = (cols / (4 * threads)).max(block).div_ceil(block) * block;
+        let chunk = chunk.clamp(block, cols);
+        let mut out = vec![0f32; n * cols];
+        with_slice(dy, |dy| {
+            self.with_values(|values| {
+                let out_ptr = SendPtr(out.as_mut_ptr());
+                let tile_rows = (TILE_ELEMS / chunk).clamp(1, rows);
+                (0..cols.div_ceil(chunk)).into_par_iter().for_each_init(
+                    || vec![0f32; tile_rows * chunk],
+                    |tile, ci| {
+                        let c0 = ci * chunk;
+                        let c1 = (c0 + chunk).min(cols);
+                        let width = c1 - c0;
+                        for r0 in (0..rows).step_by(tile_rows) {
+                            let r1 = (r0 + tile_rows).min(rows);
+                            for (r, dst) in (r0..r1).zip(tile.chunks_mut(width)) {
+                                dequantize(&values, cols, r, c0, c1, dst);
+                            }
+                            // SAFETY: each chunk writes only its own columns c0..c1 of `out`
+                            // (n × cols, row-major).
+                            unsafe {
+                                gemm::gemm(
+                                    n,
+                                    width,
+                                    r1 - r0,
+                                    out_ptr.get().add(c0),
+                                    1,
+                                    cols as isize,
+                                    r0 > 0,
+                                    dy.as_ptr().add(r0),
+                                    1,
+                                    rows as isize,
+                                    tile.as_ptr(),
+                                    1,
+                                    width as isize,
+                                    1.0,
+                                    1.0,
+                                    false,
+                                    false,
+                                    false,
+                                    Parallelism::None,
+                                )
+                            }
+                        }
+                    },
+                );
+                Ok(())
+            })
+        })?;
+        Tensor::from_vec(out, (n, cols), &Device::Cpu)
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: used only to hand disjoint regions of one buffer to parallel tasks.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Writes columns c0..c1 of row `row` (of a matrix with `cols` columns) as f32 into `dst`.
+/// For block types, c0 and c1 lie on block boundaries.
+fn dequantize(values: &Values, cols: usize, row: usize, c0: usize, c1: usize, dst: &mut [f32]) {
+    let dst = &mut dst[..c1 - c0];
+    let at = row * cols;
+    match values {
+        Values::F32(v) => dst.copy_from_slice(&v[at + c0..at + c1]),
+        Values::F16(v) => {
+            for (d, s) in dst.iter_mut().zip(&v[at + c0..at + c1]) {
+                *d = s.to_f32();
+            }
+        }
+        Values::BF16(v) => {
+            for (d, s) in dst.iter_mut().zip(&v[at + c0..at + c1]) {
+                *d = s.to_f32();
+            }
+        }
+        Values::Blocks(bytes, dtype) => {
+            macro_rules! blocks {
+                ($($variant:ident => $block:ty),* $(,)?) => {
+                    match dtype {
+                        $(GgmlDType::$variant => dequantize_blocks::<$block>(bytes, cols, row, c0, c1, dst),)*
+                        GgmlDType::F32 => dequantize_blocks::<f32>(bytes, cols, row, c0, c1, dst),
+                    }
+                };
+            }
+            blocks!(
+                F16 => f16, BF16 => bf16, Q4_0 => BlockQ4_0, Q4_1 => BlockQ4_1,
+                Q5_0 => BlockQ5_0, Q5_1 => BlockQ5_1, Q8_0 => BlockQ8_0, Q8_1 => BlockQ8_1,
+                Q2K => BlockQ2K, Q3K => BlockQ3K, Q4K => BlockQ4K, Q5K => BlockQ5K,
+                Q6K => BlockQ6K, Q8K => BlockQ8K,
+            )
+        }
+    }
+}
+
+fn dequantize_blocks<B: GgmlType>(
+    bytes: &[u8],
+    cols: usize,
+    row: usize,
+    c0: usize,
+    c1: usize,
+    dst: &mut [f32],
+) {
+    let size = std::mem::size_of::<B>();
+    assert_eq!(
+        bytes.as_ptr() as usize % std::mem::align_of::<B>(),
+        0,
+        "quantized data is not aligned for its block type"
+    );
+    // SAFETY: candle stores these blocks as a Vec<B> (aligned, checked above); the block
+    // types are plain old data.
+    let blocks: &[B] =
+        unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const B, bytes.len() / size) };
+    let per_row = cols / B::BLCK_SIZE;
+    let start = row * per_row + c0 / B::BLCK_SIZE;
+    let end = row * per_row + c1 / B::BLCK_SIZE;
+    B::to_float(&blocks[start..end], dst);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::kernels::tests::max_diff;
+
+    fn random(dims: (usize, usize), seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let v: Vec<f32> = (0..dims.0 * dims.1)
+            .map(|_| rng.random_range(-1.0f32..1.0))
+            .collect();
+        Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+    }
+
+    /// Every storage the engine keeps, for a (rows, 512) matrix.
+    fn stored_kinds(w: &Tensor) -> Vec<(String, Weight)> {
+        let mut out = vec![
+            (
+                "f16".to_string(),
+                Weight::from_tensor(w.to_dtype(DType::F16).unwrap()).unwrap(),
+            ),
+            (
+                "bf16".to_string(),
+                Weight::from_tensor(w.to_dtype(DType::BF16).unwrap()).unwrap(),
+            ),
+        ];
+        for dtype in [
+            GgmlDType::F16,
+            GgmlDType::BF16,
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q8_0,
+            GgmlDType::Q2K,
+            GgmlDType::Q3K,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+        ] {
+            let q = QTensor::quantize(w, dtype).unwrap();
+            out.push((format!("gguf {dtype:?}"), Weight::from_qtensor(q).unwrap()));
+        }
+        out
+    }
+
+    #[test]
+    fn tiled_products_match_the_dequantized_matrix() {
+        // Rows that do not fill a whole tile, and input counts on both sides of the
+        // quantized-dot threshold.
+        let w = random((300, 512), 1);
+        for (name, weight) in stored_kinds(&w) {
+            let plain = weight.dequantized().unwrap();
+            for n in [7, 33] {
+                let x = random((n, 512), 2);
+                let dy = random((n, 300), 3);
+                let f = weight.forward(&x).unwrap();
+                let f_ref = plain.forward(&x).unwrap();
+                assert!(max_diff(&f, &f_ref) < 1e-3, "{name}: forward, n = {n}");
+                let b = weight.backward(&dy).unwrap();
+                let b_ref = plain.backward(&dy).unwrap();
+                assert!(max_diff(&b, &b_ref) < 1e-3, "{name}: backward, n = {n}");
+            }
+            let ids = [0u32, 299, 17];
+            let rows = weight.select_rows(&ids).unwrap();
+            let rows_ref = plain.select_rows(&ids).unwrap();
+            assert!(max_diff(&rows, &rows_ref) < 1e-6, "{name}: rows");
+        }
+    }
+
+    #[test]
+    fn decoding_with_quantized_dots_stays_close() {
+        let w = random((64, 512), 4);
+        let x = random((1, 512), 5);
+        let q = Weight::from_qtensor(QTensor::quantize(&w, GgmlDType::Q8_0).unwrap()).unwrap();
+        let plain = q.dequantized().unwrap();
+        let exact = plain.forward(&x).unwrap();
+        let scale = exact
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let d = max_diff(&q.forward(&x).unwrap(), &exact);
+        // The input is quantized to 8 bits per value too, as llama.cpp does when decoding.
+        assert!(
+            d < 0.02 * scale,
+            "q8_0 dot products differ by {d} of {scale}"
+        );
+    }
+
+    #[test]
+    fn stacked_parts_behave_like_one_matrix() {
+        let a = random((40, 256), 6);
+        let b = random((24, 256), 7);
+        let qa = Weight::from_qtensor(QTensor::quantize(&a, GgmlDType::Q4K).unwrap()).unwrap();
+        let qb = Weight::from_qtensor(QTensor::quantize(&b, GgmlDType::Q6K).unwrap()).unwrap();
+        let stacked = Weight::stack(vec![qa, qb]).unwrap();
+        assert_eq!(stacked.dims(), (64, 256));
+        assert_eq!(stacked.precision(), "q4k+q6k");
+        let plain = stacked.dequantized().unwrap();
+        let x = random((9, 256), 8);
+        let dy = random((9, 64), 9);
+        assert!(max_diff(&stacked.forward(&x).unwrap(), &plain.forward(&x).unwrap()) < 1e-3);
+        assert!(
+            max_diff(
+                &stacked.backward(&dy).unwrap(),
+                &plain.backward(&dy).unwrap()
+            ) < 1e-3
+        );
+        let tail = stacked.narrow_rows(30, 20).unwrap();
+        let tail_ref = plain.to_f32().unwrap().narrow(0, 30, 20).unwrap();
+        assert!(max_diff(&tail.to_f32().unwrap(), &tail_ref) < 1e-6);
+    }
+
+    #[test]
+    fn permuted_quantized_rows_move_whole() {
+        let w = random((8, 64), 10);
+        let q = Weight::from_qtensor(QTensor::quantize(&w, GgmlDType::Q8_0).unwrap()).unwrap();
+        let order = [3, 0, 1, 2, 7, 6, 5, 4];
+        let p = q.permute_rows(&order).unwrap().to_f32().unwrap();
+        let full = q.to_f32().unwrap();
+        for (i, &r) in order.iter().enumerate() {
+            let d = max_diff(&p.narrow(0, i, 1).unwrap(), &full.narrow(0, r, 1).unwrap());
+            assert_eq!(d, 0.0);
+        }
+    }
+}

@@ -156,19 +156,48 @@ impl Engine {
         Self::load(&path, &spec.display_name())
     }
 
+    /// Loads a `.gguf` file or a Hugging Face model directory.
     pub fn load(path: &std::path::Path, name: &str) -> Result<Self, EngineError> {
         threads::configure();
+        if model::HfDirectory::is_model_dir(path) {
+            return Self::load_hf(path, name);
+        }
         let mut gguf = GgufFile::open(path)?;
         let model = Model::from_gguf(&mut gguf)?;
         let tokenizer = PromptTokenizer::from_gguf(&gguf)?;
+        let chat_template = gguf.opt_string("tokenizer.chat_template");
+        Self::assemble(name, path, model, tokenizer, chat_template)
+    }
+
+    fn load_hf(dir: &std::path::Path, name: &str) -> Result<Self, EngineError> {
+        let files = model::HfDirectory::open(dir)?;
+        let model = Model::from_hf(&files)?;
+        let tokenizer = PromptTokenizer::from_hf(
+            &files.tokenizer_json,
+            &files.tokenizer_config,
+            &files.generation_eos,
+        )?;
+        Self::assemble(name, dir, model, tokenizer, files.chat_template)
+    }
+
+    fn assemble(
+        name: &str,
+        path: &std::path::Path,
+        model: Model,
+        tokenizer: PromptTokenizer,
+        chat_template: Option<String>,
+    ) -> Result<Self, EngineError> {
         if model.cfg.vocab < tokenizer.vocab_size() {
-            return Err(gguf.bad(format!(
-                "tokenizer has {} tokens but the embedding table only {}",
-                tokenizer.vocab_size(),
-                model.cfg.vocab
-            )));
+            return Err(EngineError::ModelFile {
+                path: path.to_owned(),
+                reason: format!(
+                    "tokenizer has {} tokens but the embedding table only {}",
+                    tokenizer.vocab_size(),
+                    model.cfg.vocab
+                ),
+            });
         }
-        let chat_template = gguf.opt_string("tokenizer.chat_template").map(|src| {
+        let chat_template = chat_template.map(|src| {
             let tok = |id: Option<u32>| id.map(|i| tokenizer.token_text(i)).unwrap_or_default();
             ChatTemplate::new(
                 src,

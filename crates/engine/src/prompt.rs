@@ -78,19 +78,22 @@ impl Engine {
             }
         };
         let mut tokens: Vec<PromptToken> = Vec::new();
-        if mode == TemplateMode::Raw && self.tokenizer.add_bos {
-            if let Some(bos) = self.tokenizer.bos_id {
-                tokens.push(PromptToken {
-                    id: bos,
-                    source: None,
-                });
-            }
+        let added = |ids: &[u32]| -> Vec<PromptToken> {
+            ids.iter()
+                .map(|&id| PromptToken { id, source: None })
+                .collect()
+        };
+        if mode == TemplateMode::Raw {
+            tokens.extend(added(&self.tokenizer.raw_prefix));
         }
         for tok in self.tokenizer.encode(&text)? {
             let start = tok.range.start.max(content.start);
             let end = tok.range.end.min(content.end);
             let source = (start < end).then(|| start - content.start..end - content.start);
             tokens.push(PromptToken { id: tok.id, source });
+        }
+        if mode == TemplateMode::Raw {
+            tokens.extend(added(&self.tokenizer.raw_suffix));
         }
         Ok(PreparedPrompt { text, tokens })
     }

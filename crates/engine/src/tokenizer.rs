@@ -4,6 +4,7 @@
 //! breaks agreement with the reference ids, so the pipelines are assembled here by hand.
 
 use std::ops::Range;
+use std::path::Path;
 
 use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
@@ -38,9 +39,21 @@ pub struct PromptTokenizer {
     tokens: Vec<String>,
     pub bos_id: Option<u32>,
     pub eos_ids: Vec<u32>,
-    pub add_bos: bool,
+    /// Special tokens put before and after a prompt sent raw: the GGUF's `add_bos_token`, or
+    /// what the post-processor of a `tokenizer.json` adds.
+    pub raw_prefix: Vec<u32>,
+    pub raw_suffix: Vec<u32>,
     special: Vec<bool>,
 }
+
+/// Control tokens that end a chat turn, though not always the file's EOS.
+const TURN_ENDS: [&str; 5] = [
+    "<|im_end|>",
+    "<end_of_turn>",
+    "<|eot_id|>",
+    "<|endoftext|>",
+    "<|end|>",
+];
 
 impl PromptTokenizer {
     pub fn from_gguf(gguf: &GgufFile) -> Result<Self, EngineError> {
@@ -135,19 +148,7 @@ impl PromptTokenizer {
             .opt_u32("tokenizer.ggml.eos_token_id")
             .into_iter()
             .collect();
-        // Chat models end a turn with a control token that is not always the GGUF's EOS.
-        for name in ["<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>"] {
-            if let Some(&id) = tokens
-                .iter()
-                .position(|t| t == name)
-                .map(|p| p as u32)
-                .as_ref()
-            {
-                if special[id as usize] && !eos_ids.contains(&id) {
-                    eos_ids.push(id);
-                }
-            }
-        }
+        add_turn_ends(&tokens, &special, &mut eos_ids);
         let add_bos = gguf
             .opt_bool("tokenizer.ggml.add_bos_token")
             .unwrap_or(kind == "llama");
@@ -156,7 +157,71 @@ impl PromptTokenizer {
             tokens,
             bos_id,
             eos_ids,
-            add_bos,
+            raw_prefix: bos_id.filter(|_| add_bos).into_iter().collect(),
+            raw_suffix: Vec::new(),
+            special,
+        })
+    }
+
+    /// The tokenizer of a Hugging Face model directory: `tokenizer.json` exactly as it is
+    /// (added tokens, post-processor), with BOS and EOS named by `tokenizer_config.json`.
+    pub fn from_hf(
+        tokenizer_json: &Path,
+        config: &serde_json::Value,
+        extra_eos: &[u32],
+    ) -> Result<Self, EngineError> {
+        let bad = |reason: String| EngineError::ModelFile {
+            path: tokenizer_json.to_owned(),
+            reason,
+        };
+        let inner = Tokenizer::from_file(tokenizer_json)
+            .map_err(|e| bad(format!("cannot read the tokenizer: {e}")))?;
+        let size = inner.get_vocab_size(true);
+        let tokens: Vec<String> = (0..size as u32)
+            .map(|i| inner.id_to_token(i).unwrap_or_default())
+            .collect();
+        let mut special = vec![false; size];
+        for (id, added) in inner.get_added_tokens_decoder() {
+            if added.special {
+                if let Some(s) = special.get_mut(id as usize) {
+                    *s = true;
+                }
+            }
+        }
+        let named = |key: &str| -> Option<u32> {
+            let v = config.get(key)?;
+            let text = v.as_str().or_else(|| v.get("content")?.as_str())?;
+            inner.token_to_id(text)
+        };
+        let bos_id = named("bos_token");
+        let mut eos_ids: Vec<u32> = named("eos_token").into_iter().collect();
+        for &id in extra_eos {
+            if !eos_ids.contains(&id) {
+                eos_ids.push(id);
+            }
+        }
+        add_turn_ends(&tokens, &special, &mut eos_ids);
+        // What the post-processor wraps a single sequence in: compare a text encoded with and
+        // without special tokens.
+        let probe = "a";
+        let plain = inner
+            .encode(probe, false)
+            .map_err(|e| bad(format!("the tokenizer fails on a probe text: {e}")))?;
+        let wrapped = inner
+            .encode(probe, true)
+            .map_err(|e| bad(format!("the tokenizer fails on a probe text: {e}")))?;
+        let (plain, wrapped) = (plain.get_ids(), wrapped.get_ids());
+        let at = wrapped
+            .windows(plain.len().max(1))
+            .position(|w| w == plain)
+            .ok_or_else(|| bad("the post-processor changes the text's own tokens".into()))?;
+        Ok(Self {
+            inner,
+            tokens,
+            bos_id,
+            eos_ids,
+            raw_prefix: wrapped[..at].to_vec(),
+            raw_suffix: wrapped[at + plain.len()..].to_vec(),
             special,
         })
     }
@@ -199,6 +264,16 @@ impl PromptTokenizer {
 
     pub fn token_id(&self, text: &str) -> Option<u32> {
         self.tokens.iter().position(|t| t == text).map(|p| p as u32)
+    }
+}
+
+fn add_turn_ends(tokens: &[String], special: &[bool], eos_ids: &mut Vec<u32>) {
+    for name in TURN_ENDS {
+        if let Some(id) = tokens.iter().position(|t| t == name) {
+            if special[id] && !eos_ids.contains(&(id as u32)) {
+                eos_ids.push(id as u32);
+            }
+        }
     }
 }
 

@@ -2,8 +2,7 @@
 
 use std::path::PathBuf;
 
-use salience_engine::model::ops::Activation;
-use salience_engine::model::{Arch, Model, ModelConfig};
+use salience_engine::model::{Arch, Model, ModelConfig, Rope};
 use salience_engine::registry::{self, FetchOptions, ModelSpec, DEFAULT_MODEL};
 use salience_engine::Engine;
 
@@ -33,32 +32,27 @@ pub fn reference_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/reference")
 }
 
-/// A tiny random-weight model of either architecture, built in memory.
+/// A tiny random-weight model of an architecture, built in memory, with every feature of the
+/// architecture switched on where it has one: Gemma's sliding windows (small enough to really
+/// cut attention off) and Gemma 2's soft-capping, Phi's partial rotary, Qwen 2's biases.
 #[allow(dead_code)]
 pub fn tiny(arch: Arch, seed: u64) -> Model {
-    let gemma = arch == Arch::Gemma3;
-    let cfg = ModelConfig {
-        arch,
-        n_layer: 3,
-        hidden: 16,
-        n_head: 4,
-        n_kv_head: 2,
-        head_dim: 8,
-        ffn: 24,
-        vocab: 40,
-        eps: 1e-5,
-        rope_base: if gemma { 1_000_000.0 } else { 10_000.0 },
-        rope_base_local: 10_000.0,
-        // Small enough that the local layers really cut attention off.
-        sliding_window: if gemma { Some(4) } else { None },
-        embed_scale: if gemma { 4.0 } else { 1.0 },
-        attn_scale: 1.0 / 8f32.sqrt(),
-        context_length: 64,
-        activation: if gemma {
-            Activation::GeluTanh
-        } else {
-            Activation::Silu
-        },
-    };
+    let gemma = matches!(arch, Arch::Gemma2 | Arch::Gemma3);
+    let base = if gemma { 1_000_000.0 } else { 10_000.0 };
+    let mut cfg = ModelConfig::plain(arch, 3, 16, (4, 2, 8), 24, 40, base, 64);
+    cfg.rope_local = Rope::plain(8, 10_000.0);
+    if gemma {
+        cfg.sliding_window = Some(4);
+        cfg.embed_scale = 4.0;
+    }
+    if arch == Arch::Gemma2 {
+        cfg.attn_softcap = Some(0.9);
+        cfg.final_softcap = Some(2.5);
+        cfg.attn_scale = 1.0 / 12f32.sqrt();
+    }
+    if arch == Arch::Phi3 {
+        cfg.rope = Rope::plain(4, 10_000.0);
+        cfg.rope_local = cfg.rope.clone();
+    }
     Model::random(cfg, seed).unwrap()
 }

@@ -1,5 +1,5 @@
-//! Salience gradients against finite differences on tiny random-weight models (both
-//! architectures), built in memory.
+//! Salience gradients against finite differences on tiny random-weight models of every
+//! architecture, built in memory.
 
 use candle_core::{Device, Tensor};
 use salience_engine::model::{Arch, Model};
@@ -143,6 +143,26 @@ fn gemma3_gradients_match_finite_differences() {
 }
 
 #[test]
+fn qwen2_gradients_match_finite_differences() {
+    check_gradient_methods(Arch::Qwen2);
+}
+
+#[test]
+fn qwen3_gradients_match_finite_differences() {
+    check_gradient_methods(Arch::Qwen3);
+}
+
+#[test]
+fn phi3_gradients_match_finite_differences() {
+    check_gradient_methods(Arch::Phi3);
+}
+
+#[test]
+fn gemma2_gradients_match_finite_differences() {
+    check_gradient_methods(Arch::Gemma2);
+}
+
+#[test]
 fn llama_integrated_gradients_match_finite_differences() {
     check_integrated_gradients(Arch::Llama);
 }
@@ -215,7 +235,7 @@ fn adaptive_integrated_gradients_stop_at_tolerance_or_cap() {
 
 #[test]
 fn kv_cache_decoding_matches_the_full_forward() {
-    for arch in [Arch::Llama, Arch::Gemma3] {
+    for arch in Arch::ALL {
         let model = tiny(arch);
         // Full forward over all tokens: logits of the last position.
         let e = (model.embeddings(&IDS).unwrap() * model.cfg.embed_scale as f64)

@@ -76,7 +76,10 @@ fn unsupported_architecture() {
     f.flush().unwrap();
     let err = load_err(&p);
     assert!(err.contains("architecture `gpt2`"), "{err}");
-    assert!(err.contains("supported: llama, gemma3"), "{err}");
+    assert!(
+        err.contains("supported: llama, qwen2, qwen3, phi3, gemma2, gemma3"),
+        "{err}"
+    );
 }
 
 /// Corrupt tensor data (a NaN scale) is refused when the model loads, naming the tensor,

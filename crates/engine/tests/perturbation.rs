@@ -3,7 +3,7 @@
 //! prompt, and a contrastive objective must equal the difference of two plain runs.
 
 use candle_core::Tensor;
-use salience_engine::model::ops::Activation;
+use salience_engine::model::weight::Weight;
 use salience_engine::model::{Arch, Model, ModelConfig};
 use salience_engine::perturbation::{self, DeletionScorer, SurrogateOptions, TargetTerm};
 use salience_engine::salience::{self, IgOptions, Method, SalienceRequest};
@@ -102,6 +102,13 @@ fn deletion_with_a_reused_prefix_equals_a_plain_run_llama() {
 #[test]
 fn deletion_with_a_reused_prefix_equals_a_plain_run_gemma() {
     check_deletion_matches_plain_runs(Arch::Gemma3);
+}
+
+#[test]
+fn deletion_with_a_reused_prefix_equals_a_plain_run_other_architectures() {
+    for arch in [Arch::Qwen2, Arch::Qwen3, Arch::Phi3, Arch::Gemma2] {
+        check_deletion_matches_plain_runs(arch);
+    }
 }
 
 #[test]
@@ -264,24 +271,8 @@ fn perturbation_methods_need_segments() {
 /// the last position, and the tied head reads it back, so each token in the context raises its
 /// own logit. The answer is known: the token the target repeats matters most.
 fn copying_model() -> Model {
-    let cfg = ModelConfig {
-        arch: Arch::Llama,
-        n_layer: 1,
-        hidden: 64,
-        n_head: 1,
-        n_kv_head: 1,
-        head_dim: 64,
-        ffn: 8,
-        vocab: 40,
-        eps: 1e-5,
-        rope_base: 10_000.0,
-        rope_base_local: 10_000.0,
-        sliding_window: None,
-        embed_scale: 1.0,
-        attn_scale: 1.0 / 8.0,
-        context_length: 64,
-        activation: Activation::Silu,
-    };
+    let mut cfg = ModelConfig::plain(Arch::Llama, 1, 64, (1, 1, 64), 8, 40, 10_000.0, 64);
+    cfg.attn_scale = 1.0 / 8.0;
     let mut m = Model::random(cfg, 5).unwrap();
     let dev = candle_core::Device::Cpu;
     let eye = Tensor::eye(64, candle_core::DType::F32, &dev).unwrap();
@@ -289,9 +280,11 @@ fn copying_model() -> Model {
     let l = &mut m.layers[0];
     l.attn_norm = Tensor::ones(64, candle_core::DType::F32, &dev).unwrap();
     // No query or key: every earlier position gets the same attention weight.
-    l.w_qkv = Tensor::cat(&[&zeros, &zeros, &(&eye * 8.0).unwrap()], 0).unwrap();
-    l.wo = eye;
-    l.w_down = l.w_down.zeros_like().unwrap();
+    l.w_qkv =
+        Weight::dense(Tensor::cat(&[&zeros, &zeros, &(&eye * 8.0).unwrap()], 0).unwrap()).unwrap();
+    l.wo = Weight::dense(eye).unwrap();
+    l.w_down =
+        Weight::dense(Tensor::zeros((64, 8), candle_core::DType::F32, &dev).unwrap()).unwrap();
     m.final_norm = Tensor::ones(64, candle_core::DType::F32, &dev).unwrap();
     m
 }

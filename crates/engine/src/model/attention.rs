@@ -40,6 +40,8 @@ pub struct Attention {
     pub window: Option<usize>,
     /// Scores are multiplied by this before the softmax.
     pub scale: f32,
+    /// Gemma 2: scaled scores become cap * tanh(score / cap) before the softmax.
+    pub softcap: Option<f32>,
 }
 
 /// One block of queries: see `Attention::block`. Ranges count rows of `head_dim` values.
@@ -133,6 +135,7 @@ impl Attention {
     /// `keys` rows from `klo`, as probabilities written to `p`: (m, nk) row-major, masked
     /// entries 0. With `lse`, the rows' log-sum-exp is used (backward); without, it is
     /// computed and returned.
+    #[allow(clippy::too_many_arguments)]
     fn block_probs(
         &self,
         q: &[f32],
@@ -141,6 +144,7 @@ impl Attention {
         klo: usize,
         lse: Option<&[f32]>,
         p: &mut [f32],
+        mut cap_slope: Option<&mut [f32]>,
     ) -> Vec<f32> {
         let hd = self.head_dim;
         let (m, nk) = (q.len() / hd, keys.len() / hd);
@@ -152,6 +156,28 @@ impl Attention {
             row[..lo].fill(0.0);
             row[hi..].fill(0.0);
             let row = &mut row[lo..hi];
+            if let Some(cap) = self.softcap {
+                // Stored pre-scaled so that the exponent below, scale * v, is the capped score;
+                // the slope d capped / d (scale * raw) is kept for the backward pass.
+                let slopes = cap_slope
+                    .as_deref_mut()
+                    .map(|s| &mut s[r * nk + lo..r * nk + hi]);
+                let scale = self.scale;
+                match slopes {
+                    Some(slopes) => {
+                        for (v, s) in row.iter_mut().zip(slopes) {
+                            let t = (*v * scale / cap).tanh();
+                            *s = 1.0 - t * t;
+                            *v = cap * t / scale;
+                        }
+                    }
+                    None => {
+                        for v in row.iter_mut() {
+                            *v = cap * (*v * scale / cap).tanh() / scale;
+                        }
+                    }
+                }
+            }
             match lse {
                 Some(lse) => {
                     simd::exp_affine_sum(row, self.scale, lse[r]);
@@ -193,14 +219,20 @@ impl Attention {
         let keys = Block::of(&b.keys, k, hd);
         let values = Block::of(&b.keys, v, hd);
         let lse = Block::of(&b.rows, lse, 1);
+        let mut slopes = self.softcap.map(|_| vec![0f32; m * nk]);
         with_scratch(m * nk, |p, ds| {
-            self.block_probs(qs, keys, b.i0, b.klo, Some(lse), p);
+            self.block_probs(qs, keys, b.i0, b.klo, Some(lse), p, slopes.as_deref_mut());
             // d probs = d_o values^T, then d scores in place.
             times_transposed(ds, d_o, values, hd);
-            for (row, p) in ds.chunks_mut(nk).zip(p.chunks(nk)) {
+            for (r, (row, p)) in ds.chunks_mut(nk).zip(p.chunks(nk)).enumerate() {
                 let inner: f32 = row.iter().zip(p.iter()).map(|(d, p)| d * p).sum();
                 for (d, &p) in row.iter_mut().zip(p) {
                     *d = self.scale * p * (*d - inner);
+                }
+                if let Some(slopes) = &slopes {
+                    for (d, s) in row.iter_mut().zip(&slopes[r * nk..(r + 1) * nk]) {
+                        *d *= s;
+                    }
                 }
             }
             // d q = d scores keys; d k += d scores^T q; d v += p^T d_o.
@@ -243,7 +275,8 @@ impl Attention {
                             let keys = Block::of(&b.keys, k, hd);
                             let (m, nk) = (b.rows.len(), b.keys.len());
                             with_scratch(m * nk, |p, _| {
-                                let block_lse = self.block_probs(q, keys, b.i0, b.klo, None, p);
+                                let block_lse =
+                                    self.block_probs(q, keys, b.i0, b.klo, None, p, None);
                                 l.copy_from_slice(&block_lse);
                                 matmul(
                                     Out(o, hd),
@@ -465,7 +498,10 @@ mod tests {
     fn reference(a: &Attention, q: &Tensor, k: &Tensor, v: &Tensor) -> (Tensor, Tensor) {
         let offset = a.keys - a.queries;
         let mask = ops::attention_mask(a.group, a.queries, a.keys, offset, a.window).unwrap();
-        let scores = (q.matmul(&k.t().unwrap()).unwrap() * a.scale as f64).unwrap();
+        let mut scores = (q.matmul(&k.t().unwrap()).unwrap() * a.scale as f64).unwrap();
+        if let Some(cap) = a.softcap {
+            scores = ((scores / cap as f64).unwrap().tanh().unwrap() * cap as f64).unwrap();
+        }
         let masked = scores.broadcast_add(&mask).unwrap();
         let probs = candle_nn::ops::softmax(&masked, D::Minus1).unwrap();
         let lse = masked.exp().unwrap().sum(D::Minus1).unwrap().log().unwrap();
@@ -476,7 +512,7 @@ mod tests {
         let mut out = vec![];
         // Sizes straddle the block size; offsets stand for a cache; windows for Gemma.
         for (queries, keys) in [(1, 1), (5, 5), (70, 70), (130, 130), (3, 70), (67, 200)] {
-            for window in [None, Some(4), Some(100)] {
+            for (window, softcap) in [(None, None), (Some(4), None), (Some(100), Some(0.8))] {
                 out.push(Attention {
                     batch: 2,
                     kv_heads: 2,
@@ -486,6 +522,7 @@ mod tests {
                     head_dim: 8,
                     window,
                     scale: 0.3,
+                    softcap,
                 });
             }
         }

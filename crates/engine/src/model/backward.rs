@@ -4,7 +4,7 @@ use candle_core::{Result, Tensor};
 
 use super::forward::{LayerTape, Tape};
 use super::kernels::{gated_backward, merge_heads, rms_norm_backward, split_heads};
-use super::ops::{linear_backward, Activation};
+use super::ops::Activation;
 use super::{Layer, Model};
 
 impl Model {
@@ -21,11 +21,7 @@ impl Model {
         let mut g = grad_last_hidden;
         for (layer, lt) in self.layers.iter().zip(&tape.layers).rev() {
             check()?;
-            let (cos, sin) = if layer.is_local {
-                &rope.local
-            } else {
-                &rope.global
-            };
+            let (cos, sin) = rope.of(layer);
             g = self.layer_backward(layer, lt, g, b, t, cos, sin)?;
         }
         g.reshape((b, t, self.cfg.hidden))
@@ -50,10 +46,10 @@ impl Model {
         if let (Some(n), Some(pre)) = (&layer.post_ffn_norm, &lt.down_pre_norm) {
             g_down = rms_norm_backward(pre, n, c.eps, &g_down)?;
         }
-        let g_act = linear_backward(&g_down, &layer.w_down)?;
+        let g_act = layer.w_down.backward(&g_down)?;
         let gelu = c.activation == Activation::GeluTanh;
         let g_gate_up = gated_backward(&lt.gate_up, &g_act, gelu)?;
-        let g_m = linear_backward(&g_gate_up, &layer.w_gate_up)?;
+        let g_m = layer.w_gate_up.backward(&g_gate_up)?;
         let g_h2 = (g_out + rms_norm_backward(&lt.h2, &layer.ffn_norm, c.eps, &g_m)?)?;
 
         // Attention block: h2 = h + norm?(wo(attention(q, k, v))).
@@ -61,7 +57,7 @@ impl Model {
         if let (Some(n), Some(pre)) = (&layer.post_attn_norm, &lt.attn_pre_norm) {
             g_attn = rms_norm_backward(pre, n, c.eps, &g_attn)?;
         }
-        let g_o = split_heads(&linear_backward(&g_attn, &layer.wo)?, (b, t, hd), &[nh])?
+        let g_o = split_heads(&layer.wo.backward(&g_attn)?, (b, t, hd), &[nh])?
             .remove(0)
             .reshape((b, nkv, grp * t, hd))?;
         let grads = self
@@ -70,8 +66,9 @@ impl Model {
         let (g_q, g_k, g_v) = (grads.q.reshape((b, nh, t, hd))?, grads.k, grads.v);
         // The rope is a rotation: its transpose rotates by the opposite angle.
         let neg_sin = sin.neg()?;
-        let mut g_q = candle_nn::rotary_emb::rope(&g_q.contiguous()?, cos, &neg_sin)?;
-        let mut g_k = candle_nn::rotary_emb::rope(&g_k.contiguous()?, cos, &neg_sin)?;
+        let rope = self.rope_of(layer);
+        let mut g_q = rope.apply_transposed(&g_q, cos, &neg_sin)?;
+        let mut g_k = rope.apply_transposed(&g_k, cos, &neg_sin)?;
         if let (Some(n), Some(pre)) = (&layer.q_norm, &lt.q_pre_norm) {
             g_q = rms_norm_backward(pre, n, c.eps, &g_q)?;
         }
@@ -79,7 +76,7 @@ impl Model {
             g_k = rms_norm_backward(pre, n, c.eps, &g_k)?;
         }
         let g_qkv = merge_heads(&[&g_q, &g_k, &g_v], (b, t, hd))?;
-        let g_a = linear_backward(&g_qkv, &layer.w_qkv)?;
+        let g_a = layer.w_qkv.backward(&g_qkv)?;
         g_h2 + rms_norm_backward(&lt.h, &layer.attn_norm, c.eps, &g_a)?
     }
 }

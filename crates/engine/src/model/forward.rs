@@ -4,9 +4,9 @@
 use candle_core::{Result, Tensor};
 
 use super::attention::Attention;
-use super::kernels::{gated, merge_heads, split_heads, target_log_softmax};
+use super::kernels::{gated, merge_heads, rms_norm_backward, split_heads, target_log_softmax};
+use super::ops::rms_norm;
 use super::ops::Activation;
-use super::ops::{self, linear, rms_norm};
 use super::{Layer, Model};
 
 /// What one layer's backward pass needs from its forward pass.
@@ -68,16 +68,34 @@ pub(super) struct RopeTables {
     pub local: (Tensor, Tensor),
 }
 
+impl RopeTables {
+    pub fn of(&self, layer: &Layer) -> &(Tensor, Tensor) {
+        if layer.is_local {
+            &self.local
+        } else {
+            &self.global
+        }
+    }
+}
+
 impl Model {
     pub(super) fn rope_tables(&self, offset: usize, len: usize) -> Result<RopeTables> {
         let c = &self.cfg;
-        let global = ops::rope_tables(c.head_dim, c.rope_base, offset, len)?;
-        let local = if c.rope_base_local == c.rope_base {
+        let global = c.rope.tables(offset, len)?;
+        let local = if c.rope_local == c.rope {
             global.clone()
         } else {
-            ops::rope_tables(c.head_dim, c.rope_base_local, offset, len)?
+            c.rope_local.tables(offset, len)?
         };
         Ok(RopeTables { global, local })
+    }
+
+    pub(super) fn rope_of(&self, layer: &Layer) -> &super::Rope {
+        if layer.is_local {
+            &self.cfg.rope_local
+        } else {
+            &self.cfg.rope
+        }
     }
 
     /// Runs the layers on input embeddings `x` of shape (b, t, hidden) — already scaled by
@@ -174,8 +192,13 @@ impl Model {
         Ok(h)
     }
 
+    /// Logits of final-normed hidden states, soft-capped where the model caps them.
     pub fn logits(&self, normed: &Tensor) -> Result<Tensor> {
-        linear(normed, self.head())
+        let z = self.head().forward(normed)?;
+        match self.cfg.final_softcap {
+            Some(cap) => (z / cap as f64)?.tanh()? * cap as f64,
+            None => Ok(z),
+        }
     }
 
     /// Attention of `layer` for `b` rows of `queries` new positions after `keys - queries`
@@ -197,6 +220,7 @@ impl Model {
             head_dim: c.head_dim,
             window: c.sliding_window.filter(|_| layer.is_local),
             scale: c.attn_scale,
+            softcap: c.attn_softcap,
         }
     }
 
@@ -220,7 +244,10 @@ impl Model {
         let c = &self.cfg;
         let (nh, nkv, hd, g) = (c.n_head, c.n_kv_head, c.head_dim, self.group());
         let a = rms_norm(h, &layer.attn_norm, c.eps)?;
-        let qkv = linear(&a, &layer.w_qkv)?;
+        let mut qkv = layer.w_qkv.forward(&a)?;
+        if let Some(bias) = &layer.qkv_bias {
+            qkv = qkv.broadcast_add(bias)?;
+        }
         let [mut q, mut k, v]: [Tensor; 3] = split_heads(&qkv, (b, t, hd), &[nh, nkv, nkv])?
             .try_into()
             .expect("three groups of heads");
@@ -231,13 +258,9 @@ impl Model {
             q_pre_norm = Some(std::mem::replace(&mut q, qn_out));
             k_pre_norm = Some(std::mem::replace(&mut k, kn_out));
         }
-        let (cos, sin) = if layer.is_local {
-            &rope.local
-        } else {
-            &rope.global
-        };
-        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        let (cos, sin) = rope.of(layer);
+        let q = self.rope_of(layer).apply(&q, cos, sin)?;
+        let k = self.rope_of(layer).apply(&k, cos, sin)?;
         let (k_all, v_all) = match past {
             Some((pk, pv)) => (
                 Tensor::cat(&[pk, &k], 2)?.contiguous()?,
@@ -252,7 +275,7 @@ impl Model {
             .attention(layer, b, t, k_all.dim(2)?)
             .forward(&q, &k_all, &v_all)?;
         let o = merge_heads(&[&o], (b, t, hd))?;
-        let mut attn = linear(&o, &layer.wo)?;
+        let mut attn = layer.wo.forward(&o)?;
         let mut attn_pre_norm = None;
         if let Some(n) = &layer.post_attn_norm {
             let normed = rms_norm(&attn, n, c.eps)?;
@@ -260,9 +283,9 @@ impl Model {
         }
         let h2 = (h + attn)?;
         let m = rms_norm(&h2, &layer.ffn_norm, c.eps)?;
-        let gate_up = linear(&m, &layer.w_gate_up)?;
+        let gate_up = layer.w_gate_up.forward(&m)?;
         let act = gated(&gate_up, c.activation == Activation::GeluTanh)?;
-        let mut down = linear(&act, &layer.w_down)?;
+        let mut down = layer.w_down.forward(&act)?;
         let mut down_pre_norm = None;
         if let Some(n) = &layer.post_ffn_norm {
             let normed = rms_norm(&down, n, c.eps)?;
@@ -291,8 +314,9 @@ impl Model {
         ))
     }
 
-    /// log p of each target token: rows of `hidden` (n, hidden) predict `targets` (n).
-    /// Returns the per-token log-probs and, with `with_grad`, d sum(logp) / d logits.
+    /// log p of each target token: rows of `hidden` (n, hidden), before the final norm,
+    /// predict `targets` (n). Returns the per-token log-probs and, with `with_grad`,
+    /// d sum(log p) / d hidden.
     pub fn target_log_probs(
         &self,
         hidden: &Tensor,
@@ -301,6 +325,17 @@ impl Model {
     ) -> Result<(Vec<f32>, Option<Tensor>)> {
         let normed = rms_norm(hidden, &self.final_norm, self.cfg.eps)?;
         let logits = self.logits(&normed)?;
-        target_log_softmax(&logits, targets, with_grad)
+        let (log_probs, g_logits) = target_log_softmax(&logits, targets, with_grad)?;
+        let Some(mut g) = g_logits else {
+            return Ok((log_probs, None));
+        };
+        if let Some(cap) = self.cfg.final_softcap {
+            // logits = cap tanh(z / cap): dz = d logits (1 - (logits / cap)^2).
+            let t = (&logits / cap as f64)?;
+            g = g.mul(&t.sqr()?.affine(-1.0, 1.0)?)?;
+        }
+        let g_normed = self.head().backward(&g)?;
+        let g_hidden = rms_norm_backward(hidden, &self.final_norm, self.cfg.eps, &g_normed)?;
+        Ok((log_probs, Some(g_hidden)))
     }
 }

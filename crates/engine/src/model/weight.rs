@@ -22,10 +22,6 @@ use super::kernels::with_slice;
 /// f32 values one tile holds: small enough to stay in L2 next to the operands.
 const TILE_ELEMS: usize = 64 * 1024;
 
-/// Up to this many input rows, a block-quantized matrix uses candle's quantized dot products
-/// (decoding); above it, tiles dequantized to f32 (prompts, salience), which are exact.
-const QUANTIZED_DOT_MAX_ROWS: usize = 4;
-
 /// How one stored matrix (rows = output features, cols = input features) is held.
 #[derive(Clone)]
 enum Stored {
@@ -242,12 +238,45 @@ impl Weight {
         Tensor::cat(&parts, 0)
     }
 
+    /// Whether every stored value is finite (corrupt files show NaN or infinity), checked
+    /// row by row without a full f32 copy.
+    pub fn all_finite(&self) -> Result<bool> {
+        for p in &self.parts {
+            let cols = p.cols;
+            let ok = p.with_values(|values| {
+                Ok((0..p.rows).into_par_iter().all(|r| {
+                    let mut row = vec![0f32; cols];
+                    dequantize(&values, cols, r, 0, cols, &mut row);
+                    row.iter().all(|x| x.is_finite())
+                }))
+            })?;
+            if !ok {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// The same matrix, every part converted to f32: the plain reference for the tiled products.
     pub fn dequantized(&self) -> Result<Self> {
         Self::dense(self.to_f32()?)
     }
 
-    /// x Wᵀ for x of shape (.., cols): (.., rows).
+    /// x Wᵀ with the input quantized to 8 bits per value as well, as llama.cpp decodes: faster
+    /// for a few rows, but not exact, so only for callers that accept that.
+    pub fn forward_quantized_dots(&self, x: &Tensor) -> Result<Tensor> {
+        match self.parts.as_slice() {
+            [Matrix {
+                stored: Stored::Blocks(q),
+                ..
+            }] if !matches!(q.dtype(), GgmlDType::F16 | GgmlDType::BF16) => {
+                QMatMul::QTensor(q.clone()).forward(&x.contiguous()?)
+            }
+            _ => self.forward(x),
+        }
+    }
+
+    /// x Wᵀ for x of shape (.., cols): (.., rows), exact up to f32 rounding.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let n = x.elem_count() / self.cols;
@@ -392,12 +421,6 @@ impl Matrix {
     fn forward(&self, x: &Tensor, n: usize) -> Result<Tensor> {
         if let Stored::F32(w) = &self.stored {
             return x.matmul(&w.t()?);
-        }
-        if let Stored::Blocks(q) = &self.stored {
-            let quantized = !matches!(q.dtype(), GgmlDType::F16 | GgmlDType::BF16);
-            if quantized && n <= QUANTIZED_DOT_MAX_ROWS {
-                return QMatMul::QTensor(q.clone()).forward(&x.contiguous()?);
-            }
         }
         let (rows, cols) = (self.rows, self.cols);
         let mut out = vec![0f32; n * rows];
@@ -667,7 +690,7 @@ mod tests {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();
-        let d = max_diff(&q.forward(&x).unwrap(), &exact);
+        let d = max_diff(&q.forward_quantized_dots(&x).unwrap(), &exact);
         // The input is quantized to 8 bits per value too, as llama.cpp does when decoding.
         assert!(
             d < 0.02 * scale,

@@ -20,11 +20,17 @@ fn baseline(
             let id = pad_id.unwrap_or(0);
             model.embeddings(&[id])?.broadcast_as((ts, h))?.contiguous()
         }
-        Baseline::Mean => model
-            .embed
-            .mean_keepdim(0)?
-            .broadcast_as((ts, h))?
-            .contiguous(),
+        Baseline::Mean => {
+            // The mean row is ones / vocab times the table: the weight's own input-gradient
+            // product, so a quantized table is never copied whole.
+            let vocab = model.embed.rows();
+            let weights = Tensor::full(1.0 / vocab as f32, (1, vocab), &Device::Cpu)?;
+            model
+                .embed
+                .backward(&weights)?
+                .broadcast_as((ts, h))?
+                .contiguous()
+        }
     }
 }
 

@@ -11,8 +11,6 @@ use serde::{Deserialize, Serialize};
 
 mod integrated_gradients;
 
-use super::model::kernels::rms_norm_backward;
-use super::model::ops::linear_backward;
 use super::model::Model;
 use super::{CancelToken, EngineError, Progress, ProgressFn};
 use integrated_gradients::integrated_gradients;
@@ -255,11 +253,9 @@ pub fn gradients(
     let rows = Tensor::new(rows.as_slice(), &Device::Cpu)?;
     let hidden = tape.last_hidden.index_select(&rows, 0)?;
     let all_targets: Vec<u32> = (0..b).flat_map(|_| targets.iter().copied()).collect();
-    let (log_probs, g_logits) = model.target_log_probs(&hidden, &all_targets, true)?;
+    let (log_probs, g_hidden) = model.target_log_probs(&hidden, &all_targets, true)?;
     let objective = log_probs.chunks(n).map(|c| c.iter().sum()).collect();
-    let g_logits = g_logits.expect("gradient requested");
-    let g_normed = linear_backward(&g_logits, model.head())?;
-    let g_hidden = rms_norm_backward(&hidden, &model.final_norm, model.cfg.eps, &g_normed)?;
+    let g_hidden = g_hidden.expect("gradient requested");
     let g_last = tape
         .last_hidden
         .zeros_like()?

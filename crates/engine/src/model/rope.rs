@@ -1,0 +1,204 @@
+//! Rotary position embeddings: plain, partial (Phi), and the scalings of real checkpoints
+//! (linear, Llama 3, longrope, and GGUF's per-frequency factors).
+
+use candle_core::{Device, Result, Tensor};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rope {
+    /// Rotated dimensions at the start of each head; the rest pass through (Phi's partial
+    /// rotary factor).
+    pub dims: usize,
+    /// One inverse frequency per pair of rotated dimensions.
+    pub inv_freq: Vec<f64>,
+    /// cos and sin are multiplied by this (longrope's attention factor).
+    pub magnitude: f64,
+    /// Longrope: sequences longer than `.0` positions use these frequencies instead.
+    pub long: Option<(usize, Vec<f64>)>,
+}
+
+/// How a checkpoint rescales its rotary frequencies.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    Linear {
+        factor: f64,
+    },
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_context: f64,
+    },
+    LongRope {
+        short_factor: Vec<f64>,
+        long_factor: Vec<f64>,
+        original_context: usize,
+        attention_factor: f64,
+    },
+    /// GGUF's `rope_freqs` tensor: each frequency is divided by its factor.
+    FreqFactors(Vec<f64>),
+}
+
+impl Rope {
+    pub fn plain(dims: usize, base: f64) -> Self {
+        let inv_freq = (0..dims / 2)
+            .map(|i| 1.0 / base.powf(2.0 * i as f64 / dims as f64))
+            .collect();
+        Self {
+            dims,
+            inv_freq,
+            magnitude: 1.0,
+            long: None,
+        }
+    }
+
+    pub fn scaled(mut self, scaling: &RopeScaling) -> std::result::Result<Self, String> {
+        let pairs = self.inv_freq.len();
+        let divide = |inv: &[f64], factors: &[f64], what: &str| {
+            if factors.len() != pairs {
+                return Err(format!(
+                    "{what} has {} factors for {pairs} rotary frequencies",
+                    factors.len()
+                ));
+            }
+            Ok(inv
+                .iter()
+                .zip(factors)
+                .map(|(f, s)| f / s)
+                .collect::<Vec<_>>())
+        };
+        match scaling {
+            RopeScaling::Linear { factor } => {
+                self.inv_freq.iter_mut().for_each(|f| *f /= factor);
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_context,
+            } => {
+                let low_wavelen = original_context / low_freq_factor;
+                let high_wavelen = original_context / high_freq_factor;
+                for f in self.inv_freq.iter_mut() {
+                    let wavelen = 2.0 * std::f64::consts::PI / *f;
+                    if wavelen > low_wavelen {
+                        *f /= factor;
+                    } else if wavelen >= high_wavelen {
+                        let smooth = (original_context / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
+                        *f = (1.0 - smooth) * *f / factor + smooth * *f;
+                    }
+                }
+            }
+            RopeScaling::LongRope {
+                short_factor,
+                long_factor,
+                original_context,
+                attention_factor,
+            } => {
+                let long = divide(&self.inv_freq, long_factor, "long_factor")?;
+                self.inv_freq = divide(&self.inv_freq, short_factor, "short_factor")?;
+                self.long = Some((*original_context, long));
+                self.magnitude = *attention_factor;
+            }
+            RopeScaling::FreqFactors(factors) => {
+                self.inv_freq = divide(&self.inv_freq, factors, "rope_freqs")?;
+            }
+        }
+        Ok(self)
+    }
+
+    /// cos and sin tables (len, dims / 2) for positions offset..offset + len.
+    pub fn tables(&self, offset: usize, len: usize) -> Result<(Tensor, Tensor)> {
+        let inv_freq = match &self.long {
+            Some((limit, long)) if offset + len > *limit => long,
+            _ => &self.inv_freq,
+        };
+        let half = inv_freq.len();
+        let mut cos = Vec::with_capacity(len * half);
+        let mut sin = Vec::with_capacity(len * half);
+        for p in offset..offset + len {
+            for f in inv_freq {
+                let angle = p as f64 * f;
+                cos.push((angle.cos() * self.magnitude) as f32);
+                sin.push((angle.sin() * self.magnitude) as f32);
+            }
+        }
+        Ok((
+            Tensor::from_vec(cos, (len, half), &Device::Cpu)?,
+            Tensor::from_vec(sin, (len, half), &Device::Cpu)?,
+        ))
+    }
+
+    /// Rotates the first `dims` of each head of x (b, heads, t, head_dim), rotate-half layout.
+    pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let hd = x.dim(3)?;
+        if self.dims == hd {
+            return candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin);
+        }
+        let rotated =
+            candle_nn::rotary_emb::rope(&x.narrow(3, 0, self.dims)?.contiguous()?, cos, sin)?;
+        Tensor::cat(&[&rotated, &x.narrow(3, self.dims, hd - self.dims)?], 3)?.contiguous()
+    }
+
+    /// The transpose of `apply` (its input gradient): the rotation by the opposite angle,
+    /// scaled by the same magnitude.
+    pub fn apply_transposed(&self, dy: &Tensor, cos: &Tensor, neg_sin: &Tensor) -> Result<Tensor> {
+        self.apply(dy, cos, neg_sin)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llama3_scaling_keeps_high_frequencies_and_divides_low_ones() {
+        let plain = Rope::plain(64, 500_000.0);
+        let scaled = plain
+            .clone()
+            .scaled(&RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_context: 8192.0,
+            })
+            .unwrap();
+        assert_eq!(scaled.inv_freq[0], plain.inv_freq[0]);
+        let last = plain.inv_freq.len() - 1;
+        assert!((scaled.inv_freq[last] - plain.inv_freq[last] / 8.0).abs() < 1e-15);
+        // In between, a smooth mix: never above the plain frequency, never below an eighth.
+        for (s, p) in scaled.inv_freq.iter().zip(&plain.inv_freq) {
+            assert!(*s <= *p && *s >= p / 8.0 - 1e-18);
+        }
+    }
+
+    #[test]
+    fn partial_rotary_leaves_the_tail_alone_and_inverts() {
+        let rope = Rope::plain(4, 10_000.0);
+        let x = Tensor::randn(0f32, 1.0, (1, 2, 5, 8), &Device::Cpu).unwrap();
+        let (cos, sin) = rope.tables(3, 5).unwrap();
+        let y = rope.apply(&x, &cos, &sin).unwrap();
+        let tail = (y.narrow(3, 4, 4).unwrap() - x.narrow(3, 4, 4).unwrap()).unwrap();
+        assert_eq!(
+            tail.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            0.0
+        );
+        let back = rope
+            .apply_transposed(&y, &cos, &sin.neg().unwrap())
+            .unwrap();
+        let err = (back - &x)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(err < 1e-5, "{err}");
+    }
+}

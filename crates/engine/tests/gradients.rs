@@ -311,3 +311,31 @@ fn cancellation_stops_the_computation() {
         "{err}"
     );
 }
+
+/// Layers recomputed in the backward pass (checkpointing) give the same gradients as layers
+/// whose activations were kept.
+#[test]
+fn recomputed_layers_give_the_same_gradients() {
+    for arch in Arch::ALL {
+        let model = tiny(arch);
+        let e = (model.embeddings(&IDS).unwrap() * model.cfg.embed_scale as f64)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let g_out = Tensor::randn(0f32, 1.0, (IDS.len(), model.cfg.hidden), &Device::Cpu).unwrap();
+        let grad = |budget: usize| {
+            let tape = model
+                .forward_embeds_within(&e, budget, &mut || Ok(()))
+                .unwrap();
+            model
+                .backward(&tape, g_out.clone(), &mut || Ok(()))
+                .unwrap()
+        };
+        let kept: Vec<f32> = grad(usize::MAX).flatten_all().unwrap().to_vec1().unwrap();
+        let one_layer = model.layer_tape_bytes(1, IDS.len());
+        for budget in [0, one_layer] {
+            let recomputed: Vec<f32> = grad(budget).flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(kept, recomputed, "{arch:?}, budget {budget}");
+        }
+    }
+}

@@ -2,7 +2,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::forward::{LayerTape, Tape};
+use super::forward::{LayerRecord, LayerTape, Tape};
 use super::kernels::{gated_backward, merge_heads, rms_norm_backward, split_heads};
 use super::ops::Activation;
 use super::{Layer, Model};
@@ -19,9 +19,18 @@ impl Model {
         let (b, t) = (tape.batch, tape.seq);
         let rope = self.rope_tables(0, t)?;
         let mut g = grad_last_hidden;
-        for (layer, lt) in self.layers.iter().zip(&tape.layers).rev() {
+        for (layer, record) in self.layers.iter().zip(&tape.layers).rev() {
             check()?;
             let (cos, sin) = rope.of(layer);
+            let recomputed;
+            let lt = match record {
+                LayerRecord::Full(lt) => lt,
+                LayerRecord::Input(h) => {
+                    let (_, lt, _) = self.layer_forward_kv(layer, h, b, t, &rope, None, false)?;
+                    recomputed = lt.expect("tape requested");
+                    &recomputed
+                }
+            };
             g = self.layer_backward(layer, lt, g, b, t, cos, sin)?;
         }
         g.reshape((b, t, self.cfg.hidden))

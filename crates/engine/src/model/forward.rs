@@ -29,11 +29,25 @@ pub struct LayerTape {
     pub down_pre_norm: Option<Tensor>,
 }
 
+/// What the forward pass kept of one layer.
+pub enum LayerRecord {
+    /// Everything its backward pass needs.
+    Full(LayerTape),
+    /// Only its input: the backward pass runs the layer again first (checkpointing), which
+    /// costs one more forward of the layer and saves its activations' memory.
+    Input(Tensor),
+}
+
+/// Recorded activations beyond this many bytes are recomputed in the backward pass instead
+/// of kept (see `LayerRecord::Input`).
+pub const TAPE_BUDGET_BYTES: usize = 256 << 20;
+
 /// Everything the backward pass needs.
 pub struct Tape {
     pub batch: usize,
     pub seq: usize,
-    pub layers: Vec<LayerTape>,
+    /// One record per layer; empty for a forward pass without backward.
+    pub layers: Vec<LayerRecord>,
     /// Final hidden states (b * t, hidden), before the final norm.
     pub last_hidden: Tensor,
 }
@@ -98,21 +112,74 @@ impl Model {
         }
     }
 
+    /// Bytes one layer's full record takes for `b` sequences of `t` positions.
+    pub fn layer_tape_bytes(&self, b: usize, t: usize) -> usize {
+        let c = &self.cfg;
+        let (q, kv) = (c.n_head * c.head_dim, c.n_kv_head * c.head_dim);
+        let norms = if c.arch.traits().qk_norm { q + kv } else { 0 };
+        let post = if c.arch.traits().sandwich_norms {
+            2 * c.hidden
+        } else {
+            0
+        };
+        let per_position = 2 * c.hidden + q + 2 * kv + c.n_head + 2 * c.ffn + norms + post;
+        b * t * per_position * 4
+    }
+
     /// Runs the layers on input embeddings `x` of shape (b, t, hidden) — already scaled by
-    /// `embed_scale` — and records the tape. `check` is called between layers and may abort.
+    /// `embed_scale` — and records what the backward pass needs: whole layers up to
+    /// `TAPE_BUDGET_BYTES` (the last ones, which the backward pass meets first), only the
+    /// inputs of the others. `check` is called between layers and may abort.
     pub fn forward_embeds(
         &self,
         x: &Tensor,
         check: &mut dyn FnMut() -> Result<()>,
     ) -> Result<Tape> {
+        self.forward_embeds_within(x, TAPE_BUDGET_BYTES, check)
+    }
+
+    /// `forward_embeds` with whole layers kept up to `budget` bytes (0: every layer is
+    /// recomputed in the backward pass).
+    pub fn forward_embeds_within(
+        &self,
+        x: &Tensor,
+        budget: usize,
+        check: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Tape> {
+        self.forward_embeds_recording(x, Some(budget), check)
+    }
+
+    /// The forward pass alone: the final hidden states, no record for a backward pass.
+    pub fn forward_embeds_only(
+        &self,
+        x: &Tensor,
+        check: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Tape> {
+        self.forward_embeds_recording(x, None, check)
+    }
+
+    fn forward_embeds_recording(
+        &self,
+        x: &Tensor,
+        budget: Option<usize>,
+        check: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Tape> {
+        let record = budget.is_some();
         let (b, t, hidden) = x.dims3()?;
         let rope = self.rope_tables(0, t)?;
         let mut h = x.reshape((b * t, hidden))?;
-        let mut layers = Vec::with_capacity(self.layers.len());
-        for layer in &self.layers {
+        let n = self.layers.len();
+        let kept_whole = (budget.unwrap_or(0) / self.layer_tape_bytes(b, t).max(1)).min(n);
+        let mut layers = Vec::with_capacity(if record { n } else { 0 });
+        for (i, layer) in self.layers.iter().enumerate() {
             check()?;
-            let (next, tape, _) = self.layer_forward_kv(layer, &h, b, t, &rope, None, false)?;
-            layers.push(tape.expect("tape requested"));
+            let whole = record && i >= n - kept_whole;
+            let (next, tape, _) = self.layer_forward_kv(layer, &h, b, t, &rope, None, !whole)?;
+            if whole {
+                layers.push(LayerRecord::Full(tape.expect("tape requested")));
+            } else if record {
+                layers.push(LayerRecord::Input(h));
+            }
             h = next;
         }
         Ok(Tape {
@@ -231,7 +298,7 @@ impl Model {
     /// One transformer block on `h` (b * t, hidden). With `want_kv` it returns the keys and
     /// values including `past` and records no tape; without, it records the tape.
     #[allow(clippy::too_many_arguments)]
-    fn layer_forward_kv(
+    pub(super) fn layer_forward_kv(
         &self,
         layer: &Layer,
         h: &Tensor,

@@ -21,7 +21,7 @@ pub mod weight;
 use candle_core::{Device, Tensor};
 
 pub use arch::{Arch, SUPPORTED_ARCHITECTURES};
-pub use forward::{KvCache, Tape};
+pub use forward::{KvCache, Tape, TAPE_BUDGET_BYTES};
 pub use load_hf::HfDirectory;
 use ops::Activation;
 pub use rope::Rope;

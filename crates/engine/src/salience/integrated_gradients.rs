@@ -34,21 +34,10 @@ fn baseline(
     }
 }
 
-/// How many sequences fit one pass under a memory budget for the recorded activations.
+/// How many sequences fit one pass with every layer's activations kept (no recomputation).
 fn batch_for(model: &Model, t: usize) -> usize {
-    let c = &model.cfg;
-    // The tape per position: residual streams, queries (and their pre-norm copies), keys,
-    // values, the MLP's gate and up projections and one log-sum-exp per head; attention keeps
-    // no (t, t) matrix.
-    let per_layer = t
-        * (4 * c.hidden
-            + 2 * c.n_head * c.head_dim
-            + 4 * c.n_kv_head * c.head_dim
-            + 3 * c.ffn
-            + c.n_head);
-    let bytes = per_layer * c.n_layer * 4;
-    let budget: usize = 1 << 30;
-    (budget / bytes.max(1)).clamp(1, 8)
+    let bytes = model.layer_tape_bytes(1, t) * model.cfg.n_layer;
+    (crate::model::TAPE_BUDGET_BYTES / bytes.max(1)).clamp(1, 8)
 }
 
 /// The straight path from the baseline to the input, for the scored positions.

@@ -279,7 +279,7 @@ pub fn objectives(
     let (b, t, _) = embeds.dims3()?;
     let n = targets.len();
     let x = (embeds * model.cfg.embed_scale as f64)?;
-    let tape = model.forward_embeds(&x, &mut || cancel.check())?;
+    let tape = model.forward_embeds_only(&x, &mut || cancel.check())?;
     let rows: Vec<u32> = (0..b)
         .flat_map(|bi| (0..n).map(move |i| (bi * t + target_start - 1 + i) as u32))
         .collect();

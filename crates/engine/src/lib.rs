@@ -13,6 +13,7 @@ pub mod prompt;
 pub mod registry;
 pub mod salience;
 pub mod surrogate;
+pub mod synthetic;
 pub mod threads;
 pub mod tokenizer;
 

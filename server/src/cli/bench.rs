@@ -7,8 +7,10 @@ use clap::Args;
 use super::ModelArgs;
 use salience_engine::generate::GenerateOptions;
 use salience_engine::perturbation::{self, DeletionScorer, SurrogateOptions, TargetTerm};
+use salience_engine::registry;
 use salience_engine::salience::{self, Baseline, IgOptions, Method, SalienceRequest, Spacing};
-use salience_engine::{no_progress, CancelToken, EngineError};
+use salience_engine::synthetic;
+use salience_engine::{no_progress, CancelToken, Engine, EngineError};
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -35,6 +37,48 @@ pub struct BenchArgs {
     /// Repetitions; the best time is reported.
     #[arg(long, default_value_t = 2)]
     repeat: usize,
+    /// Measure a random-weight model of a real shape instead, e.g. llama-8b-q4_k or
+    /// qwen2-1.5b-q8_0 (shapes: smollm2-135m, llama-1b/3b/8b, qwen2-0.5b/1.5b/7b,
+    /// qwen3-0.6b/4b, phi3-mini, gemma2-2b, gemma3-1b). The GGUF is written to the cache
+    /// first, by a separate process, so that its memory does not count.
+    #[arg(long, value_name = "SHAPE-TYPE")]
+    synthetic: Option<String>,
+    /// Write the synthetic GGUF and exit (used by --synthetic).
+    #[arg(long, hide = true)]
+    write_synthetic_only: bool,
+}
+
+/// The engine for a synthetic model, writing its GGUF first when it is not cached.
+fn synthetic_engine(spec: &str, write_only: bool) -> Result<Option<Engine>, EngineError> {
+    let (shape, dtype) = synthetic::parse(spec)?;
+    let path = registry::cache_dir()
+        .join("synthetic")
+        .join(format!("{spec}.gguf"));
+    if write_only {
+        synthetic::write_gguf(&shape, dtype, &path)?;
+        return Ok(None);
+    }
+    if !path.is_file() {
+        eprintln!("writing {} ...", path.display());
+        let exe = std::env::current_exe().map_err(|e| EngineError::Fetch(e.to_string()))?;
+        let status = std::process::Command::new(exe)
+            .args(["bench", "--synthetic", spec, "--write-synthetic-only"])
+            .status()
+            .map_err(|e| EngineError::Fetch(format!("cannot start the writer: {e}")))?;
+        if !status.success() {
+            return Err(EngineError::Fetch(format!(
+                "writing the synthetic model failed ({status})"
+            )));
+        }
+    }
+    let file_mib = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0) as f64 / (1 << 20) as f64;
+    let engine = Engine::load(&path, spec)?;
+    println!(
+        "synthetic model {spec}: file {file_mib:.0} MiB, weights in memory {:.0} MiB ({})",
+        engine.model.weight_bytes() as f64 / (1 << 20) as f64,
+        engine.model.precision()
+    );
+    Ok(Some(engine))
 }
 
 fn peak_rss_mib() -> Option<f64> {
@@ -45,7 +89,17 @@ fn peak_rss_mib() -> Option<f64> {
 }
 
 pub fn run(args: BenchArgs) -> Result<(), EngineError> {
-    let engine = args.model.load()?;
+    let engine = match &args.synthetic {
+        Some(spec) => match synthetic_engine(spec, args.write_synthetic_only)? {
+            Some(engine) => engine,
+            None => return Ok(()),
+        },
+        None => args.model.load()?,
+    };
+    println!(
+        "peak RSS after loading: {:.0} MiB",
+        peak_rss_mib().unwrap_or(f64::NAN)
+    );
     let text = "The quick brown fox jumps over the lazy dog while the committee reviews \
                 the quarterly budget, and every number must add up before Friday. ";
     let pool: Vec<u32> = engine

@@ -193,7 +193,7 @@ fn candle(e: candle_core::Error) -> EngineError {
 /// A (rows, cols) matrix of `dtype`: one random tile, quantized, repeated down the rows.
 /// Types whose blocks do not divide `cols` fall back to q8_0, as llama.cpp's quantizer does.
 fn matrix(rows: usize, cols: usize, dtype: GgmlDType, seed: u64) -> Result<QTensor, EngineError> {
-    let dtype = if cols % dtype.block_size() == 0 {
+    let dtype = if cols.is_multiple_of(dtype.block_size()) {
         dtype
     } else {
         GgmlDType::Q8_0

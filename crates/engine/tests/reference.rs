@@ -240,3 +240,32 @@ fn few_shot_classification_default_integrated_gradients_are_complete() {
 fn non_ascii_default_integrated_gradients_are_complete() {
     check_default_integrated_gradients("non_ascii");
 }
+
+/// The default model's weights stay Q4_1 in memory; its scores agree with the same model
+/// dequantized to f32, and no f32 copy of the matrices is ever made.
+#[test]
+fn quantized_weights_score_like_the_dequantized_model() {
+    let engine = common::default_engine();
+    let file_bytes = std::fs::metadata(common::default_engine_path()).unwrap().len() as f64;
+    let kept = engine.model.weight_bytes() as f64;
+    assert!(
+        kept < 1.05 * file_bytes,
+        "weights take {kept} bytes in memory, the file {file_bytes}"
+    );
+    assert!(!engine.model.precision().contains("f32"), "{}", engine.model.precision());
+    let plain = engine.model.dequantized().unwrap();
+    assert!(plain.weight_bytes() as f64 > 4.0 * kept, "the reference is really f32");
+    let case = load("few_shot_classification");
+    for method in [Method::GradL2, Method::GradDotInput] {
+        let req = request(&engine, &case, method, IgOptions::default());
+        let cancel = CancelToken::new();
+        let q = salience::compute(&engine.model, &req, &no_progress, &cancel).unwrap();
+        let f = salience::compute(&plain, &req, &no_progress, &cancel).unwrap();
+        let a: Vec<f64> = q.scores.iter().map(|&s| s as f64).collect();
+        let b: Vec<f64> = f.scores.iter().map(|&s| s as f64).collect();
+        let (r, err) = (pearson(&a, &b), rel_l2(&a, &b));
+        eprintln!("{method:?}: quantized vs dequantized pearson {r:.9}, relative L2 {err:.2e}");
+        assert!(r >= 0.999 && err <= 1e-4, "{method:?}: pearson {r}, relative L2 {err}");
+        assert!((q.objective - f.objective).abs() <= 1e-4 * f.objective.abs().max(1.0));
+    }
+}

@@ -66,9 +66,11 @@ impl Model {
                 gguf.opt_u32(&key("attention.sliding_window"))
                     .unwrap_or(512) as usize,
             ),
+            // llama.cpp's converter writes 0 for "no window".
             _ => gguf
                 .opt_u32(&key("attention.sliding_window"))
-                .map(|x| x as usize),
+                .map(|x| x as usize)
+                .filter(|&w| w > 0),
         };
         let embed = weight(gguf, "token_embd.weight")?;
         let vocab = embed.rows();

@@ -326,7 +326,9 @@ impl Model {
             .get("use_sliding_window")
             .and_then(Value::as_bool)
             .unwrap_or(true);
-        let sliding_window = c.opt_usize("sliding_window").filter(|_| uses_window);
+        let sliding_window = c
+            .opt_usize("sliding_window")
+            .filter(|&w| uses_window && w > 0);
         let layer_types: Option<Vec<String>> = c.get("layer_types").and_then(|v| {
             v.as_array()?
                 .iter()

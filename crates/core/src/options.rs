@@ -94,7 +94,7 @@ pub mod limits {
 /// Everything a front end needs to run an analysis, resolved.
 #[derive(Debug, Clone)]
 pub struct Resolved {
-    /// Registered name, `.gguf` path or hub id.
+    /// Registered name, `.gguf` file, Hugging Face model directory or hub id.
     pub model: String,
     pub analysis: AnalysisOptions,
     /// The standard level asked for (or the default), even when custom separators are set.

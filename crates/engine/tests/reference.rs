@@ -246,15 +246,24 @@ fn non_ascii_default_integrated_gradients_are_complete() {
 #[test]
 fn quantized_weights_score_like_the_dequantized_model() {
     let engine = common::default_engine();
-    let file_bytes = std::fs::metadata(common::default_engine_path()).unwrap().len() as f64;
+    let file_bytes = std::fs::metadata(common::default_engine_path())
+        .unwrap()
+        .len() as f64;
     let kept = engine.model.weight_bytes() as f64;
     assert!(
         kept < 1.05 * file_bytes,
         "weights take {kept} bytes in memory, the file {file_bytes}"
     );
-    assert!(!engine.model.precision().contains("f32"), "{}", engine.model.precision());
+    assert!(
+        !engine.model.precision().contains("f32"),
+        "{}",
+        engine.model.precision()
+    );
     let plain = engine.model.dequantized().unwrap();
-    assert!(plain.weight_bytes() as f64 > 4.0 * kept, "the reference is really f32");
+    assert!(
+        plain.weight_bytes() as f64 > 4.0 * kept,
+        "the reference is really f32"
+    );
     let case = load("few_shot_classification");
     for method in [Method::GradL2, Method::GradDotInput] {
         let req = request(&engine, &case, method, IgOptions::default());
@@ -265,7 +274,10 @@ fn quantized_weights_score_like_the_dequantized_model() {
         let b: Vec<f64> = f.scores.iter().map(|&s| s as f64).collect();
         let (r, err) = (pearson(&a, &b), rel_l2(&a, &b));
         eprintln!("{method:?}: quantized vs dequantized pearson {r:.9}, relative L2 {err:.2e}");
-        assert!(r >= 0.999 && err <= 1e-4, "{method:?}: pearson {r}, relative L2 {err}");
+        assert!(
+            r >= 0.999 && err <= 1e-4,
+            "{method:?}: pearson {r}, relative L2 {err}"
+        );
         assert!((q.objective - f.objective).abs() <= 1e-4 * f.objective.abs().max(1.0));
     }
 }

@@ -98,7 +98,8 @@ impl FetchArgs {
 
 #[derive(Args, Clone)]
 pub struct ModelArgs {
-    /// Registered model name, path to a .gguf file, or hf:OWNER/REPO/FILE.gguf.
+    /// Registered model name, a .gguf file, a Hugging Face model directory, or (with
+    /// --allow-network) hf:OWNER/REPO or hf:OWNER/REPO/FILE.gguf.
     /// (default: the prompt file's `salience.model`, else smollm2-135m-instruct)
     #[arg(long, short)]
     model: Option<String>,

@@ -173,6 +173,36 @@ mod tests {
     }
 
     #[test]
+    fn longrope_switches_factors_past_the_original_context_and_scales() {
+        let rope = Rope::plain(4, 10_000.0)
+            .scaled(&RopeScaling::LongRope {
+                short_factor: vec![1.0, 2.0],
+                long_factor: vec![4.0, 8.0],
+                original_context: 16,
+                attention_factor: 1.5,
+            })
+            .unwrap();
+        let plain = Rope::plain(4, 10_000.0);
+        assert_eq!(
+            rope.inv_freq,
+            vec![plain.inv_freq[0], plain.inv_freq[1] / 2.0]
+        );
+        let angle = |table: &Tensor, row: usize, col: usize| -> f32 {
+            table.to_vec2::<f32>().unwrap()[row][col]
+        };
+        // Short: position 3 of a 16-position sequence; long: the same position of 17.
+        let (cos_s, _) = rope.tables(0, 16).unwrap();
+        let (cos_l, _) = rope.tables(0, 17).unwrap();
+        let want_s = (3.0 * plain.inv_freq[1] / 2.0).cos() * 1.5;
+        let want_l = (3.0 * plain.inv_freq[1] / 8.0).cos() * 1.5;
+        assert!((angle(&cos_s, 3, 1) as f64 - want_s).abs() < 1e-6);
+        assert!((angle(&cos_l, 3, 1) as f64 - want_l).abs() < 1e-6);
+        assert!(Rope::plain(4, 1e4)
+            .scaled(&RopeScaling::FreqFactors(vec![1.0]))
+            .is_err());
+    }
+
+    #[test]
     fn partial_rotary_leaves_the_tail_alone_and_inverts() {
         let rope = Rope::plain(4, 10_000.0);
         let x = Tensor::randn(0f32, 1.0, (1, 2, 5, 8), &Device::Cpu).unwrap();

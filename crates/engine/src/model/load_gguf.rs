@@ -57,7 +57,8 @@ impl Model {
             None => plain,
         };
         let rope_local = if arch == Arch::Gemma3 {
-            Rope::plain(rope_dims, 10_000.0)
+            let base = gguf.opt_f32(&key("rope.freq_base_swa")).unwrap_or(10_000.0);
+            Rope::plain(rope_dims, base as f64)
         } else {
             rope.clone()
         };

@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::{floats, ids, pearson, rel_l2};
+
 use salience_engine::generate::GenerateOptions;
 use salience_engine::prompt::TemplateMode;
 use salience_engine::salience::{self, Baseline, IgOptions, Method, SalienceRequest, Spacing};
@@ -26,37 +28,6 @@ fn load(name: &str) -> Case {
         input: read(format!("{name}.json")),
         reference: read(format!("{name}.ref.json")),
     }
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-fn floats(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
-}
-
-fn pearson(a: &[f64], b: &[f64]) -> f64 {
-    let n = a.len() as f64;
-    let (ma, mb) = (a.iter().sum::<f64>() / n, b.iter().sum::<f64>() / n);
-    let cov: f64 = a.iter().zip(b).map(|(x, y)| (x - ma) * (y - mb)).sum();
-    let va: f64 = a.iter().map(|x| (x - ma).powi(2)).sum();
-    let vb: f64 = b.iter().map(|y| (y - mb).powi(2)).sum();
-    cov / (va * vb).sqrt()
-}
-
-fn rel_l2(a: &[f64], b: &[f64]) -> f64 {
-    let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| y * y).sum();
-    (num / den).sqrt()
 }
 
 fn request(engine: &Engine, case: &Case, method: Method, ig: IgOptions) -> SalienceRequest {

@@ -224,3 +224,45 @@ fn a_q8_0_file_stays_quantized_and_close_to_float64() {
     };
     check("llama3 (q8_0 gguf)", &engine, &reference, &loose);
 }
+
+/// SmolLM3 is Llama with some layers unrotated: the llama3 fixture relabelled as SmolLM3 with
+/// every layer rotated must match its reference exactly, and with a layer unrotated must not.
+#[test]
+fn smollm3_reads_which_layers_are_rotated() {
+    let src = fixtures().join("llama3");
+    let dir = std::env::temp_dir().join(format!("ps-smollm3-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+    }
+    let reference = read_json(&src.join("reference.json"));
+    let mut config = read_json(&src.join("config.json"));
+    config["model_type"] = "smollm3".into();
+    let objective = |config: &Value| -> f64 {
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+        let engine = Engine::load(&dir, "smollm3").unwrap();
+        assert_eq!(engine.model.cfg.arch, salience_engine::model::Arch::SmolLM3);
+        let case = &reference["cases"][0];
+        let mut all = ids(&case["prompt_ids"]);
+        let start = all.len();
+        all.extend(ids(&case["target_ids"]));
+        let req = SalienceRequest {
+            ids: all.clone(),
+            target: start..all.len(),
+            method: Method::GradL2,
+            ig: IgOptions::default(),
+            pad_id: None,
+            contrast: None,
+        };
+        salience::compute(&engine.model, &req, &no_progress, &CancelToken::new())
+            .unwrap()
+            .objective as f64
+    };
+    let want = reference["cases"][0]["objective"].as_f64().unwrap();
+    config["no_rope_layers"] = serde_json::json!([1, 1]);
+    assert!((objective(&config) - want).abs() <= 1e-4 * want.abs());
+    config["no_rope_layers"] = serde_json::json!([1, 0]);
+    assert!((objective(&config) - want).abs() > 1e-3 * want.abs());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

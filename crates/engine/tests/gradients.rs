@@ -143,6 +143,11 @@ fn gemma3_gradients_match_finite_differences() {
 }
 
 #[test]
+fn smollm3_gradients_match_finite_differences() {
+    check_gradient_methods(Arch::SmolLM3);
+}
+
+#[test]
 fn qwen2_gradients_match_finite_differences() {
     check_gradient_methods(Arch::Qwen2);
 }

@@ -77,7 +77,7 @@ fn unsupported_architecture() {
     let err = load_err(&p);
     assert!(err.contains("architecture `gpt2`"), "{err}");
     assert!(
-        err.contains("supported: llama, qwen2, qwen3, phi3, gemma2, gemma3"),
+        err.contains("supported: llama, smollm3, qwen2, qwen3, phi3, gemma2, gemma3"),
         "{err}"
     );
 }

@@ -6,6 +6,8 @@ use super::ops::Activation;
 pub enum Arch {
     /// Llama 1–3.x, SmolLM2, Mistral.
     Llama,
+    /// Llama-shaped, with no rotary embedding in every fourth layer.
+    SmolLM3,
     /// Qwen 2 and 2.5.
     Qwen2,
     Qwen3,
@@ -38,8 +40,9 @@ pub struct ArchTraits {
 }
 
 impl Arch {
-    pub const ALL: [Arch; 6] = [
+    pub const ALL: [Arch; 7] = [
         Arch::Llama,
+        Arch::SmolLM3,
         Arch::Qwen2,
         Arch::Qwen3,
         Arch::Phi3,
@@ -68,6 +71,12 @@ impl Arch {
         };
         match self {
             Arch::Llama => ArchTraits {
+                gguf_interleaved_rope: true,
+                ..base
+            },
+            Arch::SmolLM3 => ArchTraits {
+                gguf_name: "smollm3",
+                hf_model_types: &["smollm3"],
                 gguf_interleaved_rope: true,
                 ..base
             },
@@ -118,13 +127,15 @@ impl Arch {
 }
 
 /// The `general.architecture` values this engine runs.
-pub const SUPPORTED_ARCHITECTURES: &[&str] =
-    &["llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"];
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
+    "llama", "smollm3", "qwen2", "qwen3", "phi3", "gemma2", "gemma3",
+];
 
 /// The `model_type` values of Hugging Face directories this engine runs.
 pub const SUPPORTED_HF_MODEL_TYPES: &[&str] = &[
     "llama",
     "mistral",
+    "smollm3",
     "qwen2",
     "qwen3",
     "phi3",

@@ -76,8 +76,14 @@ impl Model {
         // The rope is a rotation: its transpose rotates by the opposite angle.
         let neg_sin = sin.neg()?;
         let rope = self.rope_of(layer);
-        let mut g_q = rope.apply_transposed(&g_q, cos, &neg_sin)?;
-        let mut g_k = rope.apply_transposed(&g_k, cos, &neg_sin)?;
+        let (mut g_q, mut g_k) = if layer.rotary {
+            (
+                rope.apply_transposed(&g_q, cos, &neg_sin)?,
+                rope.apply_transposed(&g_k, cos, &neg_sin)?,
+            )
+        } else {
+            (g_q.contiguous()?, g_k.contiguous()?)
+        };
         if let (Some(n), Some(pre)) = (&layer.q_norm, &lt.q_pre_norm) {
             g_q = rms_norm_backward(pre, n, c.eps, &g_q)?;
         }

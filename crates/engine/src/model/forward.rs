@@ -325,9 +325,15 @@ impl Model {
             q_pre_norm = Some(std::mem::replace(&mut q, qn_out));
             k_pre_norm = Some(std::mem::replace(&mut k, kn_out));
         }
-        let (cos, sin) = rope.of(layer);
-        let q = self.rope_of(layer).apply(&q, cos, sin)?;
-        let k = self.rope_of(layer).apply(&k, cos, sin)?;
+        let (q, k) = if layer.rotary {
+            let (cos, sin) = rope.of(layer);
+            (
+                self.rope_of(layer).apply(&q, cos, sin)?,
+                self.rope_of(layer).apply(&k, cos, sin)?,
+            )
+        } else {
+            (q.contiguous()?, k.contiguous()?)
+        };
         let (k_all, v_all) = match past {
             Some((pk, pv)) => (
                 Tensor::cat(&[pk, &k], 2)?.contiguous()?,

@@ -105,6 +105,12 @@ impl Model {
             context_length,
             activation: traits.activation,
         };
+        // SmolLM3: every `step`-th layer has no rotary embedding (llama.cpp's default, 4).
+        let no_rope_step = (arch == Arch::SmolLM3).then(|| {
+            gguf.opt_u32(&key("no_rope_layer_step"))
+                .map(|x| x as usize)
+                .unwrap_or(4)
+        });
         let mut layers = Vec::with_capacity(n_layer);
         for i in 0..n_layer {
             let name = |t: &str| format!("blk.{i}.{t}.weight");
@@ -167,6 +173,7 @@ impl Model {
                     Arch::Gemma2 => i.is_multiple_of(2),
                     _ => sliding_window.is_some(),
                 },
+                rotary: no_rope_step.is_none_or(|step| !(i + 1).is_multiple_of(step)),
             });
         }
         let final_norm = gguf.f32_tensor("output_norm.weight")?;

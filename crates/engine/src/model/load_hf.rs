@@ -351,6 +351,23 @@ impl Model {
                 _ => true,
             }
         };
+        // SmolLM3: `no_rope_layers[i]` is 1 where layer i is rotated, 0 where not.
+        let no_rope_layers: Option<Vec<bool>> = c.get("no_rope_layers").and_then(|v| {
+            v.as_array()?
+                .iter()
+                .map(|x| x.as_u64().map(|b| b != 0))
+                .collect()
+        });
+        let no_rope_interval = c.opt_usize("no_rope_layer_interval").unwrap_or(4);
+        let rotary = |i: usize| -> bool {
+            if arch != Arch::SmolLM3 {
+                return true;
+            }
+            match &no_rope_layers {
+                Some(list) => list.get(i).copied().unwrap_or(true),
+                None => !(i + 1).is_multiple_of(no_rope_interval),
+            }
+        };
         let attn_scale = match c.opt_f64("query_pre_attn_scalar").filter(|_| gemma) {
             Some(s) => (1.0 / s.sqrt()) as f32,
             None => 1.0 / (head_dim as f32).sqrt(),
@@ -475,6 +492,7 @@ impl Model {
                 post_attn_norm,
                 post_ffn_norm,
                 is_local: is_local(i),
+                rotary: rotary(i),
             });
         }
         let final_norm = norm(&format!("{prefix}norm.weight"))?;

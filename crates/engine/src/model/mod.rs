@@ -109,6 +109,8 @@ pub struct Layer {
     pub post_ffn_norm: Option<Tensor>,
     /// Sliding-window attention (and, for Gemma 3, the local rope base).
     pub is_local: bool,
+    /// Whether queries and keys are rotated (SmolLM3 leaves every fourth layer without).
+    pub rotary: bool,
 }
 
 pub struct Model {
@@ -235,6 +237,7 @@ impl Model {
                     post_attn_norm: l.post_attn_norm.clone(),
                     post_ffn_norm: l.post_ffn_norm.clone(),
                     is_local: l.is_local,
+                    rotary: l.rotary,
                 })
             })
             .collect::<candle_core::Result<_>>()?;
@@ -317,6 +320,7 @@ impl Model {
                 post_attn_norm,
                 post_ffn_norm,
                 is_local: cfg.sliding_window.is_some() && (i + 1) % 2 != 0,
+                rotary: cfg.arch != Arch::SmolLM3 || (i + 1) % 2 != 0,
             });
         }
         let embed = Weight::dense(rand(&[cfg.vocab, h], 1.0)?)?;

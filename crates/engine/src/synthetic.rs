@@ -4,13 +4,13 @@
 //! Each matrix is one quantized tile of random values repeated down its rows: the products
 //! cost exactly what real weights cost, and the file is written without holding an f32 copy.
 
-use std::borrow::Cow;
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::{self, Value};
-use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
+use crate::model::weight::qtensor_from_bytes;
 use crate::model::Arch;
 use crate::EngineError;
 
@@ -214,8 +214,7 @@ fn matrix(rows: usize, cols: usize, dtype: GgmlDType, seed: u64) -> Result<QTens
         let take = (rows * row_bytes - bytes.len()).min(tile_bytes.len());
         bytes.extend_from_slice(&tile_bytes[..take]);
     }
-    let storage = QStorage::from_data(Cow::Owned(bytes), &Device::Cpu, dtype).map_err(candle)?;
-    QTensor::new(storage, (rows, cols)).map_err(candle)
+    qtensor_from_bytes(bytes, dtype, (rows, cols)).map_err(candle)
 }
 
 fn vector(values: Vec<f32>) -> Result<QTensor, EngineError> {

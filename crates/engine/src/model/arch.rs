@@ -39,6 +39,17 @@ pub struct ArchTraits {
     pub gguf_interleaved_rope: bool,
 }
 
+impl ArchTraits {
+    /// What input embeddings are multiplied by before the first layer.
+    pub fn embed_scale(&self, hidden: usize) -> f32 {
+        if self.scaled_embeddings {
+            (hidden as f32).sqrt()
+        } else {
+            1.0
+        }
+    }
+}
+
 impl Arch {
     pub const ALL: [Arch; 7] = [
         Arch::Llama,

@@ -88,11 +88,7 @@ impl Model {
             rope,
             rope_local,
             sliding_window,
-            embed_scale: if traits.scaled_embeddings {
-                (hidden as f32).sqrt()
-            } else {
-                1.0
-            },
+            embed_scale: traits.embed_scale(hidden),
             attn_scale: gguf
                 .opt_f32(&key("attention.scale"))
                 .unwrap_or(1.0 / (head_dim as f32).sqrt()),

@@ -514,11 +514,7 @@ impl Model {
             rope,
             rope_local,
             sliding_window,
-            embed_scale: if t.scaled_embeddings {
-                (hidden as f32).sqrt()
-            } else {
-                1.0
-            },
+            embed_scale: t.embed_scale(hidden),
             attn_scale,
             attn_softcap: cap("attn_logit_softcapping"),
             final_softcap: cap("final_logit_softcapping"),

@@ -68,7 +68,6 @@ impl ModelConfig {
         rope_base: f32,
         context_length: usize,
     ) -> Self {
-        let gemma = arch.traits().sandwich_norms;
         Self {
             arch,
             n_layer,
@@ -82,7 +81,7 @@ impl ModelConfig {
             rope: Rope::plain(head_dim, rope_base as f64),
             rope_local: Rope::plain(head_dim, rope_base as f64),
             sliding_window: None,
-            embed_scale: if gemma { (hidden as f32).sqrt() } else { 1.0 },
+            embed_scale: arch.traits().embed_scale(hidden),
             attn_scale: 1.0 / (head_dim as f32).sqrt(),
             attn_softcap: None,
             final_softcap: None,

@@ -25,16 +25,6 @@ pub fn rms_norm_backward(x: &Tensor, w: &Tensor, eps: f32, dy: &Tensor) -> Resul
     a - b
 }
 
-/// y = x W^T with W stored as (out, in) and x as (n, in).
-pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    x.matmul(&w.t()?)
-}
-
-/// dx for y = x W^T: dy W. No weight gradient: salience never needs it.
-pub fn linear_backward(dy: &Tensor, w: &Tensor) -> Result<Tensor> {
-    dy.matmul(w)
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {
     Silu,
@@ -100,25 +90,6 @@ pub fn attention_mask(
         }
     }
     Tensor::from_vec(data, (group * tq, tk), &Device::Cpu)
-}
-
-/// cos and sin tables of shape (len, dim / 2) for positions offset..offset + len.
-pub fn rope_tables(dim: usize, base: f32, offset: usize, len: usize) -> Result<(Tensor, Tensor)> {
-    let half = dim / 2;
-    let mut cos = Vec::with_capacity(len * half);
-    let mut sin = Vec::with_capacity(len * half);
-    for p in offset..offset + len {
-        for i in 0..half {
-            let inv_freq = 1.0 / (base as f64).powf(2.0 * i as f64 / dim as f64);
-            let angle = p as f64 * inv_freq;
-            cos.push(angle.cos() as f32);
-            sin.push(angle.sin() as f32);
-        }
-    }
-    Ok((
-        Tensor::from_vec(cos, (len, half), &Device::Cpu)?,
-        Tensor::from_vec(sin, (len, half), &Device::Cpu)?,
-    ))
 }
 
 /// log softmax over the last dimension, computed in f32 with max subtraction (the plain

@@ -180,12 +180,11 @@ impl Weight {
                 for &r in order {
                     out.extend_from_slice(&data[r * row_bytes..(r + 1) * row_bytes]);
                 }
-                let storage = candle_core::quantized::QStorage::from_data(
-                    std::borrow::Cow::Owned(out),
-                    &Device::Cpu,
+                Stored::Blocks(Arc::new(qtensor_from_bytes(
+                    out,
                     q.dtype(),
-                )?;
-                Stored::Blocks(Arc::new(QTensor::new(storage, (p.rows, p.cols))?))
+                    (p.rows, p.cols),
+                )?))
             }
         };
         Self::one(stored)
@@ -244,11 +243,16 @@ impl Weight {
         for p in &self.parts {
             let cols = p.cols;
             let ok = p.with_values(|values| {
-                Ok((0..p.rows).into_par_iter().all(|r| {
-                    let mut row = vec![0f32; cols];
-                    dequantize(&values, cols, r, 0, cols, &mut row);
-                    row.iter().all(|x| x.is_finite())
-                }))
+                Ok((0..p.rows)
+                    .into_par_iter()
+                    .map_init(
+                        || vec![0f32; cols],
+                        |row, r| {
+                            dequantize(&values, cols, r, 0, cols, row);
+                            row.iter().all(|x| x.is_finite())
+                        },
+                    )
+                    .all(|finite| finite))
             })?;
             if !ok {
                 return Ok(false);
@@ -381,12 +385,11 @@ impl Matrix {
                 let data = q.data()?;
                 let row_bytes = data.len() / self.rows;
                 let bytes = data[start * row_bytes..(start + len) * row_bytes].to_vec();
-                let storage = candle_core::quantized::QStorage::from_data(
-                    std::borrow::Cow::Owned(bytes),
-                    &Device::Cpu,
+                Stored::Blocks(Arc::new(qtensor_from_bytes(
+                    bytes,
                     q.dtype(),
-                )?;
-                Stored::Blocks(Arc::new(QTensor::new(storage, (len, self.cols))?))
+                    (len, self.cols),
+                )?))
             }
         };
         Ok(Matrix {
@@ -533,6 +536,20 @@ impl Matrix {
         })?;
         Tensor::from_vec(out, (n, cols), &Device::Cpu)
     }
+}
+
+/// A (rows, cols) GGUF tensor from its raw row-major blocks.
+pub fn qtensor_from_bytes(
+    bytes: Vec<u8>,
+    dtype: GgmlDType,
+    dims: (usize, usize),
+) -> Result<QTensor> {
+    let storage = candle_core::quantized::QStorage::from_data(
+        std::borrow::Cow::Owned(bytes),
+        &Device::Cpu,
+        dtype,
+    )?;
+    QTensor::new(storage, dims)
 }
 
 #[derive(Clone, Copy)]

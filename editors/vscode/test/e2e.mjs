@@ -69,7 +69,13 @@ try {
   let n = 0;
   for (let i = 0; i < 240 && n < 3; i++) { await page.waitForTimeout(500); n = await painted(); }
   check('heatmap decorations appear', n >= 3, n);
-  const statusText = await page.locator('.statusbar').innerText();
+  // The status bar is updated by a separate notification; it may land a moment after the paint.
+  const statusIncludes = async (text, tries = 240) => {
+    let t = '';
+    for (let i = 0; i < tries && !t.includes(text); i++) { await page.waitForTimeout(500); t = await page.locator('.statusbar').innerText(); }
+    return t;
+  };
+  const statusText = await statusIncludes('grad_dot_input', 40);
   check('status bar shows method and granularity', statusText.includes('grad_dot_input') && statusText.includes('sentence'), statusText);
   // Hover over the first sentence.
   const line = page.locator('.view-lines .view-line', { hasText: 'You are a careful assistant' }).first();
@@ -93,11 +99,6 @@ try {
   let words = 0;
   for (let i = 0; i < 20 && words <= n; i++) { await page.waitForTimeout(300); words = await painted(); }
   check('granularity switch repaints by word', words > n, { words, sentences: n });
-  const statusIncludes = async (text, tries = 240) => {
-    let t = '';
-    for (let i = 0; i < tries && !t.includes(text); i++) { await page.waitForTimeout(500); t = await page.locator('.statusbar').innerText(); }
-    return t;
-  };
   // Contrast: the alternative comes from an input box; the status bar names it.
   await runCommand('Prompt Salience: Compute salience against');
   await page.waitForTimeout(1000);

@@ -9,6 +9,7 @@
 pub mod arch;
 mod attention;
 mod backward;
+mod decode_dot;
 mod forward;
 pub mod kernels;
 mod load_gguf;

@@ -11,12 +11,13 @@ use candle_core::quantized::k_quants::{
     BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
     BlockQ8K, BlockQ8_0, BlockQ8_1, GgmlType,
 };
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{bail, CpuStorage, DType, Device, Module, Result, Storage, Tensor};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{bail, CpuStorage, DType, Device, Result, Storage, Tensor};
 use gemm::Parallelism;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use super::decode_dot::{self, Kernel};
 use super::kernels::with_slice;
 
 /// f32 values one tile holds: small enough to stay in L2 next to the operands.
@@ -266,20 +267,6 @@ impl Weight {
         Self::dense(self.to_f32()?)
     }
 
-    /// x Wᵀ with the input quantized to 8 bits per value as well, as llama.cpp decodes: faster
-    /// for a few rows, but not exact, so only for callers that accept that.
-    pub fn forward_quantized_dots(&self, x: &Tensor) -> Result<Tensor> {
-        match self.parts.as_slice() {
-            [Matrix {
-                stored: Stored::Blocks(q),
-                ..
-            }] if !matches!(q.dtype(), GgmlDType::F16 | GgmlDType::BF16) => {
-                QMatMul::QTensor(q.clone()).forward(&x.contiguous()?)
-            }
-            _ => self.forward(x),
-        }
-    }
-
     /// x Wᵀ for x of shape (.., cols): (.., rows), exact up to f32 rounding.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
@@ -422,10 +409,30 @@ impl Matrix {
     }
 
     fn forward(&self, x: &Tensor, n: usize) -> Result<Tensor> {
+        let kernel = (n <= decode_dot::MAX_INPUT_ROWS).then(Kernel::best);
+        self.forward_using(x, n, kernel)
+    }
+
+    /// `kernel`: the few-rows kernels of `decode_dot`, or None for dequantized tiles.
+    fn forward_using(&self, x: &Tensor, n: usize, kernel: Option<Kernel>) -> Result<Tensor> {
         if let Stored::F32(w) = &self.stored {
             return x.matmul(&w.t()?);
         }
         let (rows, cols) = (self.rows, self.cols);
+        if let Some(kernel) = kernel {
+            let out = with_slice(x, |x| {
+                self.with_values(|values| {
+                    let blocks = match values {
+                        Values::Blocks(bytes, dtype) => Some((bytes, dtype)),
+                        _ => None,
+                    };
+                    let row =
+                        |r: usize, dst: &mut [f32]| dequantize(&values, cols, r, 0, cols, dst);
+                    Ok(decode_dot::product(blocks, rows, cols, x, kernel, &row))
+                })
+            })?;
+            return Tensor::from_vec(out, (n, rows), &Device::Cpu);
+        }
         let mut out = vec![0f32; n * rows];
         with_slice(x, |x| {
             self.with_values(|values| {
@@ -694,25 +701,39 @@ mod tests {
     }
 
     #[test]
-    fn decoding_with_quantized_dots_stays_close() {
-        let w = random((64, 512), 4);
-        let x = random((1, 512), 5);
-        let q = Weight::from_qtensor(QTensor::quantize(&w, GgmlDType::Q8_0).unwrap()).unwrap();
-        let plain = q.dequantized().unwrap();
-        let exact = plain.forward(&x).unwrap();
-        let scale = exact
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let d = max_diff(&q.forward_quantized_dots(&x).unwrap(), &exact);
-        // The input is quantized to 8 bits per value too, as llama.cpp does when decoding.
-        assert!(
-            d < 0.02 * scale,
-            "q8_0 dot products differ by {d} of {scale}"
-        );
+    fn decoding_kernels_match_the_tiled_product() {
+        // Every storage, 1 to 4 input rows, through the register kernels (where the CPU has
+        // them) and the portable one; the weight values are the same, only the order of the
+        // sums differs.
+        let w = random((300, 512), 4);
+        let mut kernels = vec![Kernel::Portable];
+        if Kernel::best() == Kernel::Avx2 {
+            kernels.push(Kernel::Avx2);
+        } else {
+            eprintln!("this CPU has no AVX2+FMA: only the portable decoding kernel is tested");
+        }
+        for (name, weight) in stored_kinds(&w) {
+            let m = &weight.parts[0];
+            for n in 1..=decode_dot::MAX_INPUT_ROWS {
+                let x = random((n, 512), 5 + n as u64);
+                let tiled = m.forward_using(&x, n, None).unwrap();
+                let scale = tiled
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                for &kernel in &kernels {
+                    let fast = m.forward_using(&x, n, Some(kernel)).unwrap();
+                    let d = max_diff(&fast, &tiled);
+                    assert!(
+                        d <= 2e-6 * scale,
+                        "{name}, {kernel:?}, n = {n}: differs by {d} of {scale}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

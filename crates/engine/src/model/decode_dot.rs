@@ -1,0 +1,294 @@
+//! Products of a few activation rows with a quantized matrix, for decoding.
+//!
+//! Generating a token multiplies every weight matrix by one activation row, so the work is
+//! reading the weights once. The tiled path in `weight.rs` (right for prefill and the backward
+//! pass, where each f32 tile serves hundreds of rows) spent most of a decoding step writing and
+//! re-reading f32 tiles (measured: 47 % of decoding time in candle's `to_float`). Here each
+//! block is expanded in registers and used at once.
+//!
+//! Exactness: every weight value is the one `dequantize` produces (d·q, or d·q + m, rounded the
+//! same way); only the order of the sums differs. The activations stay f32: llama.cpp quantizes
+//! them to 8 bits for its integer dot products, which changed the greedy continuation of the
+//! PyTorch reference case.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+use candle_core::quantized::GgmlDType;
+use rayon::prelude::*;
+
+/// Up to this many activation rows go through these kernels; more share tiles better.
+pub const MAX_INPUT_ROWS: usize = 4;
+
+/// Elements per block of the types with a register kernel.
+const BLOCK: usize = 32;
+
+/// Which implementation runs: chosen from the CPU at run time, selectable for tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// Blocks expanded in AVX2 registers (x86-64 with AVX2 and FMA).
+    Avx2,
+    /// Any CPU: each row dequantized into a buffer, then dotted.
+    Portable,
+}
+
+impl Kernel {
+    pub fn best() -> Kernel {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            return Kernel::Avx2;
+        }
+        Kernel::Portable
+    }
+}
+
+/// Block types with a register kernel: Q4_0, Q4_1 and Q8_0 (the layouts of ggml's
+/// `block_q4_0`, `block_q4_1`, `block_q8_0`).
+pub fn has_register_kernel(dtype: GgmlDType) -> bool {
+    matches!(dtype, GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0)
+}
+
+/// out[i * rows + r] = Σ_c W[r, c] · x[i * cols + c] for the n = x.len() / cols input rows
+/// (n ≤ MAX_INPUT_ROWS). `blocks` are the stored bytes when they have a register kernel;
+/// `dequantize_row` writes row r as f32 (the plain path: the portable kernel and every other
+/// storage).
+pub fn product(
+    blocks: Option<(&[u8], GgmlDType)>,
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    kernel: Kernel,
+    dequantize_row: &(dyn Fn(usize, &mut [f32]) + Sync),
+) -> Vec<f32> {
+    let n = x.len() / cols;
+    assert!(n <= MAX_INPUT_ROWS && n * cols == x.len());
+    // Output rows in chunks small enough to balance the threads, large enough to amortize.
+    let chunk = (rows / (8 * rayon::current_num_threads().max(1))).clamp(8, 256);
+    let mut by_row = vec![0f32; rows * n];
+    by_row.par_chunks_mut(chunk * n).enumerate().for_each_init(
+        || vec![0f32; cols],
+        |buffer, (ci, out)| {
+            let r0 = ci * chunk;
+            for (k, dots) in out.chunks_mut(n).enumerate() {
+                let r = r0 + k;
+                match (kernel, blocks) {
+                    #[cfg(target_arch = "x86_64")]
+                    (Kernel::Avx2, Some((bytes, dtype))) if has_register_kernel(dtype) => {
+                        // SAFETY: Kernel::Avx2 is only chosen (or requested by tests) where
+                        // the CPU has AVX2 and FMA; the row lies inside `bytes`.
+                        unsafe { avx2::row_dots(bytes, dtype, r, cols, x, dots) }
+                    }
+                    _ => {
+                        dequantize_row(r, buffer);
+                        dots_with(buffer, x, kernel, dots);
+                    }
+                }
+            }
+        },
+    );
+    if n == 1 {
+        return by_row;
+    }
+    let mut out = vec![0f32; n * rows];
+    for (r, dots) in by_row.chunks(n).enumerate() {
+        for (i, d) in dots.iter().enumerate() {
+            out[i * rows + r] = *d;
+        }
+    }
+    out
+}
+
+/// dots[i] = w · x_i for each input row x_i.
+fn dots_with(w: &[f32], x: &[f32], kernel: Kernel, dots: &mut [f32]) {
+    for (d, xi) in dots.iter_mut().zip(x.chunks(w.len())) {
+        *d = match kernel {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as in `product`.
+            Kernel::Avx2 => unsafe { avx2::dot(w, xi) },
+            _ => portable_dot(w, xi),
+        };
+    }
+}
+
+/// Eight partial sums: the compiler keeps them in vector registers on any x86-64.
+fn portable_dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (a8, a_tail) = a.split_at(a.len() / 8 * 8);
+    let (b8, b_tail) = b.split_at(a8.len());
+    for (x, y) in a8.chunks_exact(8).zip(b8.chunks_exact(8)) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    let tail: f32 = a_tail.iter().zip(b_tail).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::*;
+    use half::f16;
+
+    fn f16_at(bytes: &[u8], at: usize) -> f32 {
+        f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
+    }
+
+    /// The 32 weights of one block as four vectors of eight, in element order.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn block_values(block: &[u8], dtype: GgmlDType) -> [__m256; 4] {
+        let low_nibbles = _mm_set1_epi8(0x0f);
+        match dtype {
+            GgmlDType::Q8_0 => {
+                // d: f16, then 32 × i8.
+                let d = _mm256_set1_ps(f16_at(block, 0));
+                // SAFETY: a Q8_0 block is 34 bytes; 2..34 holds the values.
+                let q = unsafe { _mm256_loadu_si256(block.as_ptr().add(2) as *const __m256i) };
+                let lo = _mm256_castsi256_si128(q);
+                let hi = _mm256_extracti128_si256(q, 1);
+                [
+                    _mm256_mul_ps(to_f32(lo, true), d),
+                    _mm256_mul_ps(to_f32(_mm_srli_si128(lo, 8), true), d),
+                    _mm256_mul_ps(to_f32(hi, true), d),
+                    _mm256_mul_ps(to_f32(_mm_srli_si128(hi, 8), true), d),
+                ]
+            }
+            _ => {
+                // Q4_0: d, then 16 bytes; Q4_1: d, m, then 16 bytes. Element j is the low
+                // nibble of byte j, element j + 16 its high nibble.
+                let q4_1 = dtype == GgmlDType::Q4_1;
+                let d = _mm256_set1_ps(f16_at(block, 0));
+                let at = if q4_1 { 4 } else { 2 };
+                // SAFETY: the block holds 16 bytes of nibbles at `at`.
+                let qs = unsafe { _mm_loadu_si128(block.as_ptr().add(at) as *const __m128i) };
+                let mut lo = _mm_and_si128(qs, low_nibbles);
+                let mut hi = _mm_and_si128(_mm_srli_epi16(qs, 4), low_nibbles);
+                if !q4_1 {
+                    // Q4_0 stores q + 8: subtract in integers, as the plain path does.
+                    let eight = _mm_set1_epi8(8);
+                    lo = _mm_sub_epi8(lo, eight);
+                    hi = _mm_sub_epi8(hi, eight);
+                }
+                let signed = !q4_1;
+                let q = [
+                    to_f32(lo, signed),
+                    to_f32(_mm_srli_si128(lo, 8), signed),
+                    to_f32(hi, signed),
+                    to_f32(_mm_srli_si128(hi, 8), signed),
+                ];
+                if q4_1 {
+                    // d·q + m with two roundings, as the plain path computes it.
+                    let m = _mm256_set1_ps(f16_at(block, 2));
+                    [
+                        _mm256_add_ps(_mm256_mul_ps(q[0], d), m),
+                        _mm256_add_ps(_mm256_mul_ps(q[1], d), m),
+                        _mm256_add_ps(_mm256_mul_ps(q[2], d), m),
+                        _mm256_add_ps(_mm256_mul_ps(q[3], d), m),
+                    ]
+                } else {
+                    [
+                        _mm256_mul_ps(q[0], d),
+                        _mm256_mul_ps(q[1], d),
+                        _mm256_mul_ps(q[2], d),
+                        _mm256_mul_ps(q[3], d),
+                    ]
+                }
+            }
+        }
+    }
+
+    /// The low 8 bytes of v as eight f32 values (integers, signed or not).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn to_f32(v: __m128i, signed: bool) -> __m256 {
+        let wide = if signed {
+            _mm256_cvtepi8_epi32(v)
+        } else {
+            _mm256_cvtepu8_epi32(v)
+        };
+        _mm256_cvtepi32_ps(wide)
+    }
+
+    fn block_bytes(dtype: GgmlDType) -> usize {
+        match dtype {
+            GgmlDType::Q4_0 => 18,
+            GgmlDType::Q4_1 => 20,
+            GgmlDType::Q8_0 => 34,
+            _ => unreachable!("no register kernel for {dtype:?}"),
+        }
+    }
+
+    /// dots[i] = W[r] · x_i.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `bytes` holds rows of `cols / 32` blocks of `dtype`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn row_dots(
+        bytes: &[u8],
+        dtype: GgmlDType,
+        r: usize,
+        cols: usize,
+        x: &[f32],
+        dots: &mut [f32],
+    ) {
+        let size = block_bytes(dtype);
+        let blocks = cols / BLOCK;
+        let row = &bytes[r * blocks * size..(r + 1) * blocks * size];
+        // Four accumulators per input row: one FMA chain per eighth of a block, so the
+        // latency of one FMA never waits on the previous.
+        let mut acc = [[_mm256_setzero_ps(); 4]; MAX_INPUT_ROWS];
+        let n = dots.len();
+        for (b, block) in row.chunks_exact(size).enumerate() {
+            let w = block_values(block, dtype);
+            for (i, acc) in acc.iter_mut().enumerate().take(n) {
+                let xb = &x[i * cols + b * BLOCK..i * cols + (b + 1) * BLOCK];
+                for k in 0..4 {
+                    // SAFETY: xb holds 32 values.
+                    let xv = unsafe { _mm256_loadu_ps(xb.as_ptr().add(8 * k)) };
+                    acc[k] = _mm256_fmadd_ps(w[k], xv, acc[k]);
+                }
+            }
+        }
+        for (d, a) in dots.iter_mut().zip(&acc) {
+            *d = sum8(_mm256_add_ps(
+                _mm256_add_ps(a[0], a[1]),
+                _mm256_add_ps(a[2], a[3]),
+            ));
+        }
+    }
+
+    /// a · b for f32 rows of equal length.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let whole = a.len() / 32 * 32;
+        for c in (0..whole).step_by(32) {
+            for (k, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: c + 8k + 8 <= whole <= a.len() == b.len().
+                let (x, y) = unsafe {
+                    (
+                        _mm256_loadu_ps(a.as_ptr().add(c + 8 * k)),
+                        _mm256_loadu_ps(b.as_ptr().add(c + 8 * k)),
+                    )
+                };
+                *acc = _mm256_fmadd_ps(x, y, *acc);
+            }
+        }
+        let tail: f32 = a[whole..].iter().zip(&b[whole..]).map(|(x, y)| x * y).sum();
+        sum8(_mm256_add_ps(
+            _mm256_add_ps(acc[0], acc[1]),
+            _mm256_add_ps(acc[2], acc[3]),
+        )) + tail
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    fn sum8(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+}

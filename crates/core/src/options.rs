@@ -196,6 +196,7 @@ impl<'a> Layers<'a> {
             stop: self
                 .first(|s| (!s.stop.is_empty()).then(|| s.stop.clone()))
                 .unwrap_or(d.stop),
+            ..d
         })
     }
 

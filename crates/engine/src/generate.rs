@@ -16,6 +16,8 @@ pub struct GenerateOptions {
     pub top_p: f32,
     pub seed: u64,
     pub stop: Vec<String>,
+    /// Keep generating past an end-of-sequence token (benchmarks, as llama.cpp's `--ignore-eos`).
+    pub ignore_eos: bool,
 }
 
 impl Default for GenerateOptions {
@@ -26,6 +28,7 @@ impl Default for GenerateOptions {
             top_p: 1.0,
             seed: 0,
             stop: Vec::new(),
+            ignore_eos: false,
         }
     }
 }
@@ -147,7 +150,7 @@ impl Engine {
                     done: ids.len(),
                     max,
                 });
-                if self.tokenizer.eos_ids.contains(&next) {
+                if !opts.ignore_eos && self.tokenizer.eos_ids.contains(&next) {
                     stop_reason = StopReason::EndOfSequence;
                     break;
                 }

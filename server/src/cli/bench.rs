@@ -249,6 +249,8 @@ pub fn run(args: BenchArgs) -> Result<(), EngineError> {
     let prompt: Vec<u32> = pool[..100].to_vec();
     let opts = GenerateOptions {
         max_new_tokens: args.generate_tokens,
+        // A fixed count, as the llama.cpp baseline decodes.
+        ignore_eos: true,
         ..GenerateOptions::default()
     };
     let started = Instant::now();

@@ -35,6 +35,9 @@ pub struct Attention {
     pub group: usize,
     pub queries: usize,
     pub keys: usize,
+    /// Rows per head in the key and value buffers: `keys`, or more for a decoding cache
+    /// whose capacity is not filled yet (only the first `keys` rows are read).
+    pub key_rows: usize,
     pub head_dim: usize,
     /// Keys farther back than this are not seen (Gemma's local layers).
     pub window: Option<usize>,
@@ -109,7 +112,7 @@ impl Attention {
     /// Where queries `i0..i1` of stacked matrix `mi` live: their rows in `q` (and `o`, the
     /// log-sum-exp), and the rows of `k` and `v` they see, from key `klo` on.
     fn block(&self, mi: usize, i0: usize, i1: usize) -> Block {
-        let (tq, tk) = (self.queries, self.keys);
+        let (tq, tk) = (self.queries, self.key_rows);
         let (klo, khi) = (self.visible(i0).0, self.visible(i1 - 1).1);
         let head = mi / self.group;
         Block {
@@ -249,10 +252,10 @@ impl Attention {
 
     /// Returns the output (layout of `q`) and each query row's log-sum-exp of scaled scores.
     pub fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (g, tq, tk, hd) = (self.group, self.queries, self.keys, self.head_dim);
+        let (g, tq, hd) = (self.group, self.queries, self.head_dim);
         self.check(q, g * tq, hd, "q")?;
-        self.check(k, tk, hd, "k")?;
-        self.check(v, tk, hd, "v")?;
+        self.check(k, self.key_rows, hd, "k")?;
+        self.check(v, self.key_rows, hd, "v")?;
         let matrices = self.batch * self.kv_heads * g;
         let mut lse = vec![0f32; matrices * tq];
         let mut out = vec![0f32; matrices * tq * hd];
@@ -309,6 +312,9 @@ impl Attention {
         d_out: &Tensor,
     ) -> Result<AttentionGrads> {
         let (g, tq, tk, hd) = (self.group, self.queries, self.keys, self.head_dim);
+        if self.key_rows != tk {
+            bail!("attention backward: key buffers must hold exactly the keys");
+        }
         self.check(q, g * tq, hd, "q")?;
         self.check(k, tk, hd, "k")?;
         self.check(v, tk, hd, "v")?;
@@ -519,6 +525,7 @@ mod tests {
                     group: 3,
                     queries,
                     keys,
+                    key_rows: keys,
                     head_dim: 8,
                     window,
                     scale: 0.3,
@@ -546,6 +553,27 @@ mod tests {
             let (want_o, want_lse) = reference(&a, &q, &k, &v);
             assert!(max_diff(&lse, &want_lse) < 1e-4, "{a:?}");
             assert!(max_diff(&o, &want_o) < 1e-4, "{a:?}");
+        }
+    }
+
+    #[test]
+    fn spare_rows_in_the_key_buffers_are_never_read() {
+        // A decoding cache holds more rows per head than are filled: fill the spare rows
+        // with NaN, and the output must equal the one from exact buffers.
+        for a in cases() {
+            let (q, k, v) = inputs(&a);
+            let (want_o, want_lse) = a.forward(&q, &k, &v).unwrap();
+            let spare = 7;
+            let pad = |x: &Tensor| {
+                let (b, kv, _, hd) = x.dims4().unwrap();
+                let nan = Tensor::full(f32::NAN, (b, kv, spare, hd), &Device::Cpu).unwrap();
+                Tensor::cat(&[x, &nan], 2).unwrap().contiguous().unwrap()
+            };
+            let mut padded = a;
+            padded.key_rows = a.keys + spare;
+            let (o, lse) = padded.forward(&q, &pad(&k), &pad(&v)).unwrap();
+            assert_eq!(max_diff(&o, &want_o), 0.0, "{a:?}");
+            assert_eq!(max_diff(&lse, &want_lse), 0.0, "{a:?}");
         }
     }
 

@@ -2,7 +2,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::forward::{LayerRecord, LayerTape, Tape};
+use super::forward::{LayerRecord, LayerTape, Past, Tape};
 use super::kernels::{gated_backward, merge_heads, rms_norm_backward, split_heads};
 use super::ops::Activation;
 use super::{Layer, Model};
@@ -26,7 +26,7 @@ impl Model {
             let lt = match record {
                 LayerRecord::Full(lt) => lt,
                 LayerRecord::Input(h) => {
-                    let (_, lt, _) = self.layer_forward_kv(layer, h, b, t, &rope, None, false)?;
+                    let (_, lt) = self.layer_forward(layer, h, b, t, &rope, Past::Nothing, true)?;
                     recomputed = lt.expect("tape requested");
                     &recomputed
                 }

@@ -1,7 +1,7 @@
 //! Forward passes: one that records what the backward pass needs (salience), and one with a
 //! KV cache (generation). Both share the layer code so they cannot drift apart.
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 
 use super::attention::Attention;
 use super::kernels::{gated, merge_heads, rms_norm_backward, split_heads, target_log_softmax};
@@ -53,29 +53,82 @@ pub struct Tape {
 }
 
 /// Keys and values of the tokens seen so far, per layer, for decoding.
+///
+/// Each layer's keys and values live in buffers of shape (1, kv_heads, capacity, head_dim)
+/// that grow by doubling: a decoding step writes one position in place instead of copying the
+/// whole cache into a new tensor (which cost a copy of every layer's cache and fresh pages
+/// per token).
 #[derive(Default, Clone)]
 pub struct KvCache {
-    pub layers: Vec<(Tensor, Tensor)>,
+    layers: Vec<Option<(Tensor, Tensor)>>,
     pub len: usize,
 }
 
 impl KvCache {
-    /// Keeps the first `len` positions.
+    /// Keeps the first `len` positions (the buffers stay allocated for reuse).
     pub fn truncate(&mut self, len: usize) -> Result<()> {
-        if len >= self.len {
-            return Ok(());
-        }
-        for (k, v) in &mut self.layers {
-            *k = k.narrow(2, 0, len)?.contiguous()?;
-            *v = v.narrow(2, 0, len)?.contiguous()?;
-        }
-        self.len = len;
+        self.len = self.len.min(len);
         Ok(())
+    }
+
+    /// Layer `i`'s keys and values of the cached positions, (1, kv_heads, len, head_dim).
+    pub fn layer(&self, i: usize) -> Result<Option<(Tensor, Tensor)>> {
+        match self.layers.get(i) {
+            Some(Some((k, v))) if self.len > 0 => {
+                Ok(Some((k.narrow(2, 0, self.len)?, v.narrow(2, 0, self.len)?)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Positions the buffers hold without growing.
+    pub fn capacity(&self) -> usize {
+        match self.layers.first() {
+            Some(Some((k, _))) => k.dim(2).unwrap_or(0),
+            _ => 0,
+        }
     }
 }
 
-/// A block's output, its tape (salience) or its keys and values (decoding).
-type LayerOutput = (Tensor, Option<LayerTape>, Option<(Tensor, Tensor)>);
+/// Writes the new keys and values (1, kv_heads, t, hd) after the `len` cached positions of
+/// one layer's buffers, growing them first when needed; returns the buffers.
+fn append_kv(
+    slot: &mut Option<(Tensor, Tensor)>,
+    len: usize,
+    k: &Tensor,
+    v: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let (_, heads, t, hd) = k.dims4()?;
+    let capacity = slot.as_ref().map_or(0, |(k, _)| k.dim(2).unwrap_or(0));
+    if len + t > capacity {
+        let grown = (len + t).max(2 * capacity).next_multiple_of(64);
+        let fresh = || Tensor::zeros((1, heads, grown, hd), DType::F32, &Device::Cpu);
+        let (nk, nv) = (fresh()?, fresh()?);
+        if let Some((ok, ov)) = slot.as_ref().filter(|_| len > 0) {
+            nk.slice_set(&ok.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+            nv.slice_set(&ov.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+        }
+        *slot = Some((nk, nv));
+    }
+    let (ck, cv) = slot.as_ref().expect("allocated above");
+    ck.slice_set(&k.contiguous()?, 2, len)?;
+    cv.slice_set(&v.contiguous()?, 2, len)?;
+    Ok((ck.clone(), cv.clone()))
+}
+
+/// The keys and values a block sees before its new positions.
+pub(super) enum Past<'a> {
+    /// None: the block sees only its new positions.
+    Nothing,
+    /// Earlier positions (b, kv_heads, len, hd), contiguous, read only.
+    Fixed(&'a (Tensor, Tensor)),
+    /// A decoding cache's buffers for this layer and the positions they hold; the new keys
+    /// and values are written after them.
+    Cache(&'a mut Option<(Tensor, Tensor)>, usize),
+}
+
+/// A block's output and, when asked for, its tape (salience).
+type LayerOutput = (Tensor, Option<LayerTape>);
 
 pub(super) struct RopeTables {
     pub global: (Tensor, Tensor),
@@ -174,7 +227,7 @@ impl Model {
         for (i, layer) in self.layers.iter().enumerate() {
             check()?;
             let whole = record && i >= n - kept_whole;
-            let (next, tape, _) = self.layer_forward_kv(layer, &h, b, t, &rope, None, !whole)?;
+            let (next, tape) = self.layer_forward(layer, &h, b, t, &rope, Past::Nothing, whole)?;
             if whole {
                 layers.push(LayerRecord::Full(tape.expect("tape requested")));
             } else if record {
@@ -207,21 +260,10 @@ impl Model {
         let rope = self.rope_tables(offset, t)?;
         let total = offset + t;
         let mut h = x;
-        let had_cache = !cache.layers.is_empty();
-        for (i, layer) in self.layers.iter().enumerate() {
-            let past = if had_cache {
-                Some(&cache.layers[i])
-            } else {
-                None
-            };
-            let (next, _, kv) = self.layer_forward_kv(layer, &h, 1, t, &rope, past, true)?;
-            let kv = kv.expect("kv requested");
-            if had_cache {
-                cache.layers[i] = kv;
-            } else {
-                cache.layers.push(kv);
-            }
-            h = next;
+        cache.layers.resize(self.layers.len(), None);
+        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let past = Past::Cache(slot, offset);
+            (h, _) = self.layer_forward(layer, &h, 1, t, &rope, past, false)?;
         }
         cache.len = total;
         Ok(h)
@@ -242,18 +284,18 @@ impl Model {
         let mut h = (self.embeddings(ids)? * self.cfg.embed_scale as f64)?;
         let rope = self.rope_tables(offset, t)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let past = match prefix.layers.get(i) {
-                Some((k, v)) if offset > 0 => {
+            let past = match prefix.layer(i)? {
+                Some((k, v)) => {
                     let grow = |x: &Tensor| -> Result<Tensor> {
                         let (_, heads, len, hd) = x.dims4()?;
                         x.broadcast_as((b, heads, len, hd))?.contiguous()
                     };
-                    Some((grow(k)?, grow(v)?))
+                    Some((grow(&k)?, grow(&v)?))
                 }
-                _ => None,
+                None => None,
             };
-            let (next, _, _) =
-                self.layer_forward_kv(layer, &h, b, t, &rope, past.as_ref(), true)?;
+            let past = past.as_ref().map_or(Past::Nothing, Past::Fixed);
+            let (next, _) = self.layer_forward(layer, &h, b, t, &rope, past, false)?;
             h = next;
         }
         Ok(h)
@@ -284,6 +326,7 @@ impl Model {
             group: self.group(),
             queries,
             keys,
+            key_rows: keys,
             head_dim: c.head_dim,
             window: c.sliding_window.filter(|_| layer.is_local),
             scale: c.attn_scale,
@@ -295,18 +338,18 @@ impl Model {
         self.cfg.n_head / self.cfg.n_kv_head
     }
 
-    /// One transformer block on `h` (b * t, hidden). With `want_kv` it returns the keys and
-    /// values including `past` and records no tape; without, it records the tape.
+    /// One transformer block on `h` (b * t, hidden) after the positions in `past` (a decoding
+    /// cache gets the new keys and values); with `want_tape` it records the tape.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn layer_forward_kv(
+    pub(super) fn layer_forward(
         &self,
         layer: &Layer,
         h: &Tensor,
         b: usize,
         t: usize,
         rope: &RopeTables,
-        past: Option<&(Tensor, Tensor)>,
-        want_kv: bool,
+        past: Past,
+        want_tape: bool,
     ) -> Result<LayerOutput> {
         let c = &self.cfg;
         let (nh, nkv, hd, g) = (c.n_head, c.n_kv_head, c.head_dim, self.group());
@@ -334,19 +377,26 @@ impl Model {
         } else {
             (q.contiguous()?, k.contiguous()?)
         };
-        let (k_all, v_all) = match past {
-            Some((pk, pv)) => (
+        // Keys and values seen, in buffers with `key_rows` rows per head, of which the first
+        // `keys` are filled.
+        let (k_all, v_all, keys) = match past {
+            Past::Nothing => (k.clone(), v.clone(), t),
+            Past::Fixed((pk, pv)) => (
                 Tensor::cat(&[pk, &k], 2)?.contiguous()?,
                 Tensor::cat(&[pv, &v], 2)?.contiguous()?,
+                pk.dim(2)? + t,
             ),
-            None => (k.clone(), v.clone()),
+            Past::Cache(slot, len) => {
+                let (ck, cv) = append_kv(slot, len, &k, &v)?;
+                (ck, cv, len + t)
+            }
         };
         // Queries that share a key head are stacked along the sequence axis, so grouped-query
         // attention needs no copies of the keys and values.
         let q = q.reshape((b, nkv, g * t, hd))?;
-        let (o, lse) = self
-            .attention(layer, b, t, k_all.dim(2)?)
-            .forward(&q, &k_all, &v_all)?;
+        let mut attention = self.attention(layer, b, t, keys);
+        attention.key_rows = k_all.dim(2)?;
+        let (o, lse) = attention.forward(&q, &k_all, &v_all)?;
         let o = merge_heads(&[&o], (b, t, hd))?;
         let mut attn = layer.wo.forward(&o)?;
         let mut attn_pre_norm = None;
@@ -365,8 +415,8 @@ impl Model {
             down_pre_norm = Some(std::mem::replace(&mut down, normed));
         }
         let out = (&h2 + down)?;
-        if want_kv {
-            return Ok((out, None, Some((k_all, v_all))));
+        if !want_tape {
+            return Ok((out, None));
         }
         Ok((
             out,
@@ -383,7 +433,6 @@ impl Model {
                 gate_up,
                 down_pre_norm,
             }),
-            None,
         ))
     }
 

@@ -15,3 +15,15 @@ pub fn configure() {
         }
     });
 }
+
+/// Runs `f` on a thread of rayon's pool (the calling thread waits). Work that issues many
+/// small parallel loops in a row (a decoding step has about 200) then splits them from inside
+/// the pool, where idle workers steal at once, instead of injecting each one from outside.
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        return f();
+    }
+    let mut out = None;
+    rayon::scope(|_| out = Some(f()));
+    out.expect("the scope ran its body")
+}

@@ -6,10 +6,10 @@
 //! re-reading f32 tiles (measured: 47 % of decoding time in candle's `to_float`). Here each
 //! block is expanded in registers and used at once.
 //!
-//! Exactness: every weight value is the one `dequantize` produces (d·q, or d·q + m, rounded the
-//! same way); only the order of the sums differs. The activations stay f32: llama.cpp quantizes
-//! them to 8 bits for its integer dot products, which changed the greedy continuation of the
-//! PyTorch reference case.
+//! Exactness: the activations stay f32 (llama.cpp quantizes them to 8 bits for its integer dot
+//! products, which changed the greedy continuation of the PyTorch reference case). A block's
+//! sum Σ (d·q_j + m)·x_j is computed as d·Σ q_j·x_j + m·Σ x_j, with Σ x_j computed once per
+//! block of x: the same sum up to f32 rounding, and two operations fewer per eight weights.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -26,7 +26,7 @@ const BLOCK: usize = 32;
 /// Which implementation runs: chosen from the CPU at run time, selectable for tests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
-    /// Blocks expanded in AVX2 registers (x86-64 with AVX2 and FMA).
+    /// Blocks expanded in AVX2 registers (x86-64 with AVX2, FMA and F16C).
     Avx2,
     /// Any CPU: each row dequantized into a buffer, then dotted.
     Portable,
@@ -35,7 +35,10 @@ pub enum Kernel {
 impl Kernel {
     pub fn best() -> Kernel {
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
             return Kernel::Avx2;
         }
         Kernel::Portable
@@ -64,6 +67,8 @@ pub fn product(
     assert!(n <= MAX_INPUT_ROWS && n * cols == x.len());
     // Output rows in chunks small enough to balance the threads, large enough to amortize.
     let chunk = (rows / (8 * rayon::current_num_threads().max(1))).clamp(8, 256);
+    // Σ x_j over each block of each input row, for the m·Σ x_j term of Q4_1.
+    let block_sums: Vec<f32> = x.chunks(BLOCK).map(|b| b.iter().sum()).collect();
     let mut by_row = vec![0f32; rows * n];
     by_row.par_chunks_mut(chunk * n).enumerate().for_each_init(
         || vec![0f32; cols],
@@ -76,7 +81,7 @@ pub fn product(
                     (Kernel::Avx2, Some((bytes, dtype))) if has_register_kernel(dtype) => {
                         // SAFETY: Kernel::Avx2 is only chosen (or requested by tests) where
                         // the CPU has AVX2 and FMA; the row lies inside `bytes`.
-                        unsafe { avx2::row_dots(bytes, dtype, r, cols, x, dots) }
+                        unsafe { avx2::row_dots(bytes, dtype, r, cols, x, &block_sums, dots) }
                     }
                     _ => {
                         dequantize_row(r, buffer);
@@ -127,40 +132,41 @@ fn portable_dot(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::*;
-    use half::f16;
 
-    fn f16_at(bytes: &[u8], at: usize) -> f32 {
-        f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
-    }
-
-    /// The 32 weights of one block as four vectors of eight, in element order.
+    /// A block's integer values as four vectors of eight f32 (element order), and its scale
+    /// d and offset m (0 without one): the weights are d·q + m.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn block_values(block: &[u8], dtype: GgmlDType) -> [__m256; 4] {
-        let low_nibbles = _mm_set1_epi8(0x0f);
-        match dtype {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn block_values(block: &[u8], dtype: GgmlDType) -> ([__m256; 4], __m256, f32) {
+        // d (and m for Q4_1) are f16 at the start of the block.
+        let scales = if dtype == GgmlDType::Q4_1 {
+            u32::from_le_bytes([block[0], block[1], block[2], block[3]])
+        } else {
+            u16::from_le_bytes([block[0], block[1]]) as u32
+        };
+        let scales = _mm_cvtph_ps(_mm_cvtsi32_si128(scales as i32));
+        let d = _mm256_broadcastss_ps(scales);
+        let m = _mm_cvtss_f32(_mm_shuffle_ps(scales, scales, 1));
+        let q = match dtype {
             GgmlDType::Q8_0 => {
-                // d: f16, then 32 × i8.
-                let d = _mm256_set1_ps(f16_at(block, 0));
-                // SAFETY: a Q8_0 block is 34 bytes; 2..34 holds the values.
+                // SAFETY: a Q8_0 block is 34 bytes; 2..34 holds 32 × i8.
                 let q = unsafe { _mm256_loadu_si256(block.as_ptr().add(2) as *const __m256i) };
-                let lo = _mm256_castsi256_si128(q);
-                let hi = _mm256_extracti128_si256(q, 1);
+                let (lo, hi) = (_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
                 [
-                    _mm256_mul_ps(to_f32(lo, true), d),
-                    _mm256_mul_ps(to_f32(_mm_srli_si128(lo, 8), true), d),
-                    _mm256_mul_ps(to_f32(hi, true), d),
-                    _mm256_mul_ps(to_f32(_mm_srli_si128(hi, 8), true), d),
+                    to_f32(lo, true),
+                    to_f32(_mm_srli_si128(lo, 8), true),
+                    to_f32(hi, true),
+                    to_f32(_mm_srli_si128(hi, 8), true),
                 ]
             }
             _ => {
                 // Q4_0: d, then 16 bytes; Q4_1: d, m, then 16 bytes. Element j is the low
                 // nibble of byte j, element j + 16 its high nibble.
                 let q4_1 = dtype == GgmlDType::Q4_1;
-                let d = _mm256_set1_ps(f16_at(block, 0));
                 let at = if q4_1 { 4 } else { 2 };
                 // SAFETY: the block holds 16 bytes of nibbles at `at`.
                 let qs = unsafe { _mm_loadu_si128(block.as_ptr().add(at) as *const __m128i) };
+                let low_nibbles = _mm_set1_epi8(0x0f);
                 let mut lo = _mm_and_si128(qs, low_nibbles);
                 let mut hi = _mm_and_si128(_mm_srli_epi16(qs, 4), low_nibbles);
                 if !q4_1 {
@@ -170,36 +176,20 @@ mod avx2 {
                     hi = _mm_sub_epi8(hi, eight);
                 }
                 let signed = !q4_1;
-                let q = [
+                [
                     to_f32(lo, signed),
                     to_f32(_mm_srli_si128(lo, 8), signed),
                     to_f32(hi, signed),
                     to_f32(_mm_srli_si128(hi, 8), signed),
-                ];
-                if q4_1 {
-                    // d·q + m with two roundings, as the plain path computes it.
-                    let m = _mm256_set1_ps(f16_at(block, 2));
-                    [
-                        _mm256_add_ps(_mm256_mul_ps(q[0], d), m),
-                        _mm256_add_ps(_mm256_mul_ps(q[1], d), m),
-                        _mm256_add_ps(_mm256_mul_ps(q[2], d), m),
-                        _mm256_add_ps(_mm256_mul_ps(q[3], d), m),
-                    ]
-                } else {
-                    [
-                        _mm256_mul_ps(q[0], d),
-                        _mm256_mul_ps(q[1], d),
-                        _mm256_mul_ps(q[2], d),
-                        _mm256_mul_ps(q[3], d),
-                    ]
-                }
+                ]
             }
-        }
+        };
+        (q, d, if dtype == GgmlDType::Q4_1 { m } else { 0.0 })
     }
 
     /// The low 8 bytes of v as eight f32 values (integers, signed or not).
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     fn to_f32(v: __m128i, signed: bool) -> __m256 {
         let wide = if signed {
             _mm256_cvtepi8_epi32(v)
@@ -218,42 +208,67 @@ mod avx2 {
         }
     }
 
-    /// dots[i] = W[r] · x_i.
+    /// dots[i] = W[r] · x_i; `block_sums` holds Σ x over each block of 32 of every x_i.
     ///
     /// # Safety
-    /// The CPU has AVX2 and FMA; `bytes` holds rows of `cols / 32` blocks of `dtype`.
-    #[target_feature(enable = "avx2,fma")]
+    /// The CPU has AVX2, FMA and F16C; `bytes` holds rows of `cols / 32` blocks of `dtype`.
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn row_dots(
         bytes: &[u8],
         dtype: GgmlDType,
         r: usize,
         cols: usize,
         x: &[f32],
+        block_sums: &[f32],
+        dots: &mut [f32],
+    ) {
+        // SAFETY: as for this function.
+        unsafe {
+            match dots.len() {
+                1 => row_dots_n::<1>(bytes, dtype, r, cols, x, block_sums, dots),
+                2 => row_dots_n::<2>(bytes, dtype, r, cols, x, block_sums, dots),
+                3 => row_dots_n::<3>(bytes, dtype, r, cols, x, block_sums, dots),
+                _ => row_dots_n::<4>(bytes, dtype, r, cols, x, block_sums, dots),
+            }
+        }
+    }
+
+    /// `row_dots` for N input rows, so that the accumulators live in registers.
+    ///
+    /// # Safety
+    /// As for `row_dots`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn row_dots_n<const N: usize>(
+        bytes: &[u8],
+        dtype: GgmlDType,
+        r: usize,
+        cols: usize,
+        x: &[f32],
+        block_sums: &[f32],
         dots: &mut [f32],
     ) {
         let size = block_bytes(dtype);
         let blocks = cols / BLOCK;
         let row = &bytes[r * blocks * size..(r + 1) * blocks * size];
-        // Four accumulators per input row: one FMA chain per eighth of a block, so the
-        // latency of one FMA never waits on the previous.
-        let mut acc = [[_mm256_setzero_ps(); 4]; MAX_INPUT_ROWS];
-        let n = dots.len();
+        // Per input row: d·Σ q·x as a vector, and Σ m·(Σ x) over the blocks.
+        let mut scaled = [_mm256_setzero_ps(); N];
+        let mut offsets = [0f32; N];
         for (b, block) in row.chunks_exact(size).enumerate() {
-            let w = block_values(block, dtype);
-            for (i, acc) in acc.iter_mut().enumerate().take(n) {
+            let (q, d, m) = block_values(block, dtype);
+            for i in 0..N {
                 let xb = &x[i * cols + b * BLOCK..i * cols + (b + 1) * BLOCK];
-                for k in 0..4 {
-                    // SAFETY: xb holds 32 values.
-                    let xv = unsafe { _mm256_loadu_ps(xb.as_ptr().add(8 * k)) };
-                    acc[k] = _mm256_fmadd_ps(w[k], xv, acc[k]);
-                }
+                // SAFETY: xb holds 32 values.
+                let xv = |k: usize| unsafe { _mm256_loadu_ps(xb.as_ptr().add(8 * k)) };
+                // Two independent chains, so one FMA's latency does not wait on another's.
+                let a = _mm256_fmadd_ps(q[1], xv(1), _mm256_mul_ps(q[0], xv(0)));
+                let b2 = _mm256_fmadd_ps(q[3], xv(3), _mm256_mul_ps(q[2], xv(2)));
+                scaled[i] = _mm256_fmadd_ps(_mm256_add_ps(a, b2), d, scaled[i]);
+                offsets[i] += m * block_sums[i * blocks + b];
             }
         }
-        for (d, a) in dots.iter_mut().zip(&acc) {
-            *d = sum8(_mm256_add_ps(
-                _mm256_add_ps(a[0], a[1]),
-                _mm256_add_ps(a[2], a[3]),
-            ));
+        for i in 0..N {
+            dots[i] = sum8(scaled[i]) + offsets[i];
         }
     }
 
@@ -284,6 +299,7 @@ mod avx2 {
         )) + tail
     }
 
+    #[inline]
     #[target_feature(enable = "avx2,fma")]
     fn sum8(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

@@ -254,19 +254,21 @@ impl Model {
     /// Runs `ids` after the cached positions and extends the cache; returns the hidden states
     /// of every new position (t, hidden), before the final norm.
     pub fn forward_cached_hidden(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
-        let t = ids.len();
-        let offset = cache.len;
-        let x = (self.embeddings(ids)? * self.cfg.embed_scale as f64)?;
-        let rope = self.rope_tables(offset, t)?;
-        let total = offset + t;
-        let mut h = x;
-        cache.layers.resize(self.layers.len(), None);
-        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let past = Past::Cache(slot, offset);
-            (h, _) = self.layer_forward(layer, &h, 1, t, &rope, past, false)?;
-        }
-        cache.len = total;
-        Ok(h)
+        crate::threads::on_pool(|| {
+            let t = ids.len();
+            let offset = cache.len;
+            let x = (self.embeddings(ids)? * self.cfg.embed_scale as f64)?;
+            let rope = self.rope_tables(offset, t)?;
+            let total = offset + t;
+            let mut h = x;
+            cache.layers.resize(self.layers.len(), None);
+            for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+                let past = Past::Cache(slot, offset);
+                (h, _) = self.layer_forward(layer, &h, 1, t, &rope, past, false)?;
+            }
+            cache.len = total;
+            Ok(h)
+        })
     }
 
     /// Runs `b` rows of `t` ids each (`ids` row after row) after the same cached prefix,
@@ -280,25 +282,27 @@ impl Model {
         t: usize,
         prefix: &KvCache,
     ) -> Result<Tensor> {
-        let offset = prefix.len;
-        let mut h = (self.embeddings(ids)? * self.cfg.embed_scale as f64)?;
-        let rope = self.rope_tables(offset, t)?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let past = match prefix.layer(i)? {
-                Some((k, v)) => {
-                    let grow = |x: &Tensor| -> Result<Tensor> {
-                        let (_, heads, len, hd) = x.dims4()?;
-                        x.broadcast_as((b, heads, len, hd))?.contiguous()
-                    };
-                    Some((grow(&k)?, grow(&v)?))
-                }
-                None => None,
-            };
-            let past = past.as_ref().map_or(Past::Nothing, Past::Fixed);
-            let (next, _) = self.layer_forward(layer, &h, b, t, &rope, past, false)?;
-            h = next;
-        }
-        Ok(h)
+        crate::threads::on_pool(|| {
+            let offset = prefix.len;
+            let mut h = (self.embeddings(ids)? * self.cfg.embed_scale as f64)?;
+            let rope = self.rope_tables(offset, t)?;
+            for (i, layer) in self.layers.iter().enumerate() {
+                let past = match prefix.layer(i)? {
+                    Some((k, v)) => {
+                        let grow = |x: &Tensor| -> Result<Tensor> {
+                            let (_, heads, len, hd) = x.dims4()?;
+                            x.broadcast_as((b, heads, len, hd))?.contiguous()
+                        };
+                        Some((grow(&k)?, grow(&v)?))
+                    }
+                    None => None,
+                };
+                let past = past.as_ref().map_or(Past::Nothing, Past::Fixed);
+                let (next, _) = self.layer_forward(layer, &h, b, t, &rope, past, false)?;
+                h = next;
+            }
+            Ok(h)
+        })
     }
 
     /// Logits of final-normed hidden states, soft-capped where the model caps them.

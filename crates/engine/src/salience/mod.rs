@@ -242,29 +242,31 @@ pub fn gradients(
     target_start: usize,
     cancel: &CancelToken,
 ) -> candle_core::Result<Gradients> {
-    let (b, t, _) = embeds.dims3()?;
-    let n = targets.len();
-    let x = (embeds * model.cfg.embed_scale as f64)?;
-    let mut check = || cancel.check();
-    let tape = model.forward_embeds(&x, &mut check)?;
-    let rows: Vec<u32> = (0..b)
-        .flat_map(|bi| (0..n).map(move |i| (bi * t + target_start - 1 + i) as u32))
-        .collect();
-    let rows = Tensor::new(rows.as_slice(), &Device::Cpu)?;
-    let hidden = tape.last_hidden.index_select(&rows, 0)?;
-    let all_targets: Vec<u32> = (0..b).flat_map(|_| targets.iter().copied()).collect();
-    let (log_probs, g_hidden) = model.target_log_probs(&hidden, &all_targets, true)?;
-    let objective = log_probs.chunks(n).map(|c| c.iter().sum()).collect();
-    let g_hidden = g_hidden.expect("gradient requested");
-    let g_last = tape
-        .last_hidden
-        .zeros_like()?
-        .index_add(&rows, &g_hidden, 0)?;
-    let g_x = model.backward(&tape, g_last, &mut check)?;
-    Ok(Gradients {
-        objective,
-        target_log_probs: log_probs[..n].to_vec(),
-        grad: (g_x * model.cfg.embed_scale as f64)?,
+    crate::threads::on_pool(|| {
+        let (b, t, _) = embeds.dims3()?;
+        let n = targets.len();
+        let x = (embeds * model.cfg.embed_scale as f64)?;
+        let mut check = || cancel.check();
+        let tape = model.forward_embeds(&x, &mut check)?;
+        let rows: Vec<u32> = (0..b)
+            .flat_map(|bi| (0..n).map(move |i| (bi * t + target_start - 1 + i) as u32))
+            .collect();
+        let rows = Tensor::new(rows.as_slice(), &Device::Cpu)?;
+        let hidden = tape.last_hidden.index_select(&rows, 0)?;
+        let all_targets: Vec<u32> = (0..b).flat_map(|_| targets.iter().copied()).collect();
+        let (log_probs, g_hidden) = model.target_log_probs(&hidden, &all_targets, true)?;
+        let objective = log_probs.chunks(n).map(|c| c.iter().sum()).collect();
+        let g_hidden = g_hidden.expect("gradient requested");
+        let g_last = tape
+            .last_hidden
+            .zeros_like()?
+            .index_add(&rows, &g_hidden, 0)?;
+        let g_x = model.backward(&tape, g_last, &mut check)?;
+        Ok(Gradients {
+            objective,
+            target_log_probs: log_probs[..n].to_vec(),
+            grad: (g_x * model.cfg.embed_scale as f64)?,
+        })
     })
 }
 
@@ -276,20 +278,22 @@ pub fn objectives(
     target_start: usize,
     cancel: &CancelToken,
 ) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
-    let (b, t, _) = embeds.dims3()?;
-    let n = targets.len();
-    let x = (embeds * model.cfg.embed_scale as f64)?;
-    let tape = model.forward_embeds_only(&x, &mut || cancel.check())?;
-    let rows: Vec<u32> = (0..b)
-        .flat_map(|bi| (0..n).map(move |i| (bi * t + target_start - 1 + i) as u32))
-        .collect();
-    let hidden = tape
-        .last_hidden
-        .index_select(&Tensor::new(rows.as_slice(), &Device::Cpu)?, 0)?;
-    let all_targets: Vec<u32> = (0..b).flat_map(|_| targets.iter().copied()).collect();
-    let (log_probs, _) = model.target_log_probs(&hidden, &all_targets, false)?;
-    let objective = log_probs.chunks(n).map(|c| c.iter().sum()).collect();
-    Ok((objective, log_probs[..n].to_vec()))
+    crate::threads::on_pool(|| {
+        let (b, t, _) = embeds.dims3()?;
+        let n = targets.len();
+        let x = (embeds * model.cfg.embed_scale as f64)?;
+        let tape = model.forward_embeds_only(&x, &mut || cancel.check())?;
+        let rows: Vec<u32> = (0..b)
+            .flat_map(|bi| (0..n).map(move |i| (bi * t + target_start - 1 + i) as u32))
+            .collect();
+        let hidden = tape
+            .last_hidden
+            .index_select(&Tensor::new(rows.as_slice(), &Device::Cpu)?, 0)?;
+        let all_targets: Vec<u32> = (0..b).flat_map(|_| targets.iter().copied()).collect();
+        let (log_probs, _) = model.target_log_probs(&hidden, &all_targets, false)?;
+        let objective = log_probs.chunks(n).map(|c| c.iter().sum()).collect();
+        Ok((objective, log_probs[..n].to_vec()))
+    })
 }
 
 /// One part of the objective: `sign` times the log-probs of `targets`, whose embeddings

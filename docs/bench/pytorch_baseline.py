@@ -1,17 +1,20 @@
 """PyTorch baseline for `prompt-salience bench`: the same measurements with transformers.
 
-Loads the same GGUF (dequantized to float32 by transformers), 2 threads, and times what
+Loads the same GGUF (dequantized to float32 by transformers), 2 threads, computes logits only
+at the rows that predict the target (stronger than LIT's all-rows path), and times what
 `prompt-salience bench` times: gradient salience (one forward + backward with respect to the
 input embeddings, weights frozen) for prompts of N tokens plus a 20-token target, and integrated
 gradients with a zero baseline and the midpoint rule, batched, plus the two forward passes
 for the completeness gap that prompt-salience always reports. Run it on the same machine,
-right after the bench, so that the two are compared on the same load:
+right after the bench, so that the two are compared on the same load (`prompt-salience bench
+--baseline-python PY` runs this script itself and prints the ratios):
 
     python3 -m pip install torch transformers gguf accelerate
     python3 docs/bench/pytorch_baseline.py PATH/TO/SmolLM2-135M-Instruct.Q4_1.gguf
 """
 
 import argparse
+import json
 import os
 import resource
 import time
@@ -26,9 +29,11 @@ TEXT = (
 
 
 def objective(model, embeds, prompt_len, target_ids):
-    logits = model(inputs_embeds=embeds).logits
-    pred = logits[:, prompt_len - 1 : prompt_len - 1 + target_ids.shape[1], :]
-    logp = torch.log_softmax(pred.float(), dim=-1)
+    # Logits only at the rows that predict the target (LIT computes every row's logits: a
+    # weaker baseline, 49,152 × prompt length values for nothing).
+    hidden = model.model(inputs_embeds=embeds).last_hidden_state
+    rows = hidden[:, prompt_len - 1 : prompt_len - 1 + target_ids.shape[1], :]
+    logp = torch.log_softmax(model.lm_head(rows).float(), dim=-1)
     return logp.gather(-1, target_ids.expand(embeds.shape[0], -1).unsqueeze(-1)).sum(dim=(1, 2))
 
 
@@ -100,12 +105,14 @@ def main():
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"| prompt tokens | method | seconds (best of {args.repeat}) |")
     print("|---|---|---|")
+    results = []
     t = args.target_tokens
     for n in [int(x) for x in args.lengths.split(",") if x]:
         ids = torch.tensor(pool[: n + t])
         target = ids[n:].unsqueeze(0)
         s = best_of(args.repeat, lambda: grad_salience(model, table, ids, n, target))
         print(f"| {n} | grad_dot_input | {s:.3f} |", flush=True)
+        results.append({"method": "grad_dot_input", "prompt_tokens": n, "seconds": s})
     for n in [int(x) for x in args.ig_lengths.split(",") if x]:
         ids = torch.tensor(pool[: n + t])
         target = ids[n:].unsqueeze(0)
@@ -123,8 +130,12 @@ def main():
             ),
         )
         print(f"| {n} | integrated_gradients ({args.ig_steps} steps) | {s:.3f} |", flush=True)
+        results.append(
+            {"method": "integrated_gradients", "prompt_tokens": n, "steps": args.ig_steps, "seconds": s}
+        )
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS: {rss:.0f} MiB")
+    print(json.dumps({"baseline": "pytorch", "version": torch.__version__, "results": results}))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 #![allow(clippy::print_stdout)]
 
 mod bench;
+mod bench_baselines;
 mod compare;
 mod compute;
 

@@ -133,79 +133,95 @@ fn portable_dot(a: &[f32], b: &[f32]) -> f32 {
 mod avx2 {
     use super::*;
 
-    /// A block's integer values as four vectors of eight f32 (element order), and its scale
-    /// d and offset m (0 without one): the weights are d·q + m.
+    /// Block formats with a register kernel, as const parameters so that each gets its own
+    /// loop without a branch per block.
+    const Q4_0: u8 = 0;
+    const Q4_1: u8 = 1;
+    const Q8_0: u8 = 2;
+
+    /// Bytes per block of 32 weights.
+    const fn block_bytes(format: u8) -> usize {
+        match format {
+            Q4_0 => 18,
+            Q4_1 => 20,
+            _ => 34,
+        }
+    }
+
+    /// A block's integer values as four vectors of eight f32 (element order), its scale d
+    /// broadcast, and its offset m (0 without one): the weights are d·q + m.
+    ///
+    /// # Safety
+    /// `block` points at a whole block of `FORMAT`.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn block_values(block: &[u8], dtype: GgmlDType) -> ([__m256; 4], __m256, f32) {
-        // d (and m for Q4_1) are f16 at the start of the block.
-        let scales = if dtype == GgmlDType::Q4_1 {
-            u32::from_le_bytes([block[0], block[1], block[2], block[3]])
-        } else {
-            u16::from_le_bytes([block[0], block[1]]) as u32
-        };
-        let scales = _mm_cvtph_ps(_mm_cvtsi32_si128(scales as i32));
-        let d = _mm256_broadcastss_ps(scales);
-        let m = _mm_cvtss_f32(_mm_shuffle_ps(scales, scales, 1));
-        let q = match dtype {
-            GgmlDType::Q8_0 => {
-                // SAFETY: a Q8_0 block is 34 bytes; 2..34 holds 32 × i8.
-                let q = unsafe { _mm256_loadu_si256(block.as_ptr().add(2) as *const __m256i) };
+    unsafe fn block_values<const FORMAT: u8>(block: *const u8) -> ([__m256; 4], __m256, f32) {
+        // SAFETY (whole function): every read lies inside the block.
+        unsafe {
+            // d (and m for Q4_1) are f16 at the start of the block.
+            let scales = if FORMAT == Q4_1 {
+                std::ptr::read_unaligned(block as *const u32)
+            } else {
+                std::ptr::read_unaligned(block as *const u16) as u32
+            };
+            let scales = _mm_cvtph_ps(_mm_cvtsi32_si128(scales as i32));
+            let d = _mm256_broadcastss_ps(scales);
+            let m = if FORMAT == Q4_1 {
+                _mm_cvtss_f32(_mm_shuffle_ps(scales, scales, 1))
+            } else {
+                0.0
+            };
+            let q = if FORMAT == Q8_0 {
+                // 32 × i8 after d.
+                let q = _mm256_loadu_si256(block.add(2) as *const __m256i);
                 let (lo, hi) = (_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
                 [
-                    to_f32(lo, true),
-                    to_f32(_mm_srli_si128(lo, 8), true),
-                    to_f32(hi, true),
-                    to_f32(_mm_srli_si128(hi, 8), true),
+                    to_f32::<true>(lo),
+                    to_f32::<true>(_mm_srli_si128(lo, 8)),
+                    to_f32::<true>(hi),
+                    to_f32::<true>(_mm_srli_si128(hi, 8)),
                 ]
-            }
-            _ => {
-                // Q4_0: d, then 16 bytes; Q4_1: d, m, then 16 bytes. Element j is the low
-                // nibble of byte j, element j + 16 its high nibble.
-                let q4_1 = dtype == GgmlDType::Q4_1;
-                let at = if q4_1 { 4 } else { 2 };
-                // SAFETY: the block holds 16 bytes of nibbles at `at`.
-                let qs = unsafe { _mm_loadu_si128(block.as_ptr().add(at) as *const __m128i) };
+            } else {
+                // 16 bytes after the scales: element j is the low nibble of byte j, element
+                // j + 16 its high nibble.
+                let at = if FORMAT == Q4_1 { 4 } else { 2 };
+                let qs = _mm_loadu_si128(block.add(at) as *const __m128i);
                 let low_nibbles = _mm_set1_epi8(0x0f);
-                let mut lo = _mm_and_si128(qs, low_nibbles);
-                let mut hi = _mm_and_si128(_mm_srli_epi16(qs, 4), low_nibbles);
-                if !q4_1 {
+                let lo = _mm_and_si128(qs, low_nibbles);
+                let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), low_nibbles);
+                if FORMAT == Q4_0 {
                     // Q4_0 stores q + 8: subtract in integers, as the plain path does.
                     let eight = _mm_set1_epi8(8);
-                    lo = _mm_sub_epi8(lo, eight);
-                    hi = _mm_sub_epi8(hi, eight);
+                    let (lo, hi) = (_mm_sub_epi8(lo, eight), _mm_sub_epi8(hi, eight));
+                    [
+                        to_f32::<true>(lo),
+                        to_f32::<true>(_mm_srli_si128(lo, 8)),
+                        to_f32::<true>(hi),
+                        to_f32::<true>(_mm_srli_si128(hi, 8)),
+                    ]
+                } else {
+                    [
+                        to_f32::<false>(lo),
+                        to_f32::<false>(_mm_srli_si128(lo, 8)),
+                        to_f32::<false>(hi),
+                        to_f32::<false>(_mm_srli_si128(hi, 8)),
+                    ]
                 }
-                let signed = !q4_1;
-                [
-                    to_f32(lo, signed),
-                    to_f32(_mm_srli_si128(lo, 8), signed),
-                    to_f32(hi, signed),
-                    to_f32(_mm_srli_si128(hi, 8), signed),
-                ]
-            }
-        };
-        (q, d, if dtype == GgmlDType::Q4_1 { m } else { 0.0 })
+            };
+            (q, d, m)
+        }
     }
 
     /// The low 8 bytes of v as eight f32 values (integers, signed or not).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn to_f32(v: __m128i, signed: bool) -> __m256 {
-        let wide = if signed {
+    fn to_f32<const SIGNED: bool>(v: __m128i) -> __m256 {
+        let wide = if SIGNED {
             _mm256_cvtepi8_epi32(v)
         } else {
             _mm256_cvtepu8_epi32(v)
         };
         _mm256_cvtepi32_ps(wide)
-    }
-
-    fn block_bytes(dtype: GgmlDType) -> usize {
-        match dtype {
-            GgmlDType::Q4_0 => 18,
-            GgmlDType::Q4_1 => 20,
-            GgmlDType::Q8_0 => 34,
-            _ => unreachable!("no register kernel for {dtype:?}"),
-        }
     }
 
     /// dots[i] = W[r] · x_i; `block_sums` holds Σ x over each block of 32 of every x_i.
@@ -222,49 +238,71 @@ mod avx2 {
         block_sums: &[f32],
         dots: &mut [f32],
     ) {
+        macro_rules! by_count {
+            ($format:expr) => {
+                match dots.len() {
+                    1 => row_dots_n::<1, { $format }>(bytes, r, cols, x, block_sums, dots),
+                    2 => row_dots_n::<2, { $format }>(bytes, r, cols, x, block_sums, dots),
+                    3 => row_dots_n::<3, { $format }>(bytes, r, cols, x, block_sums, dots),
+                    _ => row_dots_n::<4, { $format }>(bytes, r, cols, x, block_sums, dots),
+                }
+            };
+        }
         // SAFETY: as for this function.
         unsafe {
-            match dots.len() {
-                1 => row_dots_n::<1>(bytes, dtype, r, cols, x, block_sums, dots),
-                2 => row_dots_n::<2>(bytes, dtype, r, cols, x, block_sums, dots),
-                3 => row_dots_n::<3>(bytes, dtype, r, cols, x, block_sums, dots),
-                _ => row_dots_n::<4>(bytes, dtype, r, cols, x, block_sums, dots),
+            match dtype {
+                GgmlDType::Q4_0 => by_count!(Q4_0),
+                GgmlDType::Q4_1 => by_count!(Q4_1),
+                GgmlDType::Q8_0 => by_count!(Q8_0),
+                _ => unreachable!("no register kernel for {dtype:?}"),
             }
         }
     }
 
-    /// `row_dots` for N input rows, so that the accumulators live in registers.
+    /// `row_dots` for N input rows of one format, so that the accumulators live in registers.
     ///
     /// # Safety
-    /// As for `row_dots`.
+    /// As for `row_dots`, with `bytes` in `FORMAT`.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn row_dots_n<const N: usize>(
+    unsafe fn row_dots_n<const N: usize, const FORMAT: u8>(
         bytes: &[u8],
-        dtype: GgmlDType,
         r: usize,
         cols: usize,
         x: &[f32],
         block_sums: &[f32],
         dots: &mut [f32],
     ) {
-        let size = block_bytes(dtype);
+        let size = block_bytes(FORMAT);
         let blocks = cols / BLOCK;
         let row = &bytes[r * blocks * size..(r + 1) * blocks * size];
+        assert!(x.len() >= N * cols && block_sums.len() >= N * blocks && dots.len() >= N);
         // Per input row: d·Σ q·x as a vector, and Σ m·(Σ x) over the blocks.
         let mut scaled = [_mm256_setzero_ps(); N];
         let mut offsets = [0f32; N];
-        for (b, block) in row.chunks_exact(size).enumerate() {
-            let (q, d, m) = block_values(block, dtype);
-            for i in 0..N {
-                let xb = &x[i * cols + b * BLOCK..i * cols + (b + 1) * BLOCK];
-                // SAFETY: xb holds 32 values.
-                let xv = |k: usize| unsafe { _mm256_loadu_ps(xb.as_ptr().add(8 * k)) };
-                // Two independent chains, so one FMA's latency does not wait on another's.
-                let a = _mm256_fmadd_ps(q[1], xv(1), _mm256_mul_ps(q[0], xv(0)));
-                let b2 = _mm256_fmadd_ps(q[3], xv(3), _mm256_mul_ps(q[2], xv(2)));
-                scaled[i] = _mm256_fmadd_ps(_mm256_add_ps(a, b2), d, scaled[i]);
-                offsets[i] += m * block_sums[i * blocks + b];
+        for b in 0..blocks {
+            // SAFETY: block b of the row, and 32 values of each x_i at b·32, lie inside the
+            // slices checked above.
+            unsafe {
+                let (q, d, m) = block_values::<FORMAT>(row.as_ptr().add(b * size));
+                for i in 0..N {
+                    let xb = x.as_ptr().add(i * cols + b * BLOCK);
+                    // Two independent chains, so one FMA's latency does not wait on another's.
+                    let lo = _mm256_fmadd_ps(
+                        q[1],
+                        _mm256_loadu_ps(xb.add(8)),
+                        _mm256_mul_ps(q[0], _mm256_loadu_ps(xb)),
+                    );
+                    let hi = _mm256_fmadd_ps(
+                        q[3],
+                        _mm256_loadu_ps(xb.add(24)),
+                        _mm256_mul_ps(q[2], _mm256_loadu_ps(xb.add(16))),
+                    );
+                    scaled[i] = _mm256_fmadd_ps(_mm256_add_ps(lo, hi), d, scaled[i]);
+                    if FORMAT == Q4_1 {
+                        offsets[i] += m * *block_sums.get_unchecked(i * blocks + b);
+                    }
+                }
             }
         }
         for i in 0..N {

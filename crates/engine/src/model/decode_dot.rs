@@ -129,6 +129,21 @@ fn portable_dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// Writes the weights of whole blocks (`blocks`: the stored bytes of dst.len() / 32 blocks of
+/// `dtype`) into `dst` as f32, with the register kernel; false where there is none (the caller
+/// then uses the plain path). The values are exactly the plain path's: d·q, or d·q + m rounded
+/// twice as there.
+pub fn dequantize_blocks(blocks: &[u8], dtype: GgmlDType, dst: &mut [f32]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if has_register_kernel(dtype) && Kernel::best() == Kernel::Avx2 {
+        // SAFETY: the CPU has the features; the sizes are checked inside.
+        unsafe { avx2::dequantize(blocks, dtype, dst) };
+        return true;
+    }
+    let _ = (blocks, dtype, dst);
+    false
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::*;
@@ -310,6 +325,51 @@ mod avx2 {
         }
     }
 
+    /// See `super::dequantize_blocks`.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; `dtype` has a register kernel.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dequantize(blocks: &[u8], dtype: GgmlDType, dst: &mut [f32]) {
+        // SAFETY: as for this function.
+        unsafe {
+            match dtype {
+                GgmlDType::Q4_0 => dequantize_as::<Q4_0>(blocks, dst),
+                GgmlDType::Q4_1 => dequantize_as::<Q4_1>(blocks, dst),
+                GgmlDType::Q8_0 => dequantize_as::<Q8_0>(blocks, dst),
+                _ => unreachable!("no register kernel for {dtype:?}"),
+            }
+        }
+    }
+
+    /// # Safety
+    /// As for `dequantize`, with `blocks` in `FORMAT`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dequantize_as<const FORMAT: u8>(blocks: &[u8], dst: &mut [f32]) {
+        let size = block_bytes(FORMAT);
+        let n = dst.len() / BLOCK;
+        assert!(blocks.len() >= n * size && dst.len() == n * BLOCK);
+        let m_of = |m: f32| _mm256_set1_ps(m);
+        for b in 0..n {
+            // SAFETY: block b and 32 values of dst at b·32 lie inside the checked slices.
+            unsafe {
+                let (q, d, m) = block_values::<FORMAT>(blocks.as_ptr().add(b * size));
+                let out = dst.as_mut_ptr().add(b * BLOCK);
+                for (k, v) in q.iter().enumerate() {
+                    let w = _mm256_mul_ps(*v, d);
+                    // d·q + m in two roundings, as candle's plain path computes it.
+                    let w = if FORMAT == Q4_1 {
+                        _mm256_add_ps(w, m_of(m))
+                    } else {
+                        w
+                    };
+                    _mm256_storeu_ps(out.add(8 * k), w);
+                }
+            }
+        }
+    }
+
     /// a · b for f32 rows of equal length.
     ///
     /// # Safety
@@ -344,5 +404,42 @@ mod avx2 {
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
         _mm_cvtss_f32(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::QTensor;
+    use candle_core::{Device, Tensor};
+
+    #[test]
+    fn register_dequantization_is_bit_identical_to_candles() {
+        if Kernel::best() != Kernel::Avx2 {
+            eprintln!("this CPU has no AVX2+FMA+F16C: the register dequantization is not used");
+            return;
+        }
+        let w = Tensor::randn(0f32, 1.0, (16, 256), &Device::Cpu).unwrap();
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let want: Vec<f32> = q
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let data = q.data().unwrap();
+            let mut got = vec![0f32; 16 * 256];
+            assert!(dequantize_blocks(&data, dtype, &mut got));
+            let same = got
+                .iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(
+                same,
+                "{dtype:?}: register dequantization differs from candle's"
+            );
+        }
     }
 }

@@ -627,7 +627,9 @@ fn dequantize_blocks<B: GgmlType>(
     let per_row = cols / B::BLCK_SIZE;
     let start = row * per_row + c0 / B::BLCK_SIZE;
     let end = row * per_row + c1 / B::BLCK_SIZE;
-    B::to_float(&blocks[start..end], dst);
+    if !decode_dot::dequantize_blocks(&bytes[start * size..end * size], B::DTYPE, dst) {
+        B::to_float(&blocks[start..end], dst);
+    }
 }
 
 #[cfg(test)]

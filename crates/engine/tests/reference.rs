@@ -149,6 +149,56 @@ fn check_greedy(name: &str) {
     );
 }
 
+/// Distance from the float64 truth (`NAME.ref64.json`): ours against PyTorch's float32
+/// (`NAME.ref.json`), both measured here from the stored data.
+fn check_float64_distance(name: &str) {
+    let engine = common::default_engine();
+    let case = load(name);
+    let text = std::fs::read_to_string(common::reference_dir().join(format!("{name}.ref64.json")))
+        .expect("float64 reference");
+    let truth: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        ids(&truth["prompt_ids"]),
+        ids(&case.reference["prompt_ids"])
+    );
+    for (method, key, sign) in [
+        (Method::GradL2, "grad_l2", 1.0),
+        (Method::GradDotInput, "grad_dot_input", -1.0),
+    ] {
+        let req = request(&engine, &case, method, IgOptions::default());
+        let r = salience::compute(&engine.model, &req, &no_progress, &CancelToken::new()).unwrap();
+        let ours: Vec<f64> = r.scores.iter().map(|&s| s as f64).collect();
+        let flip = |v: &Value| -> Vec<f64> { floats(v).into_iter().map(|s| s * sign).collect() };
+        let exact = flip(&truth["results"][key]["scores"]);
+        let torch32 = flip(&case.reference["results"][key]["scores"]);
+        let (mine, theirs) = (rel_l2(&ours, &exact), rel_l2(&torch32, &exact));
+        eprintln!(
+            "{name}: F {} vs float64 {} (PyTorch float32 {})",
+            r.objective,
+            -truth["loss"].as_f64().unwrap(),
+            -case.reference["loss"].as_f64().unwrap()
+        );
+        eprintln!(
+            "{name} {key}: relative L2 to float64: ours {mine:.2e}, PyTorch float32 {theirs:.2e} ({:.1}x)",
+            mine / theirs
+        );
+        assert!(
+            mine <= 2.0 * theirs,
+            "{key}: {mine:.2e} from float64, more than twice PyTorch float32's {theirs:.2e}"
+        );
+    }
+}
+
+#[test]
+fn few_shot_classification_is_as_close_to_float64_as_pytorch() {
+    check_float64_distance("few_shot_classification");
+}
+
+#[test]
+fn non_ascii_is_as_close_to_float64_as_pytorch() {
+    check_float64_distance("non_ascii");
+}
+
 #[test]
 fn few_shot_classification_gradients() {
     check_gradient_methods("few_shot_classification");

@@ -192,7 +192,11 @@ impl<'a> Layers<'a> {
             max_new_tokens: self.first(|s| s.max_new_tokens).unwrap_or(d.max_new_tokens),
             temperature: self.first(|s| s.temperature).unwrap_or(d.temperature),
             top_p: self.first(|s| s.top_p).unwrap_or(d.top_p),
-            seed: self.first(|s| s.seed).unwrap_or(d.seed),
+            // Without a seed, sampling is random per run (as a user who samples expects); the
+            // seed drawn is reported with the result so the run can be repeated.
+            seed: self
+                .first(|s| s.seed)
+                .unwrap_or_else(|| rand::random::<u64>() >> 11),
             stop: self
                 .first(|s| (!s.stop.is_empty()).then(|| s.stop.clone()))
                 .unwrap_or(d.stop),

@@ -55,6 +55,8 @@ pub struct Generation {
     pub reused_prefix: usize,
     pub prefill_seconds: f64,
     pub decode_seconds: f64,
+    /// The sampler's seed, when the temperature was above 0 (None: greedy).
+    pub seed: Option<u64>,
 }
 
 impl Generation {
@@ -194,6 +196,7 @@ impl Engine {
             reused_prefix: common,
             prefill_seconds,
             decode_seconds,
+            seed: (opts.temperature > 0.0).then_some(opts.seed),
         })
     }
 

@@ -353,11 +353,12 @@ pub fn generate_into_file(
     write::write_if_unchanged(path, &original, &write::with_response(&file, &gen.text))
         .map_err(|e| EngineError::InvalidInput(e.to_string()))?;
     eprintln!(
-        "{}: wrote {} tokens ({:.1} tokens/s, stop: {:?})",
+        "{}: wrote {} tokens ({:.1} tokens/s, stop: {:?}{})",
         path.display(),
         gen.ids.len(),
         gen.tokens_per_second(),
-        gen.stop_reason
+        gen.stop_reason,
+        super::sampled_with(gen.seed)
     );
     Ok(())
 }

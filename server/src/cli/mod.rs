@@ -145,7 +145,7 @@ pub struct GenerationArgs {
     /// Nucleus sampling: keep the smallest set of tokens whose probability reaches this (default: the file's, else 1).
     #[arg(long)]
     top_p: Option<f32>,
-    /// Seed of the sampler when the temperature is above 0 (default: the file's, else 0).
+    /// Seed of the sampler when the temperature is above 0 (default: the file's, else a random one, reported with the result).
     #[arg(long)]
     seed: Option<u64>,
     /// Stop when the text contains this (repeatable).
@@ -347,18 +347,26 @@ fn generate(args: GenerateArgs) -> Result<(), EngineError> {
             "tokens_per_second": gen.tokens_per_second(),
             "prefill_seconds": gen.prefill_seconds,
             "decode_seconds": gen.decode_seconds,
+            "seed": gen.seed,
         });
         println!("{}", serde_json::to_string_pretty(&out).expect("json"));
     } else {
         println!("{}", gen.text);
         eprintln!(
-            "{} tokens, {:.1} tokens/s, stop: {:?}",
+            "{} tokens, {:.1} tokens/s, stop: {:?}{}",
             gen.ids.len(),
             gen.tokens_per_second(),
-            gen.stop_reason
+            gen.stop_reason,
+            sampled_with(gen.seed)
         );
     }
     Ok(())
+}
+
+/// ", sampled with seed N (--seed N repeats it)" after a sampled generation.
+pub fn sampled_with(seed: Option<u64>) -> String {
+    seed.map(|s| format!(", sampled with seed {s} (--seed {s} repeats it)"))
+        .unwrap_or_default()
 }
 
 fn salience_command(args: SalienceArgs) -> Result<(), EngineError> {

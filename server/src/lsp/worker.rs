@@ -36,7 +36,8 @@ pub enum Task {
 
 pub enum Output {
     Analysis(Box<Analysis>),
-    Generated(String),
+    /// The response, and the seed when it was sampled.
+    Generated(String, Option<u64>),
     Faithfulness(Box<Faithfulness>),
 }
 
@@ -180,7 +181,7 @@ fn run(
             let template = engine.template_or_default(template);
             let prepared = engine.prepare(file.prompt_text(), system.as_deref(), template)?;
             let gen = engine.generate(&prepared.ids(), &generation, &report, cancel)?;
-            Ok(Output::Generated(gen.text))
+            Ok(Output::Generated(gen.text, gen.seed))
         }
         Task::Faithfulness {
             analysis,

@@ -49,11 +49,12 @@ impl Backend {
             .run_on_worker("Generating response", model, task, &cancel)
             .await
         {
-            Ok(Output::Generated(t)) => t,
+            Ok(Output::Generated(t, seed)) => (t, seed),
             Ok(_) => return Err(Error::internal_error()),
             Err(e) => return Err(engine_error(e)),
         };
         // The edit replaces only the response section of the text it was generated for.
+        let (text, seed) = text;
         let edit = {
             let mut st = self.state();
             let enc = st.encoding;
@@ -81,6 +82,8 @@ impl Backend {
             .await
             .map(|r| r.applied)
             .unwrap_or(false);
-        Ok(json!({ "applied": applied, "response": text }))
+        // A sampled response names its seed, so that the user can repeat it (`seed:` in the
+        // front matter).
+        Ok(json!({ "applied": applied, "response": text, "seed": seed }))
     }
 }

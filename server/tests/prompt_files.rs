@@ -168,6 +168,44 @@ fn targets_by_text_lines_and_inside_the_prompt() {
 }
 
 #[test]
+fn a_candidate_answer_is_explained_without_touching_the_file() {
+    // Copied, so that a write to it would be noticed and nothing else is affected.
+    let dir = tempfile::tempdir().unwrap();
+    let source = prompts()
+        .into_iter()
+        .find(|p| p.to_string_lossy().contains("few-shot"))
+        .unwrap();
+    let file = dir.path().join("copy.prompt.md");
+    std::fs::copy(&source, &file).unwrap();
+    let before = std::fs::read(&file).unwrap();
+    let args = ["--method", "grad_l2", "--no-faithfulness"];
+    let own = compute_json(&file, &args);
+    let candidate = "Sentiment: mixed";
+    let v = compute_json(&file, &[&args[..], &["--target-text", candidate]].concat());
+    check_schema(&v);
+    assert_eq!(v["target"]["text"].as_str().unwrap(), candidate);
+    assert_ne!(
+        v["objective"], own["objective"],
+        "a different answer has another F"
+    );
+    // The prompt part is the same text, the file on disk untouched.
+    let start = v["target"]["start"].as_u64().unwrap() as usize;
+    assert!(own["text"]
+        .as_str()
+        .unwrap()
+        .starts_with(&v["text"].as_str().unwrap()[..start]));
+    assert_eq!(std::fs::read(&file).unwrap(), before);
+    let out = bin()
+        .arg("compute")
+        .arg(&file)
+        .args(["--target-text", "  "])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--target-text is empty"));
+}
+
+#[test]
 fn html_report_is_self_contained() {
     let file = &prompts()[0];
     let dir = tempfile::tempdir().unwrap();

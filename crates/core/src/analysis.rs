@@ -274,9 +274,11 @@ pub fn analyse(
             .collect();
         (prompt_tokens, positions)
     } else {
+        let (l1, c1) = crate::prompt_file::line_col(&doc.text, target_bytes.start);
+        let (l2, c2) = crate::prompt_file::line_col(&doc.text, target_bytes.end);
         return Err(EngineError::InvalidInput(format!(
-            "the target (bytes {}..{}) must lie inside the prompt or inside the response",
-            target_bytes.start, target_bytes.end
+            "the target (line {l1}, column {c1} to line {l2}, column {c2}) must lie inside the \
+             prompt or inside the response, not across them or in the front matter"
         )));
     };
     let (Some(&first), Some(&last)) = (target_positions.first(), target_positions.last()) else {

@@ -34,6 +34,10 @@ pub struct AnalysisArgs {
     /// Target: lines L1..L2 of the file (1-based, inclusive).
     #[arg(long, group = "target_choice")]
     target_lines: Option<String>,
+    /// Target: a candidate answer that is not in the file, explained as if it were the
+    /// response (in memory; the file is not changed).
+    #[arg(long, group = "target_choice")]
+    target_text: Option<String>,
     /// Contrastive target: explain why the target rather than this alternative
     /// (F = ln p(target) - ln p(alternative)). Default: the file's `salience.contrast`.
     #[arg(long, conflicts_with = "no_contrast")]
@@ -237,7 +241,17 @@ pub fn analyse_file(
     let resolved = args.resolve(file, generation, Some(engine.name.clone()))?;
     let selected = resolved.segmentation().clone();
     let opts = resolved.analysis;
-    let target = target(args, file)?;
+    let candidate;
+    let (file, target) = match &args.target_text {
+        Some(answer) if answer.trim().is_empty() => {
+            return Err(EngineError::InvalidInput("--target-text is empty".into()))
+        }
+        Some(answer) => {
+            candidate = prompt_file::parse(&write::with_response(file, answer));
+            (&candidate, Target::Response)
+        }
+        None => (file, target(args, file)?),
+    };
     let cancel = CancelToken::new();
     let analysis = analyse(engine, file, &target, &opts, &stderr_progress, &cancel)?;
     let faithfulness = if args.no_faithfulness {

@@ -83,11 +83,16 @@ pub fn trim_range(text: &str, range: Range<usize>) -> Range<usize> {
     }
 }
 
+/// 1-based line and column (in characters, as editors count them for people) of a byte offset.
 pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
     let line = before.matches('\n').count() + 1;
-    let col = before.len() - before.rfind('\n').map_or(0, |p| p + 1) + 1;
-    (line, col)
+    let line_start = before.rfind('\n').map_or(0, |p| p + 1);
+    (line, before[line_start..].chars().count() + 1)
 }
 
 fn problem(text: &str, range: Range<usize>, message: String) -> Problem {
@@ -200,6 +205,18 @@ impl PromptFile {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn columns_count_characters_not_bytes() {
+        let text = "ab\nçé x\n";
+        assert_eq!(line_col(text, 0), (1, 1));
+        assert_eq!(line_col(text, 3), (2, 1));
+        // 'x' is at byte 8 (ç and é take two bytes each) but is the 4th character.
+        assert_eq!(line_col(text, 8), (2, 4));
+        // Inside a character: its start.
+        assert_eq!(line_col(text, 4), (2, 1));
+        assert_eq!(line_col(text, 99), (3, 1));
+    }
     use super::*;
 
     #[test]

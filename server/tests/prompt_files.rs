@@ -168,6 +168,49 @@ fn targets_by_text_lines_and_inside_the_prompt() {
 }
 
 #[test]
+fn faithfulness_sets_the_map_against_leave_one_out() {
+    let file = prompts()
+        .into_iter()
+        .find(|p| p.to_string_lossy().contains("few-shot"))
+        .unwrap();
+    let v = compute_json(&file, &["--method", "grad_l2"]);
+    let f = &v["faithfulness"];
+    let n = f["segments"].as_u64().unwrap() as usize;
+    let a = &f["agreement"];
+    let loo: Vec<f64> = a["leave_one_out"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert_eq!(loo.len(), n);
+    let rho = a["spearman"].as_f64().unwrap();
+    assert!((-1.0..=1.0).contains(&rho), "{rho}");
+    // The same single deletions appear in the exact random baseline of one segment (every
+    // subset of size 1, in order): the two must be the same numbers.
+    let one = f["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["deleted"] == 1 && p["random"]["exact"] == true)
+        .expect("few segments: one deletion is enumerated exactly");
+    let singles: Vec<f64> = one["random"]["drops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert_eq!(singles, loo);
+    // Leave-one-out's own top segment is the largest single drop.
+    let best = loo.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let top = a["leave_one_out_test"]["drop"].as_f64().unwrap();
+    assert!((top - best).abs() < 1e-4, "{top} vs {best}");
+    // A leave-one-out map is not compared with itself.
+    let v = compute_json(&file, &["--method", "leave_one_out"]);
+    assert!(v["faithfulness"]["agreement"].is_null());
+}
+
+#[test]
 fn a_candidate_answer_is_explained_without_touching_the_file() {
     // Copied, so that a write to it would be noticed and nothing else is affected.
     let dir = tempfile::tempdir().unwrap();

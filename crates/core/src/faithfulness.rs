@@ -111,6 +111,22 @@ pub struct DeletionPoint {
     pub random_sd: f32,
 }
 
+/// Leave-one-out on the same segments, to set the map against (cheap: one forward pass per
+/// segment on a cached prefix).
+#[derive(Debug, Clone, Serialize)]
+pub struct Agreement {
+    /// F(full) − F(without segment i), in the order of the map's segments that hold a token.
+    pub leave_one_out: Vec<f32>,
+    /// Spearman rank correlation between the map's scores and leave-one-out's (its magnitude,
+    /// for maps without sign).
+    pub spearman: f32,
+    /// Deleting leave-one-out's own top segments, judged like the map's.
+    pub leave_one_out_test: DeletionTest,
+}
+
+/// Leave-one-out runs for agreement up to this many segments.
+pub const AGREEMENT_MAX_SEGMENTS: usize = 40;
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Faithfulness {
     pub level: String,
@@ -122,14 +138,74 @@ pub struct Faithfulness {
     pub verdict: Verdict,
     /// Why, in one line, with one sign convention ("lowers F by x" / "raises F by x").
     pub reason: String,
+    /// Agreement with leave-one-out on the same segments; None for leave-one-out maps and
+    /// above `AGREEMENT_MAX_SEGMENTS` segments.
+    pub agreement: Option<Agreement>,
+    /// "F" with a contrast, else "log p(target)".
+    #[serde(skip)]
+    pub objective_name: String,
     pub seed: u64,
     pub seconds: f64,
 }
 
 impl Faithfulness {
-    /// The verdict and its reason, as one line for a person.
+    /// The verdict and its reason, as one line for a person; then how the map agrees with
+    /// leave-one-out, and leave-one-out's own result when the map does not pass.
     pub fn summary(&self) -> String {
-        format!("{}: {}", self.verdict.name(), self.reason)
+        let mut out = format!("{}: {}", self.verdict.name(), self.reason);
+        if let Some(a) = &self.agreement {
+            out.push_str(&format!(
+                ". Rank agreement with leave-one-out: ρ = {:.2}",
+                a.spearman
+            ));
+            let t = &a.leave_one_out_test;
+            if self.verdict != Verdict::Faithful && t.judgement == Verdict::Faithful {
+                out.push_str(&format!(
+                    "; leave-one-out's top {} {} and passes this test: try method leave_one_out",
+                    t.deleted,
+                    effect(t.drop, &self.objective_name)
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// Ranks (1-based, ties averaged).
+fn ranks(xs: &[f32]) -> Vec<f64> {
+    let mut order: Vec<usize> = (0..xs.len()).collect();
+    order.sort_by(|&a, &b| xs[a].total_cmp(&xs[b]));
+    let mut out = vec![0f64; xs.len()];
+    let mut i = 0;
+    while i < order.len() {
+        let mut j = i;
+        while j + 1 < order.len() && xs[order[j + 1]] == xs[order[i]] {
+            j += 1;
+        }
+        let rank = (i + j) as f64 / 2.0 + 1.0;
+        for &k in &order[i..=j] {
+            out[k] = rank;
+        }
+        i = j + 1;
+    }
+    out
+}
+
+/// Spearman's rank correlation (0 when either side is constant).
+fn spearman(a: &[f32], b: &[f32]) -> f32 {
+    let (ra, rb) = (ranks(a), ranks(b));
+    let n = ra.len() as f64;
+    let (ma, mb) = (ra.iter().sum::<f64>() / n, rb.iter().sum::<f64>() / n);
+    let (mut sab, mut saa, mut sbb) = (0.0, 0.0, 0.0);
+    for (x, y) in ra.iter().zip(&rb) {
+        sab += (x - ma) * (y - mb);
+        saa += (x - ma).powi(2);
+        sbb += (y - mb).powi(2);
+    }
+    if saa == 0.0 || sbb == 0.0 {
+        0.0
+    } else {
+        (sab / (saa * sbb).sqrt()) as f32
     }
 }
 
@@ -274,7 +350,11 @@ pub fn check(
     all_sizes.extend(sizes.iter().filter_map(|s| bottom_sizes(s.1)));
     all_sizes.sort_unstable();
     all_sizes.dedup();
-    let total: usize = all_sizes.iter().map(|&k| draws_for(k)).sum::<usize>() + 2 * sizes.len();
+    let with_agreement = n <= AGREEMENT_MAX_SEGMENTS
+        && analysis.method != salience_engine::salience::Method::LeaveOneOut;
+    let total: usize = all_sizes.iter().map(|&k| draws_for(k)).sum::<usize>()
+        + 2 * sizes.len()
+        + if with_agreement { n + 1 } else { 0 };
     let mut done = 0;
     let mut memo: HashMap<Vec<usize>, f32> = HashMap::new();
     let mut drop_without =
@@ -353,7 +433,6 @@ pub fn check(
             random,
         });
     }
-    progress(Progress::Perturbation { done: total, total });
     let f_name = if analysis.contrast.is_some() {
         "F"
     } else {
@@ -371,6 +450,31 @@ pub fn check(
         .find(|p| p.deleted == k_mid)
         .expect("a point per size");
     let (verdict, reason) = explain(p, n, &plural(&result.name), f_name);
+    let agreement = if with_agreement {
+        let loo: Vec<f32> = (0..n)
+            .map(|i| drop_without(vec![i], &mut scorer))
+            .collect::<Result<_, _>>()?;
+        let scores: Vec<f32> = candidates.iter().map(|c| c.0).collect();
+        let importance: Vec<f32> = if signed {
+            loo.clone()
+        } else {
+            loo.iter().map(|d| d.abs()).collect()
+        };
+        let mut by_loo: Vec<usize> = (0..n).collect();
+        by_loo.sort_by(|&a, &b| loo[b].total_cmp(&loo[a]));
+        let drop = drop_without(by_loo[..k_mid].to_vec(), &mut scorer)?;
+        Some(Agreement {
+            spearman: spearman(&scores, &importance),
+            leave_one_out_test: DeletionTest {
+                deleted: k_mid,
+                ..judge(drop, 1.0, &baselines[&k_mid])
+            },
+            leave_one_out: loo,
+        })
+    } else {
+        None
+    };
+    progress(Progress::Perturbation { done: total, total });
     Ok(Faithfulness {
         level: result.name.clone(),
         method: analysis.method.name().to_string(),
@@ -379,6 +483,8 @@ pub fn check(
         points,
         verdict,
         reason,
+        agreement,
+        objective_name: f_name.to_string(),
         seed: opts.seed,
         seconds: started.elapsed().as_secs_f64(),
     })
@@ -484,6 +590,18 @@ mod tests {
             Verdict::Faithful,
             "exact: the best of every possible deletion"
         );
+    }
+
+    #[test]
+    fn spearman_ranks_with_ties() {
+        assert!((spearman(&[1.0, 2.0, 3.0], &[10.0, 20.0, 30.0]) - 1.0).abs() < 1e-6);
+        assert!((spearman(&[1.0, 2.0, 3.0], &[3.0, 2.0, 1.0]) + 1.0).abs() < 1e-6);
+        // Monotone but not linear: still 1.
+        assert!((spearman(&[1.0, 2.0, 3.0, 4.0], &[1.0, 10.0, 100.0, 1000.0]) - 1.0).abs() < 1e-6);
+        assert_eq!(ranks(&[5.0, 1.0, 5.0]), vec![2.5, 1.0, 2.5]);
+        assert_eq!(spearman(&[1.0, 1.0], &[1.0, 2.0]), 0.0);
+        // A hand-computed case: ranks (1,2,3,4) and (2,1,4,3): 1 - 6·4/(4·15) = 0.6.
+        assert!((spearman(&[1.0, 2.0, 3.0, 4.0], &[2.0, 1.0, 4.0, 3.0]) - 0.6).abs() < 1e-6);
     }
 
     #[test]

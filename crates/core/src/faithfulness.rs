@@ -144,14 +144,22 @@ pub struct Faithfulness {
     /// "F" with a contrast, else "log p(target)".
     #[serde(skip)]
     pub objective_name: String,
+    /// `verdict: reason`, then the agreement with leave-one-out: the one line every front end
+    /// shows (see `summary_line`).
+    pub summary: String,
     pub seed: u64,
     pub seconds: f64,
 }
 
 impl Faithfulness {
+    /// The line every front end shows (the `summary` field).
+    pub fn summary(&self) -> String {
+        self.summary.clone()
+    }
+
     /// The verdict and its reason, as one line for a person; then how the map agrees with
     /// leave-one-out, and leave-one-out's own result when the map does not pass.
-    pub fn summary(&self) -> String {
+    fn summary_line(&self) -> String {
         let mut out = format!("{}: {}", self.verdict.name(), self.reason);
         if let Some(a) = &self.agreement {
             out.push_str(&format!(
@@ -475,7 +483,7 @@ pub fn check(
         None
     };
     progress(Progress::Perturbation { done: total, total });
-    Ok(Faithfulness {
+    let mut out = Faithfulness {
         level: result.name.clone(),
         method: analysis.method.name().to_string(),
         segments: n,
@@ -485,9 +493,12 @@ pub fn check(
         reason,
         agreement,
         objective_name: f_name.to_string(),
+        summary: String::new(),
         seed: opts.seed,
         seconds: started.elapsed().as_secs_f64(),
-    })
+    };
+    out.summary = out.summary_line();
+    Ok(out)
 }
 
 /// The verdict at one point and its reason in one line.

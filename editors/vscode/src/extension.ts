@@ -182,11 +182,11 @@ export async function activate(context: vscode.ExtensionContext) {
     const res = (await vscode.window.withProgress(
       { location: vscode.ProgressLocation.Window, title: 'Checking faithfulness' },
       () => exec('promptSalience.checkFaithfulness', { uri: e.document.uri.toString() }),
-    )) as { faithfulness?: { verdict?: string; reason?: string; level?: string } } | undefined;
+    )) as { faithfulness?: { verdict?: string; reason?: string; summary?: string; level?: string } } | undefined;
     const f = res?.faithfulness;
     if (f?.verdict) {
       // The output channel has it from the result notification.
-      vscode.window.showInformationMessage(`Prompt Salience: faithfulness (${f.level}s): ${f.verdict}: ${f.reason ?? ''}`);
+      vscode.window.showInformationMessage(`Prompt Salience: faithfulness (${f.level}s): ${f.summary ?? `${f.verdict}: ${f.reason ?? ''}`}`);
     }
   });
   register('promptSalience.toggleDifference', async () => {

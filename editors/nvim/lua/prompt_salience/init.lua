@@ -194,7 +194,7 @@ function M.faithfulness()
     -- A fresh check also re-sends the result notification, which echoes the verdict.
     if res and res.cached and res.faithfulness then
       local f = res.faithfulness
-      vim.notify('prompt-salience: faithfulness (' .. tostring(f.level) .. 's): ' .. tostring(f.verdict) .. ': ' .. tostring(f.reason), vim.log.levels.INFO)
+      vim.notify('prompt-salience: faithfulness (' .. tostring(f.level) .. 's): ' .. tostring(f.summary or (tostring(f.verdict) .. ': ' .. tostring(f.reason))), vim.log.levels.INFO)
     end
   end)
 end

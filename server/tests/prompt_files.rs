@@ -168,6 +168,29 @@ fn targets_by_text_lines_and_inside_the_prompt() {
 }
 
 #[test]
+fn the_headline_example_answers_sensibly_with_a_faithful_map() {
+    // The README's first command: the answer a reader would accept, likely under the model
+    // (a raw continuation keeps its leading space: " positive" is the token the model chose),
+    // and a map that passes its own check.
+    let file = prompts()
+        .into_iter()
+        .find(|p| p.to_string_lossy().contains("few-shot"))
+        .unwrap();
+    let v = compute_json(&file, &[]);
+    assert_eq!(v["target"]["text"], "positive");
+    let f = v["objective"].as_f64().unwrap();
+    assert!(
+        f > -1.0,
+        "ln p(answer) = {f}: the explained answer is not the likely one"
+    );
+    assert_eq!(
+        v["faithfulness"]["verdict"], "faithful",
+        "{}",
+        v["faithfulness"]["summary"]
+    );
+}
+
+#[test]
 fn faithfulness_sets_the_map_against_leave_one_out() {
     let file = prompts()
         .into_iter()

@@ -246,11 +246,20 @@ pub fn analyse(
     let (all_tokens, target_positions) = if in_response {
         let mut all = prompt_tokens;
         let first = all.len();
-        for (id, r) in engine.tokenize_target(doc.response_text())? {
+        // A raw prompt is continued as text: the response's leading spaces are part of it
+        // (" positive" after "Sentiment:" is one token; "positive" is another, unlikely one).
+        // A chat turn starts fresh, so there they are dropped.
+        let start = if template == TemplateMode::Raw {
+            let before = &doc.text[..doc.response.start];
+            doc.response.start - (before.len() - before.trim_end_matches([' ', '\t']).len())
+        } else {
+            doc.response.start
+        };
+        for (id, r) in engine.tokenize_target(&doc.text[start..doc.response.end])? {
             all.push(AnalysedToken {
                 id,
                 text: engine.tokenizer.token_text(id),
-                range: Some(doc.response.start + r.start..doc.response.start + r.end),
+                range: Some(start + r.start..start + r.end),
                 score: 0.0,
             });
         }

@@ -69,30 +69,40 @@ fn request(engine: &Engine, case: &Case, method: Method, ig: IgOptions) -> Salie
     }
 }
 
+/// The gradient methods, their key in the reference files, and the sign that turns the
+/// reference's attribution of the loss into ours of F.
+const GRADIENT_METHODS: [(Method, &str, f64); 2] = [
+    (Method::GradL2, "grad_l2", 1.0),
+    (Method::GradDotInput, "grad_dot_input", -1.0),
+];
+
+/// Our scores for a case, and F.
+fn our_scores(engine: &Engine, case: &Case, method: Method) -> (Vec<f64>, f32) {
+    let req = request(engine, case, method, IgOptions::default());
+    let r = salience::compute(&engine.model, &req, &no_progress, &CancelToken::new()).unwrap();
+    (r.scores.iter().map(|&s| s as f64).collect(), r.objective)
+}
+
+/// A reference's scores in our sign convention.
+fn signed(scores: &Value, sign: f64) -> Vec<f64> {
+    floats(scores).into_iter().map(|s| s * sign).collect()
+}
+
 fn check_gradient_methods(name: &str) {
     let engine = common::default_engine();
     let case = load(name);
     let loss = case.reference["loss"].as_f64().unwrap();
-    for (method, key, sign) in [
-        (Method::GradL2, "grad_l2", 1.0),
-        (Method::GradDotInput, "grad_dot_input", -1.0),
-    ] {
-        let req = request(&engine, &case, method, IgOptions::default());
-        let r = salience::compute(&engine.model, &req, &no_progress, &CancelToken::new()).unwrap();
-        let ours: Vec<f64> = r.scores.iter().map(|&s| s as f64).collect();
-        let theirs: Vec<f64> = floats(&case.reference["results"][key]["scores"])
-            .into_iter()
-            .map(|s| s * sign)
-            .collect();
+    for (method, key, sign) in GRADIENT_METHODS {
+        let (ours, objective) = our_scores(&engine, &case, method);
+        let theirs = signed(&case.reference["results"][key]["scores"], sign);
         assert_eq!(ours.len(), theirs.len());
         let (r_corr, err) = (pearson(&ours, &theirs), rel_l2(&ours, &theirs));
         eprintln!("{name} {key}: pearson {r_corr:.9}, relative L2 {err:.2e}");
         assert!(r_corr >= 0.999, "{key}: pearson {r_corr}");
         assert!(err <= 1e-3, "{key}: relative L2 {err}");
         assert!(
-            ((r.objective as f64) + loss).abs() <= 1e-3 * loss.abs().max(1.0),
-            "F {} vs -loss {}",
-            r.objective,
+            ((objective as f64) + loss).abs() <= 1e-3 * loss.abs().max(1.0),
+            "F {objective} vs -loss {}",
             -loss
         );
     }
@@ -161,20 +171,13 @@ fn check_float64_distance(name: &str) {
         ids(&truth["prompt_ids"]),
         ids(&case.reference["prompt_ids"])
     );
-    for (method, key, sign) in [
-        (Method::GradL2, "grad_l2", 1.0),
-        (Method::GradDotInput, "grad_dot_input", -1.0),
-    ] {
-        let req = request(&engine, &case, method, IgOptions::default());
-        let r = salience::compute(&engine.model, &req, &no_progress, &CancelToken::new()).unwrap();
-        let ours: Vec<f64> = r.scores.iter().map(|&s| s as f64).collect();
-        let flip = |v: &Value| -> Vec<f64> { floats(v).into_iter().map(|s| s * sign).collect() };
-        let exact = flip(&truth["results"][key]["scores"]);
-        let torch32 = flip(&case.reference["results"][key]["scores"]);
+    for (method, key, sign) in GRADIENT_METHODS {
+        let (ours, objective) = our_scores(&engine, &case, method);
+        let exact = signed(&truth["results"][key]["scores"], sign);
+        let torch32 = signed(&case.reference["results"][key]["scores"], sign);
         let (mine, theirs) = (rel_l2(&ours, &exact), rel_l2(&torch32, &exact));
         eprintln!(
-            "{name}: F {} vs float64 {} (PyTorch float32 {})",
-            r.objective,
+            "{name}: F {objective} vs float64 {} (PyTorch float32 {})",
             -truth["loss"].as_f64().unwrap(),
             -case.reference["loss"].as_f64().unwrap()
         );

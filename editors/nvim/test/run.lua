@@ -26,6 +26,7 @@ local ok, err = xpcall(function()
     '---',
     'salience:',
     '  max_new_tokens: 8',
+    '  method: grad_dot_input',
     '  granularity: sentence',
     '---',
     'You are a careful assistant. Answer in one word.',

@@ -46,7 +46,7 @@ pub struct AnalysisArgs {
     #[arg(long)]
     no_contrast: bool,
     /// grad_l2, grad_dot_input, integrated_gradients, leave_one_out, ablation_surrogate
-    /// (default: the file's `salience.method`, else grad_dot_input)
+    /// (default: the file's `salience.method`, else grad_l2)
     #[arg(long)]
     method: Option<Method>,
     /// Report level, and the segments perturbation methods and the faithfulness check delete

@@ -204,7 +204,7 @@ struct SalienceArgs {
     #[arg(long)]
     target: Option<String>,
     /// grad_l2, grad_dot_input or integrated_gradients.
-    #[arg(long, default_value = "grad_dot_input")]
+    #[arg(long, default_value = "grad_l2")]
     method: Method,
     /// Integrated gradients: a fixed number of steps (no adaptivity). With `--spacing uniform`
     /// this is the plain midpoint rule.

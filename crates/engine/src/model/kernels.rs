@@ -296,9 +296,11 @@ pub(super) mod tests {
     use crate::model::ops;
 
     pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
+        max_abs(&(a - b).unwrap())
+    }
+
+    pub(crate) fn max_abs(t: &Tensor) -> f32 {
+        t.abs()
             .unwrap()
             .flatten_all()
             .unwrap()

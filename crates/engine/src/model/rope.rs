@@ -221,14 +221,7 @@ mod tests {
         let back = rope
             .apply_transposed(&y, &cos, &sin.neg().unwrap())
             .unwrap();
-        let err = (back - &x)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let err = crate::model::kernels::tests::max_diff(&back, &x);
         assert!(err < 1e-5, "{err}");
     }
 }

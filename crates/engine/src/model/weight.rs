@@ -635,7 +635,7 @@ fn dequantize_blocks<B: GgmlType>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::kernels::tests::max_diff;
+    use crate::model::kernels::tests::{max_abs, max_diff};
 
     fn random(dims: (usize, usize), seed: u64) -> Tensor {
         use rand::{Rng, SeedableRng};
@@ -719,13 +719,7 @@ mod tests {
             for n in 1..=decode_dot::MAX_INPUT_ROWS {
                 let x = random((n, 512), 5 + n as u64);
                 let tiled = m.forward_using(&x, n, None).unwrap();
-                let scale = tiled
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let scale = max_abs(&tiled);
                 for &kernel in &kernels {
                     let fast = m.forward_using(&x, n, Some(kernel)).unwrap();
                     let d = max_diff(&fast, &tiled);

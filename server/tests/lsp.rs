@@ -7,7 +7,8 @@ use serde_json::{json, Value};
 
 use prompt_salience::lsp::test_client::{decode_semantic_tokens, Client, URI};
 
-const DOC: &str = "---\nsalience:\n  max_new_tokens: 8\n  method: grad_dot_input\n  granularity: sentence\n---\nYou are a careful assistant. Answer in one word.\n\nWhat colour is the sky on a clear day?\n";
+// Signed maps are this test's subject; the granularity is the default, sentence.
+const DOC: &str = "---\nsalience:\n  max_new_tokens: 8\n  method: grad_dot_input\n---\nYou are a careful assistant. Answer in one word.\n\nWhat colour is the sky on a clear day?\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn initialize_negotiates_encoding_and_declares_features() {

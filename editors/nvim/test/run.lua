@@ -26,8 +26,7 @@ local ok, err = xpcall(function()
     '---',
     'salience:',
     '  max_new_tokens: 8',
-    '  method: grad_dot_input',
-    '  granularity: sentence',
+    '  method: grad_dot_input', -- signed maps; the granularity is the default, sentence
     '---',
     'You are a careful assistant. Answer in one word.',
     '',

@@ -18,7 +18,8 @@ const check = (name, cond, detail) => {
 const ws = path.join(work, 'ws'), user = path.join(work, 'user'), exts = path.join(work, 'exts');
 for (const d of [ws, path.join(user, 'User'), exts]) fs.mkdirSync(d, { recursive: true });
 fs.writeFileSync(path.join(ws, 'sky.prompt.md'), [
-  '---', 'salience:', '  max_new_tokens: 8', '  method: grad_dot_input', '  granularity: sentence', '---',
+  // Signed maps; the granularity is the default, sentence.
+  '---', 'salience:', '  max_new_tokens: 8', '  method: grad_dot_input', '---',
   'You are a careful assistant. Answer in one word.', '', 'What colour is the sky on a clear day?', '',
 ].join('\n'));
 fs.writeFileSync(path.join(user, 'User', 'settings.json'), JSON.stringify({

@@ -152,7 +152,13 @@ fn targets_by_text_lines_and_inside_the_prompt() {
         stderr.contains("not in the response") && stderr.contains("in the prompt (line"),
         "{stderr}"
     );
-    let v = compute_json(&file, &["--target-lines", "10..10"]);
+    let line = std::fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .position(|l| l.starts_with("1. Be honest"))
+        .unwrap()
+        + 1;
+    let v = compute_json(&file, &["--target-lines", &format!("{line}..{line}")]);
     assert_eq!(
         v["target"]["text"],
         "1. Be honest: say when you do not know."

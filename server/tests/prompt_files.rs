@@ -25,14 +25,13 @@ fn prompts() -> Vec<PathBuf> {
     files
 }
 
+/// `compute FILE ARGS…`, run to the end.
+fn compute(file: &Path, args: &[&str]) -> std::process::Output {
+    bin().arg("compute").arg(file).args(args).output().unwrap()
+}
+
 fn compute_json(file: &Path, extra: &[&str]) -> Value {
-    let out = bin()
-        .arg("compute")
-        .arg(file)
-        .args(["--format", "json"])
-        .args(extra)
-        .output()
-        .unwrap();
+    let out = compute(file, &[&["--format", "json"], extra].concat());
     assert!(
         out.status.success(),
         "{}: {}",
@@ -133,10 +132,9 @@ fn targets_by_text_lines_and_inside_the_prompt() {
     check_schema(&v);
     assert_eq!(v["target"]["text"], "Be kind");
     // And it says so: the text was not found in the response.
-    let out = bin()
-        .arg("compute")
-        .arg(&file)
-        .args([
+    let out = compute(
+        &file,
+        &[
             "--target",
             "Be kind",
             "--method",
@@ -144,9 +142,8 @@ fn targets_by_text_lines_and_inside_the_prompt() {
             "--no-faithfulness",
             "--format",
             "json",
-        ])
-        .output()
-        .unwrap();
+        ],
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("not in the response") && stderr.contains("in the prompt (line"),
@@ -163,12 +160,7 @@ fn targets_by_text_lines_and_inside_the_prompt() {
         v["target"]["text"],
         "1. Be honest: say when you do not know."
     );
-    let out = bin()
-        .arg("compute")
-        .arg(&file)
-        .args(["--target", "not in the file"])
-        .output()
-        .unwrap();
+    let out = compute(&file, &["--target", "not in the file"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not in the prompt or the response"));
 }
@@ -267,12 +259,7 @@ fn a_candidate_answer_is_explained_without_touching_the_file() {
         .unwrap()
         .starts_with(&v["text"].as_str().unwrap()[..start]));
     assert_eq!(std::fs::read(&file).unwrap(), before);
-    let out = bin()
-        .arg("compute")
-        .arg(&file)
-        .args(["--target-text", "  "])
-        .output()
-        .unwrap();
+    let out = compute(&file, &["--target-text", "  "]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--target-text is empty"));
 }

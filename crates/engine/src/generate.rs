@@ -108,12 +108,7 @@ impl Engine {
             .count()
             .min(prompt_ids.len() - 1);
         let mut cache = std::mem::take(&mut shared.cache);
-        cache
-            .truncate(common)
-            .map_err(|e| EngineError::candle_or_cancel(e, cancel))?;
-        if common == 0 {
-            cache = KvCache::default();
-        }
+        cache.truncate(common);
         let mut cache_ids = prompt_ids[..common].to_vec();
         let run = |cache: &mut KvCache, ids: &[u32]| -> Result<Vec<f32>, EngineError> {
             cancel

@@ -222,10 +222,7 @@ impl<'a> DeletionScorer<'a> {
         rows: &[Vec<u32>],
     ) -> candle_core::Result<Vec<Vec<Vec<f32>>>> {
         let mut prefix = self.cache.clone();
-        prefix.truncate(common)?;
-        if common == 0 {
-            prefix = KvCache::default();
-        }
+        prefix.truncate(common);
         let b = rows.len();
         let mut out = vec![Vec::with_capacity(self.terms.len()); b];
         for term in &self.terms {

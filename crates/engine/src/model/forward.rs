@@ -57,7 +57,9 @@ pub struct Tape {
 /// Each layer's keys and values live in buffers of shape (1, kv_heads, capacity, head_dim)
 /// that grow by doubling: a decoding step writes one position in place instead of copying the
 /// whole cache into a new tensor (which cost a copy of every layer's cache and fresh pages
-/// per token).
+/// per token). A clone shares the buffers: extend only one of the clones, and only past the
+/// positions the others read (perturbation reads a clone of its prefix; generation extends its
+/// own cache).
 #[derive(Default, Clone)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
@@ -66,9 +68,8 @@ pub struct KvCache {
 
 impl KvCache {
     /// Keeps the first `len` positions (the buffers stay allocated for reuse).
-    pub fn truncate(&mut self, len: usize) -> Result<()> {
+    pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
-        Ok(())
     }
 
     /// Layer `i`'s keys and values of the cached positions, (1, kv_heads, len, head_dim).
@@ -78,14 +79,6 @@ impl KvCache {
                 Ok(Some((k.narrow(2, 0, self.len)?, v.narrow(2, 0, self.len)?)))
             }
             _ => Ok(None),
-        }
-    }
-
-    /// Positions the buffers hold without growing.
-    pub fn capacity(&self) -> usize {
-        match self.layers.first() {
-            Some(Some((k, _))) => k.dim(2).unwrap_or(0),
-            _ => 0,
         }
     }
 }

@@ -39,8 +39,9 @@ impl TargetTerm {
     }
 }
 
-/// F of the context with some tokens deleted. Position 0 is never deleted: a causal model
-/// needs a token to predict the target from.
+/// F of the context with some tokens deleted. Any position may go, the first included (with
+/// a raw prompt and no BOS token it is the first word); a deletion that would leave no token
+/// at all is refused: a causal model needs one to predict the target from.
 pub struct DeletionScorer<'a> {
     model: &'a Model,
     context: Vec<u32>,
@@ -105,7 +106,7 @@ impl<'a> DeletionScorer<'a> {
             // (`prompt-salience bench`: 0.9-1.0x for masks, 0.96x for leave-one-out).
             batch: 1,
         };
-        let (from, kept) = scorer.plan(&[]);
+        let (from, kept) = scorer.plan(&[]).expect("the context is not empty");
         scorer.full_log_probs = scorer
             .term_log_probs(from, &[kept])
             .map_err(|e| EngineError::candle_or_cancel(e, cancel))?
@@ -124,23 +125,30 @@ impl<'a> DeletionScorer<'a> {
         Ok(self.without_many(std::slice::from_ref(&deleted.to_vec()), cancel)?[0])
     }
 
+    /// Whether a deletion keeps at least one context token (else no position predicts the
+    /// target and F is undefined).
+    pub fn keeps_a_token(&self, deleted: &[usize]) -> bool {
+        self.plan(deleted).is_some()
+    }
+
     /// Where a variant's forward pass starts, and the tokens it runs from there: the last
     /// kept token before the first deletion (its hidden state predicts the first target token
-    /// when everything after it is deleted), then every kept token after it.
-    fn plan(&self, deleted: &[usize]) -> (usize, Vec<u32>) {
+    /// when everything after it is deleted), then every kept token after it. When the first
+    /// position is deleted the pass starts from scratch. None when nothing is kept.
+    fn plan(&self, deleted: &[usize]) -> Option<(usize, Vec<u32>)> {
         let n = self.context.len();
         let mut gone = vec![false; n];
         for &p in deleted {
-            if p > 0 && p < n {
+            if p < n {
                 gone[p] = true;
             }
         }
-        let from = gone.iter().position(|&g| g).unwrap_or(n) - 1;
-        let kept = (from..n)
+        let from = gone.iter().position(|&g| g).unwrap_or(n).saturating_sub(1);
+        let kept: Vec<u32> = (from..n)
             .filter(|&p| !gone[p])
             .map(|p| self.context[p])
             .collect();
-        (from, kept)
+        (!kept.is_empty()).then_some((from, kept))
     }
 
     /// F for each set of deleted positions. Variants whose first deletion is at the same place
@@ -150,7 +158,17 @@ impl<'a> DeletionScorer<'a> {
         variants: &[Vec<usize>],
         cancel: &CancelToken,
     ) -> Result<Vec<f32>, EngineError> {
-        let plans: Vec<(usize, Vec<u32>)> = variants.iter().map(|d| self.plan(d)).collect();
+        let plans = variants
+            .iter()
+            .map(|d| {
+                self.plan(d).ok_or_else(|| {
+                    EngineError::InvalidInput(
+                        "this deletion removes every token before the target, leaving none to predict it from"
+                            .into(),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let mut order: Vec<usize> = (0..plans.len()).collect();
         order.sort_by_key(|&i| plans[i].0);
         let longest_term = self.terms.iter().map(|t| t.ids.len()).max().unwrap_or(0);
@@ -329,24 +347,34 @@ pub fn ablation_surrogate(
     }
     let samples = opts.samples.max(4);
     let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
-    let masks: Vec<Vec<bool>> = (0..samples)
-        .map(|_| {
-            (0..units.len())
-                .map(|_| rng.random_bool(opts.keep.clamp(0.0, 1.0)))
-                .collect()
-        })
-        .collect();
-    let deletions: Vec<Vec<usize>> = masks
-        .iter()
-        .map(|mask| {
-            units
-                .iter()
-                .zip(mask)
-                .filter(|(_, keep)| !**keep)
-                .flat_map(|(u, _)| u.iter().copied())
-                .collect()
-        })
-        .collect();
+    let deleted_by = |mask: &[bool]| -> Vec<usize> {
+        units
+            .iter()
+            .zip(mask)
+            .filter(|(_, keep)| !**keep)
+            .flat_map(|(u, _)| u.iter().copied())
+            .collect()
+    };
+    // A mask that would delete every token (a raw prompt without BOS, its segments covering
+    // it all) has no F: draw it again, so masks are uniform among those that keep a token.
+    let mut masks: Vec<Vec<bool>> = Vec::with_capacity(samples);
+    let mut draws = 0;
+    while masks.len() < samples {
+        draws += 1;
+        if draws > 100 * samples {
+            return Err(EngineError::InvalidInput(
+                "every ablation mask drawn deletes the whole prompt: raise the keep probability"
+                    .into(),
+            ));
+        }
+        let mask: Vec<bool> = (0..units.len())
+            .map(|_| rng.random_bool(opts.keep.clamp(0.0, 1.0)))
+            .collect();
+        if scorer.keeps_a_token(&deleted_by(&mask)) {
+            masks.push(mask);
+        }
+    }
+    let deletions: Vec<Vec<usize>> = masks.iter().map(|mask| deleted_by(mask)).collect();
     let ys = scored_in_chunks(scorer, &deletions, progress, cancel)?;
     let SurrogateFit {
         weights,

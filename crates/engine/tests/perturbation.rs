@@ -51,6 +51,8 @@ fn check_deletion_matches_plain_runs(arch: Arch) {
     );
     for deleted in [
         vec![9],
+        vec![0],
+        vec![0, 1, 5],
         vec![1, 2],
         vec![4, 7, 8],
         vec![5],
@@ -84,7 +86,7 @@ fn check_deletion_matches_plain_runs(arch: Arch) {
         assert!((a - b).abs() < 1e-4, "{one_by_one:?} vs {batched:?}");
     }
     // Leave-one-out is F(full) - F(without the unit), unit by unit.
-    let units = vec![vec![1, 2], vec![3], vec![4, 5, 6], vec![7, 8, 9]];
+    let units = vec![vec![0], vec![1, 2], vec![3], vec![4, 5, 6], vec![7, 8, 9]];
     let loo = perturbation::leave_one_out(&mut scorer, &units, &no_progress, &cancel).unwrap();
     for (unit, delta) in units.iter().zip(&loo) {
         let ctx = without(&CONTEXT, unit);
@@ -111,8 +113,10 @@ fn deletion_with_a_reused_prefix_equals_a_plain_run_other_architectures() {
     }
 }
 
+/// The first token is deletable like any other (a raw prompt without BOS starts with a word);
+/// deleting every token is refused, and the surrogate draws only masks that keep one.
 #[test]
-fn position_zero_is_never_deleted() {
+fn the_first_token_is_deletable_but_not_every_token() {
     let model = tiny(Arch::Llama);
     let cancel = CancelToken::new();
     let mut scorer = DeletionScorer::new(
@@ -124,7 +128,22 @@ fn position_zero_is_never_deleted() {
     .unwrap();
     let a = scorer.without(&[0, 1], &cancel).unwrap();
     let b = scorer.without(&[1], &cancel).unwrap();
-    assert_eq!(a, b);
+    assert_ne!(a, b, "deleting position 0 changes F");
+    let all: Vec<usize> = (0..CONTEXT.len()).collect();
+    assert!(!scorer.keeps_a_token(&all));
+    let err = scorer.without(&all, &cancel).unwrap_err().to_string();
+    assert!(err.contains("every token before the target"), "{err}");
+    // Two units covering the whole context: a quarter of the masks would delete everything.
+    let units = vec![(0..5).collect::<Vec<_>>(), (5..10).collect()];
+    let opts = SurrogateOptions {
+        samples: 16,
+        ..SurrogateOptions::default()
+    };
+    let (weights, report) =
+        perturbation::ablation_surrogate(&mut scorer, &units, &opts, &no_progress, &cancel)
+            .unwrap();
+    assert_eq!(report.samples, 16);
+    assert!(weights.iter().all(|w| w.is_finite()));
 }
 
 #[test]

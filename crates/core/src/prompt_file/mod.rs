@@ -37,8 +37,14 @@ pub struct PromptFile {
 
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
-    #[error("{path}: not UTF-8 text (invalid byte at offset {offset})")]
-    NotUtf8 { path: String, offset: usize },
+    #[error(
+        "{path}:{line}:{column}: not UTF-8 text (an invalid byte at line {line}, column {column})"
+    )]
+    NotUtf8 {
+        path: String,
+        line: usize,
+        column: usize,
+    },
     #[error("{path}: {source}")]
     Io {
         path: String,
@@ -51,9 +57,15 @@ pub fn read(path: &std::path::Path) -> Result<(PromptFile, Vec<u8>), FileError> 
         path: path.display().to_string(),
         source,
     })?;
-    let text = String::from_utf8(bytes.clone()).map_err(|e| FileError::NotUtf8 {
-        path: path.display().to_string(),
-        offset: e.utf8_error().valid_up_to(),
+    let text = String::from_utf8(bytes.clone()).map_err(|e| {
+        let valid = &bytes[..e.utf8_error().valid_up_to()];
+        let valid = std::str::from_utf8(valid).expect("valid_up_to ends a valid prefix");
+        let (line, column) = line_col(valid, valid.len());
+        FileError::NotUtf8 {
+            path: path.display().to_string(),
+            line,
+            column,
+        }
     })?;
     Ok((parse(&text), bytes))
 }
@@ -283,10 +295,20 @@ mod tests {
     fn non_utf8_files_are_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("bad.prompt.md");
-        std::fs::write(&p, b"Hello \xff world").unwrap();
+        // Columns count characters, not bytes: "é" is two bytes and one column.
+        std::fs::write(
+            &p,
+            "first\nHé \u{2028}"
+                .as_bytes()
+                .iter()
+                .chain(b"\xff")
+                .copied()
+                .collect::<Vec<u8>>(),
+        )
+        .unwrap();
         let err = read(&p).unwrap_err().to_string();
         assert!(
-            err.contains("not UTF-8") && err.contains("offset 6"),
+            err.contains("not UTF-8") && err.contains("line 2, column 5"),
             "{err}"
         );
     }

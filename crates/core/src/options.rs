@@ -18,7 +18,7 @@ use crate::segments::Segmentation;
 
 /// The method when nothing names one. Chosen by the faithfulness benchmark over the eight
 /// shipped prompts (`docs/case-studies/run.sh`, table in `docs/case-studies/faithfulness.md`):
-/// its maps passed their own deletion test in 4 of 8 cases, grad_dot_input's in 1 of 8.
+/// its maps passed their own deletion test in 4 of 8 cases, grad_dot_input's in 2 of 8.
 /// Leave-one-out passed in 8 of 8 but needs a run per segment and per granularity; every
 /// faithfulness check offers it when a gradient map fails.
 pub const DEFAULT_METHOD: Method = Method::GradL2;

@@ -5,7 +5,7 @@ import * as path from 'path';
 import * as vscode from 'vscode';
 import { LanguageClient, LanguageClientOptions, ServerOptions } from 'vscode-languageclient/node';
 import {
-  computeArguments, contrastArguments, groupSegments, levelColour, LspRange, METHODS, nextGain, SalienceResult, segmentHover, statusText, statusTooltip,
+  computeArguments, contrastArguments, groupSegments, levelColour, LspRange, METHODS, nextGain, SalienceResult, statusText, statusTooltip,
 } from './heatmap';
 
 let client: LanguageClient | undefined;
@@ -66,10 +66,9 @@ function paint(editor: vscode.TextEditor) {
   for (const [key, segs] of groupSegments(r)) {
     editor.setDecorations(
       decorationFor(key),
-      segs.map((s) => ({
-        range: toRange(s.range),
-        hoverMessage: new vscode.MarkdownString(segmentHover(r, s)),
-      })),
+      // No hoverMessage: the server's hover says the same and more (rank, target, verdict);
+      // both showed at once.
+      segs.map((s) => ({ range: toRange(s.range) })),
     );
   }
   if (r.target) editor.setDecorations(targetDecoration, [{ range: toRange(r.target), hoverMessage: 'Salience target' }]);

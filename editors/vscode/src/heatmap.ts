@@ -36,7 +36,8 @@ export interface SalienceResult {
 }
 
 /** The methods of `promptSalience.method`: gradients first, then perturbation. */
-export const METHODS = ['grad_dot_input', 'grad_l2', 'integrated_gradients', 'leave_one_out', 'ablation_surrogate'] as const;
+/** The method pick, the default (the server's) first. */
+export const METHODS = ['grad_l2', 'grad_dot_input', 'integrated_gradients', 'leave_one_out', 'ablation_surrogate'] as const;
 
 export const LEVELS = 8;
 const POSITIVE = [30, 160, 70];
@@ -103,22 +104,6 @@ export function short(text: string, n: number): string {
 /** Text shown literally in Markdown. */
 export function escapeMarkdown(text: string): string {
   return text.replace(/[\\`*_{}[\]()#+\-.!|<>~]/g, '\\$&');
-}
-
-function signed(x: number): string {
-  return (x >= 0 ? '+' : '') + x.toFixed(4);
-}
-
-/** Hover of a painted segment (Markdown): the score, or the change since the previous result. */
-export function segmentHover(r: SalienceResult, s: Segment): string {
-  const before = s.before ?? undefined;
-  if (r.difference) {
-    const b = before ?? 0;
-    return `**Change since the previous result** ${signed(s.score)} · before ${signed(b)} → now ${signed(b + s.score)}`;
-  }
-  let text = `**Salience** ${s.score.toFixed(4)} · ${ordinal(s.rank)} of ${r.segments.length} ${r.granularity}s · ${(100 * s.share).toFixed(1)}% of the total`;
-  if (before !== undefined) text += ` · before ${signed(before)} (${signed(s.score - before)})`;
-  return text;
 }
 
 export function statusText(r: SalienceResult | undefined): string {

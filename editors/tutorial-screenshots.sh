@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # The screenshots of docs/tutorial.md, in docs/tutorial/: the menu few-shot case study in Neovim and in
 # VS Code (real editors, real server: target/release/prompt-salience), and the HTML reports of
-# docs/case-studies/run.sh (run that first). usage: tutorial-screenshots.sh [nvim] [vscode] [reports]
-# (default all). Env: EDITOR_TOOLS (where the editors are installed), PROMPT_SALIENCE_CACHE (models).
+# docs/case-studies/run.sh (run that first); `readme`: the README's Neovim screenshot and headline report
+# (docs/). usage: tutorial-screenshots.sh [nvim] [vscode] [reports] [readme] (default all). Env: EDITOR_TOOLS (where the editors are installed), PROMPT_SALIENCE_CACHE (models).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 out=docs/tutorial
 mkdir -p "$out"
 tools=${EDITOR_TOOLS:-$root/.cache/editors}
-what=${*:-nvim vscode reports}
+what=${*:-nvim vscode reports readme}
 case_file=prompts/case-studies/menu-few-shot.prompt.md
 for w in $what; do
   case $w in
@@ -37,6 +37,17 @@ for w in $what; do
     shot models.compare.html compare-models.png 1200 1400
     shot math-chain-of-thought.html report-math.png 1200 1400
     ;;
-  *) echo "unknown: $w (nvim, vscode, reports)" >&2; exit 2 ;;
+  readme)
+    # The headline example: the last review (line 27) hovered, the float to the right of the map.
+    PROMPT=prompts/few-shot-classification.prompt.md COMMANDS=SalienceCompute LINE=27 KEYS=K COLS=160 ROWS=30 \
+      CMDHEIGHT=2 WAIT=60 PAGE_BG='#14161b' PAGE_FG='#e0e2ea' \
+      INIT_LUA="vim.keymap.set('n', 'K', function() vim.lsp.buf.hover({ offset_x = 84, max_width = 70 }) end)" \
+      WAIT_UNTIL='(vim.b.prompt_salience or {}).faithfulness ~= nil' \
+      bash editors/nvim/test/screenshot.sh docs/neovim.png
+    code_server=$(bash "$root/editors/test-tools/install-code-server.sh" "$tools/vscode") # playwright-core
+    PLAYWRIGHT_CORE=$tools/vscode/e2e/node_modules/playwright-core/index.mjs \
+      node editors/html-screenshot.mjs docs/few-shot-classification.report.html docs/few-shot-classification.report.png 1100 900
+    ;;
+  *) echo "unknown: $w (nvim, vscode, reports, readme)" >&2; exit 2 ;;
   esac
 done

@@ -209,7 +209,7 @@ function M.difference(on)
   exec(bufnr, 'promptSalience.showDifference', { value = on })
 end
 
-M.methods = { 'grad_dot_input', 'grad_l2', 'integrated_gradients', 'leave_one_out', 'ablation_surrogate' }
+M.methods = { 'grad_l2', 'grad_dot_input', 'integrated_gradients', 'leave_one_out', 'ablation_surrogate' }
 
 --- Writes the model's response into the file.
 function M.generate()

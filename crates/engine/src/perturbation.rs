@@ -163,7 +163,7 @@ impl<'a> DeletionScorer<'a> {
             .map(|d| {
                 self.plan(d).ok_or_else(|| {
                     EngineError::InvalidInput(
-                        "this deletion removes every token before the target, leaving none to predict it from"
+                        "this deletion removes every token before the target, leaving none to predict it from: split the prompt into more segments"
                             .into(),
                     )
                 })
@@ -343,6 +343,11 @@ pub fn ablation_surrogate(
     if units.is_empty() {
         return Err(EngineError::InvalidInput(
             "no segments to ablate before the target".into(),
+        ));
+    }
+    if units.len() == 1 && !scorer.keeps_a_token(&units[0]) {
+        return Err(EngineError::InvalidInput(
+            "the only segment covers every token before the target, so no mask can delete it: split the prompt into more segments".into(),
         ));
     }
     let samples = opts.samples.max(4);

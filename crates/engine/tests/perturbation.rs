@@ -144,6 +144,11 @@ fn the_first_token_is_deletable_but_not_every_token() {
             .unwrap();
     assert_eq!(report.samples, 16);
     assert!(weights.iter().all(|w| w.is_finite()));
+    // One unit covering everything: no mask can delete it, which is said, not fitted as zero.
+    let err = perturbation::ablation_surrogate(&mut scorer, &[all], &opts, &no_progress, &cancel)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("more segments"), "{err}");
 }
 
 #[test]

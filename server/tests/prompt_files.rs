@@ -25,6 +25,14 @@ fn prompts() -> Vec<PathBuf> {
     files
 }
 
+/// The shipped example whose name contains `name`.
+fn shipped(name: &str) -> PathBuf {
+    let found = prompts()
+        .into_iter()
+        .find(|p| p.to_string_lossy().contains(name));
+    found.unwrap_or_else(|| panic!("no shipped prompt named like {name}"))
+}
+
 /// `compute FILE ARGS…`, run to the end.
 fn compute(file: &Path, args: &[&str]) -> std::process::Output {
     bin().arg("compute").arg(file).args(args).output().unwrap()
@@ -123,10 +131,7 @@ fn compute_reports_follow_the_schema_and_are_deterministic() {
 
 #[test]
 fn targets_by_text_lines_and_inside_the_prompt() {
-    let file = prompts()
-        .into_iter()
-        .find(|p| p.to_string_lossy().contains("principles"))
-        .unwrap();
+    let file = shipped("principles");
     // A target inside the prompt: salience over the text before it only.
     let v = compute_json(&file, &["--target", "Be kind", "--method", "grad_l2"]);
     check_schema(&v);
@@ -170,10 +175,7 @@ fn the_headline_example_answers_sensibly_with_a_faithful_map() {
     // The README's first command: the answer a reader would accept, likely under the model
     // (a raw continuation keeps its leading space: " positive" is the token the model chose),
     // and a map that passes its own check.
-    let file = prompts()
-        .into_iter()
-        .find(|p| p.to_string_lossy().contains("few-shot"))
-        .unwrap();
+    let file = shipped("few-shot");
     let v = compute_json(&file, &[]);
     assert_eq!(v["target"]["text"], "positive");
     let f = v["objective"].as_f64().unwrap();
@@ -190,10 +192,7 @@ fn the_headline_example_answers_sensibly_with_a_faithful_map() {
 
 #[test]
 fn faithfulness_sets_the_map_against_leave_one_out() {
-    let file = prompts()
-        .into_iter()
-        .find(|p| p.to_string_lossy().contains("few-shot"))
-        .unwrap();
+    let file = shipped("few-shot");
     let v = compute_json(&file, &["--method", "grad_l2"]);
     let f = &v["faithfulness"];
     let n = f["segments"].as_u64().unwrap() as usize;
@@ -235,10 +234,7 @@ fn faithfulness_sets_the_map_against_leave_one_out() {
 fn a_candidate_answer_is_explained_without_touching_the_file() {
     // Copied, so that a write to it would be noticed and nothing else is affected.
     let dir = tempfile::tempdir().unwrap();
-    let source = prompts()
-        .into_iter()
-        .find(|p| p.to_string_lossy().contains("few-shot"))
-        .unwrap();
+    let source = shipped("few-shot");
     let file = dir.path().join("copy.prompt.md");
     std::fs::copy(&source, &file).unwrap();
     let before = std::fs::read(&file).unwrap();

@@ -141,9 +141,6 @@ pub struct Faithfulness {
     /// Agreement with leave-one-out on the same segments; None for leave-one-out maps and
     /// above `AGREEMENT_MAX_SEGMENTS` segments.
     pub agreement: Option<Agreement>,
-    /// "F" with a contrast, else "log p(target)".
-    #[serde(skip)]
-    pub objective_name: String,
     /// `verdict: reason`, then the agreement with leave-one-out: the one line every front end
     /// shows (see `summary_line`).
     pub summary: String,
@@ -156,27 +153,33 @@ impl Faithfulness {
     pub fn summary(&self) -> String {
         self.summary.clone()
     }
+}
 
-    /// The verdict and its reason, as one line for a person; then how the map agrees with
-    /// leave-one-out, and leave-one-out's own result when the map does not pass.
-    fn summary_line(&self) -> String {
-        let mut out = format!("{}: {}", self.verdict.name(), self.reason);
-        if let Some(a) = &self.agreement {
+/// The verdict and its reason, as one line for a person; then how the map agrees with
+/// leave-one-out, and leave-one-out's own result when the map does not pass. `f_name`: "F" with
+/// a contrast, else "log p(target)".
+fn summary_line(
+    verdict: Verdict,
+    reason: &str,
+    agreement: Option<&Agreement>,
+    f_name: &str,
+) -> String {
+    let mut out = format!("{}: {}", verdict.name(), reason);
+    if let Some(a) = agreement {
+        out.push_str(&format!(
+            ". Rank agreement with leave-one-out: ρ = {:.2}",
+            a.spearman
+        ));
+        let t = &a.leave_one_out_test;
+        if verdict != Verdict::Faithful && t.judgement == Verdict::Faithful {
             out.push_str(&format!(
-                ". Rank agreement with leave-one-out: ρ = {:.2}",
-                a.spearman
+                "; leave-one-out's top {} {} and passes this test: try method leave_one_out",
+                t.deleted,
+                effect(t.drop, f_name)
             ));
-            let t = &a.leave_one_out_test;
-            if self.verdict != Verdict::Faithful && t.judgement == Verdict::Faithful {
-                out.push_str(&format!(
-                    "; leave-one-out's top {} {} and passes this test: try method leave_one_out",
-                    t.deleted,
-                    effect(t.drop, &self.objective_name)
-                ));
-            }
         }
-        out
     }
+    out
 }
 
 /// Ranks (1-based, ties averaged).
@@ -483,7 +486,8 @@ pub fn check(
         None
     };
     progress(Progress::Perturbation { done: total, total });
-    let mut out = Faithfulness {
+    Ok(Faithfulness {
+        summary: summary_line(verdict, &reason, agreement.as_ref(), f_name),
         level: result.name.clone(),
         method: analysis.method.name().to_string(),
         segments: n,
@@ -492,13 +496,9 @@ pub fn check(
         verdict,
         reason,
         agreement,
-        objective_name: f_name.to_string(),
-        summary: String::new(),
         seed: opts.seed,
         seconds: started.elapsed().as_secs_f64(),
-    };
-    out.summary = out.summary_line();
-    Ok(out)
+    })
 }
 
 /// The verdict at one point and its reason in one line.

@@ -200,7 +200,8 @@ impl<'a> Layers<'a> {
             temperature: self.first(|s| s.temperature).unwrap_or(d.temperature),
             top_p: self.first(|s| s.top_p).unwrap_or(d.top_p),
             // Without a seed, sampling is random per run (as a user who samples expects); the
-            // seed drawn is reported with the result so the run can be repeated.
+            // seed drawn is reported with the result so the run can be repeated. 53 bits, so
+            // that JSON readers (doubles) repeat it exactly.
             seed: self
                 .first(|s| s.seed)
                 .unwrap_or_else(|| rand::random::<u64>() >> 11),

@@ -130,6 +130,8 @@ pub fn no_progress(_: Progress) {}
 /// A loaded model with its tokenizer and chat template.
 pub struct Engine {
     pub name: String,
+    /// The `.gguf` file or model directory it was loaded from.
+    pub path: std::path::PathBuf,
     pub model: Model,
     pub tokenizer: PromptTokenizer,
     pub chat_template: Option<ChatTemplate>,
@@ -208,6 +210,7 @@ impl Engine {
         });
         Ok(Self {
             name: name.to_string(),
+            path: path.to_owned(),
             model,
             tokenizer,
             chat_template,

@@ -345,7 +345,9 @@ pub fn ablation_surrogate(
             "no segments to ablate before the target".into(),
         ));
     }
-    if units.len() == 1 && !scorer.keeps_a_token(&units[0]) {
+    // A unit whose deletion alone leaves no token is kept by every mask below: its weight
+    // could not be measured.
+    if units.iter().any(|u| !scorer.keeps_a_token(u)) {
         return Err(EngineError::InvalidInput(
             "the only segment covers every token before the target, so no mask can delete it: split the prompt into more segments".into(),
         ));
@@ -363,6 +365,7 @@ pub fn ablation_surrogate(
     // A mask that would delete every token (a raw prompt without BOS, its segments covering
     // it all) has no F: draw it again, so masks are uniform among those that keep a token.
     let mut masks: Vec<Vec<bool>> = Vec::with_capacity(samples);
+    let mut deletions: Vec<Vec<usize>> = Vec::with_capacity(samples);
     let mut draws = 0;
     while masks.len() < samples {
         draws += 1;
@@ -375,11 +378,12 @@ pub fn ablation_surrogate(
         let mask: Vec<bool> = (0..units.len())
             .map(|_| rng.random_bool(opts.keep.clamp(0.0, 1.0)))
             .collect();
-        if scorer.keeps_a_token(&deleted_by(&mask)) {
+        let deleted = deleted_by(&mask);
+        if scorer.keeps_a_token(&deleted) {
             masks.push(mask);
+            deletions.push(deleted);
         }
     }
-    let deletions: Vec<Vec<usize>> = masks.iter().map(|mask| deleted_by(mask)).collect();
     let ys = scored_in_chunks(scorer, &deletions, progress, cancel)?;
     let SurrogateFit {
         weights,

@@ -9,7 +9,6 @@ use super::ModelArgs;
 use salience_engine::generate::GenerateOptions;
 use salience_engine::perturbation::{self, DeletionScorer, SurrogateOptions, TargetTerm};
 use salience_engine::registry;
-use salience_engine::registry::DEFAULT_MODEL;
 use salience_engine::salience::{self, Baseline, IgOptions, Method, SalienceRequest, Spacing};
 use salience_engine::synthetic;
 use salience_engine::{no_progress, CancelToken, Engine, EngineError};
@@ -54,12 +53,8 @@ pub struct BenchArgs {
     write_synthetic_only: bool,
 }
 
-/// The engine for a synthetic model and its file, writing the GGUF first when it is not
-/// cached.
-fn synthetic_engine(
-    spec: &str,
-    write_only: bool,
-) -> Result<Option<(Engine, std::path::PathBuf)>, EngineError> {
+/// The engine for a synthetic model, writing its GGUF first when it is not cached.
+fn synthetic_engine(spec: &str, write_only: bool) -> Result<Option<Engine>, EngineError> {
     let (shape, dtype) = synthetic::parse(spec)?;
     let path = registry::cache_dir()
         .join("synthetic")
@@ -88,7 +83,7 @@ fn synthetic_engine(
         engine.model.weight_bytes() as f64 / (1 << 20) as f64,
         engine.model.precision()
     );
-    Ok(Some((engine, path)))
+    Ok(Some(engine))
 }
 
 fn peak_rss_mib() -> Option<f64> {
@@ -99,17 +94,12 @@ fn peak_rss_mib() -> Option<f64> {
 }
 
 pub fn run(args: BenchArgs) -> Result<(), EngineError> {
-    let (engine, path) = match &args.synthetic {
+    let engine = match &args.synthetic {
         Some(spec) => match synthetic_engine(spec, args.write_synthetic_only)? {
-            Some(loaded) => loaded,
+            Some(engine) => engine,
             None => return Ok(()),
         },
-        None => {
-            let name = args.model.name().unwrap_or(DEFAULT_MODEL);
-            let spec = registry::ModelSpec::parse(name)?;
-            let path = registry::resolve(&spec, &args.model.fetch.options())?;
-            (Engine::load(&path, &spec.display_name())?, path)
-        }
+        None => args.model.load()?,
     };
     let mut measured = Measured::default();
     println!(
@@ -159,11 +149,7 @@ pub fn run(args: BenchArgs) -> Result<(), EngineError> {
             first.get_or_insert(r.seconds);
         }
         let first = first.unwrap_or(best);
-        let key = match method {
-            Method::IntegratedGradients => "integrated_gradients",
-            _ => "grad_dot_input",
-        };
-        measured.salience.push((key, len, best));
+        measured.salience.push((method.name(), len, best));
         let label = match method {
             Method::IntegratedGradients => format!("integrated_gradients ({steps} steps)"),
             m => m.name().to_string(),
@@ -277,15 +263,12 @@ pub fn run(args: BenchArgs) -> Result<(), EngineError> {
     // Best of the repetitions, as the baseline reports; a fresh prompt each time so the prefix
     // cache does not flatter the figure.
     let mut best: Option<salience_engine::generate::Generation> = None;
+    measured.prefill_seconds = f64::INFINITY;
     for attempt in 0..args.repeat.max(1) {
         let mut prompt_variant = prompt.clone();
         prompt_variant[0] = prompt_variant[1 + attempt % 2];
         let g = engine.generate(&prompt_variant, &opts, &no_progress, &cancel)?;
-        measured.prefill_seconds = if attempt == 0 {
-            g.prefill_seconds
-        } else {
-            measured.prefill_seconds.min(g.prefill_seconds)
-        };
+        measured.prefill_seconds = measured.prefill_seconds.min(g.prefill_seconds);
         if best
             .as_ref()
             .is_none_or(|b| g.tokens_per_second() > b.tokens_per_second())
@@ -306,7 +289,7 @@ pub fn run(args: BenchArgs) -> Result<(), EngineError> {
     if let Some(python) = &args.baseline_python {
         let baseline = BaselineArgs {
             python,
-            gguf: &path,
+            gguf: &engine.path,
             lengths: &args.lengths,
             ig_lengths: &args.ig_lengths,
             ig_steps: args.ig_steps,

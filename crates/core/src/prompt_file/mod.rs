@@ -217,6 +217,7 @@ impl PromptFile {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn columns_count_characters_not_bytes() {
@@ -229,7 +230,6 @@ mod tests {
         assert_eq!(line_col(text, 4), (2, 1));
         assert_eq!(line_col(text, 99), (3, 1));
     }
-    use super::*;
 
     #[test]
     fn no_front_matter_and_no_marker() {

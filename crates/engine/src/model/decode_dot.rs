@@ -33,15 +33,19 @@ pub enum Kernel {
 }
 
 impl Kernel {
+    /// Detected once: products and tile dequantization ask for every row.
     pub fn best() -> Kernel {
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-        {
-            return Kernel::Avx2;
-        }
-        Kernel::Portable
+        static BEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            if is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+            {
+                return Kernel::Avx2;
+            }
+            Kernel::Portable
+        })
     }
 }
 
@@ -189,13 +193,7 @@ mod avx2 {
             let q = if FORMAT == Q8_0 {
                 // 32 × i8 after d.
                 let q = _mm256_loadu_si256(block.add(2) as *const __m256i);
-                let (lo, hi) = (_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
-                [
-                    to_f32::<true>(lo),
-                    to_f32::<true>(_mm_srli_si128(lo, 8)),
-                    to_f32::<true>(hi),
-                    to_f32::<true>(_mm_srli_si128(hi, 8)),
-                ]
+                to_f32x32::<true>(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1))
             } else {
                 // 16 bytes after the scales: element j is the low nibble of byte j, element
                 // j + 16 its high nibble.
@@ -207,24 +205,25 @@ mod avx2 {
                 if FORMAT == Q4_0 {
                     // Q4_0 stores q + 8: subtract in integers, as the plain path does.
                     let eight = _mm_set1_epi8(8);
-                    let (lo, hi) = (_mm_sub_epi8(lo, eight), _mm_sub_epi8(hi, eight));
-                    [
-                        to_f32::<true>(lo),
-                        to_f32::<true>(_mm_srli_si128(lo, 8)),
-                        to_f32::<true>(hi),
-                        to_f32::<true>(_mm_srli_si128(hi, 8)),
-                    ]
+                    to_f32x32::<true>(_mm_sub_epi8(lo, eight), _mm_sub_epi8(hi, eight))
                 } else {
-                    [
-                        to_f32::<false>(lo),
-                        to_f32::<false>(_mm_srli_si128(lo, 8)),
-                        to_f32::<false>(hi),
-                        to_f32::<false>(_mm_srli_si128(hi, 8)),
-                    ]
+                    to_f32x32::<false>(lo, hi)
                 }
             };
             (q, d, m)
         }
+    }
+
+    /// The 32 bytes of lo then hi as four vectors of eight f32 values, in order.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn to_f32x32<const SIGNED: bool>(lo: __m128i, hi: __m128i) -> [__m256; 4] {
+        [
+            to_f32::<SIGNED>(lo),
+            to_f32::<SIGNED>(_mm_srli_si128(lo, 8)),
+            to_f32::<SIGNED>(hi),
+            to_f32::<SIGNED>(_mm_srli_si128(hi, 8)),
+        ]
     }
 
     /// The low 8 bytes of v as eight f32 values (integers, signed or not).

@@ -248,13 +248,9 @@ pub fn gradients(
         let x = (embeds * model.cfg.embed_scale as f64)?;
         let mut check = || cancel.check();
         let tape = model.forward_embeds(&x, &mut check)?;
-        let rows: Vec<u32> = (0..b)
-            .flat_map(|bi| (0..n).map(move |i| (bi * t + target_start - 1 + i) as u32))
-            .collect();
-        let rows = Tensor::new(rows.as_slice(), &Device::Cpu)?;
+        let rows = predicting_rows(b, t, n, target_start)?;
         let hidden = tape.last_hidden.index_select(&rows, 0)?;
-        let all_targets: Vec<u32> = (0..b).flat_map(|_| targets.iter().copied()).collect();
-        let (log_probs, g_hidden) = model.target_log_probs(&hidden, &all_targets, true)?;
+        let (log_probs, g_hidden) = model.target_log_probs(&hidden, &targets.repeat(b), true)?;
         let objective = log_probs.chunks(n).map(|c| c.iter().sum()).collect();
         let g_hidden = g_hidden.expect("gradient requested");
         let g_last = tape
@@ -270,6 +266,20 @@ pub fn gradients(
     })
 }
 
+/// The rows of the flattened (b · t) hidden states whose next-token logits score the `n`
+/// target tokens starting at `target_start`, batch element after batch element.
+fn predicting_rows(
+    b: usize,
+    t: usize,
+    n: usize,
+    target_start: usize,
+) -> candle_core::Result<Tensor> {
+    let rows: Vec<u32> = (0..b)
+        .flat_map(|bi| (0..n).map(move |i| (bi * t + target_start - 1 + i) as u32))
+        .collect();
+    Tensor::new(rows.as_slice(), &Device::Cpu)
+}
+
 /// F per batch element, forward only (no backward pass).
 pub fn objectives(
     model: &Model,
@@ -283,14 +293,9 @@ pub fn objectives(
         let n = targets.len();
         let x = (embeds * model.cfg.embed_scale as f64)?;
         let tape = model.forward_embeds_only(&x, &mut || cancel.check())?;
-        let rows: Vec<u32> = (0..b)
-            .flat_map(|bi| (0..n).map(move |i| (bi * t + target_start - 1 + i) as u32))
-            .collect();
-        let hidden = tape
-            .last_hidden
-            .index_select(&Tensor::new(rows.as_slice(), &Device::Cpu)?, 0)?;
-        let all_targets: Vec<u32> = (0..b).flat_map(|_| targets.iter().copied()).collect();
-        let (log_probs, _) = model.target_log_probs(&hidden, &all_targets, false)?;
+        let rows = predicting_rows(b, t, n, target_start)?;
+        let hidden = tape.last_hidden.index_select(&rows, 0)?;
+        let (log_probs, _) = model.target_log_probs(&hidden, &targets.repeat(b), false)?;
         let objective = log_probs.chunks(n).map(|c| c.iter().sum()).collect();
         Ok((objective, log_probs[..n].to_vec()))
     })

@@ -45,7 +45,7 @@ impl Backend {
             file: file.clone(),
             generation,
         };
-        let text = match self
+        let (text, seed) = match self
             .run_on_worker("Generating response", model, task, &cancel)
             .await
         {
@@ -54,7 +54,6 @@ impl Backend {
             Err(e) => return Err(engine_error(e)),
         };
         // The edit replaces only the response section of the text it was generated for.
-        let (text, seed) = text;
         let edit = {
             let mut st = self.state();
             let enc = st.encoding;

@@ -14,6 +14,7 @@ mod forward;
 pub mod kernels;
 mod load_gguf;
 mod load_hf;
+mod matmul;
 pub mod ops;
 pub mod rope;
 mod simd;

@@ -13,15 +13,12 @@ use candle_core::quantized::k_quants::{
 };
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{bail, CpuStorage, DType, Device, Result, Storage, Tensor};
-use gemm::Parallelism;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::decode_dot::{self, Kernel};
 use super::kernels::with_slice;
-
-/// f32 values one tile holds: small enough to stay in L2 next to the operands.
-const TILE_ELEMS: usize = 64 * 1024;
+use super::matmul::{self, PackedRows, PanelSource, NR};
 
 /// How one stored matrix (rows = output features, cols = input features) is held.
 #[derive(Clone)]
@@ -272,15 +269,30 @@ impl Weight {
         let dims = x.dims().to_vec();
         let n = x.elem_count() / self.cols;
         let x2 = x.reshape((n, self.cols))?;
-        let outs: Vec<Tensor> = self
-            .parts
-            .iter()
-            .map(|p| p.forward(&x2, n))
-            .collect::<Result<_>>()?;
-        let y = if outs.len() == 1 {
-            outs.into_iter().next().expect("one part")
+        let y = if n > decode_dot::MAX_INPUT_ROWS && !self.parts.iter().any(Matrix::is_f32) {
+            // One packing of x for every part, each part writing its columns of one output.
+            let mut out = vec![0f32; n * self.rows];
+            with_slice(&x2, |x| {
+                let packed = PackedRows::new(x, self.cols, n, self.cols);
+                let mut offset = 0;
+                for p in &self.parts {
+                    p.forward_into(&packed, &mut out[offset..], self.rows, Kernel::best())?;
+                    offset += p.rows;
+                }
+                Ok(())
+            })?;
+            Tensor::from_vec(out, (n, self.rows), &Device::Cpu)?
         } else {
-            Tensor::cat(&outs, 1)?
+            let outs: Vec<Tensor> = self
+                .parts
+                .iter()
+                .map(|p| p.forward(&x2, n))
+                .collect::<Result<_>>()?;
+            if outs.len() == 1 {
+                outs.into_iter().next().expect("one part")
+            } else {
+                Tensor::cat(&outs, 1)?
+            }
         };
         let mut out_dims = dims;
         *out_dims.last_mut().expect("x has a last dimension") = self.rows;
@@ -291,6 +303,20 @@ impl Weight {
     pub fn backward(&self, dy: &Tensor) -> Result<Tensor> {
         let n = dy.elem_count() / self.rows;
         let dy = dy.reshape((n, self.rows))?;
+        if !self.parts.iter().any(Matrix::is_f32) {
+            // Each part reads its columns of dy in place and adds its share to one output.
+            let mut out = vec![0f32; n * self.cols];
+            with_slice(&dy, |dy| {
+                let mut offset = 0;
+                for (i, p) in self.parts.iter().enumerate() {
+                    let packed = PackedRows::new(&dy[offset..], self.rows, n, p.rows);
+                    p.backward_into(&packed, &mut out, i > 0, Kernel::best())?;
+                    offset += p.rows;
+                }
+                Ok(())
+            })?;
+            return Tensor::from_vec(out, (n, self.cols), &Device::Cpu);
+        }
         let mut offset = 0;
         let mut total: Option<Tensor> = None;
         for p in &self.parts {
@@ -408,140 +434,168 @@ impl Matrix {
         }
     }
 
+    fn is_f32(&self) -> bool {
+        matches!(self.stored, Stored::F32(_))
+    }
+
     fn forward(&self, x: &Tensor, n: usize) -> Result<Tensor> {
         let kernel = (n <= decode_dot::MAX_INPUT_ROWS).then(Kernel::best);
         self.forward_using(x, n, kernel)
     }
 
-    /// `kernel`: the few-rows kernels of `decode_dot`, or None for dequantized tiles.
+    /// `kernel`: the few-rows kernels of `decode_dot`, or None for the panel product.
     fn forward_using(&self, x: &Tensor, n: usize, kernel: Option<Kernel>) -> Result<Tensor> {
         if let Stored::F32(w) = &self.stored {
             return x.matmul(&w.t()?);
         }
         let (rows, cols) = (self.rows, self.cols);
-        if let Some(kernel) = kernel {
-            let out = with_slice(x, |x| {
-                self.with_values(|values| {
-                    let blocks = match values {
-                        Values::Blocks(bytes, dtype) => Some((bytes, dtype)),
-                        _ => None,
-                    };
-                    let row =
-                        |r: usize, dst: &mut [f32]| dequantize(&values, cols, r, 0, cols, dst);
-                    Ok(decode_dot::product(blocks, rows, cols, x, kernel, &row))
-                })
-            })?;
-            return Tensor::from_vec(out, (n, rows), &Device::Cpu);
-        }
-        let mut out = vec![0f32; n * rows];
-        with_slice(x, |x| {
+        let out = with_slice(x, |x| {
+            let Some(kernel) = kernel else {
+                let mut out = vec![0f32; n * rows];
+                self.forward_into(
+                    &PackedRows::new(x, cols, n, cols),
+                    &mut out,
+                    rows,
+                    Kernel::best(),
+                )?;
+                return Ok(out);
+            };
             self.with_values(|values| {
-                let tile_rows = (TILE_ELEMS / cols).clamp(1, rows);
-                let out_ptr = SendPtr(out.as_mut_ptr());
-                (0..rows.div_ceil(tile_rows)).into_par_iter().for_each_init(
-                    || vec![0f32; tile_rows * cols],
-                    |tile, ti| {
-                        let r0 = ti * tile_rows;
-                        let r1 = (r0 + tile_rows).min(rows);
-                        let m = r1 - r0;
-                        for (r, dst) in (r0..r1).zip(tile.chunks_mut(cols)) {
-                            dequantize(&values, cols, r, 0, cols, dst);
-                        }
-                        // SAFETY: each tile writes only its own columns r0..r1 of `out`
-                        // (n × rows, row-major), which no other tile touches.
-                        unsafe {
-                            gemm::gemm(
-                                n,
-                                m,
-                                cols,
-                                out_ptr.get().add(r0),
-                                1,
-                                rows as isize,
-                                false,
-                                x.as_ptr(),
-                                1,
-                                cols as isize,
-                                tile.as_ptr(),
-                                cols as isize,
-                                1,
-                                1.0,
-                                1.0,
-                                false,
-                                false,
-                                false,
-                                Parallelism::None,
-                            )
-                        }
-                    },
-                );
-                Ok(())
+                let blocks = match values {
+                    Values::Blocks(bytes, dtype) => Some((bytes, dtype)),
+                    _ => None,
+                };
+                let row = |r: usize, dst: &mut [f32]| dequantize(&values, cols, r, 0, cols, dst);
+                Ok(decode_dot::product(blocks, rows, cols, x, kernel, &row))
             })
         })?;
         Tensor::from_vec(out, (n, rows), &Device::Cpu)
+    }
+
+    /// Writes x Wᵀ, for x packed, into the first `rows` columns of `out` (rows `ldc` apart).
+    fn forward_into(
+        &self,
+        x: &PackedRows,
+        out: &mut [f32],
+        ldc: usize,
+        kernel: Kernel,
+    ) -> Result<()> {
+        self.with_values(|values| {
+            let source = Transposed {
+                values: &values,
+                cols: self.cols,
+            };
+            matmul::product(x, &source, self.rows, out, ldc, false, kernel);
+            Ok(())
+        })
     }
 
     fn backward(&self, dy: &Tensor, n: usize) -> Result<Tensor> {
         if let Stored::F32(w) = &self.stored {
             return dy.matmul(w);
         }
-        let (rows, cols) = (self.rows, self.cols);
-        let block = match &self.stored {
-            Stored::Blocks(q) => q.dtype().block_size(),
-            _ => 1,
-        };
-        // Column chunks (whole quantization blocks) run in parallel and own their columns of
-        // dx; inside a chunk, row tiles accumulate.
-        let threads = rayon::current_num_threads().max(1);
-        let chunk = (cols / (4 * threads)).max(block).div_ceil(block) * block;
-        let chunk = chunk.clamp(block, cols);
-        let mut out = vec![0f32; n * cols];
+        let mut out = vec![0f32; n * self.cols];
         with_slice(dy, |dy| {
-            self.with_values(|values| {
-                let out_ptr = SendPtr(out.as_mut_ptr());
-                let tile_rows = (TILE_ELEMS / chunk).clamp(1, rows);
-                (0..cols.div_ceil(chunk)).into_par_iter().for_each_init(
-                    || vec![0f32; tile_rows * chunk],
-                    |tile, ci| {
-                        let c0 = ci * chunk;
-                        let c1 = (c0 + chunk).min(cols);
-                        let width = c1 - c0;
-                        for r0 in (0..rows).step_by(tile_rows) {
-                            let r1 = (r0 + tile_rows).min(rows);
-                            for (r, dst) in (r0..r1).zip(tile.chunks_mut(width)) {
-                                dequantize(&values, cols, r, c0, c1, dst);
-                            }
-                            // SAFETY: each chunk writes only its own columns c0..c1 of `out`
-                            // (n × cols, row-major).
-                            unsafe {
-                                gemm::gemm(
-                                    n,
-                                    width,
-                                    r1 - r0,
-                                    out_ptr.get().add(c0),
-                                    1,
-                                    cols as isize,
-                                    r0 > 0,
-                                    dy.as_ptr().add(r0),
-                                    1,
-                                    rows as isize,
-                                    tile.as_ptr(),
-                                    1,
-                                    width as isize,
-                                    1.0,
-                                    1.0,
-                                    false,
-                                    false,
-                                    false,
-                                    Parallelism::None,
-                                )
-                            }
-                        }
-                    },
-                );
-                Ok(())
-            })
+            let packed = PackedRows::new(dy, self.rows, n, self.rows);
+            self.backward_into(&packed, &mut out, false, Kernel::best())
         })?;
-        Tensor::from_vec(out, (n, cols), &Device::Cpu)
+        Tensor::from_vec(out, (n, self.cols), &Device::Cpu)
+    }
+
+    /// Writes (or with `accumulate` adds) dy W, for dy packed, into `out` (n × cols).
+    fn backward_into(
+        &self,
+        dy: &PackedRows,
+        out: &mut [f32],
+        accumulate: bool,
+        kernel: Kernel,
+    ) -> Result<()> {
+        self.with_values(|values| {
+            let source = Direct {
+                values: &values,
+                cols: self.cols,
+            };
+            matmul::product(dy, &source, self.cols, out, self.cols, accumulate, kernel);
+            Ok(())
+        })
+    }
+}
+
+/// Wᵀ as the right operand of x Wᵀ: B[k][j] = W[j][k]. Depth runs along the stored rows, so
+/// chunks start on quantization blocks.
+struct Transposed<'a> {
+    values: &'a Values<'a>,
+    cols: usize,
+}
+
+impl PanelSource for Transposed<'_> {
+    fn depth_align(&self) -> usize {
+        self.values.block_size()
+    }
+
+    fn pack(
+        &self,
+        k0: usize,
+        k1: usize,
+        j0: usize,
+        j1: usize,
+        dst: &mut [f32],
+        rows: &mut Vec<f32>,
+    ) {
+        // NR stored rows at a time into `rows`, then one pass that writes each panel row whole.
+        let kl = k1 - k0;
+        rows.resize(NR * kl, 0.0);
+        for (panel, r0) in (j0..j1).step_by(NR).enumerate() {
+            let width = NR.min(j1 - r0);
+            for (r, row) in (r0..r0 + width).zip(rows.chunks_exact_mut(kl)) {
+                dequantize(self.values, self.cols, r, k0, k1, row);
+            }
+            let panel = &mut dst[panel * kl * NR..(panel + 1) * kl * NR];
+            matmul::transpose_into_panel(&rows[..width * kl], kl, panel, Kernel::best());
+        }
+    }
+}
+
+/// W as the right operand of dy W: B[k][j] = W[k][j]. Columns run along the stored rows, so
+/// strips start on quantization blocks.
+struct Direct<'a> {
+    values: &'a Values<'a>,
+    cols: usize,
+}
+
+impl PanelSource for Direct<'_> {
+    fn column_align(&self) -> usize {
+        self.values.block_size()
+    }
+
+    fn pack(
+        &self,
+        k0: usize,
+        k1: usize,
+        j0: usize,
+        j1: usize,
+        dst: &mut [f32],
+        row: &mut Vec<f32>,
+    ) {
+        let kl = k1 - k0;
+        row.resize(j1 - j0, 0.0);
+        for k in k0..k1 {
+            dequantize(self.values, self.cols, k, j0, j1, row);
+            for (panel, vals) in row.chunks(NR).enumerate() {
+                let at = panel * kl * NR + (k - k0) * NR;
+                dst[at..at + vals.len()].copy_from_slice(vals);
+            }
+        }
+    }
+}
+
+impl Values<'_> {
+    /// Values per quantization block: products cut rows only on these boundaries.
+    fn block_size(&self) -> usize {
+        match self {
+            Values::Blocks(_, dtype) => dtype.block_size(),
+            _ => 1,
+        }
     }
 }
 
@@ -557,17 +611,6 @@ pub fn qtensor_from_bytes(
         dtype,
     )?;
     QTensor::new(storage, dims)
-}
-
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: used only to hand disjoint regions of one buffer to parallel tasks.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-impl SendPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// Writes columns c0..c1 of row `row` (of a matrix with `cols` columns) as f32 into `dst`.

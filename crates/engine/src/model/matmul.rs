@@ -1,0 +1,591 @@
+//! Matrix products whose right operand is made panel by panel: stored weights are dequantized
+//! straight into the layout the register kernel reads.
+//!
+//! Why not the `gemm` crate for these: it packs both operands itself, so a weight tile went
+//! through three passes (dequantize, pack, multiply) and the activations were packed again for
+//! every tile. At 100 tokens dequantizing, packing and zeroing took 17 % of a salience pass
+//! beside 63 % in gemm's kernels. Here the activations are packed once per product, each weight
+//! value is written once, into its panel, and the kernel writes the output in place.
+//!
+//! The scheme is Goto's (as in BLIS): C (m × n) = A (m × k) · B (k × n). A is packed once into
+//! panels of `MR` rows. Tasks own strips of output columns; for each depth chunk (about 300, so
+//! that a 16-column panel of B stays in L1) a task packs its strip of B and runs the `MR × NR`
+//! register kernel over every row panel of A, a block of rows at a time (kept in L2).
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+use rayon::prelude::*;
+
+use super::decode_dot::Kernel;
+
+/// Rows of A (and C) per register tile.
+pub const MR: usize = 6;
+/// Columns of B (and C) per register tile: two AVX registers.
+pub const NR: usize = 16;
+/// Depth chunks aim at this length: a B panel of NR columns is then 20 KB, inside L1.
+const DEPTH_TARGET: usize = 320;
+/// Widest strip of output columns one task owns.
+const STRIP_MAX: usize = 256;
+/// Row panels of A run over a strip's B panels together: 144 rows × 320 depth is 180 KB (L2).
+const ROW_PANELS_PER_BLOCK: usize = 24;
+
+/// The right operand B (k × n) of a product, produced on demand.
+pub trait PanelSource: Sync {
+    /// Depth chunks start at multiples of this (a quantization block along k).
+    fn depth_align(&self) -> usize {
+        1
+    }
+
+    /// Column strips start at multiples of this (a quantization block along n).
+    fn column_align(&self) -> usize {
+        1
+    }
+
+    /// Writes B[k0..k1, j0..j1] as panels of `NR` columns: B[k][j] goes to
+    /// `((j - j0) / NR) * (k1 - k0) * NR + (k - k0) * NR + (j - j0) % NR`. Lanes past `j1` in
+    /// the last panel may be left as they are: the kernel's results there are never stored.
+    /// `scratch` is the caller's, kept between calls.
+    fn pack(
+        &self,
+        k0: usize,
+        k1: usize,
+        j0: usize,
+        j1: usize,
+        dst: &mut [f32],
+        scratch: &mut Vec<f32>,
+    );
+}
+
+/// Writes `width = rows.len() / kl` stored rows of length `kl` as one panel's lanes:
+/// `panel[p * NR + lane] = rows[lane * kl + p]` (the transposing half of packing Wᵀ).
+pub fn transpose_into_panel(rows: &[f32], kl: usize, panel: &mut [f32], kernel: Kernel) {
+    let lanes = rows.len() / kl;
+    assert!(lanes <= NR && panel.len() >= kl * NR);
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Kernel::Avx2 && lanes == NR {
+        let whole = kl / 8 * 8;
+        // SAFETY: AVX2 is there; every read is inside `rows` (p + 8 <= kl for each lane) and
+        // every write inside `panel` (p + 8 <= kl rows of NR).
+        unsafe {
+            for half in 0..2 {
+                let src: [*const f32; 8] =
+                    std::array::from_fn(|l| rows.as_ptr().add((half * 8 + l) * kl));
+                for p in (0..whole).step_by(8) {
+                    avx2::transpose_8x8(&src, p, panel.as_mut_ptr().add(p * NR + half * 8));
+                }
+            }
+        }
+        for (lane, row) in rows.chunks_exact(kl).enumerate() {
+            for p in whole..kl {
+                panel[p * NR + lane] = row[p];
+            }
+        }
+        return;
+    }
+    let _ = kernel;
+    for (lane, row) in rows.chunks_exact(kl).enumerate() {
+        for (p, &v) in row.iter().enumerate() {
+            panel[p * NR + lane] = v;
+        }
+    }
+}
+
+/// The left operand, packed: panel `i` holds rows `i * MR ..` as `k × MR` values, row-minor
+/// (`A[i * MR + r][p]` at `p * MR + r`); rows past `m` are zero.
+pub struct PackedRows {
+    data: Vec<f32>,
+    m: usize,
+    k: usize,
+}
+
+impl PackedRows {
+    /// Packs A (m × k), whose rows start `lda` values apart in `a`.
+    pub fn new(a: &[f32], lda: usize, m: usize, k: usize) -> PackedRows {
+        assert!(
+            m == 0 || a.len() >= (m - 1) * lda + k,
+            "A is shorter than m rows"
+        );
+        let mut data = vec![0f32; m.div_ceil(MR) * MR * k];
+        if k > 0 {
+            data.par_chunks_mut(MR * k)
+                .enumerate()
+                .for_each(|(i, panel)| {
+                    for r in 0..MR.min(m - i * MR) {
+                        let row = &a[(i * MR + r) * lda..(i * MR + r) * lda + k];
+                        for (p, &v) in row.iter().enumerate() {
+                            panel[p * MR + r] = v;
+                        }
+                    }
+                });
+        }
+        PackedRows { data, m, k }
+    }
+
+    /// Row panel `i`'s values for depth `k0..`.
+    fn panel(&self, i: usize, k0: usize) -> &[f32] {
+        &self.data[i * MR * self.k + k0 * MR..(i + 1) * MR * self.k]
+    }
+}
+
+/// C = A · B, or C += A · B with `accumulate`, for C (m × n) whose rows start `ldc` values
+/// apart in `c`. Runs on rayon's pool.
+#[allow(clippy::too_many_arguments)]
+pub fn product(
+    a: &PackedRows,
+    b: &dyn PanelSource,
+    n: usize,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    kernel: Kernel,
+) {
+    let (m, k) = (a.m, a.k);
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(c.len() >= (m - 1) * ldc + n, "C is shorter than m rows");
+    if k == 0 {
+        if !accumulate {
+            for row in 0..m {
+                c[row * ldc..row * ldc + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    let chunks = depth_chunks(k, b.depth_align());
+    let deepest = chunks.iter().map(|&(k0, k1)| k1 - k0).max().unwrap_or(0);
+    let strips = column_strips(n, b.column_align(), rayon::current_num_threads());
+    let widest = strips.iter().map(|&(j0, j1)| j1 - j0).max().unwrap_or(0);
+    let row_panels = m.div_ceil(MR);
+    let out = SharedOut(c.as_mut_ptr());
+    strips.par_iter().for_each_init(
+        || (vec![0f32; deepest * widest.div_ceil(NR) * NR], Vec::new()),
+        |(packed_b, scratch), &(j0, j1)| {
+            let panels = (j1 - j0).div_ceil(NR);
+            for &(k0, k1) in &chunks {
+                let kl = k1 - k0;
+                b.pack(k0, k1, j0, j1, &mut packed_b[..panels * kl * NR], scratch);
+                let add = accumulate || k0 > 0;
+                for first in (0..row_panels).step_by(ROW_PANELS_PER_BLOCK) {
+                    let last = (first + ROW_PANELS_PER_BLOCK).min(row_panels);
+                    for jp in 0..panels {
+                        let bp = &packed_b[jp * kl * NR..(jp + 1) * kl * NR];
+                        let col = j0 + jp * NR;
+                        let cols = NR.min(j1 - col);
+                        for ip in first..last {
+                            let rows = MR.min(m - ip * MR);
+                            // SAFETY: tile (ip, col) lies inside C (checked above: rows < m,
+                            // columns < n), and only this strip's task writes its columns.
+                            unsafe {
+                                let dst = out.get().add(ip * MR * ldc + col);
+                                tile(kernel, kl, a.panel(ip, k0), bp, dst, ldc, rows, cols, add);
+                            }
+                        }
+                    }
+                }
+            }
+        },
+    );
+}
+
+/// Depth ranges of about `DEPTH_TARGET`, each starting at a multiple of `align`.
+fn depth_chunks(k: usize, align: usize) -> Vec<(usize, usize)> {
+    let align = align.max(1);
+    assert!(
+        k.is_multiple_of(align),
+        "depth {k} is not a multiple of its block {align}"
+    );
+    let count = k.div_ceil(DEPTH_TARGET);
+    let len = (k.div_ceil(count) / align * align).max(align);
+    (0..k)
+        .step_by(len)
+        .map(|k0| (k0, (k0 + len).min(k)))
+        .collect()
+}
+
+/// Column ranges for the tasks: whole units of `NR` columns and `align`, at most `STRIP_MAX`
+/// wide where the units allow, in a number that the threads share evenly.
+fn column_strips(n: usize, align: usize, threads: usize) -> Vec<(usize, usize)> {
+    let unit = lcm(NR, align.max(1));
+    let units = n.div_ceil(unit);
+    let per_task = (STRIP_MAX / unit).max(1);
+    let threads = threads.max(1);
+    let tasks = units.div_ceil(per_task).div_ceil(threads) * threads;
+    let tasks = tasks.min(units);
+    (0..tasks)
+        .map(|t| {
+            (
+                t * units / tasks * unit,
+                ((t + 1) * units / tasks * unit).min(n),
+            )
+        })
+        .filter(|(j0, j1)| j0 < j1)
+        .collect()
+}
+
+fn lcm(a: usize, b: usize) -> usize {
+    let (mut x, mut y) = (a, b);
+    while y != 0 {
+        (x, y) = (y, x % y);
+    }
+    a / x * b
+}
+
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: tasks write disjoint columns of the output through it.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+impl SharedOut {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// One register tile: C[..rows, ..cols] (=|+=) a · b, for `a` an MR-row panel and `b` an
+/// NR-column panel of depth `kl`.
+///
+/// # Safety
+/// `c` points at a `rows × cols` block of rows `ldc` apart that the caller may write.
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile(
+    kernel: Kernel,
+    kl: usize,
+    a: &[f32],
+    b: &[f32],
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    accumulate: bool,
+) {
+    debug_assert!(a.len() >= kl * MR && b.len() >= kl * NR);
+    if rows == MR && cols == NR {
+        return register_tile(kernel, kl, a, b, c, ldc, accumulate);
+    }
+    // An edge: the whole tile into a buffer, then the part that exists.
+    let mut full = [0f32; MR * NR];
+    register_tile(kernel, kl, a, b, full.as_mut_ptr(), NR, false);
+    for r in 0..rows {
+        for j in 0..cols {
+            let dst = c.add(r * ldc + j);
+            *dst = if accumulate {
+                *dst + full[r * NR + j]
+            } else {
+                full[r * NR + j]
+            };
+        }
+    }
+}
+
+/// # Safety
+/// As `tile`, for a whole `MR × NR` block.
+unsafe fn register_tile(
+    kernel: Kernel,
+    kl: usize,
+    a: &[f32],
+    b: &[f32],
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Kernel::Avx2 {
+        return avx2::register_tile(kl, a.as_ptr(), b.as_ptr(), c, ldc, accumulate);
+    }
+    let _ = kernel;
+    portable_register_tile(kl, a, b, c, ldc, accumulate)
+}
+
+/// # Safety
+/// As `register_tile`.
+unsafe fn portable_register_tile(
+    kl: usize,
+    a: &[f32],
+    b: &[f32],
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    let mut acc = [[0f32; NR]; MR];
+    for (ap, bp) in a[..kl * MR]
+        .chunks_exact(MR)
+        .zip(b[..kl * NR].chunks_exact(NR))
+    {
+        for (row, &av) in acc.iter_mut().zip(ap) {
+            for (s, &bv) in row.iter_mut().zip(bp) {
+                *s += av * bv;
+            }
+        }
+    }
+    for (r, row) in acc.iter().enumerate() {
+        for (j, &v) in row.iter().enumerate() {
+            let dst = c.add(r * ldc + j);
+            *dst = if accumulate { *dst + v } else { v };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::*;
+
+    /// Twelve accumulators (6 rows × 2 registers of 8 columns), two B loads and six
+    /// broadcasts of A per step of depth: 12 FMAs for 8 loads.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `a` holds `kl * MR` values, `b` `kl * NR`, and `c` is as in
+    /// `tile`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn register_tile(
+        kl: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+        for p in 0..kl {
+            let b0 = _mm256_loadu_ps(b.add(p * NR));
+            let b1 = _mm256_loadu_ps(b.add(p * NR + 8));
+            let ap = a.add(p * MR);
+            for (r, row) in acc.iter_mut().enumerate() {
+                let av = _mm256_broadcast_ss(&*ap.add(r));
+                row[0] = _mm256_fmadd_ps(av, b0, row[0]);
+                row[1] = _mm256_fmadd_ps(av, b1, row[1]);
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            let dst = c.add(r * ldc);
+            let (mut lo, mut hi) = (row[0], row[1]);
+            if accumulate {
+                lo = _mm256_add_ps(lo, _mm256_loadu_ps(dst));
+                hi = _mm256_add_ps(hi, _mm256_loadu_ps(dst.add(8)));
+            }
+            _mm256_storeu_ps(dst, lo);
+            _mm256_storeu_ps(dst.add(8), hi);
+        }
+    }
+
+    /// Columns `p..p + 8` of the eight rows `src` become rows `p..p + 8` of eight lanes at
+    /// `dst` (rows NR apart).
+    ///
+    /// # Safety
+    /// AVX2; each `src[l].add(p + 8)` and `dst.add(7 * NR + 8)` stay inside their buffers.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn transpose_8x8(src: &[*const f32; 8], p: usize, dst: *mut f32) {
+        let r: [__m256; 8] = std::array::from_fn(|l| _mm256_loadu_ps(src[l].add(p)));
+        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        let out = [
+            _mm256_permute2f128_ps::<0x20>(u0, u4),
+            _mm256_permute2f128_ps::<0x20>(u1, u5),
+            _mm256_permute2f128_ps::<0x20>(u2, u6),
+            _mm256_permute2f128_ps::<0x20>(u3, u7),
+            _mm256_permute2f128_ps::<0x31>(u0, u4),
+            _mm256_permute2f128_ps::<0x31>(u1, u5),
+            _mm256_permute2f128_ps::<0x31>(u2, u6),
+            _mm256_permute2f128_ps::<0x31>(u3, u7),
+        ];
+        for (i, o) in out.iter().enumerate() {
+            _mm256_storeu_ps(dst.add(i * NR), *o);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// A plain row-major matrix as a panel source.
+    pub struct RowMajor<'a> {
+        pub values: &'a [f32],
+        pub cols: usize,
+    }
+
+    impl PanelSource for RowMajor<'_> {
+        fn pack(
+            &self,
+            k0: usize,
+            k1: usize,
+            j0: usize,
+            j1: usize,
+            dst: &mut [f32],
+            _: &mut Vec<f32>,
+        ) {
+            let kl = k1 - k0;
+            for kk in k0..k1 {
+                let row = &self.values[kk * self.cols + j0..kk * self.cols + j1];
+                for (panel, vals) in row.chunks(NR).enumerate() {
+                    let at = panel * kl * NR + (kk - k0) * NR;
+                    dst[at..at + vals.len()].copy_from_slice(vals);
+                }
+            }
+        }
+    }
+
+    fn random(len: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    }
+
+    /// The plain triple loop, in f64.
+    fn plain(a: &[f32], lda: usize, m: usize, k: usize, b: &[f32], n: usize) -> Vec<f64> {
+        let mut c = vec![0f64; m * n];
+        for i in 0..m {
+            for p in 0..k {
+                let av = a[i * lda + p] as f64;
+                for j in 0..n {
+                    c[i * n + j] += av * b[p * n + j] as f64;
+                }
+            }
+        }
+        c
+    }
+
+    fn kernels() -> Vec<Kernel> {
+        let mut out = vec![Kernel::Portable];
+        if Kernel::best() != Kernel::Portable {
+            out.push(Kernel::best());
+        }
+        out
+    }
+
+    /// Edges in every direction (m, n not multiples of the tile, k not of the chunk), several
+    /// depth chunks, column alignment, strided A and C, and accumulation.
+    #[test]
+    fn products_match_the_plain_loop() {
+        for kernel in kernels() {
+            for &(m, k, n, align) in &[
+                (1, 1, 1, 1),
+                (6, 16, 16, 1),
+                (7, 33, 17, 1),
+                (13, 700, 70, 1),
+                (50, 640, 96, 32),
+                (130, 96, 300, 1),
+                (155, 1000, 40, 1),
+            ] {
+                let lda = k + 3;
+                let a = random(m * lda, 1);
+                let b = random(k * n, 2);
+                let want = plain(&a, lda, m, k, &b, n);
+                struct Aligned<'a>(RowMajor<'a>, usize);
+                impl PanelSource for Aligned<'_> {
+                    fn column_align(&self) -> usize {
+                        self.1
+                    }
+                    fn depth_align(&self) -> usize {
+                        self.1
+                    }
+                    fn pack(
+                        &self,
+                        k0: usize,
+                        k1: usize,
+                        j0: usize,
+                        j1: usize,
+                        dst: &mut [f32],
+                        s: &mut Vec<f32>,
+                    ) {
+                        assert_eq!(k0 % self.1, 0);
+                        assert_eq!(j0 % self.1, 0);
+                        self.0.pack(k0, k1, j0, j1, dst, s)
+                    }
+                }
+                let source = Aligned(
+                    RowMajor {
+                        values: &b,
+                        cols: n,
+                    },
+                    align,
+                );
+                let packed = PackedRows::new(&a, lda, m, k);
+                let ldc = n + 5;
+                let base = random(m * ldc, 3);
+                for accumulate in [false, true] {
+                    let mut c = base.clone();
+                    product(&packed, &source, n, &mut c, ldc, accumulate, kernel);
+                    for i in 0..m {
+                        for j in 0..n {
+                            let prior = if accumulate {
+                                base[i * ldc + j] as f64
+                            } else {
+                                0.0
+                            };
+                            let (got, want) = (c[i * ldc + j] as f64, want[i * n + j] + prior);
+                            assert!(
+                                (got - want).abs() <= 1e-5 * (1.0 + (k as f64).sqrt()),
+                                "{kernel:?} m {m} k {k} n {n}: C[{i}][{j}] = {got}, want {want}"
+                            );
+                        }
+                        // Columns past n are left alone.
+                        assert_eq!(
+                            &c[i * ldc + n..i * ldc + ldc],
+                            &base[i * ldc + n..i * ldc + ldc]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn transposed_panels_match_the_plain_loop() {
+        for kernel in kernels() {
+            for (lanes, kl) in [(16, 288), (16, 21), (16, 5), (7, 40), (1, 3)] {
+                let rows = random(lanes * kl, 4);
+                let mut panel = vec![f32::NAN; kl * NR];
+                transpose_into_panel(&rows, kl, &mut panel, kernel);
+                for lane in 0..lanes {
+                    for p in 0..kl {
+                        assert_eq!(panel[p * NR + lane], rows[lane * kl + p], "{kernel:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn strips_cover_the_columns_in_aligned_even_shares() {
+        for &(n, align, threads) in &[
+            (576, 32, 2),
+            (3072, 32, 2),
+            (192, 1, 2),
+            (4096, 256, 2),
+            (17, 1, 4),
+            (576, 1, 3),
+        ] {
+            let strips = column_strips(n, align, threads);
+            assert_eq!(strips.first().unwrap().0, 0);
+            assert_eq!(strips.last().unwrap().1, n);
+            for w in strips.windows(2) {
+                assert_eq!(w[0].1, w[1].0);
+            }
+            for &(j0, j1) in &strips {
+                assert_eq!(j0 % lcm(NR, align), 0, "n {n} align {align}");
+                assert!(j1 - j0 <= STRIP_MAX.max(lcm(NR, align)));
+            }
+        }
+        for &(k, align) in &[(576, 32), (1536, 32), (4096, 256), (100, 1), (5, 1)] {
+            let chunks = depth_chunks(k, align);
+            assert_eq!(chunks.last().unwrap().1, k);
+            assert!(chunks.iter().all(|&(k0, k1)| k0 % align == 0 && k1 > k0));
+        }
+    }
+}

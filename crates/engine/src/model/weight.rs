@@ -554,6 +554,10 @@ impl PanelSource for Transposed<'_> {
             matmul::transpose_into_panel(&rows[..width * kl], kl, panel, Kernel::best());
         }
     }
+
+    fn prefetch(&self, k0: usize, k1: usize, j0: usize, j1: usize) {
+        self.values.prefetch(self.cols, j0..j1, k0, k1);
+    }
 }
 
 /// W as the right operand of dy W: B[k][j] = W[k][j]. Columns run along the stored rows, so
@@ -587,6 +591,10 @@ impl PanelSource for Direct<'_> {
             }
         }
     }
+
+    fn prefetch(&self, k0: usize, k1: usize, j0: usize, j1: usize) {
+        self.values.prefetch(self.cols, k0..k1, j0, j1);
+    }
 }
 
 impl Values<'_> {
@@ -595,6 +603,28 @@ impl Values<'_> {
         match self {
             Values::Blocks(_, dtype) => dtype.block_size(),
             _ => 1,
+        }
+    }
+
+    /// Starts loading the stored bytes of columns c0..c1 (on block boundaries) of `rows`.
+    fn prefetch(&self, cols: usize, rows: std::ops::Range<usize>, c0: usize, c1: usize) {
+        fn bytes_of<T>(v: &[T]) -> &[u8] {
+            // SAFETY: plain numbers viewed as bytes, only to prefetch them.
+            unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+        }
+        let (bytes, per_block, block) = match self {
+            Values::F32(v) => (bytes_of(v), 4, 1),
+            Values::F16(v) => (bytes_of(v), 2, 1),
+            Values::BF16(v) => (bytes_of(v), 2, 1),
+            Values::Blocks(b, dtype) => (*b, dtype.type_size(), dtype.block_size()),
+        };
+        let row_bytes = cols / block * per_block;
+        for r in rows {
+            let at = r * row_bytes;
+            let span = at + c0 / block * per_block..at + c1 / block * per_block;
+            if let Some(segment) = bytes.get(span) {
+                matmul::prefetch_bytes(segment);
+            }
         }
     }
 }

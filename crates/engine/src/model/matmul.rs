@@ -15,6 +15,9 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
+use std::cell::RefCell;
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use super::decode_dot::Kernel;
@@ -122,19 +125,32 @@ impl PackedRows {
             m == 0 || a.len() >= (m - 1) * lda + k,
             "A is shorter than m rows"
         );
-        let mut data = vec![0f32; m.div_ceil(MR) * MR * k];
+        // Written in parallel without zeroing first (a serial pass over ~1 MB that the second
+        // thread would wait for); padding rows are written as zeros.
+        let len = m.div_ceil(MR) * MR * k;
+        let mut data: Vec<f32> = Vec::with_capacity(len);
         if k > 0 {
-            data.par_chunks_mut(MR * k)
+            data.spare_capacity_mut()[..len]
+                .par_chunks_mut(MR * k)
                 .enumerate()
                 .for_each(|(i, panel)| {
-                    for r in 0..MR.min(m - i * MR) {
-                        let row = &a[(i * MR + r) * lda..(i * MR + r) * lda + k];
-                        for (p, &v) in row.iter().enumerate() {
-                            panel[p * MR + r] = v;
+                    for r in 0..MR {
+                        let row = i * MR + r;
+                        if row < m {
+                            let values = &a[row * lda..row * lda + k];
+                            for (p, &v) in values.iter().enumerate() {
+                                panel[p * MR + r].write(v);
+                            }
+                        } else {
+                            for p in 0..k {
+                                panel[p * MR + r].write(0.0);
+                            }
                         }
                     }
                 });
         }
+        // SAFETY: every one of the `len` values was written above (k > 0), or len is 0.
+        unsafe { data.set_len(len) };
         PackedRows { data, m, k }
     }
 
@@ -146,7 +162,6 @@ impl PackedRows {
 
 /// C = A · B, or C += A · B with `accumulate`, for C (m × n) whose rows start `ldc` values
 /// apart in `c`. Runs on rayon's pool.
-#[allow(clippy::too_many_arguments)]
 pub fn product(
     a: &PackedRows,
     b: &dyn PanelSource,
@@ -156,15 +171,89 @@ pub fn product(
     accumulate: bool,
     kernel: Kernel,
 ) {
+    assert!(
+        a.m == 0 || n == 0 || c.len() >= (a.m - 1) * ldc + n,
+        "C is shorter than m rows"
+    );
+    // SAFETY: the bounds are checked above; C is initialized, so accumulating reads are fine.
+    unsafe { run(a, b, n, SharedOut(c.as_mut_ptr()), ldc, accumulate, kernel) }
+}
+
+/// C = A · B into memory not yet written: every C[i][j] (i < m, j < n) is written, nothing
+/// else; no zeroing pass before.
+pub fn product_uninit(
+    a: &PackedRows,
+    b: &dyn PanelSource,
+    n: usize,
+    c: &mut [MaybeUninit<f32>],
+    ldc: usize,
+    kernel: Kernel,
+) {
+    assert!(
+        a.m == 0 || n == 0 || c.len() >= (a.m - 1) * ldc + n,
+        "C is shorter than m rows"
+    );
+    // SAFETY: the bounds are checked above; without accumulation C is only written.
+    unsafe {
+        run(
+            a,
+            b,
+            n,
+            SharedOut(c.as_mut_ptr() as *mut f32),
+            ldc,
+            false,
+            kernel,
+        )
+    }
+}
+
+/// A buffer of `len` values not yet written, for `product_uninit`.
+pub fn uninit(len: usize) -> Vec<MaybeUninit<f32>> {
+    let mut v = Vec::with_capacity(len);
+    // SAFETY: MaybeUninit values need no initialization.
+    unsafe { v.set_len(len) };
+    v
+}
+
+/// The values of a buffer from `uninit`.
+///
+/// # Safety
+/// Every value was written.
+pub unsafe fn assume_init(v: Vec<MaybeUninit<f32>>) -> Vec<f32> {
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: same layout (MaybeUninit<f32> is repr(transparent)), same allocation; the caller
+    // vouches for the values.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr() as *mut f32, v.len(), v.capacity()) }
+}
+
+// Per-thread buffers of the products: packed B and the source's scratch. Reused from one
+// product to the next (allocating and zeroing ~300 KB per task cost more than the packing).
+thread_local! {
+    static BUFFERS: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// # Safety
+/// `out` points at C (m × n, rows `ldc` apart), valid for writes, and for reads where
+/// `accumulate`.
+unsafe fn run(
+    a: &PackedRows,
+    b: &dyn PanelSource,
+    n: usize,
+    out: SharedOut,
+    ldc: usize,
+    accumulate: bool,
+    kernel: Kernel,
+) {
     let (m, k) = (a.m, a.k);
     if m == 0 || n == 0 {
         return;
     }
-    assert!(c.len() >= (m - 1) * ldc + n, "C is shorter than m rows");
     if k == 0 {
         if !accumulate {
             for row in 0..m {
-                c[row * ldc..row * ldc + n].fill(0.0);
+                for j in 0..n {
+                    out.get().add(row * ldc + j).write(0.0);
+                }
             }
         }
         return;
@@ -173,11 +262,21 @@ pub fn product(
     let deepest = chunks.iter().map(|&(k0, k1)| k1 - k0).max().unwrap_or(0);
     let strips = column_strips(n, b.column_align(), rayon::current_num_threads());
     let widest = strips.iter().map(|&(j0, j1)| j1 - j0).max().unwrap_or(0);
+    let buffer_len = deepest * widest.div_ceil(NR) * NR;
     let row_panels = m.div_ceil(MR);
-    let out = SharedOut(c.as_mut_ptr());
-    (0..strips.len()).into_par_iter().for_each_init(
-        || (vec![0f32; deepest * widest.div_ceil(NR) * NR], Vec::new()),
-        |(packed_b, scratch), si| {
+    (0..strips.len()).into_par_iter().for_each(|si| {
+        BUFFERS.with(|buffers| {
+            // A task never runs inside another on the same thread (packing does not wait on
+            // rayon), so the borrow is free; fresh buffers if that ever changes.
+            let mut own = (Vec::new(), Vec::new());
+            let mut guard = buffers.try_borrow_mut();
+            let (packed_b, scratch) = match guard.as_deref_mut() {
+                Ok(pair) => pair,
+                Err(_) => &mut own,
+            };
+            if packed_b.len() < buffer_len {
+                packed_b.resize(buffer_len, 0.0);
+            }
             let (j0, j1) = strips[si];
             let panels = (j1 - j0).div_ceil(NR);
             for (ci, &(k0, k1)) in chunks.iter().enumerate() {
@@ -198,8 +297,9 @@ pub fn product(
                         let cols = NR.min(j1 - col);
                         for ip in first..last {
                             let rows = MR.min(m - ip * MR);
-                            // SAFETY: tile (ip, col) lies inside C (checked above: rows < m,
-                            // columns < n), and only this strip's task writes its columns.
+                            // SAFETY: tile (ip, col) lies inside C (rows < m, columns < n),
+                            // only this strip's task writes its columns, and the first chunk
+                            // writes before later ones read.
                             unsafe {
                                 let dst = out.get().add(ip * MR * ldc + col);
                                 tile(kernel, kl, a.panel(ip, k0), bp, dst, ldc, rows, cols, add);
@@ -208,8 +308,8 @@ pub fn product(
                     }
                 }
             }
-        },
-    );
+        })
+    });
 }
 
 /// Depth ranges of about `DEPTH_TARGET`, each starting at a multiple of `align`.

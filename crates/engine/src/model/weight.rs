@@ -5,6 +5,7 @@
 //! f32 buffer and multiply it there. Salience needs two products per matrix: `x Wᵀ` (forward)
 //! and `dy W` (the input gradient; never a weight gradient).
 
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 use candle_core::quantized::k_quants::{
@@ -271,7 +272,7 @@ impl Weight {
         let x2 = x.reshape((n, self.cols))?;
         let y = if n > decode_dot::MAX_INPUT_ROWS && !self.parts.iter().any(Matrix::is_f32) {
             // One packing of x for every part, each part writing its columns of one output.
-            let mut out = vec![0f32; n * self.rows];
+            let mut out = matmul::uninit(n * self.rows);
             with_slice(&x2, |x| {
                 let packed = PackedRows::new(x, self.cols, n, self.cols);
                 let mut offset = 0;
@@ -281,6 +282,8 @@ impl Weight {
                 }
                 Ok(())
             })?;
+            // SAFETY: the parts' rows add up to `self.rows`: every column of `out` was written.
+            let out = unsafe { matmul::assume_init(out) };
             Tensor::from_vec(out, (n, self.rows), &Device::Cpu)?
         } else {
             let outs: Vec<Tensor> = self
@@ -305,7 +308,7 @@ impl Weight {
         let dy = dy.reshape((n, self.rows))?;
         if !self.parts.iter().any(Matrix::is_f32) {
             // Each part reads its columns of dy in place and adds its share to one output.
-            let mut out = vec![0f32; n * self.cols];
+            let mut out = matmul::uninit(n * self.cols);
             with_slice(&dy, |dy| {
                 let mut offset = 0;
                 for (i, p) in self.parts.iter().enumerate() {
@@ -315,6 +318,8 @@ impl Weight {
                 }
                 Ok(())
             })?;
+            // SAFETY: the first part wrote every value (a weight has at least one part).
+            let out = unsafe { matmul::assume_init(out) };
             return Tensor::from_vec(out, (n, self.cols), &Device::Cpu);
         }
         let mut offset = 0;
@@ -451,14 +456,15 @@ impl Matrix {
         let (rows, cols) = (self.rows, self.cols);
         let out = with_slice(x, |x| {
             let Some(kernel) = kernel else {
-                let mut out = vec![0f32; n * rows];
+                let mut out = matmul::uninit(n * rows);
                 self.forward_into(
                     &PackedRows::new(x, cols, n, cols),
                     &mut out,
                     rows,
                     Kernel::best(),
                 )?;
-                return Ok(out);
+                // SAFETY: the product wrote all n × rows values.
+                return Ok(unsafe { matmul::assume_init(out) });
             };
             self.with_values(|values| {
                 let blocks = match values {
@@ -476,7 +482,7 @@ impl Matrix {
     fn forward_into(
         &self,
         x: &PackedRows,
-        out: &mut [f32],
+        out: &mut [MaybeUninit<f32>],
         ldc: usize,
         kernel: Kernel,
     ) -> Result<()> {
@@ -485,7 +491,7 @@ impl Matrix {
                 values: &values,
                 cols: self.cols,
             };
-            matmul::product(x, &source, self.rows, out, ldc, false, kernel);
+            matmul::product_uninit(x, &source, self.rows, out, ldc, kernel);
             Ok(())
         })
     }
@@ -494,19 +500,22 @@ impl Matrix {
         if let Stored::F32(w) = &self.stored {
             return dy.matmul(w);
         }
-        let mut out = vec![0f32; n * self.cols];
+        let mut out = matmul::uninit(n * self.cols);
         with_slice(dy, |dy| {
             let packed = PackedRows::new(dy, self.rows, n, self.rows);
             self.backward_into(&packed, &mut out, false, Kernel::best())
         })?;
+        // SAFETY: the product wrote all n × cols values.
+        let out = unsafe { matmul::assume_init(out) };
         Tensor::from_vec(out, (n, self.cols), &Device::Cpu)
     }
 
-    /// Writes (or with `accumulate` adds) dy W, for dy packed, into `out` (n × cols).
+    /// Writes dy W, for dy packed, into `out` (n × cols); with `accumulate` (`out` then holds
+    /// values written before) adds it.
     fn backward_into(
         &self,
         dy: &PackedRows,
-        out: &mut [f32],
+        out: &mut [MaybeUninit<f32>],
         accumulate: bool,
         kernel: Kernel,
     ) -> Result<()> {
@@ -515,7 +524,13 @@ impl Matrix {
                 values: &values,
                 cols: self.cols,
             };
-            matmul::product(dy, &source, self.cols, out, self.cols, accumulate, kernel);
+            if accumulate {
+                // SAFETY: the caller says every value of `out` was written.
+                let out = unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) };
+                matmul::product(dy, &source, self.cols, out, self.cols, true, kernel);
+            } else {
+                matmul::product_uninit(dy, &source, self.cols, out, self.cols, kernel);
+            }
             Ok(())
         })
     }
@@ -839,6 +854,39 @@ mod tests {
         for (i, &r) in order.iter().enumerate() {
             let d = max_diff(&p.narrow(0, i, 1).unwrap(), &full.narrow(0, r, 1).unwrap());
             assert_eq!(d, 0.0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    use super::*;
+
+    #[test]
+    #[ignore]
+    fn product_scaling() {
+        let w = Tensor::randn(0f32, 1.0, (1536, 576), &Device::Cpu).unwrap();
+        let q = Weight::from_qtensor(QTensor::quantize(&w, GgmlDType::Q4_1).unwrap()).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (120, 576), &Device::Cpu).unwrap();
+        let dy = Tensor::randn(0f32, 1.0, (120, 1536), &Device::Cpu).unwrap();
+        for threads in [1, 2, 1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let mut best = (f64::MAX, f64::MAX);
+                for _ in 0..50 {
+                    let t = std::time::Instant::now();
+                    q.forward(&x).unwrap();
+                    best.0 = best.0.min(t.elapsed().as_secs_f64());
+                    let t = std::time::Instant::now();
+                    q.backward(&dy).unwrap();
+                    best.1 = best.1.min(t.elapsed().as_secs_f64());
+                }
+                let gf = 2.0 * 120.0 * 576.0 * 1536.0 / 1e9;
+                eprintln!("threads {threads}: forward {:.3} ms ({:.0} GFLOPS), backward {:.3} ms ({:.0} GFLOPS)", best.0 * 1e3, gf / best.0, best.1 * 1e3, gf / best.1);
+            });
         }
     }
 }

@@ -138,13 +138,42 @@ fn portable_dot(a: &[f32], b: &[f32]) -> f32 {
 /// then uses the plain path). The values are exactly the plain path's: d·q, or d·q + m rounded
 /// twice as there.
 pub fn dequantize_blocks(blocks: &[u8], dtype: GgmlDType, dst: &mut [f32]) -> bool {
+    dequantize_blocks_strided(blocks, dtype, dst, HALF)
+}
+
+/// Values per run of `dequantize_blocks_strided`: half a block, one panel of the matrix kernel.
+pub const HALF: usize = BLOCK / 2;
+
+/// As `dequantize_blocks`, for `dst.len()` or more values written in runs of 16: value `i` goes
+/// to `dst[(i / 16) * stride + i % 16]` (the panels of `matmul`; a stride of 16 is the plain
+/// contiguous layout). The values written are `blocks.len() / block bytes * 32`.
+pub fn dequantize_blocks_strided(
+    blocks: &[u8],
+    dtype: GgmlDType,
+    dst: &mut [f32],
+    stride: usize,
+) -> bool {
     #[cfg(target_arch = "x86_64")]
     if has_register_kernel(dtype) && Kernel::best() == Kernel::Avx2 {
-        // SAFETY: the CPU has the features; the sizes are checked inside.
-        unsafe { avx2::dequantize(blocks, dtype, dst) };
+        let n = blocks.len() / dtype.type_size();
+        assert!(stride >= HALF, "runs of 16 values would overlap");
+        assert!(
+            n == 0 || dst.len() >= (2 * n - 1) * stride + HALF,
+            "destination too short for {n} blocks"
+        );
+        // SAFETY: the CPU has the features; the destination was checked above and the
+        // blocks are whole.
+        unsafe {
+            avx2::dequantize(
+                &blocks[..n * dtype.type_size()],
+                dtype,
+                dst.as_mut_ptr(),
+                stride,
+            )
+        };
         return true;
     }
-    let _ = (blocks, dtype, dst);
+    let _ = (blocks, dtype, dst, stride);
     false
 }
 
@@ -324,18 +353,19 @@ mod avx2 {
         }
     }
 
-    /// See `super::dequantize_blocks`.
+    /// See `super::dequantize_blocks_strided`.
     ///
     /// # Safety
-    /// The CPU has AVX2, FMA and F16C; `dtype` has a register kernel.
+    /// The CPU has AVX2, FMA and F16C; `dtype` has a register kernel; `blocks` holds whole
+    /// blocks and `dst` has room for them at `stride`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dequantize(blocks: &[u8], dtype: GgmlDType, dst: &mut [f32]) {
+    pub(super) unsafe fn dequantize(blocks: &[u8], dtype: GgmlDType, dst: *mut f32, stride: usize) {
         // SAFETY: as for this function.
         unsafe {
             match dtype {
-                GgmlDType::Q4_0 => dequantize_as::<Q4_0>(blocks, dst),
-                GgmlDType::Q4_1 => dequantize_as::<Q4_1>(blocks, dst),
-                GgmlDType::Q8_0 => dequantize_as::<Q8_0>(blocks, dst),
+                GgmlDType::Q4_0 => dequantize_as::<Q4_0>(blocks, dst, stride),
+                GgmlDType::Q4_1 => dequantize_as::<Q4_1>(blocks, dst, stride),
+                GgmlDType::Q8_0 => dequantize_as::<Q8_0>(blocks, dst, stride),
                 _ => unreachable!("no register kernel for {dtype:?}"),
             }
         }
@@ -345,16 +375,15 @@ mod avx2 {
     /// As for `dequantize`, with `blocks` in `FORMAT`.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dequantize_as<const FORMAT: u8>(blocks: &[u8], dst: &mut [f32]) {
+    unsafe fn dequantize_as<const FORMAT: u8>(blocks: &[u8], dst: *mut f32, stride: usize) {
         let size = block_bytes(FORMAT);
-        let n = dst.len() / BLOCK;
-        assert!(blocks.len() >= n * size && dst.len() == n * BLOCK);
+        let n = blocks.len() / size;
         let m_of = |m: f32| _mm256_set1_ps(m);
         for b in 0..n {
-            // SAFETY: block b and 32 values of dst at b·32 lie inside the checked slices.
+            // SAFETY: block b lies inside `blocks`; its runs of 16 values at 2b and 2b + 1
+            // are inside `dst` (the caller's bound).
             unsafe {
                 let (q, d, m) = block_values::<FORMAT>(blocks.as_ptr().add(b * size));
-                let out = dst.as_mut_ptr().add(b * BLOCK);
                 for (k, v) in q.iter().enumerate() {
                     let w = _mm256_mul_ps(*v, d);
                     // d·q + m in two roundings, as candle's plain path computes it.
@@ -363,7 +392,8 @@ mod avx2 {
                     } else {
                         w
                     };
-                    _mm256_storeu_ps(out.add(8 * k), w);
+                    let run = 2 * b + k / 2;
+                    _mm256_storeu_ps(dst.add(run * stride + 8 * (k % 2)), w);
                 }
             }
         }
@@ -439,6 +469,21 @@ mod tests {
                 same,
                 "{dtype:?}: register dequantization differs from candle's"
             );
+            // The same values in runs of 16, 40 apart (the gaps stay untouched).
+            let stride = 40;
+            let runs = 16 * 256 / HALF;
+            let mut strided = vec![f32::NAN; (runs - 1) * stride + HALF];
+            assert!(dequantize_blocks_strided(
+                &data,
+                dtype,
+                &mut strided,
+                stride
+            ));
+            for (i, w) in want.iter().enumerate() {
+                let at = (i / HALF) * stride + i % HALF;
+                assert_eq!(strided[at].to_bits(), w.to_bits(), "{dtype:?}: value {i}");
+            }
+            assert!(strided[HALF..stride].iter().all(|v| v.is_nan()));
         }
     }
 }

@@ -575,6 +575,9 @@ impl PanelSource for Transposed<'_> {
     }
 }
 
+// Direct panels are filled by runs of half a block.
+const _: () = assert!(NR == decode_dot::HALF);
+
 /// W as the right operand of dy W: B[k][j] = W[k][j]. Columns run along the stored rows, so
 /// strips start on quantization blocks.
 struct Direct<'a> {
@@ -597,6 +600,28 @@ impl PanelSource for Direct<'_> {
         row: &mut Vec<f32>,
     ) {
         let kl = k1 - k0;
+        if let Values::Blocks(bytes, dtype) = self.values {
+            // Straight into the panels where the format has a register kernel.
+            let size = dtype.type_size();
+            let per_row = self.cols / dtype.block_size() * size;
+            let (b0, b1) = (
+                j0 / dtype.block_size() * size,
+                j1 / dtype.block_size() * size,
+            );
+            if (j1 - j0).is_multiple_of(dtype.block_size())
+                && decode_dot::has_register_kernel(*dtype)
+            {
+                let mut done = true;
+                for k in k0..k1 {
+                    let blocks = &bytes[k * per_row + b0..k * per_row + b1];
+                    let out = &mut dst[(k - k0) * NR..];
+                    done &= decode_dot::dequantize_blocks_strided(blocks, *dtype, out, kl * NR);
+                }
+                if done {
+                    return;
+                }
+            }
+        }
         row.resize(j1 - j0, 0.0);
         for k in k0..k1 {
             dequantize(self.values, self.cols, k, j0, j1, row);
@@ -861,6 +886,34 @@ mod tests {
 #[cfg(test)]
 mod speed {
     use super::*;
+
+    #[test]
+    #[ignore]
+    fn head_speed() {
+        let w = Tensor::randn(0f32, 1.0, (49152, 576), &Device::Cpu).unwrap();
+        let q = Weight::from_qtensor(QTensor::quantize(&w, GgmlDType::Q8_0).unwrap()).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (20, 576), &Device::Cpu).unwrap();
+        let dy = Tensor::randn(0f32, 1.0, (20, 49152), &Device::Cpu).unwrap();
+        for threads in [1, 2, 1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let mut best = (f64::MAX, f64::MAX);
+                for _ in 0..10 {
+                    let t = std::time::Instant::now();
+                    q.forward(&x).unwrap();
+                    best.0 = best.0.min(t.elapsed().as_secs_f64());
+                    let t = std::time::Instant::now();
+                    q.backward(&dy).unwrap();
+                    best.1 = best.1.min(t.elapsed().as_secs_f64());
+                }
+                let gf = 2.0 * 20.0 * 576.0 * 49152.0 / 1e9;
+                eprintln!("head threads {threads}: forward {:.3} ms ({:.0} GFLOPS), backward {:.3} ms ({:.0} GFLOPS)", best.0 * 1e3, gf / best.0, best.1 * 1e3, gf / best.1);
+            });
+        }
+    }
 
     #[test]
     #[ignore]

@@ -1,7 +1,7 @@
 //! Salience gradients against finite differences on tiny random-weight models of every
 //! architecture, built in memory.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use salience_engine::model::{Arch, Model};
 use salience_engine::salience::{
     self, gradients, Baseline, IgOptions, Method, SalienceRequest, Spacing,
@@ -341,6 +341,72 @@ fn recomputed_layers_give_the_same_gradients() {
         for budget in [0, one_layer] {
             let recomputed: Vec<f32> = grad(budget).flatten_all().unwrap().to_vec1().unwrap();
             assert_eq!(kept, recomputed, "{arch:?}, budget {budget}");
+        }
+    }
+}
+
+/// A pass whose last layer computes outputs only for the last positions (the scored ones)
+/// gives the same input gradient as the full pass with the gradient of the other outputs 0,
+/// with the last layer kept or recomputed.
+#[test]
+fn a_last_layer_trimmed_to_the_scored_positions_gives_the_same_gradients() {
+    let from = 3;
+    for arch in Arch::ALL {
+        let model = tiny(arch);
+        let e = (model.embeddings(&IDS).unwrap() * model.cfg.embed_scale as f64)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let (t, hidden) = (IDS.len(), model.cfg.hidden);
+        let g_suffix = Tensor::randn(0f32, 1.0, (t - from, hidden), &Device::Cpu).unwrap();
+        let g_full = Tensor::cat(
+            &[
+                &Tensor::zeros((from, hidden), DType::F32, &Device::Cpu).unwrap(),
+                &g_suffix,
+            ],
+            0,
+        )
+        .unwrap();
+        let full_tape = model
+            .forward_embeds_recording(&e, Some(usize::MAX), 0, &mut || Ok(()))
+            .unwrap();
+        let want: Vec<f32> = model
+            .backward(&full_tape, g_full, &mut || Ok(()))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for budget in [usize::MAX, 0] {
+            let tape = model
+                .forward_embeds_recording(&e, Some(budget), from, &mut || Ok(()))
+                .unwrap();
+            let last_full = full_tape.last_hidden.narrow(0, from, t - from).unwrap();
+            let d = (&tape.last_hidden - &last_full)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < 1e-5, "{arch:?}: outputs differ by {d}");
+            let got: Vec<f32> = model
+                .backward(&tape, g_suffix.clone(), &mut || Ok(()))
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let worst = got
+                .iter()
+                .zip(&want)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                worst <= 1e-5 * scale,
+                "{arch:?}, budget {budget}: gradients differ by {worst} of {scale}"
+            );
         }
     }
 }

@@ -19,14 +19,17 @@ impl Model {
         let (b, t) = (tape.batch, tape.seq);
         let rope = self.rope_tables(0, t)?;
         let mut g = grad_last_hidden;
-        for (layer, record) in self.layers.iter().zip(&tape.layers).rev() {
+        let last = self.layers.len() - 1;
+        for (i, (layer, record)) in self.layers.iter().zip(&tape.layers).enumerate().rev() {
             check()?;
             let (cos, sin) = rope.of(layer);
             let recomputed;
             let lt = match record {
                 LayerRecord::Full(lt) => lt,
                 LayerRecord::Input(h) => {
-                    let (_, lt) = self.layer_forward(layer, h, b, t, &rope, Past::Nothing, true)?;
+                    let from = if i == last { tape.outputs_from } else { 0 };
+                    let past = Past::Nothing;
+                    let (_, lt) = self.layer_forward(layer, h, b, t, &rope, past, true, from)?;
                     recomputed = lt.expect("tape requested");
                     &recomputed
                 }
@@ -49,6 +52,10 @@ impl Model {
     ) -> Result<Tensor> {
         let c = &self.cfg;
         let (nh, nkv, hd, grp) = (c.n_head, c.n_kv_head, c.head_dim, self.group());
+        // Query-side rows: positions `from..t` of each sequence (all of them but in the last
+        // layer of a pass that scores only those).
+        let from = lt.outputs_from;
+        let tq = t - from;
 
         // Feed-forward block: out = h2 + norm?(down(act(gate) * up)).
         let mut g_down = g_out.clone();
@@ -66,19 +73,25 @@ impl Model {
         if let (Some(n), Some(pre)) = (&layer.post_attn_norm, &lt.attn_pre_norm) {
             g_attn = rms_norm_backward(pre, n, c.eps, &g_attn)?;
         }
-        let g_o = split_heads(&layer.wo.backward(&g_attn)?, (b, t, hd), &[nh])?
+        let g_o = split_heads(&layer.wo.backward(&g_attn)?, (b, tq, hd), &[nh])?
             .remove(0)
-            .reshape((b, nkv, grp * t, hd))?;
+            .reshape((b, nkv, grp * tq, hd))?;
         let grads = self
-            .attention(layer, b, t, t)
+            .attention(layer, b, tq, t)
             .backward(&lt.q, &lt.k, &lt.v, &lt.lse, &g_o)?;
-        let (g_q, g_k, g_v) = (grads.q.reshape((b, nh, t, hd))?, grads.k, grads.v);
+        let (g_q, g_k, g_v) = (grads.q.reshape((b, nh, tq, hd))?, grads.k, grads.v);
         // The rope is a rotation: its transpose rotates by the opposite angle.
         let neg_sin = sin.neg()?;
         let rope = self.rope_of(layer);
         let (mut g_q, mut g_k) = if layer.rotary {
+            let (cos_q, neg_sin_q) = if from > 0 {
+                let suffix = |x: &Tensor| x.narrow(0, from, tq)?.contiguous();
+                (suffix(cos)?, suffix(&neg_sin)?)
+            } else {
+                (cos.clone(), neg_sin.clone())
+            };
             (
-                rope.apply_transposed(&g_q, cos, &neg_sin)?,
+                rope.apply_transposed(&g_q, &cos_q, &neg_sin_q)?,
                 rope.apply_transposed(&g_k, cos, &neg_sin)?,
             )
         } else {
@@ -87,11 +100,24 @@ impl Model {
         if let (Some(n), Some(pre)) = (&layer.q_norm, &lt.q_pre_norm) {
             g_q = rms_norm_backward(pre, n, c.eps, &g_q)?;
         }
+        if from > 0 {
+            // Positions before `from` asked nothing of their queries.
+            let none = Tensor::zeros((b, nh, from, hd), g_q.dtype(), g_q.device())?;
+            g_q = Tensor::cat(&[&none, &g_q], 2)?;
+        }
         if let (Some(n), Some(pre)) = (&layer.k_norm, &lt.k_pre_norm) {
             g_k = rms_norm_backward(pre, n, c.eps, &g_k)?;
         }
         let g_qkv = merge_heads(&[&g_q, &g_k, &g_v], (b, t, hd))?;
         let g_a = layer.w_qkv.backward(&g_qkv)?;
-        g_h2 + rms_norm_backward(&lt.h, &layer.attn_norm, c.eps, &g_a)?
+        let g_h = rms_norm_backward(&lt.h, &layer.attn_norm, c.eps, &g_a)?;
+        if from == 0 {
+            return g_h2 + g_h;
+        }
+        // The residual path carries gradient only to positions from `from` on.
+        let hidden = g_h2.dim(1)?;
+        let none = Tensor::zeros((b, from, hidden), g_h2.dtype(), g_h2.device())?;
+        let g_h2 = Tensor::cat(&[&none, &g_h2.reshape((b, tq, hidden))?], 1)?;
+        g_h2.reshape((b * t, hidden))? + g_h
     }
 }

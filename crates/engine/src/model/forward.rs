@@ -27,6 +27,10 @@ pub struct LayerTape {
     /// The MLP's gate and up projections side by side (b * t, 2 * ffn).
     pub gate_up: Tensor,
     pub down_pre_norm: Option<Tensor>,
+    /// The layer's outputs exist for positions from here on (see `Tape::outputs_from`); the
+    /// query-side entries (`q`, `lse`, `h2`, `gate_up`, ...) hold only those positions,
+    /// `h`, `k` and `v` every position.
+    pub outputs_from: usize,
 }
 
 /// What the forward pass kept of one layer.
@@ -48,7 +52,11 @@ pub struct Tape {
     pub seq: usize,
     /// One record per layer; empty for a forward pass without backward.
     pub layers: Vec<LayerRecord>,
-    /// Final hidden states (b * t, hidden), before the final norm.
+    /// The last layer computes its outputs only for positions `outputs_from..seq` of each
+    /// sequence: the others feed no logit that is scored, and it is the one layer whose
+    /// outputs no later layer reads.
+    pub outputs_from: usize,
+    /// Final hidden states (b * (seq - outputs_from), hidden), before the final norm.
     pub last_hidden: Tensor,
 }
 
@@ -192,7 +200,7 @@ impl Model {
         budget: usize,
         check: &mut dyn FnMut() -> Result<()>,
     ) -> Result<Tape> {
-        self.forward_embeds_recording(x, Some(budget), check)
+        self.forward_embeds_recording(x, Some(budget), 0, check)
     }
 
     /// The forward pass alone: the final hidden states, no record for a backward pass.
@@ -201,17 +209,23 @@ impl Model {
         x: &Tensor,
         check: &mut dyn FnMut() -> Result<()>,
     ) -> Result<Tape> {
-        self.forward_embeds_recording(x, None, check)
+        self.forward_embeds_recording(x, None, 0, check)
     }
 
-    fn forward_embeds_recording(
+    /// The forward pass for outputs at positions `outputs_from..` only (see
+    /// `Tape::outputs_from`), recording a tape within `budget` bytes when there is one.
+    pub fn forward_embeds_recording(
         &self,
         x: &Tensor,
         budget: Option<usize>,
+        outputs_from: usize,
         check: &mut dyn FnMut() -> Result<()>,
     ) -> Result<Tape> {
         let record = budget.is_some();
         let (b, t, hidden) = x.dims3()?;
+        if outputs_from >= t {
+            candle_core::bail!("outputs from position {outputs_from} of {t}")
+        }
         let rope = self.rope_tables(0, t)?;
         let mut h = x.reshape((b * t, hidden))?;
         let n = self.layers.len();
@@ -220,7 +234,9 @@ impl Model {
         for (i, layer) in self.layers.iter().enumerate() {
             check()?;
             let whole = record && i >= n - kept_whole;
-            let (next, tape) = self.layer_forward(layer, &h, b, t, &rope, Past::Nothing, whole)?;
+            let from = if i + 1 == n { outputs_from } else { 0 };
+            let past = Past::Nothing;
+            let (next, tape) = self.layer_forward(layer, &h, b, t, &rope, past, whole, from)?;
             if whole {
                 layers.push(LayerRecord::Full(tape.expect("tape requested")));
             } else if record {
@@ -232,6 +248,7 @@ impl Model {
             batch: b,
             seq: t,
             layers,
+            outputs_from,
             last_hidden: h,
         })
     }
@@ -257,7 +274,7 @@ impl Model {
             cache.layers.resize(self.layers.len(), None);
             for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
                 let past = Past::Cache(slot, offset);
-                (h, _) = self.layer_forward(layer, &h, 1, t, &rope, past, false)?;
+                (h, _) = self.layer_forward(layer, &h, 1, t, &rope, past, false, 0)?;
             }
             cache.len = total;
             Ok(h)
@@ -291,7 +308,7 @@ impl Model {
                     None => None,
                 };
                 let past = past.as_ref().map_or(Past::Nothing, Past::Fixed);
-                let (next, _) = self.layer_forward(layer, &h, b, t, &rope, past, false)?;
+                let (next, _) = self.layer_forward(layer, &h, b, t, &rope, past, false, 0)?;
                 h = next;
             }
             Ok(h)
@@ -336,7 +353,9 @@ impl Model {
     }
 
     /// One transformer block on `h` (b * t, hidden) after the positions in `past` (a decoding
-    /// cache gets the new keys and values); with `want_tape` it records the tape.
+    /// cache gets the new keys and values); with `want_tape` it records the tape. Outputs are
+    /// computed for positions `outputs_from..t` of each sequence, (b * (t - outputs_from),
+    /// hidden): every position still gives its key and value.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn layer_forward(
         &self,
@@ -347,6 +366,7 @@ impl Model {
         rope: &RopeTables,
         past: Past,
         want_tape: bool,
+        outputs_from: usize,
     ) -> Result<LayerOutput> {
         let c = &self.cfg;
         let (nh, nkv, hd, g) = (c.n_head, c.n_kv_head, c.head_dim, self.group());
@@ -374,6 +394,16 @@ impl Model {
         } else {
             (q.contiguous()?, k.contiguous()?)
         };
+        let tq = t - outputs_from;
+        let (q, q_pre_norm) = if outputs_from > 0 {
+            if !matches!(past, Past::Nothing) {
+                candle_core::bail!("outputs for some positions only, after cached ones")
+            }
+            let suffix = |x: Tensor| x.narrow(2, outputs_from, tq)?.contiguous();
+            (suffix(q)?, q_pre_norm.map(suffix).transpose()?)
+        } else {
+            (q, q_pre_norm)
+        };
         // Keys and values seen, in buffers with `key_rows` rows per head, of which the first
         // `keys` are filled.
         let (k_all, v_all, keys) = match past {
@@ -390,18 +420,25 @@ impl Model {
         };
         // Queries that share a key head are stacked along the sequence axis, so grouped-query
         // attention needs no copies of the keys and values.
-        let q = q.reshape((b, nkv, g * t, hd))?;
-        let mut attention = self.attention(layer, b, t, keys);
+        let q = q.reshape((b, nkv, g * tq, hd))?;
+        let mut attention = self.attention(layer, b, tq, keys);
         attention.key_rows = k_all.dim(2)?;
         let (o, lse) = attention.forward(&q, &k_all, &v_all)?;
-        let o = merge_heads(&[&o], (b, t, hd))?;
+        let o = merge_heads(&[&o], (b, tq, hd))?;
         let mut attn = layer.wo.forward(&o)?;
         let mut attn_pre_norm = None;
         if let Some(n) = &layer.post_attn_norm {
             let normed = rms_norm(&attn, n, c.eps)?;
             attn_pre_norm = Some(std::mem::replace(&mut attn, normed));
         }
-        let h2 = (h + attn)?;
+        let h_out = if outputs_from > 0 {
+            let hidden = h.dim(1)?;
+            let h = h.reshape((b, t, hidden))?.narrow(1, outputs_from, tq)?;
+            h.contiguous()?.reshape((b * tq, hidden))?
+        } else {
+            h.clone()
+        };
+        let h2 = (h_out + attn)?;
         let m = rms_norm(&h2, &layer.ffn_norm, c.eps)?;
         let gate_up = layer.w_gate_up.forward(&m)?;
         let act = gated(&gate_up, c.activation == Activation::GeluTanh)?;
@@ -429,6 +466,7 @@ impl Model {
                 h2,
                 gate_up,
                 down_pre_norm,
+                outputs_from,
             }),
         ))
     }

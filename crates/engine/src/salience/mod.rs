@@ -243,27 +243,68 @@ pub fn gradients(
     cancel: &CancelToken,
 ) -> candle_core::Result<Gradients> {
     crate::threads::on_pool(|| {
-        let (b, t, _) = embeds.dims3()?;
+        let (b, t, hidden) = embeds.dims3()?;
         let n = targets.len();
-        let x = (embeds * model.cfg.embed_scale as f64)?;
+        let scored = Scored::of(t, n, target_start)?;
+        let x = (scored.used(embeds)? * model.cfg.embed_scale as f64)?;
         let mut check = || cancel.check();
-        let tape = model.forward_embeds(&x, &mut check)?;
-        let rows = predicting_rows(b, t, n, target_start)?;
-        let hidden = tape.last_hidden.index_select(&rows, 0)?;
-        let (log_probs, g_hidden) = model.target_log_probs(&hidden, &targets.repeat(b), true)?;
+        let budget = Some(crate::model::TAPE_BUDGET_BYTES);
+        let tape = model.forward_embeds_recording(&x, budget, scored.from, &mut check)?;
+        let rows = scored.rows(b)?;
+        let hidden_rows = tape.last_hidden.index_select(&rows, 0)?;
+        let (log_probs, g_hidden) =
+            model.target_log_probs(&hidden_rows, &targets.repeat(b), true)?;
         let objective = log_probs.chunks(n).map(|c| c.iter().sum()).collect();
         let g_hidden = g_hidden.expect("gradient requested");
         let g_last = tape
             .last_hidden
             .zeros_like()?
             .index_add(&rows, &g_hidden, 0)?;
-        let g_x = model.backward(&tape, g_last, &mut check)?;
+        let mut g_x = model.backward(&tape, g_last, &mut check)?;
+        if scored.used < t {
+            // The positions after the last scored one feed nothing: their gradient is 0.
+            let after = Tensor::zeros((b, t - scored.used, hidden), g_x.dtype(), g_x.device())?;
+            g_x = Tensor::cat(&[&g_x, &after], 1)?;
+        }
         Ok(Gradients {
             objective,
             target_log_probs: log_probs[..n].to_vec(),
             grad: (g_x * model.cfg.embed_scale as f64)?,
         })
     })
+}
+
+/// The positions a pass over `t` positions needs to score `n` target tokens from
+/// `target_start`: the rows predicting them are `from..used`. Positions from `used` on feed
+/// no scored logit (attention is causal) and are left out; the last layer computes outputs
+/// only from `from` on (`Tape::outputs_from`).
+struct Scored {
+    from: usize,
+    used: usize,
+    n: usize,
+}
+
+impl Scored {
+    fn of(t: usize, n: usize, target_start: usize) -> candle_core::Result<Scored> {
+        if n == 0 || target_start == 0 || target_start - 1 + n > t {
+            candle_core::bail!("{n} target tokens from position {target_start} of {t}")
+        }
+        Ok(Scored {
+            from: target_start - 1,
+            used: target_start - 1 + n,
+            n,
+        })
+    }
+
+    /// The embeddings of the positions used.
+    fn used(&self, embeds: &Tensor) -> candle_core::Result<Tensor> {
+        embeds.narrow(1, 0, self.used)
+    }
+
+    /// The predicting rows in the last hidden states (b · (used - from) rows).
+    fn rows(&self, b: usize) -> candle_core::Result<Tensor> {
+        predicting_rows(b, self.used - self.from, self.n, 1)
+    }
 }
 
 /// The rows of the flattened (b · t) hidden states whose next-token logits score the `n`
@@ -291,9 +332,11 @@ pub fn objectives(
     crate::threads::on_pool(|| {
         let (b, t, _) = embeds.dims3()?;
         let n = targets.len();
-        let x = (embeds * model.cfg.embed_scale as f64)?;
-        let tape = model.forward_embeds_only(&x, &mut || cancel.check())?;
-        let rows = predicting_rows(b, t, n, target_start)?;
+        let scored = Scored::of(t, n, target_start)?;
+        let x = (scored.used(embeds)? * model.cfg.embed_scale as f64)?;
+        let check = &mut || cancel.check();
+        let tape = model.forward_embeds_recording(&x, None, scored.from, check)?;
+        let rows = scored.rows(b)?;
         let hidden = tape.last_hidden.index_select(&rows, 0)?;
         let (log_probs, _) = model.target_log_probs(&hidden, &targets.repeat(b), false)?;
         let objective = log_probs.chunks(n).map(|c| c.iter().sum()).collect();

@@ -487,32 +487,3 @@ mod tests {
         }
     }
 }
-
-#[cfg(test)]
-mod speed {
-    use super::*;
-    use candle_core::quantized::QTensor;
-    use candle_core::{Device, Tensor};
-
-    #[test]
-    #[ignore]
-    fn dequantize_speed() {
-        let w = Tensor::randn(0f32, 1.0, (1536, 576), &Device::Cpu).unwrap();
-        let q = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
-        let data = q.data().unwrap();
-        let mut out = vec![0f32; 288];
-        for _ in 0..3 {
-            let t = std::time::Instant::now();
-            for _ in 0..20 {
-                for r in 0..1536 {
-                    for h in 0..2 {
-                        let at = (r * 18 + h * 9) * 20;
-                        dequantize_blocks(&data[at..at + 9 * 20], GgmlDType::Q4_1, &mut out);
-                    }
-                }
-            }
-            let s = t.elapsed().as_secs_f64();
-            eprintln!("{:.2} ns per block", s * 1e9 / (20.0 * 1536.0 * 18.0));
-        }
-    }
-}

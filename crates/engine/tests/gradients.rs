@@ -243,10 +243,7 @@ fn kv_cache_decoding_matches_the_full_forward() {
     for arch in Arch::ALL {
         let model = tiny(arch);
         // Full forward over all tokens: logits of the last position.
-        let e = (model.embeddings(&IDS).unwrap() * model.cfg.embed_scale as f64)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
+        let e = scaled_embeddings(&model);
         let tape = model.forward_embeds(&e, &mut || Ok(())).unwrap();
         let last = tape.last_hidden.narrow(0, IDS.len() - 1, 1).unwrap();
         let normed =
@@ -323,10 +320,7 @@ fn cancellation_stops_the_computation() {
 fn recomputed_layers_give_the_same_gradients() {
     for arch in Arch::ALL {
         let model = tiny(arch);
-        let e = (model.embeddings(&IDS).unwrap() * model.cfg.embed_scale as f64)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
+        let e = scaled_embeddings(&model);
         let g_out = Tensor::randn(0f32, 1.0, (IDS.len(), model.cfg.hidden), &Device::Cpu).unwrap();
         let grad = |budget: usize| {
             let tape = model
@@ -353,10 +347,7 @@ fn a_last_layer_trimmed_to_the_scored_positions_gives_the_same_gradients() {
     let from = 3;
     for arch in Arch::ALL {
         let model = tiny(arch);
-        let e = (model.embeddings(&IDS).unwrap() * model.cfg.embed_scale as f64)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
+        let e = scaled_embeddings(&model);
         let (t, hidden) = (IDS.len(), model.cfg.hidden);
         let g_suffix = Tensor::randn(0f32, 1.0, (t - from, hidden), &Device::Cpu).unwrap();
         let g_full = Tensor::cat(
@@ -409,4 +400,12 @@ fn a_last_layer_trimmed_to_the_scored_positions_gives_the_same_gradients() {
             );
         }
     }
+}
+
+/// The embeddings of `IDS` as the first layer takes them: scaled, one sequence.
+fn scaled_embeddings(model: &Model) -> Tensor {
+    (model.embeddings(&IDS).unwrap() * model.cfg.embed_scale as f64)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap()
 }

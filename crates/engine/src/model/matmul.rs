@@ -33,6 +33,15 @@ const STRIP_MAX: usize = 256;
 /// Row panels of A run over a strip's B panels together: 144 rows × 320 depth is 180 KB (L2).
 const ROW_PANELS_PER_BLOCK: usize = 24;
 
+/// A block of B to pack: depth `k0..k1`, columns `j0..j1`.
+#[derive(Clone, Copy, Debug)]
+pub struct Span {
+    pub k0: usize,
+    pub k1: usize,
+    pub j0: usize,
+    pub j1: usize,
+}
+
 /// The right operand B (k × n) of a product, produced on demand.
 pub trait PanelSource: Sync {
     /// Depth chunks start at multiples of this (a quantization block along k).
@@ -45,24 +54,16 @@ pub trait PanelSource: Sync {
         1
     }
 
-    /// Writes B[k0..k1, j0..j1] as panels of `NR` columns: B[k][j] goes to
+    /// Writes B[k0..k1, j0..j1] (the span) as panels of `NR` columns: B[k][j] goes to
     /// `((j - j0) / NR) * (k1 - k0) * NR + (k - k0) * NR + (j - j0) % NR`. Lanes past `j1` in
     /// the last panel may be left as they are: the kernel's results there are never stored.
     /// `scratch` is the caller's, kept between calls.
-    fn pack(
-        &self,
-        k0: usize,
-        k1: usize,
-        j0: usize,
-        j1: usize,
-        dst: &mut [f32],
-        scratch: &mut Vec<f32>,
-    );
+    fn pack(&self, span: Span, dst: &mut [f32], scratch: &mut Vec<f32>);
 
     /// Asks the CPU to start loading what `pack` will read for the same arguments: called one
     /// pack ahead, so that stored weights (beyond the last-level cache for most models) arrive
     /// during the current chunk's arithmetic instead of stalling the next pack.
-    fn prefetch(&self, _k0: usize, _k1: usize, _j0: usize, _j1: usize) {}
+    fn prefetch(&self, _span: Span) {}
 }
 
 /// Starts loading the cache lines of `bytes` (a hint: no effect on results).
@@ -74,6 +75,15 @@ pub fn prefetch_bytes(bytes: &[u8]) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = bytes;
+}
+
+/// Writes one row of B (columns j0.. of depth `k - k0`) into panels of depth `kl`: the
+/// untransposing half of packing.
+pub fn row_into_panels(row: &[f32], k: usize, kl: usize, dst: &mut [f32]) {
+    for (panel, values) in row.chunks(NR).enumerate() {
+        let at = panel * kl * NR + k * NR;
+        dst[at..at + values.len()].copy_from_slice(values);
+    }
 }
 
 /// Writes `width = rows.len() / kl` stored rows of length `kl` as one panel's lanes:
@@ -281,12 +291,27 @@ unsafe fn run(
             let panels = (j1 - j0).div_ceil(NR);
             for (ci, &(k0, k1)) in chunks.iter().enumerate() {
                 let kl = k1 - k0;
-                b.pack(k0, k1, j0, j1, &mut packed_b[..panels * kl * NR], scratch);
+                b.pack(
+                    Span { k0, k1, j0, j1 },
+                    &mut packed_b[..panels * kl * NR],
+                    scratch,
+                );
                 // The next pack: this strip's next chunk, else the next strip's first.
                 if let Some(&(n0, n1)) = chunks.get(ci + 1) {
-                    b.prefetch(n0, n1, j0, j1);
+                    b.prefetch(Span {
+                        k0: n0,
+                        k1: n1,
+                        j0,
+                        j1,
+                    });
                 } else if let Some(&(s0, s1)) = strips.get(si + 1) {
-                    b.prefetch(chunks[0].0, chunks[0].1, s0, s1);
+                    let (k0, k1) = chunks[0];
+                    b.prefetch(Span {
+                        k0,
+                        k1,
+                        j0: s0,
+                        j1: s1,
+                    });
                 }
                 let add = accumulate || k0 > 0;
                 for first in (0..row_panels).step_by(ROW_PANELS_PER_BLOCK) {
@@ -544,22 +569,12 @@ mod tests {
     }
 
     impl PanelSource for RowMajor<'_> {
-        fn pack(
-            &self,
-            k0: usize,
-            k1: usize,
-            j0: usize,
-            j1: usize,
-            dst: &mut [f32],
-            _: &mut Vec<f32>,
-        ) {
+        fn pack(&self, span: Span, dst: &mut [f32], _: &mut Vec<f32>) {
+            let Span { k0, k1, j0, j1 } = span;
             let kl = k1 - k0;
             for kk in k0..k1 {
                 let row = &self.values[kk * self.cols + j0..kk * self.cols + j1];
-                for (panel, vals) in row.chunks(NR).enumerate() {
-                    let at = panel * kl * NR + (kk - k0) * NR;
-                    dst[at..at + vals.len()].copy_from_slice(vals);
-                }
+                row_into_panels(row, kk - k0, kl, dst);
             }
         }
     }
@@ -617,18 +632,10 @@ mod tests {
                     fn depth_align(&self) -> usize {
                         self.1
                     }
-                    fn pack(
-                        &self,
-                        k0: usize,
-                        k1: usize,
-                        j0: usize,
-                        j1: usize,
-                        dst: &mut [f32],
-                        s: &mut Vec<f32>,
-                    ) {
-                        assert_eq!(k0 % self.1, 0);
-                        assert_eq!(j0 % self.1, 0);
-                        self.0.pack(k0, k1, j0, j1, dst, s)
+                    fn pack(&self, span: Span, dst: &mut [f32], s: &mut Vec<f32>) {
+                        assert_eq!(span.k0 % self.1, 0);
+                        assert_eq!(span.j0 % self.1, 0);
+                        self.0.pack(span, dst, s)
                     }
                 }
                 let source = Aligned(

@@ -19,7 +19,7 @@ use rayon::prelude::*;
 
 use super::decode_dot::{self, Kernel};
 use super::kernels::with_slice;
-use super::matmul::{self, PackedRows, PanelSource, NR};
+use super::matmul::{self, PackedRows, PanelSource, Span, NR};
 
 /// How one stored matrix (rows = output features, cols = input features) is held.
 #[derive(Clone)]
@@ -548,15 +548,8 @@ impl PanelSource for Transposed<'_> {
         self.values.block_size()
     }
 
-    fn pack(
-        &self,
-        k0: usize,
-        k1: usize,
-        j0: usize,
-        j1: usize,
-        dst: &mut [f32],
-        rows: &mut Vec<f32>,
-    ) {
+    fn pack(&self, span: Span, dst: &mut [f32], rows: &mut Vec<f32>) {
+        let Span { k0, k1, j0, j1 } = span;
         // NR stored rows at a time into `rows`, then one pass that writes each panel row whole.
         let kl = k1 - k0;
         rows.resize(NR * kl, 0.0);
@@ -570,7 +563,7 @@ impl PanelSource for Transposed<'_> {
         }
     }
 
-    fn prefetch(&self, k0: usize, k1: usize, j0: usize, j1: usize) {
+    fn prefetch(&self, Span { k0, k1, j0, j1 }: Span) {
         self.values.prefetch(self.cols, j0..j1, k0, k1);
     }
 }
@@ -590,15 +583,8 @@ impl PanelSource for Direct<'_> {
         self.values.block_size()
     }
 
-    fn pack(
-        &self,
-        k0: usize,
-        k1: usize,
-        j0: usize,
-        j1: usize,
-        dst: &mut [f32],
-        row: &mut Vec<f32>,
-    ) {
+    fn pack(&self, span: Span, dst: &mut [f32], row: &mut Vec<f32>) {
+        let Span { k0, k1, j0, j1 } = span;
         let kl = k1 - k0;
         if let Values::Blocks(bytes, dtype) = self.values {
             // Straight into the panels where the format has a register kernel.
@@ -625,14 +611,11 @@ impl PanelSource for Direct<'_> {
         row.resize(j1 - j0, 0.0);
         for k in k0..k1 {
             dequantize(self.values, self.cols, k, j0, j1, row);
-            for (panel, vals) in row.chunks(NR).enumerate() {
-                let at = panel * kl * NR + (k - k0) * NR;
-                dst[at..at + vals.len()].copy_from_slice(vals);
-            }
+            matmul::row_into_panels(row, k - k0, kl, dst);
         }
     }
 
-    fn prefetch(&self, k0: usize, k1: usize, j0: usize, j1: usize) {
+    fn prefetch(&self, Span { k0, k1, j0, j1 }: Span) {
         self.values.prefetch(self.cols, k0..k1, j0, j1);
     }
 }

@@ -314,8 +314,8 @@ fn cancellation_stops_the_computation() {
     );
 }
 
-/// Layers recomputed in the backward pass (checkpointing) give the same gradients as layers
-/// whose activations were kept.
+/// Layers recomputed in the backward pass (checkpointing), whole or only their MLP
+/// projections, give the same gradients as layers whose activations were kept.
 #[test]
 fn recomputed_layers_give_the_same_gradients() {
     for arch in Arch::ALL {
@@ -332,7 +332,10 @@ fn recomputed_layers_give_the_same_gradients() {
         };
         let kept: Vec<f32> = grad(usize::MAX).flatten_all().unwrap().to_vec1().unwrap();
         let one_layer = model.layer_tape_bytes(1, IDS.len());
-        for budget in [0, one_layer] {
+        // Every layer without its MLP projections, and one layer whole.
+        let mlp = IDS.len() * 2 * model.cfg.ffn * 4;
+        let lean = model.cfg.n_layer * (one_layer - mlp) + mlp;
+        for budget in [0, one_layer, lean] {
             let recomputed: Vec<f32> = grad(budget).flatten_all().unwrap().to_vec1().unwrap();
             assert_eq!(kept, recomputed, "{arch:?}, budget {budget}");
         }

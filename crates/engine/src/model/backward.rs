@@ -4,7 +4,7 @@ use candle_core::{Result, Tensor};
 
 use super::forward::{LayerRecord, LayerTape, Past, Tape};
 use super::kernels::{gated_backward, merge_heads, rms_norm_backward, split_heads};
-use super::ops::Activation;
+use super::ops::{rms_norm, Activation};
 use super::{Layer, Model};
 
 impl Model {
@@ -64,7 +64,13 @@ impl Model {
         }
         let g_act = layer.w_down.backward(&g_down)?;
         let gelu = c.activation == Activation::GeluTanh;
-        let g_gate_up = gated_backward(&lt.gate_up, &g_act, gelu)?;
+        let g_gate_up = match &lt.gate_up {
+            Some(gate_up) => gated_backward(gate_up, &g_act, gelu)?,
+            None => {
+                let m = rms_norm(&lt.h2, &layer.ffn_norm, c.eps)?;
+                gated_backward(&layer.w_gate_up.forward(&m)?, &g_act, gelu)?
+            }
+        };
         let g_m = layer.w_gate_up.backward(&g_gate_up)?;
         let g_h2 = (g_out + rms_norm_backward(&lt.h2, &layer.ffn_norm, c.eps, &g_m)?)?;
 

@@ -24,8 +24,10 @@ pub struct LayerTape {
     pub lse: Tensor,
     pub attn_pre_norm: Option<Tensor>,
     pub h2: Tensor,
-    /// The MLP's gate and up projections side by side (b * t, 2 * ffn).
-    pub gate_up: Tensor,
+    /// The MLP's gate and up projections side by side (b * t, 2 * ffn); None where the
+    /// budget left them out (the backward pass multiplies them again from `h2`: half the
+    /// layer's flops, no attention, against a whole layer for an `Input` record).
+    pub gate_up: Option<Tensor>,
     pub down_pre_norm: Option<Tensor>,
     /// The layer's outputs exist for positions from here on (see `Tape::outputs_from`); the
     /// query-side entries (`q`, `lse`, `h2`, `gate_up`, ...) hold only those positions,
@@ -33,9 +35,17 @@ pub struct LayerTape {
     pub outputs_from: usize,
 }
 
+/// What the forward pass keeps of one layer (see `Model::tape_plan`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Keep {
+    Whole,
+    WithoutMlp,
+    Input,
+}
+
 /// What the forward pass kept of one layer.
 pub enum LayerRecord {
-    /// Everything its backward pass needs.
+    /// What its backward pass needs, the MLP projections possibly left out.
     Full(LayerTape),
     /// Only its input: the backward pass runs the layer again first (checkpointing), which
     /// costs one more forward of the layer and saves its activations' memory.
@@ -43,7 +53,7 @@ pub enum LayerRecord {
 }
 
 /// Recorded activations beyond this many bytes are recomputed in the backward pass instead
-/// of kept (see `LayerRecord::Input`).
+/// of kept (see `Model::tape_plan`).
 pub const TAPE_BUDGET_BYTES: usize = 256 << 20;
 
 /// Everything the backward pass needs.
@@ -166,6 +176,27 @@ impl Model {
         }
     }
 
+    /// What to keep of each layer within `budget` bytes. Dropping the MLP projections saves
+    /// most bytes per recomputed flop, so every layer loses those first, then as many as fit
+    /// get them back; only where even that does not fit are whole layers recomputed (the last
+    /// layers are kept, the backward pass meets them first).
+    fn tape_plan(&self, b: usize, t: usize, budget: usize) -> Vec<Keep> {
+        let n = self.layers.len();
+        let whole = self.layer_tape_bytes(b, t).max(1);
+        let mlp = b * t * 2 * self.cfg.ffn * 4;
+        let lean = whole - mlp;
+        let (kept, rest) = if n * whole <= budget {
+            (n, Keep::Input)
+        } else if n * lean <= budget {
+            (((budget - n * lean) / mlp.max(1)).min(n), Keep::WithoutMlp)
+        } else {
+            ((budget / whole).min(n), Keep::Input)
+        };
+        (0..n)
+            .map(|i| if i >= n - kept { Keep::Whole } else { rest })
+            .collect()
+    }
+
     /// Bytes one layer's full record takes for `b` sequences of `t` positions.
     pub fn layer_tape_bytes(&self, b: usize, t: usize) -> usize {
         let c = &self.cfg;
@@ -181,9 +212,8 @@ impl Model {
     }
 
     /// Runs the layers on input embeddings `x` of shape (b, t, hidden) — already scaled by
-    /// `embed_scale` — and records what the backward pass needs: whole layers up to
-    /// `TAPE_BUDGET_BYTES` (the last ones, which the backward pass meets first), only the
-    /// inputs of the others. `check` is called between layers and may abort.
+    /// `embed_scale` — and records what the backward pass needs within `TAPE_BUDGET_BYTES`
+    /// (`Model::tape_plan`). `check` is called between layers and may abort.
     pub fn forward_embeds(
         &self,
         x: &Tensor,
@@ -192,7 +222,7 @@ impl Model {
         self.forward_embeds_within(x, TAPE_BUDGET_BYTES, check)
     }
 
-    /// `forward_embeds` with whole layers kept up to `budget` bytes (0: every layer is
+    /// `forward_embeds` with the tape kept within `budget` bytes (0: every layer is
     /// recomputed in the backward pass).
     pub fn forward_embeds_within(
         &self,
@@ -229,18 +259,23 @@ impl Model {
         let rope = self.rope_tables(0, t)?;
         let mut h = x.reshape((b * t, hidden))?;
         let n = self.layers.len();
-        let kept_whole = (budget.unwrap_or(0) / self.layer_tape_bytes(b, t).max(1)).min(n);
+        let plan = budget.map(|budget| self.tape_plan(b, t, budget));
         let mut layers = Vec::with_capacity(if record { n } else { 0 });
         for (i, layer) in self.layers.iter().enumerate() {
             check()?;
-            let whole = record && i >= n - kept_whole;
+            let keep = plan.as_ref().map(|p| p[i]);
+            let whole = matches!(keep, Some(Keep::Whole | Keep::WithoutMlp));
             let from = if i + 1 == n { outputs_from } else { 0 };
             let past = Past::Nothing;
             let (next, tape) = self.layer_forward(layer, &h, b, t, &rope, past, whole, from)?;
-            if whole {
-                layers.push(LayerRecord::Full(tape.expect("tape requested")));
-            } else if record {
-                layers.push(LayerRecord::Input(h));
+            match (keep, tape) {
+                (Some(Keep::Whole), Some(tape)) => layers.push(LayerRecord::Full(tape)),
+                (Some(Keep::WithoutMlp), Some(mut tape)) => {
+                    tape.gate_up = None;
+                    layers.push(LayerRecord::Full(tape));
+                }
+                (Some(_), _) => layers.push(LayerRecord::Input(h)),
+                (None, _) => {}
             }
             h = next;
         }
@@ -464,7 +499,7 @@ impl Model {
                 lse,
                 attn_pre_norm,
                 h2,
-                gate_up,
+                gate_up: Some(gate_up),
                 down_pre_norm,
                 outputs_from,
             }),

@@ -1,10 +1,11 @@
 //! Products of a few activation rows with a quantized matrix, for decoding.
 //!
 //! Generating a token multiplies every weight matrix by one activation row, so the work is
-//! reading the weights once. The tiled path in `weight.rs` (right for prefill and the backward
-//! pass, where each f32 tile serves hundreds of rows) spent most of a decoding step writing and
-//! re-reading f32 tiles (measured: 47 % of decoding time in candle's `to_float`). Here each
-//! block is expanded in registers and used at once.
+//! reading the weights once. The panel product of `matmul.rs` (right for prefill and the
+//! backward pass, where each dequantized panel serves hundreds of rows) would spend most of a
+//! decoding step writing and re-reading f32 values (its tiled predecessor measured 47 % of
+//! decoding time in candle's `to_float`). Here each block is expanded in registers and used at
+//! once.
 //!
 //! Exactness: the activations stay f32 (llama.cpp quantizes them to 8 bits for its integer dot
 //! products, which changed the greedy continuation of the PyTorch reference case). A block's

@@ -1,9 +1,10 @@
 //! Weight matrices kept in the precision they were stored in.
 //!
 //! A 1–8B model does not fit in memory as f32, so GGUF block-quantized tensors and f16/bf16
-//! safetensors stay as they are; products dequantize a tile of rows at a time into a small
-//! f32 buffer and multiply it there. Salience needs two products per matrix: `x Wᵀ` (forward)
-//! and `dy W` (the input gradient; never a weight gradient).
+//! safetensors stay as they are; products dequantize a strip of the matrix at a time straight
+//! into the panels the kernel of `matmul.rs` reads (few-row products, for decoding, use
+//! `decode_dot.rs`). Salience needs two products per matrix: `x Wᵀ` (forward) and `dy W` (the
+//! input gradient; never a weight gradient).
 
 use std::mem::MaybeUninit;
 use std::sync::Arc;
@@ -260,7 +261,7 @@ impl Weight {
         Ok(true)
     }
 
-    /// The same matrix, every part converted to f32: the plain reference for the tiled products.
+    /// The same matrix, every part converted to f32: the plain reference for the panel products.
     pub fn dequantized(&self) -> Result<Self> {
         Self::dense(self.to_f32()?)
     }
@@ -775,7 +776,7 @@ mod tests {
     }
 
     #[test]
-    fn tiled_products_match_the_dequantized_matrix() {
+    fn panel_products_match_the_dequantized_matrix() {
         // Rows that do not fill a whole tile, and input counts on both sides of the
         // quantized-dot threshold.
         let w = random((300, 512), 1);
@@ -799,7 +800,7 @@ mod tests {
     }
 
     #[test]
-    fn decoding_kernels_match_the_tiled_product() {
+    fn decoding_kernels_match_the_panel_product() {
         // Every storage, 1 to 4 input rows, through the register kernels (where the CPU has
         // them) and the portable one; the weight values are the same, only the order of the
         // sums differs.
@@ -814,11 +815,11 @@ mod tests {
             let m = &weight.parts[0];
             for n in 1..=decode_dot::MAX_INPUT_ROWS {
                 let x = random((n, 512), 5 + n as u64);
-                let tiled = m.forward_using(&x, n, None).unwrap();
-                let scale = max_abs(&tiled);
+                let panels = m.forward_using(&x, n, None).unwrap();
+                let scale = max_abs(&panels);
                 for &kernel in &kernels {
                     let fast = m.forward_using(&x, n, Some(kernel)).unwrap();
-                    let d = max_diff(&fast, &tiled);
+                    let d = max_diff(&fast, &panels);
                     assert!(
                         d <= 2e-6 * scale,
                         "{name}, {kernel:?}, n = {n}: differs by {d} of {scale}"

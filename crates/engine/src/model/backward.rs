@@ -106,24 +106,17 @@ impl Model {
         if let (Some(n), Some(pre)) = (&layer.q_norm, &lt.q_pre_norm) {
             g_q = rms_norm_backward(pre, n, c.eps, &g_q)?;
         }
-        if from > 0 {
-            // Positions before `from` asked nothing of their queries.
-            let none = Tensor::zeros((b, nh, from, hd), g_q.dtype(), g_q.device())?;
-            g_q = Tensor::cat(&[&none, &g_q], 2)?;
-        }
+        // Positions before `from` asked nothing of their queries.
+        let g_q = g_q.pad_with_zeros(2, from, 0)?;
         if let (Some(n), Some(pre)) = (&layer.k_norm, &lt.k_pre_norm) {
             g_k = rms_norm_backward(pre, n, c.eps, &g_k)?;
         }
         let g_qkv = merge_heads(&[&g_q, &g_k, &g_v], (b, t, hd))?;
         let g_a = layer.w_qkv.backward(&g_qkv)?;
         let g_h = rms_norm_backward(&lt.h, &layer.attn_norm, c.eps, &g_a)?;
-        if from == 0 {
-            return g_h2 + g_h;
-        }
         // The residual path carries gradient only to positions from `from` on.
         let hidden = g_h2.dim(1)?;
-        let none = Tensor::zeros((b, from, hidden), g_h2.dtype(), g_h2.device())?;
-        let g_h2 = Tensor::cat(&[&none, &g_h2.reshape((b, tq, hidden))?], 1)?;
+        let g_h2 = g_h2.reshape((b, tq, hidden))?.pad_with_zeros(1, from, 0)?;
         g_h2.reshape((b * t, hidden))? + g_h
     }
 }

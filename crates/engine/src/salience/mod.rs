@@ -6,12 +6,12 @@
 use std::ops::Range;
 use std::time::Instant;
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
 
 mod integrated_gradients;
 
-use super::model::Model;
+use super::model::{Model, Tape};
 use super::{CancelToken, EngineError, Progress, ProgressFn};
 use integrated_gradients::integrated_gradients;
 
@@ -243,29 +243,21 @@ pub fn gradients(
     cancel: &CancelToken,
 ) -> candle_core::Result<Gradients> {
     crate::threads::on_pool(|| {
-        let (b, t, hidden) = embeds.dims3()?;
+        let (b, t, _) = embeds.dims3()?;
         let n = targets.len();
         let scored = Scored::of(t, n, target_start)?;
-        let x = (scored.used(embeds)? * model.cfg.embed_scale as f64)?;
         let mut check = || cancel.check();
         let budget = Some(crate::model::TAPE_BUDGET_BYTES);
-        let tape = model.forward_embeds_recording(&x, budget, scored.from, &mut check)?;
-        let rows = scored.rows(b)?;
-        let hidden_rows = tape.last_hidden.index_select(&rows, 0)?;
+        let tape = scored.forward(model, embeds, budget, &mut check)?;
         let (log_probs, g_hidden) =
-            model.target_log_probs(&hidden_rows, &targets.repeat(b), true)?;
+            model.target_log_probs(&tape.last_hidden, &targets.repeat(b), true)?;
         let objective = log_probs.chunks(n).map(|c| c.iter().sum()).collect();
-        let g_hidden = g_hidden.expect("gradient requested");
-        let g_last = tape
-            .last_hidden
-            .zeros_like()?
-            .index_add(&rows, &g_hidden, 0)?;
-        let mut g_x = model.backward(&tape, g_last, &mut check)?;
-        if scored.used < t {
-            // The positions after the last scored one feed nothing: their gradient is 0.
-            let after = Tensor::zeros((b, t - scored.used, hidden), g_x.dtype(), g_x.device())?;
-            g_x = Tensor::cat(&[&g_x, &after], 1)?;
-        }
+        let g_last = g_hidden.expect("gradient requested");
+        // The positions after the last scored one feed nothing: their gradient is 0.
+        let g_x =
+            model
+                .backward(&tape, g_last, &mut check)?
+                .pad_with_zeros(1, 0, t - scored.used)?;
         Ok(Gradients {
             objective,
             target_log_probs: log_probs[..n].to_vec(),
@@ -277,11 +269,10 @@ pub fn gradients(
 /// The positions a pass over `t` positions needs to score `n` target tokens from
 /// `target_start`: the rows predicting them are `from..used`. Positions from `used` on feed
 /// no scored logit (attention is causal) and are left out; the last layer computes outputs
-/// only from `from` on (`Tape::outputs_from`).
+/// only from `from` on (`Tape::outputs_from`), so its outputs are exactly the predicting rows.
 struct Scored {
     from: usize,
     used: usize,
-    n: usize,
 }
 
 impl Scored {
@@ -292,33 +283,22 @@ impl Scored {
         Ok(Scored {
             from: target_start - 1,
             used: target_start - 1 + n,
-            n,
         })
     }
 
-    /// The embeddings of the positions used.
-    fn used(&self, embeds: &Tensor) -> candle_core::Result<Tensor> {
-        embeds.narrow(1, 0, self.used)
+    /// The forward pass over the positions used, with a tape within `budget` when there is
+    /// one. Its last hidden states are the predicting rows, target token after target token,
+    /// sequence after sequence.
+    fn forward(
+        &self,
+        model: &Model,
+        embeds: &Tensor,
+        budget: Option<usize>,
+        check: &mut dyn FnMut() -> candle_core::Result<()>,
+    ) -> candle_core::Result<Tape> {
+        let x = (embeds.narrow(1, 0, self.used)? * model.cfg.embed_scale as f64)?;
+        model.forward_embeds_recording(&x, budget, self.from, check)
     }
-
-    /// The predicting rows in the last hidden states (b · (used - from) rows).
-    fn rows(&self, b: usize) -> candle_core::Result<Tensor> {
-        predicting_rows(b, self.used - self.from, self.n, 1)
-    }
-}
-
-/// The rows of the flattened (b · t) hidden states whose next-token logits score the `n`
-/// target tokens starting at `target_start`, batch element after batch element.
-fn predicting_rows(
-    b: usize,
-    t: usize,
-    n: usize,
-    target_start: usize,
-) -> candle_core::Result<Tensor> {
-    let rows: Vec<u32> = (0..b)
-        .flat_map(|bi| (0..n).map(move |i| (bi * t + target_start - 1 + i) as u32))
-        .collect();
-    Tensor::new(rows.as_slice(), &Device::Cpu)
 }
 
 /// F per batch element, forward only (no backward pass).
@@ -333,11 +313,9 @@ pub fn objectives(
         let (b, t, _) = embeds.dims3()?;
         let n = targets.len();
         let scored = Scored::of(t, n, target_start)?;
-        let x = (scored.used(embeds)? * model.cfg.embed_scale as f64)?;
-        let check = &mut || cancel.check();
-        let tape = model.forward_embeds_recording(&x, None, scored.from, check)?;
-        let rows = scored.rows(b)?;
-        let hidden = tape.last_hidden.index_select(&rows, 0)?;
+        let hidden = scored
+            .forward(model, embeds, None, &mut || cancel.check())?
+            .last_hidden;
         let (log_probs, _) = model.target_log_probs(&hidden, &targets.repeat(b), false)?;
         let objective = log_probs.chunks(n).map(|c| c.iter().sum()).collect();
         Ok((objective, log_probs[..n].to_vec()))

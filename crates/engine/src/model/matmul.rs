@@ -181,12 +181,9 @@ pub fn product(
     accumulate: bool,
     kernel: Kernel,
 ) {
-    assert!(
-        a.m == 0 || n == 0 || c.len() >= (a.m - 1) * ldc + n,
-        "C is shorter than m rows"
-    );
-    // SAFETY: the bounds are checked above; C is initialized, so accumulating reads are fine.
-    unsafe { run(a, b, n, SharedOut(c.as_mut_ptr()), ldc, accumulate, kernel) }
+    let out = SharedOut(c.as_mut_ptr());
+    // SAFETY: C is initialized, so accumulating reads are fine.
+    unsafe { run(a, b, n, out, c.len(), ldc, accumulate, kernel) }
 }
 
 /// C = A · B into memory not yet written: every C[i][j] (i < m, j < n) is written, nothing
@@ -199,22 +196,9 @@ pub fn product_uninit(
     ldc: usize,
     kernel: Kernel,
 ) {
-    assert!(
-        a.m == 0 || n == 0 || c.len() >= (a.m - 1) * ldc + n,
-        "C is shorter than m rows"
-    );
-    // SAFETY: the bounds are checked above; without accumulation C is only written.
-    unsafe {
-        run(
-            a,
-            b,
-            n,
-            SharedOut(c.as_mut_ptr() as *mut f32),
-            ldc,
-            false,
-            kernel,
-        )
-    }
+    let out = SharedOut(c.as_mut_ptr() as *mut f32);
+    // SAFETY: without accumulation C is only written.
+    unsafe { run(a, b, n, out, c.len(), ldc, false, kernel) }
 }
 
 /// A buffer of `len` values not yet written, for `product_uninit`.
@@ -243,13 +227,14 @@ thread_local! {
 }
 
 /// # Safety
-/// `out` points at C (m × n, rows `ldc` apart), valid for writes, and for reads where
-/// `accumulate`.
+/// `out` points at `out_len` values, valid for writes, and for reads where `accumulate`.
+#[allow(clippy::too_many_arguments)]
 unsafe fn run(
     a: &PackedRows,
     b: &dyn PanelSource,
     n: usize,
     out: SharedOut,
+    out_len: usize,
     ldc: usize,
     accumulate: bool,
     kernel: Kernel,
@@ -258,6 +243,7 @@ unsafe fn run(
     if m == 0 || n == 0 {
         return;
     }
+    assert!(out_len >= (m - 1) * ldc + n, "C is shorter than m rows");
     if k == 0 {
         if !accumulate {
             for row in 0..m {
@@ -297,21 +283,12 @@ unsafe fn run(
                     scratch,
                 );
                 // The next pack: this strip's next chunk, else the next strip's first.
-                if let Some(&(n0, n1)) = chunks.get(ci + 1) {
-                    b.prefetch(Span {
-                        k0: n0,
-                        k1: n1,
-                        j0,
-                        j1,
-                    });
-                } else if let Some(&(s0, s1)) = strips.get(si + 1) {
-                    let (k0, k1) = chunks[0];
-                    b.prefetch(Span {
-                        k0,
-                        k1,
-                        j0: s0,
-                        j1: s1,
-                    });
+                let next = match chunks.get(ci + 1) {
+                    Some(&depth) => Some((depth, (j0, j1))),
+                    None => strips.get(si + 1).map(|&strip| (chunks[0], strip)),
+                };
+                if let Some(((k0, k1), (j0, j1))) = next {
+                    b.prefetch(Span { k0, k1, j0, j1 });
                 }
                 let add = accumulate || k0 > 0;
                 for first in (0..row_panels).step_by(ROW_PANELS_PER_BLOCK) {

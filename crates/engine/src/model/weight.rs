@@ -272,20 +272,7 @@ impl Weight {
         let n = x.elem_count() / self.cols;
         let x2 = x.reshape((n, self.cols))?;
         let y = if n > decode_dot::MAX_INPUT_ROWS && !self.parts.iter().any(Matrix::is_f32) {
-            // One packing of x for every part, each part writing its columns of one output.
-            let mut out = matmul::uninit(n * self.rows);
-            with_slice(&x2, |x| {
-                let packed = PackedRows::new(x, self.cols, n, self.cols);
-                let mut offset = 0;
-                for p in &self.parts {
-                    p.forward_into(&packed, &mut out[offset..], self.rows, Kernel::best())?;
-                    offset += p.rows;
-                }
-                Ok(())
-            })?;
-            // SAFETY: the parts' rows add up to `self.rows`: every column of `out` was written.
-            let out = unsafe { matmul::assume_init(out) };
-            Tensor::from_vec(out, (n, self.rows), &Device::Cpu)?
+            panel_forward(&self.parts, &x2, n)?
         } else {
             let outs: Vec<Tensor> = self
                 .parts
@@ -308,20 +295,7 @@ impl Weight {
         let n = dy.elem_count() / self.rows;
         let dy = dy.reshape((n, self.rows))?;
         if !self.parts.iter().any(Matrix::is_f32) {
-            // Each part reads its columns of dy in place and adds its share to one output.
-            let mut out = matmul::uninit(n * self.cols);
-            with_slice(&dy, |dy| {
-                let mut offset = 0;
-                for (i, p) in self.parts.iter().enumerate() {
-                    let packed = PackedRows::new(&dy[offset..], self.rows, n, p.rows);
-                    p.backward_into(&packed, &mut out, i > 0, Kernel::best())?;
-                    offset += p.rows;
-                }
-                Ok(())
-            })?;
-            // SAFETY: the first part wrote every value (a weight has at least one part).
-            let out = unsafe { matmul::assume_init(out) };
-            return Tensor::from_vec(out, (n, self.cols), &Device::Cpu);
+            return panel_backward(&self.parts, &dy, n);
         }
         let mut offset = 0;
         let mut total: Option<Tensor> = None;
@@ -454,19 +428,11 @@ impl Matrix {
         if let Stored::F32(w) = &self.stored {
             return x.matmul(&w.t()?);
         }
+        let Some(kernel) = kernel else {
+            return panel_forward(std::slice::from_ref(self), x, n);
+        };
         let (rows, cols) = (self.rows, self.cols);
         let out = with_slice(x, |x| {
-            let Some(kernel) = kernel else {
-                let mut out = matmul::uninit(n * rows);
-                self.forward_into(
-                    &PackedRows::new(x, cols, n, cols),
-                    &mut out,
-                    rows,
-                    Kernel::best(),
-                )?;
-                // SAFETY: the product wrote all n × rows values.
-                return Ok(unsafe { matmul::assume_init(out) });
-            };
             self.with_values(|values| {
                 let blocks = match values {
                     Values::Blocks(bytes, dtype) => Some((bytes, dtype)),
@@ -501,14 +467,7 @@ impl Matrix {
         if let Stored::F32(w) = &self.stored {
             return dy.matmul(w);
         }
-        let mut out = matmul::uninit(n * self.cols);
-        with_slice(dy, |dy| {
-            let packed = PackedRows::new(dy, self.rows, n, self.rows);
-            self.backward_into(&packed, &mut out, false, Kernel::best())
-        })?;
-        // SAFETY: the product wrote all n × cols values.
-        let out = unsafe { matmul::assume_init(out) };
-        Tensor::from_vec(out, (n, self.cols), &Device::Cpu)
+        panel_backward(std::slice::from_ref(self), dy, n)
     }
 
     /// Writes dy W, for dy packed, into `out` (n × cols); with `accumulate` (`out` then holds
@@ -535,6 +494,44 @@ impl Matrix {
             Ok(())
         })
     }
+}
+
+/// x Wᵀ for x (n, cols) and W the `parts` stacked by rows, none of them f32, on the panel
+/// kernel: x is packed once, and each part writes its columns of one output.
+fn panel_forward(parts: &[Matrix], x: &Tensor, n: usize) -> Result<Tensor> {
+    let (rows, cols) = (parts.iter().map(|p| p.rows).sum(), parts[0].cols);
+    let mut out = matmul::uninit(n * rows);
+    with_slice(x, |x| {
+        let packed = PackedRows::new(x, cols, n, cols);
+        let mut offset = 0;
+        for p in parts {
+            p.forward_into(&packed, &mut out[offset..], rows, Kernel::best())?;
+            offset += p.rows;
+        }
+        Ok(())
+    })?;
+    // SAFETY: the parts' rows add up to `rows`: every column of `out` was written.
+    let out = unsafe { matmul::assume_init(out) };
+    Tensor::from_vec(out, (n, rows), &Device::Cpu)
+}
+
+/// dy W for dy (n, rows) and W the `parts` stacked by rows, none of them f32, on the panel
+/// kernel: each part reads its columns of dy in place and adds its share to one output.
+fn panel_backward(parts: &[Matrix], dy: &Tensor, n: usize) -> Result<Tensor> {
+    let (rows, cols) = (parts.iter().map(|p| p.rows).sum(), parts[0].cols);
+    let mut out = matmul::uninit(n * cols);
+    with_slice(dy, |dy| {
+        let mut offset = 0;
+        for (i, p) in parts.iter().enumerate() {
+            let packed = PackedRows::new(&dy[offset..], rows, n, p.rows);
+            p.backward_into(&packed, &mut out, i > 0, Kernel::best())?;
+            offset += p.rows;
+        }
+        Ok(())
+    })?;
+    // SAFETY: the first part wrote every value (a weight has at least one part).
+    let out = unsafe { matmul::assume_init(out) };
+    Tensor::from_vec(out, (n, cols), &Device::Cpu)
 }
 
 /// Wᵀ as the right operand of x Wᵀ: B[k][j] = W[j][k]. Depth runs along the stored rows, so
@@ -598,13 +595,13 @@ impl PanelSource for Direct<'_> {
             if (j1 - j0).is_multiple_of(dtype.block_size())
                 && decode_dot::has_register_kernel(*dtype)
             {
-                let mut done = true;
-                for k in k0..k1 {
+                // All or none: the register kernel exists on this CPU or it does not.
+                let direct = (k0..k1).all(|k| {
                     let blocks = &bytes[k * per_row + b0..k * per_row + b1];
                     let out = &mut dst[(k - k0) * NR..];
-                    done &= decode_dot::dequantize_blocks_strided(blocks, *dtype, out, kl * NR);
-                }
-                if done {
+                    decode_dot::dequantize_blocks_strided(blocks, *dtype, out, kl * NR)
+                });
+                if direct {
                     return;
                 }
             }

@@ -24,9 +24,14 @@ pub const MAX_INPUT_ROWS: usize = 4;
 /// Elements per block of the types with a register kernel.
 const BLOCK: usize = 32;
 
-/// Which implementation runs: chosen from the CPU at run time, selectable for tests.
+/// Which implementation runs: chosen from the CPU at run time, selectable for tests and, with
+/// `PROMPT_SALIENCE_KERNEL=avx2|portable`, cappable by hand (to measure one against another).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
+    /// The AVX2 kernels, and 512-bit register tiles for the panel products (x86-64 with
+    /// AVX-512F as well): twice the multiply-adds per instruction, which CPUs with two 512-bit
+    /// FMA units (Intel Xeon since Skylake-SP) run at twice the rate.
+    Avx512,
     /// Blocks expanded in AVX2 registers (x86-64 with AVX2, FMA and F16C).
     Avx2,
     /// Any CPU: each row dequantized into a buffer, then dotted.
@@ -38,15 +43,38 @@ impl Kernel {
     pub fn best() -> Kernel {
         static BEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
         *BEST.get_or_init(|| {
-            #[cfg(target_arch = "x86_64")]
-            if is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
-            {
-                return Kernel::Avx2;
-            }
-            Kernel::Portable
+            let cap = std::env::var("PROMPT_SALIENCE_KERNEL").ok();
+            Kernel::available()
+                .into_iter()
+                .find(|k| match cap.as_deref() {
+                    Some("portable") => *k == Kernel::Portable,
+                    Some("avx2") => *k != Kernel::Avx512,
+                    _ => true,
+                })
+                .unwrap_or(Kernel::Portable)
         })
+    }
+
+    /// Every kernel this CPU can run, fastest first (the tests run each).
+    pub fn available() -> Vec<Kernel> {
+        let mut out = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
+            if is_x86_feature_detected!("avx512f") {
+                out.push(Kernel::Avx512);
+            }
+            out.push(Kernel::Avx2);
+        }
+        out.push(Kernel::Portable);
+        out
+    }
+
+    /// The AVX2 kernels may run (AVX-512 CPUs run them too, for all but the panel products).
+    pub fn has_avx2(self) -> bool {
+        matches!(self, Kernel::Avx2 | Kernel::Avx512)
     }
 }
 
@@ -83,8 +111,10 @@ pub fn product(
                 let r = r0 + k;
                 match (kernel, blocks) {
                     #[cfg(target_arch = "x86_64")]
-                    (Kernel::Avx2, Some((bytes, dtype))) if has_register_kernel(dtype) => {
-                        // SAFETY: Kernel::Avx2 is only chosen (or requested by tests) where
+                    (kernel, Some((bytes, dtype)))
+                        if kernel.has_avx2() && has_register_kernel(dtype) =>
+                    {
+                        // SAFETY: Kernel::Avx2 and Avx512 are only chosen (or requested by tests) where
                         // the CPU has AVX2 and FMA; the row lies inside `bytes`.
                         unsafe { avx2::row_dots(bytes, dtype, r, cols, x, &block_sums, dots) }
                     }
@@ -114,7 +144,7 @@ fn dots_with(w: &[f32], x: &[f32], kernel: Kernel, dots: &mut [f32]) {
         *d = match kernel {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as in `product`.
-            Kernel::Avx2 => unsafe { avx2::dot(w, xi) },
+            Kernel::Avx2 | Kernel::Avx512 => unsafe { avx2::dot(w, xi) },
             _ => portable_dot(w, xi),
         };
     }
@@ -155,7 +185,7 @@ pub fn dequantize_blocks_strided(
     stride: usize,
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if has_register_kernel(dtype) && Kernel::best() == Kernel::Avx2 {
+    if has_register_kernel(dtype) && Kernel::best().has_avx2() {
         let n = blocks.len() / dtype.type_size();
         assert!(stride >= HALF, "runs of 16 values would overlap");
         assert!(
@@ -445,7 +475,7 @@ mod tests {
 
     #[test]
     fn register_dequantization_is_bit_identical_to_candles() {
-        if Kernel::best() != Kernel::Avx2 {
+        if !Kernel::best().has_avx2() {
             eprintln!("this CPU has no AVX2+FMA+F16C: the register dequantization is not used");
             return;
         }

@@ -111,6 +111,13 @@ pub fn product(
                 let r = r0 + k;
                 match (kernel, blocks) {
                     #[cfg(target_arch = "x86_64")]
+                    #[cfg(target_arch = "x86_64")]
+                    (Kernel::Avx512, Some((bytes, dtype))) if has_register_kernel(dtype) => {
+                        // SAFETY: Kernel::Avx512 is only chosen (or requested by tests) where
+                        // the CPU has AVX-512F besides AVX2, FMA and F16C; the row lies inside
+                        // `bytes`.
+                        unsafe { avx512::row_dots(bytes, dtype, r, cols, x, &block_sums, dots) }
+                    }
                     (kernel, Some((bytes, dtype)))
                         if kernel.has_avx2() && has_register_kernel(dtype) =>
                     {
@@ -164,6 +171,23 @@ fn portable_dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// How far ahead of the block being read the decoding kernels ask for weight bytes. Without
+/// it, 43 % of decoding time sat on the first load of each block: the hardware prefetcher
+/// does not run far enough ahead of a stream that is consumed this fast. Measured on SmolLM2
+/// (Xeon, 2 threads): 56 tokens/s without, 101 / 115 / 124 / 126 with 512 / 1024 / 2048 /
+/// 4096 bytes.
+#[cfg(target_arch = "x86_64")]
+const PREFETCH_AHEAD: usize = 2048;
+
+/// Starts loading the cache line `PREFETCH_AHEAD` bytes after `at` (past the end of the
+/// weights it is a harmless hint: a prefetch never faults).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_ahead(at: *const u8) {
+    // SAFETY: a prefetch of any address is allowed; the pointer is never dereferenced.
+    unsafe { _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(PREFETCH_AHEAD) as *const i8) }
+}
+
 /// Writes the weights of whole blocks (`blocks`: the stored bytes of dst.len() / 32 blocks of
 /// `dtype`) into `dst` as f32, with the register kernel; false where there is none (the caller
 /// then uses the plain path). The values are exactly the plain path's: d·q, or d·q + m rounded
@@ -214,12 +238,12 @@ mod avx2 {
 
     /// Block formats with a register kernel, as const parameters so that each gets its own
     /// loop without a branch per block.
-    const Q4_0: u8 = 0;
-    const Q4_1: u8 = 1;
-    const Q8_0: u8 = 2;
+    pub(super) const Q4_0: u8 = 0;
+    pub(super) const Q4_1: u8 = 1;
+    pub(super) const Q8_0: u8 = 2;
 
     /// Bytes per block of 32 weights.
-    const fn block_bytes(format: u8) -> usize {
+    pub(super) const fn block_bytes(format: u8) -> usize {
         match format {
             Q4_0 => 18,
             Q4_1 => 20,
@@ -358,7 +382,9 @@ mod avx2 {
             // SAFETY: block b of the row, and 32 values of each x_i at b·32, lie inside the
             // slices checked above.
             unsafe {
-                let (q, d, m) = block_values::<FORMAT>(row.as_ptr().add(b * size));
+                let at = row.as_ptr().add(b * size);
+                prefetch_ahead(at);
+                let (q, d, m) = block_values::<FORMAT>(at);
                 for i in 0..N {
                     let xb = x.as_ptr().add(i * cols + b * BLOCK);
                     // Two independent chains, so one FMA's latency does not wait on another's.
@@ -464,6 +490,160 @@ mod avx2 {
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
         _mm_cvtss_f32(s)
+    }
+}
+
+/// The decoding dots with 512-bit registers: a block's 32 weights are two registers, so the
+/// widening, the conversion and the multiply-adds take half the instructions of AVX2 (where
+/// decoding spent 72 % of its time).
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::avx2::{block_bytes, Q4_0, Q4_1, Q8_0};
+    use super::*;
+
+    /// A block's integer values as two vectors of sixteen f32 (element order), its scale d and
+    /// its offset m (0 without one): the weights are d·q + m.
+    ///
+    /// # Safety
+    /// `block` points at a whole block of `FORMAT`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn block_values<const FORMAT: u8>(block: *const u8) -> ([__m512; 2], f32, f32) {
+        // SAFETY (whole function): every read lies inside the block.
+        unsafe {
+            let scales = if FORMAT == Q4_1 {
+                std::ptr::read_unaligned(block as *const u32)
+            } else {
+                std::ptr::read_unaligned(block as *const u16) as u32
+            };
+            let scales = _mm_cvtph_ps(_mm_cvtsi32_si128(scales as i32));
+            let d = _mm_cvtss_f32(scales);
+            let m = if FORMAT == Q4_1 {
+                _mm_cvtss_f32(_mm_shuffle_ps(scales, scales, 1))
+            } else {
+                0.0
+            };
+            let q = if FORMAT == Q8_0 {
+                let lo = _mm_loadu_si128(block.add(2) as *const __m128i);
+                let hi = _mm_loadu_si128(block.add(18) as *const __m128i);
+                [
+                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)),
+                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)),
+                ]
+            } else {
+                // Element j is the low nibble of byte j, element j + 16 its high nibble.
+                let at = if FORMAT == Q4_1 { 4 } else { 2 };
+                let qs = _mm_loadu_si128(block.add(at) as *const __m128i);
+                let low_nibbles = _mm_set1_epi8(0x0f);
+                let lo = _mm_and_si128(qs, low_nibbles);
+                let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), low_nibbles);
+                if FORMAT == Q4_0 {
+                    // Q4_0 stores q + 8: subtract in integers, as the plain path does.
+                    let eight = _mm_set1_epi8(8);
+                    [
+                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_sub_epi8(lo, eight))),
+                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_sub_epi8(hi, eight))),
+                    ]
+                } else {
+                    [
+                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)),
+                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)),
+                    ]
+                }
+            };
+            (q, d, m)
+        }
+    }
+
+    /// As `avx2::row_dots`.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F, AVX2, FMA and F16C; `bytes` holds rows of `cols / 32` blocks of
+    /// `dtype`.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub(super) unsafe fn row_dots(
+        bytes: &[u8],
+        dtype: GgmlDType,
+        r: usize,
+        cols: usize,
+        x: &[f32],
+        block_sums: &[f32],
+        dots: &mut [f32],
+    ) {
+        macro_rules! by_count {
+            ($format:expr) => {
+                match dots.len() {
+                    1 => row_dots_n::<1, { $format }>(bytes, r, cols, x, block_sums, dots),
+                    2 => row_dots_n::<2, { $format }>(bytes, r, cols, x, block_sums, dots),
+                    3 => row_dots_n::<3, { $format }>(bytes, r, cols, x, block_sums, dots),
+                    _ => row_dots_n::<4, { $format }>(bytes, r, cols, x, block_sums, dots),
+                }
+            };
+        }
+        // SAFETY: as for this function.
+        unsafe {
+            match dtype {
+                GgmlDType::Q4_0 => by_count!(Q4_0),
+                GgmlDType::Q4_1 => by_count!(Q4_1),
+                GgmlDType::Q8_0 => by_count!(Q8_0),
+                _ => unreachable!("no register kernel for {dtype:?}"),
+            }
+        }
+    }
+
+    /// `row_dots` for N input rows of one format. Blocks alternate between two accumulators
+    /// per row, so that consecutive blocks' multiply-adds do not wait on each other.
+    ///
+    /// # Safety
+    /// As for `row_dots`, with `bytes` in `FORMAT`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn row_dots_n<const N: usize, const FORMAT: u8>(
+        bytes: &[u8],
+        r: usize,
+        cols: usize,
+        x: &[f32],
+        block_sums: &[f32],
+        dots: &mut [f32],
+    ) {
+        let size = block_bytes(FORMAT);
+        let blocks = cols / BLOCK;
+        let row = &bytes[r * blocks * size..(r + 1) * blocks * size];
+        assert!(x.len() >= N * cols && block_sums.len() >= N * blocks && dots.len() >= N);
+        let mut even = [_mm512_setzero_ps(); N];
+        let mut odd = [_mm512_setzero_ps(); N];
+        let mut offsets = [0f32; N];
+        // SAFETY: block b of the row, and 32 values of each x_i at b·32, lie inside the
+        // slices checked above.
+        let block = |b: usize, scaled: &mut [__m512; N], offsets: &mut [f32; N]| unsafe {
+            let at = row.as_ptr().add(b * size);
+            prefetch_ahead(at);
+            let (q, d, m) = block_values::<FORMAT>(at);
+            let d = _mm512_set1_ps(d);
+            for i in 0..N {
+                let xb = x.as_ptr().add(i * cols + b * BLOCK);
+                let sum = _mm512_fmadd_ps(
+                    q[1],
+                    _mm512_loadu_ps(xb.add(16)),
+                    _mm512_mul_ps(q[0], _mm512_loadu_ps(xb)),
+                );
+                scaled[i] = _mm512_fmadd_ps(sum, d, scaled[i]);
+                if FORMAT == Q4_1 {
+                    offsets[i] += m * *block_sums.get_unchecked(i * blocks + b);
+                }
+            }
+        };
+        for b in (0..blocks / 2 * 2).step_by(2) {
+            block(b, &mut even, &mut offsets);
+            block(b + 1, &mut odd, &mut offsets);
+        }
+        if blocks % 2 == 1 {
+            block(blocks - 1, &mut even, &mut offsets);
+        }
+        for i in 0..N {
+            let both = _mm512_add_ps(even[i], odd[i]);
+            dots[i] = _mm512_reduce_add_ps(both) + offsets[i];
+        }
     }
 }
 

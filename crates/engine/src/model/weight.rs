@@ -822,6 +822,21 @@ mod tests {
                 }
             }
         }
+        // An odd number of blocks per row (the AVX-512 kernel takes blocks in pairs).
+        let w = random((37, 17 * 32), 6);
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let weight = Weight::from_qtensor(QTensor::quantize(&w, dtype).unwrap()).unwrap();
+            let m = &weight.parts[0];
+            for n in 1..=decode_dot::MAX_INPUT_ROWS {
+                let x = random((n, 17 * 32), 7 + n as u64);
+                let panels = m.forward_using(&x, n, None).unwrap();
+                let scale = max_abs(&panels);
+                for &kernel in &kernels {
+                    let d = max_diff(&m.forward_using(&x, n, Some(kernel)).unwrap(), &panels);
+                    assert!(d <= 2e-6 * scale, "{dtype:?}, {kernel:?}, n = {n}: {d}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -208,8 +208,19 @@ pub fn dequantize_blocks_strided(
     dst: &mut [f32],
     stride: usize,
 ) -> bool {
+    dequantize_blocks_with(Kernel::best(), blocks, dtype, dst, stride)
+}
+
+/// `dequantize_blocks_strided` with the given kernel (the tests run each).
+fn dequantize_blocks_with(
+    kernel: Kernel,
+    blocks: &[u8],
+    dtype: GgmlDType,
+    dst: &mut [f32],
+    stride: usize,
+) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if has_register_kernel(dtype) && Kernel::best().has_avx2() {
+    if has_register_kernel(dtype) && kernel.has_avx2() {
         let n = blocks.len() / dtype.type_size();
         assert!(stride >= HALF, "runs of 16 values would overlap");
         assert!(
@@ -219,16 +230,16 @@ pub fn dequantize_blocks_strided(
         // SAFETY: the CPU has the features; the destination was checked above and the
         // blocks are whole.
         unsafe {
-            avx2::dequantize(
-                &blocks[..n * dtype.type_size()],
-                dtype,
-                dst.as_mut_ptr(),
-                stride,
-            )
+            let blocks = &blocks[..n * dtype.type_size()];
+            if kernel == Kernel::Avx512 {
+                avx512::dequantize(blocks, dtype, dst.as_mut_ptr(), stride)
+            } else {
+                avx2::dequantize(blocks, dtype, dst.as_mut_ptr(), stride)
+            }
         };
         return true;
     }
-    let _ = (blocks, dtype, dst, stride);
+    let _ = (kernel, blocks, dtype, dst, stride);
     false
 }
 
@@ -555,6 +566,46 @@ mod avx512 {
         }
     }
 
+    /// See `super::dequantize_blocks_strided`: a block is two runs of 16, one register each.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F, AVX2, FMA and F16C; `dtype` has a register kernel; `blocks` holds
+    /// whole blocks and `dst` has room for them at `stride`.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub(super) unsafe fn dequantize(blocks: &[u8], dtype: GgmlDType, dst: *mut f32, stride: usize) {
+        // SAFETY: as for this function.
+        unsafe {
+            match dtype {
+                GgmlDType::Q4_0 => dequantize_as::<Q4_0>(blocks, dst, stride),
+                GgmlDType::Q4_1 => dequantize_as::<Q4_1>(blocks, dst, stride),
+                GgmlDType::Q8_0 => dequantize_as::<Q8_0>(blocks, dst, stride),
+                _ => unreachable!("no register kernel for {dtype:?}"),
+            }
+        }
+    }
+
+    /// # Safety
+    /// As for `dequantize`, with `blocks` in `FORMAT`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn dequantize_as<const FORMAT: u8>(blocks: &[u8], dst: *mut f32, stride: usize) {
+        let size = block_bytes(FORMAT);
+        for b in 0..blocks.len() / size {
+            // SAFETY: block b lies inside `blocks`; its runs of 16 values at 2b and 2b + 1
+            // are inside `dst` (the caller's bound).
+            unsafe {
+                let (q, d, m) = block_values::<FORMAT>(blocks.as_ptr().add(b * size));
+                let (d, m) = (_mm512_set1_ps(d), _mm512_set1_ps(m));
+                for (k, v) in q.iter().enumerate() {
+                    let w = _mm512_mul_ps(*v, d);
+                    // d·q + m in two roundings, as candle's plain path computes it.
+                    let w = if FORMAT == Q4_1 { _mm512_add_ps(w, m) } else { w };
+                    _mm512_storeu_ps(dst.add((2 * b + k) * stride), w);
+                }
+            }
+        }
+    }
+
     /// As `avx2::row_dots`.
     ///
     /// # Safety
@@ -655,12 +706,18 @@ mod tests {
 
     #[test]
     fn register_dequantization_is_bit_identical_to_candles() {
-        if !Kernel::best().has_avx2() {
+        let kernels: Vec<Kernel> = Kernel::available()
+            .into_iter()
+            .filter(|k| k.has_avx2())
+            .collect();
+        if kernels.is_empty() {
             eprintln!("this CPU has no AVX2+FMA+F16C: the register dequantization is not used");
             return;
         }
         let w = Tensor::randn(0f32, 1.0, (16, 256), &Device::Cpu).unwrap();
-        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        for (kernel, dtype) in kernels.iter().flat_map(|&k| {
+            [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0].map(|dtype| (k, dtype))
+        }) {
             let q = QTensor::quantize(&w, dtype).unwrap();
             let want: Vec<f32> = q
                 .dequantize(&Device::Cpu)
@@ -671,20 +728,21 @@ mod tests {
                 .unwrap();
             let data = q.data().unwrap();
             let mut got = vec![0f32; 16 * 256];
-            assert!(dequantize_blocks(&data, dtype, &mut got));
+            assert!(dequantize_blocks_with(kernel, &data, dtype, &mut got, HALF));
             let same = got
                 .iter()
                 .zip(&want)
                 .all(|(a, b)| a.to_bits() == b.to_bits());
             assert!(
                 same,
-                "{dtype:?}: register dequantization differs from candle's"
+                "{kernel:?} {dtype:?}: register dequantization differs from candle's"
             );
             // The same values in runs of 16, 40 apart (the gaps stay untouched).
             let stride = 40;
             let runs = 16 * 256 / HALF;
             let mut strided = vec![f32::NAN; (runs - 1) * stride + HALF];
-            assert!(dequantize_blocks_strided(
+            assert!(dequantize_blocks_with(
+                kernel,
                 &data,
                 dtype,
                 &mut strided,
@@ -692,7 +750,7 @@ mod tests {
             ));
             for (i, w) in want.iter().enumerate() {
                 let at = (i / HALF) * stride + i % HALF;
-                assert_eq!(strided[at].to_bits(), w.to_bits(), "{dtype:?}: value {i}");
+                assert_eq!(strided[at].to_bits(), w.to_bits(), "{kernel:?} {dtype:?}: {i}");
             }
             assert!(strided[HALF..stride].iter().all(|v| v.is_nan()));
         }

@@ -599,7 +599,11 @@ mod avx512 {
                 for (k, v) in q.iter().enumerate() {
                     let w = _mm512_mul_ps(*v, d);
                     // d·q + m in two roundings, as candle's plain path computes it.
-                    let w = if FORMAT == Q4_1 { _mm512_add_ps(w, m) } else { w };
+                    let w = if FORMAT == Q4_1 {
+                        _mm512_add_ps(w, m)
+                    } else {
+                        w
+                    };
                     _mm512_storeu_ps(dst.add((2 * b + k) * stride), w);
                 }
             }
@@ -750,7 +754,11 @@ mod tests {
             ));
             for (i, w) in want.iter().enumerate() {
                 let at = (i / HALF) * stride + i % HALF;
-                assert_eq!(strided[at].to_bits(), w.to_bits(), "{kernel:?} {dtype:?}: {i}");
+                assert_eq!(
+                    strided[at].to_bits(),
+                    w.to_bits(),
+                    "{kernel:?} {dtype:?}: {i}"
+                );
             }
             assert!(strided[HALF..stride].iter().all(|v| v.is_nan()));
         }

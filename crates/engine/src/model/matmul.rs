@@ -599,7 +599,13 @@ mod avx512 {
                 let b0 = b[jp * kl * NR..].as_ptr();
                 let b1 = if two_cols { b0.add(kl * NR) } else { b0 };
                 let c = out.get().add(ip * MR * ldc + col);
-                let at = Tile { c, ldc, rows, cols, add };
+                let at = Tile {
+                    c,
+                    ldc,
+                    rows,
+                    cols,
+                    add,
+                };
                 match (two_rows, two_cols) {
                     (true, true) => tile::<2, 2>(kl, [a0, a1], [b0, b1], at),
                     (true, false) => tile::<2, 1>(kl, [a0, a1], [b0], at),
@@ -636,26 +642,26 @@ mod avx512 {
         let mut acc = [[[_mm512_setzero_ps(); BP]; MR]; AP];
         for p in 0..kl {
             let mut bv = [_mm512_setzero_ps(); BP];
-            for j in 0..BP {
-                bv[j] = _mm512_loadu_ps(b[j].add(p * NR));
+            for (v, panel) in bv.iter_mut().zip(&b) {
+                *v = _mm512_loadu_ps(panel.add(p * NR));
             }
-            for i in 0..AP {
-                let ap = a[i].add(p * MR);
-                for r in 0..MR {
+            for (panel, rows) in a.iter().zip(acc.iter_mut()) {
+                let ap = panel.add(p * MR);
+                for (r, row) in rows.iter_mut().enumerate() {
                     let av = _mm512_set1_ps(*ap.add(r));
-                    for j in 0..BP {
-                        acc[i][r][j] = _mm512_fmadd_ps(av, bv[j], acc[i][r][j]);
+                    for (s, v) in row.iter_mut().zip(&bv) {
+                        *s = _mm512_fmadd_ps(av, *v, *s);
                     }
                 }
             }
         }
-        for i in 0..AP {
-            for r in 0..MR {
+        for (i, rows) in acc.iter().enumerate() {
+            for (r, sums) in rows.iter().enumerate() {
                 let row = i * MR + r;
                 if row >= at.rows {
                     return;
                 }
-                for j in 0..BP {
+                for (j, &sum) in sums.iter().enumerate() {
                     let col = j * NR;
                     if col >= at.cols {
                         break;
@@ -663,10 +669,11 @@ mod avx512 {
                     let lanes = (at.cols - col).min(NR);
                     let mask: __mmask16 = (((1u32 << lanes) - 1) & 0xFFFF) as u16;
                     let dst = at.c.add(row * at.ldc + col);
-                    let mut v = acc[i][r][j];
-                    if at.add {
-                        v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, dst));
-                    }
+                    let v = if at.add {
+                        _mm512_add_ps(sum, _mm512_maskz_loadu_ps(mask, dst))
+                    } else {
+                        sum
+                    };
                     _mm512_mask_storeu_ps(dst, mask, v);
                 }
             }

@@ -6,6 +6,14 @@ end-of-sequence token, with the same number of threads. `bench --baseline-python
 script itself and prints the ratio; by hand:
 
     python3 -m pip install llama-cpp-python   # builds llama.cpp from source: ~15 min on 2 cores
+
+On a Xeon with AMX (Sapphire Rapids), the default native build of 0.3.36 crashed in `eval`
+(segmentation fault in its AMX path). Built without AMX, with every other native feature, it
+runs; this is the build the README's figures on that CPU used:
+
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+      -DGGML_BMI2=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON \
+      -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON" python3 -m pip install llama-cpp-python==0.3.36
     python3 docs/bench/llama_cpp_baseline.py PATH/TO/SmolLM2-135M-Instruct.Q4_1.gguf
 
 The last line of output is JSON: {"prefill_seconds", "decode_tokens_per_second", ...}.

@@ -111,17 +111,15 @@ pub fn product(
                 let r = r0 + k;
                 match (kernel, blocks) {
                     #[cfg(target_arch = "x86_64")]
-                    #[cfg(target_arch = "x86_64")]
                     (Kernel::Avx512, Some((bytes, dtype))) if has_register_kernel(dtype) => {
                         // SAFETY: Kernel::Avx512 is only chosen (or requested by tests) where
                         // the CPU has AVX-512F besides AVX2, FMA and F16C; the row lies inside
                         // `bytes`.
                         unsafe { avx512::row_dots(bytes, dtype, r, cols, x, &block_sums, dots) }
                     }
-                    (kernel, Some((bytes, dtype)))
-                        if kernel.has_avx2() && has_register_kernel(dtype) =>
-                    {
-                        // SAFETY: Kernel::Avx2 and Avx512 are only chosen (or requested by tests) where
+                    #[cfg(target_arch = "x86_64")]
+                    (Kernel::Avx2, Some((bytes, dtype))) if has_register_kernel(dtype) => {
+                        // SAFETY: Kernel::Avx2 is only chosen (or requested by tests) where
                         // the CPU has AVX2 and FMA; the row lies inside `bytes`.
                         unsafe { avx2::row_dots(bytes, dtype, r, cols, x, &block_sums, dots) }
                     }
@@ -243,9 +241,77 @@ fn dequantize_blocks_with(
     false
 }
 
+/// A register kernel module's entry points, for the CPU features `$features`: `row_dots` and
+/// `dequantize` pick the module's loop (`row_dots_n`, `dequantize_as`) for the storage type and
+/// the number of input rows, so that each loop is compiled without a branch per block.
+#[cfg(target_arch = "x86_64")]
+macro_rules! register_kernel_entry_points {
+    ($features:literal) => {
+        /// dots[i] = W[r] · x_i; `block_sums` holds Σ x over each block of 32 of every x_i.
+        ///
+        /// # Safety
+        /// The CPU has `$features`; `bytes` holds rows of `cols / 32` blocks of `dtype`.
+        #[target_feature(enable = $features)]
+        pub(super) unsafe fn row_dots(
+            bytes: &[u8],
+            dtype: GgmlDType,
+            r: usize,
+            cols: usize,
+            x: &[f32],
+            block_sums: &[f32],
+            dots: &mut [f32],
+        ) {
+            macro_rules! by_count {
+                ($format:expr) => {
+                    match dots.len() {
+                        1 => row_dots_n::<1, { $format }>(bytes, r, cols, x, block_sums, dots),
+                        2 => row_dots_n::<2, { $format }>(bytes, r, cols, x, block_sums, dots),
+                        3 => row_dots_n::<3, { $format }>(bytes, r, cols, x, block_sums, dots),
+                        _ => row_dots_n::<4, { $format }>(bytes, r, cols, x, block_sums, dots),
+                    }
+                };
+            }
+            // SAFETY: as for this function.
+            unsafe {
+                match dtype {
+                    GgmlDType::Q4_0 => by_count!(Q4_0),
+                    GgmlDType::Q4_1 => by_count!(Q4_1),
+                    GgmlDType::Q8_0 => by_count!(Q8_0),
+                    _ => unreachable!("no register kernel for {dtype:?}"),
+                }
+            }
+        }
+
+        /// See `super::dequantize_blocks_strided`.
+        ///
+        /// # Safety
+        /// The CPU has `$features`; `dtype` has a register kernel; `blocks` holds whole
+        /// blocks and `dst` has room for them at `stride`.
+        #[target_feature(enable = $features)]
+        pub(super) unsafe fn dequantize(
+            blocks: &[u8],
+            dtype: GgmlDType,
+            dst: *mut f32,
+            stride: usize,
+        ) {
+            // SAFETY: as for this function.
+            unsafe {
+                match dtype {
+                    GgmlDType::Q4_0 => dequantize_as::<Q4_0>(blocks, dst, stride),
+                    GgmlDType::Q4_1 => dequantize_as::<Q4_1>(blocks, dst, stride),
+                    GgmlDType::Q8_0 => dequantize_as::<Q8_0>(blocks, dst, stride),
+                    _ => unreachable!("no register kernel for {dtype:?}"),
+                }
+            }
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::*;
+
+    register_kernel_entry_points!("avx2,fma,f16c");
 
     /// Block formats with a register kernel, as const parameters so that each gets its own
     /// loop without a branch per block.
@@ -262,6 +328,52 @@ mod avx2 {
         }
     }
 
+    /// A block's scale d (in lane 0) and offset m (0 without one): f16 values at its start.
+    ///
+    /// # Safety
+    /// `block` points at a whole block of `FORMAT`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn scales<const FORMAT: u8>(block: *const u8) -> (__m128, f32) {
+        // SAFETY: the block starts with its 2 (Q4_1: 4) bytes of scales.
+        let bits = unsafe {
+            if FORMAT == Q4_1 {
+                std::ptr::read_unaligned(block as *const u32)
+            } else {
+                std::ptr::read_unaligned(block as *const u16) as u32
+            }
+        };
+        let scales = _mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32));
+        let m = if FORMAT == Q4_1 {
+            _mm_cvtss_f32(_mm_shuffle_ps(scales, scales, 1))
+        } else {
+            0.0
+        };
+        (scales, m)
+    }
+
+    /// A Q4 block's 32 values as bytes: elements 0..16 (the low nibbles) and 16..32 (the high
+    /// ones); Q4_0's stored q + 8 becomes the signed q, as the plain path computes it.
+    ///
+    /// # Safety
+    /// `block` points at a whole block of `FORMAT`, Q4_0 or Q4_1.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn nibbles<const FORMAT: u8>(block: *const u8) -> (__m128i, __m128i) {
+        let at = if FORMAT == Q4_1 { 4 } else { 2 };
+        // SAFETY: the 16 bytes after the scales are inside the block.
+        let qs = unsafe { _mm_loadu_si128(block.add(at) as *const __m128i) };
+        let low_nibbles = _mm_set1_epi8(0x0f);
+        let lo = _mm_and_si128(qs, low_nibbles);
+        let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), low_nibbles);
+        if FORMAT == Q4_0 {
+            let eight = _mm_set1_epi8(8);
+            (_mm_sub_epi8(lo, eight), _mm_sub_epi8(hi, eight))
+        } else {
+            (lo, hi)
+        }
+    }
+
     /// A block's integer values as four vectors of eight f32 (element order), its scale d
     /// broadcast, and its offset m (0 without one): the weights are d·q + m.
     ///
@@ -272,35 +384,16 @@ mod avx2 {
     unsafe fn block_values<const FORMAT: u8>(block: *const u8) -> ([__m256; 4], __m256, f32) {
         // SAFETY (whole function): every read lies inside the block.
         unsafe {
-            // d (and m for Q4_1) are f16 at the start of the block.
-            let scales = if FORMAT == Q4_1 {
-                std::ptr::read_unaligned(block as *const u32)
-            } else {
-                std::ptr::read_unaligned(block as *const u16) as u32
-            };
-            let scales = _mm_cvtph_ps(_mm_cvtsi32_si128(scales as i32));
+            let (scales, m) = scales::<FORMAT>(block);
             let d = _mm256_broadcastss_ps(scales);
-            let m = if FORMAT == Q4_1 {
-                _mm_cvtss_f32(_mm_shuffle_ps(scales, scales, 1))
-            } else {
-                0.0
-            };
             let q = if FORMAT == Q8_0 {
                 // 32 × i8 after d.
                 let q = _mm256_loadu_si256(block.add(2) as *const __m256i);
                 to_f32x32::<true>(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1))
             } else {
-                // 16 bytes after the scales: element j is the low nibble of byte j, element
-                // j + 16 its high nibble.
-                let at = if FORMAT == Q4_1 { 4 } else { 2 };
-                let qs = _mm_loadu_si128(block.add(at) as *const __m128i);
-                let low_nibbles = _mm_set1_epi8(0x0f);
-                let lo = _mm_and_si128(qs, low_nibbles);
-                let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), low_nibbles);
+                let (lo, hi) = nibbles::<FORMAT>(block);
                 if FORMAT == Q4_0 {
-                    // Q4_0 stores q + 8: subtract in integers, as the plain path does.
-                    let eight = _mm_set1_epi8(8);
-                    to_f32x32::<true>(_mm_sub_epi8(lo, eight), _mm_sub_epi8(hi, eight))
+                    to_f32x32::<true>(lo, hi)
                 } else {
                     to_f32x32::<false>(lo, hi)
                 }
@@ -331,41 +424,6 @@ mod avx2 {
             _mm256_cvtepu8_epi32(v)
         };
         _mm256_cvtepi32_ps(wide)
-    }
-
-    /// dots[i] = W[r] · x_i; `block_sums` holds Σ x over each block of 32 of every x_i.
-    ///
-    /// # Safety
-    /// The CPU has AVX2, FMA and F16C; `bytes` holds rows of `cols / 32` blocks of `dtype`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn row_dots(
-        bytes: &[u8],
-        dtype: GgmlDType,
-        r: usize,
-        cols: usize,
-        x: &[f32],
-        block_sums: &[f32],
-        dots: &mut [f32],
-    ) {
-        macro_rules! by_count {
-            ($format:expr) => {
-                match dots.len() {
-                    1 => row_dots_n::<1, { $format }>(bytes, r, cols, x, block_sums, dots),
-                    2 => row_dots_n::<2, { $format }>(bytes, r, cols, x, block_sums, dots),
-                    3 => row_dots_n::<3, { $format }>(bytes, r, cols, x, block_sums, dots),
-                    _ => row_dots_n::<4, { $format }>(bytes, r, cols, x, block_sums, dots),
-                }
-            };
-        }
-        // SAFETY: as for this function.
-        unsafe {
-            match dtype {
-                GgmlDType::Q4_0 => by_count!(Q4_0),
-                GgmlDType::Q4_1 => by_count!(Q4_1),
-                GgmlDType::Q8_0 => by_count!(Q8_0),
-                _ => unreachable!("no register kernel for {dtype:?}"),
-            }
-        }
     }
 
     /// `row_dots` for N input rows of one format, so that the accumulators live in registers.
@@ -418,24 +476,6 @@ mod avx2 {
         }
         for i in 0..N {
             dots[i] = sum8(scaled[i]) + offsets[i];
-        }
-    }
-
-    /// See `super::dequantize_blocks_strided`.
-    ///
-    /// # Safety
-    /// The CPU has AVX2, FMA and F16C; `dtype` has a register kernel; `blocks` holds whole
-    /// blocks and `dst` has room for them at `stride`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dequantize(blocks: &[u8], dtype: GgmlDType, dst: *mut f32, stride: usize) {
-        // SAFETY: as for this function.
-        unsafe {
-            match dtype {
-                GgmlDType::Q4_0 => dequantize_as::<Q4_0>(blocks, dst, stride),
-                GgmlDType::Q4_1 => dequantize_as::<Q4_1>(blocks, dst, stride),
-                GgmlDType::Q8_0 => dequantize_as::<Q8_0>(blocks, dst, stride),
-                _ => unreachable!("no register kernel for {dtype:?}"),
-            }
         }
     }
 
@@ -509,8 +549,10 @@ mod avx2 {
 /// decoding spent 72 % of its time).
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::avx2::{block_bytes, Q4_0, Q4_1, Q8_0};
+    use super::avx2::{block_bytes, nibbles, scales, Q4_0, Q4_1, Q8_0};
     use super::*;
+
+    register_kernel_entry_points!("avx512f,avx2,fma,f16c");
 
     /// A block's integer values as two vectors of sixteen f32 (element order), its scale d and
     /// its offset m (0 without one): the weights are d·q + m.
@@ -522,18 +564,8 @@ mod avx512 {
     unsafe fn block_values<const FORMAT: u8>(block: *const u8) -> ([__m512; 2], f32, f32) {
         // SAFETY (whole function): every read lies inside the block.
         unsafe {
-            let scales = if FORMAT == Q4_1 {
-                std::ptr::read_unaligned(block as *const u32)
-            } else {
-                std::ptr::read_unaligned(block as *const u16) as u32
-            };
-            let scales = _mm_cvtph_ps(_mm_cvtsi32_si128(scales as i32));
+            let (scales, m) = scales::<FORMAT>(block);
             let d = _mm_cvtss_f32(scales);
-            let m = if FORMAT == Q4_1 {
-                _mm_cvtss_f32(_mm_shuffle_ps(scales, scales, 1))
-            } else {
-                0.0
-            };
             let q = if FORMAT == Q8_0 {
                 let lo = _mm_loadu_si128(block.add(2) as *const __m128i);
                 let hi = _mm_loadu_si128(block.add(18) as *const __m128i);
@@ -542,18 +574,11 @@ mod avx512 {
                     _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)),
                 ]
             } else {
-                // Element j is the low nibble of byte j, element j + 16 its high nibble.
-                let at = if FORMAT == Q4_1 { 4 } else { 2 };
-                let qs = _mm_loadu_si128(block.add(at) as *const __m128i);
-                let low_nibbles = _mm_set1_epi8(0x0f);
-                let lo = _mm_and_si128(qs, low_nibbles);
-                let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), low_nibbles);
+                let (lo, hi) = nibbles::<FORMAT>(block);
                 if FORMAT == Q4_0 {
-                    // Q4_0 stores q + 8: subtract in integers, as the plain path does.
-                    let eight = _mm_set1_epi8(8);
                     [
-                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_sub_epi8(lo, eight))),
-                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_sub_epi8(hi, eight))),
+                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)),
+                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)),
                     ]
                 } else {
                     [
@@ -563,24 +588,6 @@ mod avx512 {
                 }
             };
             (q, d, m)
-        }
-    }
-
-    /// See `super::dequantize_blocks_strided`: a block is two runs of 16, one register each.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512F, AVX2, FMA and F16C; `dtype` has a register kernel; `blocks` holds
-    /// whole blocks and `dst` has room for them at `stride`.
-    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-    pub(super) unsafe fn dequantize(blocks: &[u8], dtype: GgmlDType, dst: *mut f32, stride: usize) {
-        // SAFETY: as for this function.
-        unsafe {
-            match dtype {
-                GgmlDType::Q4_0 => dequantize_as::<Q4_0>(blocks, dst, stride),
-                GgmlDType::Q4_1 => dequantize_as::<Q4_1>(blocks, dst, stride),
-                GgmlDType::Q8_0 => dequantize_as::<Q8_0>(blocks, dst, stride),
-                _ => unreachable!("no register kernel for {dtype:?}"),
-            }
         }
     }
 
@@ -606,42 +613,6 @@ mod avx512 {
                     };
                     _mm512_storeu_ps(dst.add((2 * b + k) * stride), w);
                 }
-            }
-        }
-    }
-
-    /// As `avx2::row_dots`.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512F, AVX2, FMA and F16C; `bytes` holds rows of `cols / 32` blocks of
-    /// `dtype`.
-    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-    pub(super) unsafe fn row_dots(
-        bytes: &[u8],
-        dtype: GgmlDType,
-        r: usize,
-        cols: usize,
-        x: &[f32],
-        block_sums: &[f32],
-        dots: &mut [f32],
-    ) {
-        macro_rules! by_count {
-            ($format:expr) => {
-                match dots.len() {
-                    1 => row_dots_n::<1, { $format }>(bytes, r, cols, x, block_sums, dots),
-                    2 => row_dots_n::<2, { $format }>(bytes, r, cols, x, block_sums, dots),
-                    3 => row_dots_n::<3, { $format }>(bytes, r, cols, x, block_sums, dots),
-                    _ => row_dots_n::<4, { $format }>(bytes, r, cols, x, block_sums, dots),
-                }
-            };
-        }
-        // SAFETY: as for this function.
-        unsafe {
-            match dtype {
-                GgmlDType::Q4_0 => by_count!(Q4_0),
-                GgmlDType::Q4_1 => by_count!(Q4_1),
-                GgmlDType::Q8_0 => by_count!(Q8_0),
-                _ => unreachable!("no register kernel for {dtype:?}"),
             }
         }
     }

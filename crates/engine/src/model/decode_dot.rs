@@ -28,9 +28,10 @@ const BLOCK: usize = 32;
 /// `PROMPT_SALIENCE_KERNEL=avx2|portable`, cappable by hand (to measure one against another).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
-    /// The AVX2 kernels, and 512-bit register tiles for the panel products (x86-64 with
-    /// AVX-512F as well): twice the multiply-adds per instruction, which CPUs with two 512-bit
-    /// FMA units (Intel Xeon since Skylake-SP) run at twice the rate.
+    /// 512-bit register tiles for the panel products, and 512-bit decoding dots and
+    /// dequantization (x86-64 with AVX-512F besides AVX2, FMA and F16C): twice the
+    /// multiply-adds per instruction, which CPUs with two 512-bit FMA units (Intel Xeon since
+    /// Skylake-SP) run at twice the rate. The remaining helpers run their AVX2 versions.
     Avx512,
     /// Blocks expanded in AVX2 registers (x86-64 with AVX2, FMA and F16C).
     Avx2,
@@ -44,6 +45,14 @@ impl Kernel {
         static BEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
         *BEST.get_or_init(|| {
             let cap = std::env::var("PROMPT_SALIENCE_KERNEL").ok();
+            if let Some(other) = cap
+                .as_deref()
+                .filter(|c| !matches!(*c, "avx2" | "portable"))
+            {
+                tracing::warn!(
+                    "PROMPT_SALIENCE_KERNEL={other} is neither avx2 nor portable: ignored"
+                );
+            }
             Kernel::available()
                 .into_iter()
                 .find(|k| match cap.as_deref() {
@@ -72,7 +81,7 @@ impl Kernel {
         out
     }
 
-    /// The AVX2 kernels may run (AVX-512 CPUs run them too, for all but the panel products).
+    /// The AVX2 kernels may run: the CPU has at least AVX2, FMA and F16C.
     pub fn has_avx2(self) -> bool {
         matches!(self, Kernel::Avx2 | Kernel::Avx512)
     }
@@ -111,17 +120,17 @@ pub fn product(
                 let r = r0 + k;
                 match (kernel, blocks) {
                     #[cfg(target_arch = "x86_64")]
-                    (Kernel::Avx512, Some((bytes, dtype))) if has_register_kernel(dtype) => {
-                        // SAFETY: Kernel::Avx512 is only chosen (or requested by tests) where
-                        // the CPU has AVX-512F besides AVX2, FMA and F16C; the row lies inside
-                        // `bytes`.
-                        unsafe { avx512::row_dots(bytes, dtype, r, cols, x, &block_sums, dots) }
-                    }
-                    #[cfg(target_arch = "x86_64")]
-                    (Kernel::Avx2, Some((bytes, dtype))) if has_register_kernel(dtype) => {
-                        // SAFETY: Kernel::Avx2 is only chosen (or requested by tests) where
-                        // the CPU has AVX2 and FMA; the row lies inside `bytes`.
-                        unsafe { avx2::row_dots(bytes, dtype, r, cols, x, &block_sums, dots) }
+                    (kernel, Some((bytes, dtype)))
+                        if kernel.has_avx2() && has_register_kernel(dtype) =>
+                    {
+                        let row_dots = if kernel == Kernel::Avx512 {
+                            avx512::row_dots
+                        } else {
+                            avx2::row_dots
+                        };
+                        // SAFETY: a kernel is only chosen (or requested by tests) where the CPU
+                        // has its features; the row lies inside `bytes`.
+                        unsafe { row_dots(bytes, dtype, r, cols, x, &block_sums, dots) }
                     }
                     _ => {
                         dequantize_row(r, buffer);
@@ -225,15 +234,20 @@ fn dequantize_blocks_with(
             n == 0 || dst.len() >= (2 * n - 1) * stride + HALF,
             "destination too short for {n} blocks"
         );
-        // SAFETY: the CPU has the features; the destination was checked above and the
+        let dequantize = if kernel == Kernel::Avx512 {
+            avx512::dequantize
+        } else {
+            avx2::dequantize
+        };
+        // SAFETY: the CPU has the kernel's features; the destination was checked above and the
         // blocks are whole.
         unsafe {
-            let blocks = &blocks[..n * dtype.type_size()];
-            if kernel == Kernel::Avx512 {
-                avx512::dequantize(blocks, dtype, dst.as_mut_ptr(), stride)
-            } else {
-                avx2::dequantize(blocks, dtype, dst.as_mut_ptr(), stride)
-            }
+            dequantize(
+                &blocks[..n * dtype.type_size()],
+                dtype,
+                dst.as_mut_ptr(),
+                stride,
+            )
         };
         return true;
     }
@@ -352,6 +366,20 @@ mod avx2 {
         (scales, m)
     }
 
+    /// Row `r` of `bytes` (blocks of `FORMAT`, `cols` values per row) and its number of
+    /// blocks, after checking that N input rows, their block sums and N dots fit the slices.
+    pub(super) fn row_for<'a, const N: usize, const FORMAT: u8>(
+        bytes: &'a [u8],
+        r: usize,
+        cols: usize,
+        (x, block_sums, dots): (&[f32], &[f32], &[f32]),
+    ) -> (&'a [u8], usize) {
+        let size = block_bytes(FORMAT);
+        let blocks = cols / BLOCK;
+        assert!(x.len() >= N * cols && block_sums.len() >= N * blocks && dots.len() >= N);
+        (&bytes[r * blocks * size..(r + 1) * blocks * size], blocks)
+    }
+
     /// A Q4 block's 32 values as bytes: elements 0..16 (the low nibbles) and 16..32 (the high
     /// ones); Q4_0's stored q + 8 becomes the signed q, as the plain path computes it.
     ///
@@ -441,9 +469,7 @@ mod avx2 {
         dots: &mut [f32],
     ) {
         let size = block_bytes(FORMAT);
-        let blocks = cols / BLOCK;
-        let row = &bytes[r * blocks * size..(r + 1) * blocks * size];
-        assert!(x.len() >= N * cols && block_sums.len() >= N * blocks && dots.len() >= N);
+        let (row, blocks) = row_for::<N, FORMAT>(bytes, r, cols, (x, block_sums, dots));
         // Per input row: d·Σ q·x as a vector, and Σ m·(Σ x) over the blocks.
         let mut scaled = [_mm256_setzero_ps(); N];
         let mut offsets = [0f32; N];
@@ -544,12 +570,13 @@ mod avx2 {
     }
 }
 
-/// The decoding dots with 512-bit registers: a block's 32 weights are two registers, so the
-/// widening, the conversion and the multiply-adds take half the instructions of AVX2 (where
-/// decoding spent 72 % of its time).
+/// The decoding dots and dequantization with 512-bit registers: a block's 32 weights are two
+/// registers, half the instructions of AVX2. Since decoding prefetches its weights, the two
+/// measure within noise of each other (the work is reading weights); dequantizing into panels
+/// gained about 1 %.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::avx2::{block_bytes, nibbles, scales, Q4_0, Q4_1, Q8_0};
+    use super::avx2::{block_bytes, nibbles, row_for, scales, Q4_0, Q4_1, Q8_0};
     use super::*;
 
     register_kernel_entry_points!("avx512f,avx2,fma,f16c");
@@ -633,9 +660,7 @@ mod avx512 {
         dots: &mut [f32],
     ) {
         let size = block_bytes(FORMAT);
-        let blocks = cols / BLOCK;
-        let row = &bytes[r * blocks * size..(r + 1) * blocks * size];
-        assert!(x.len() >= N * cols && block_sums.len() >= N * blocks && dots.len() >= N);
+        let (row, blocks) = row_for::<N, FORMAT>(bytes, r, cols, (x, block_sums, dots));
         let mut even = [_mm512_setzero_ps(); N];
         let mut odd = [_mm512_setzero_ps(); N];
         let mut offsets = [0f32; N];

@@ -667,7 +667,7 @@ mod avx512 {
                         break;
                     }
                     let lanes = (at.cols - col).min(NR);
-                    let mask: __mmask16 = (((1u32 << lanes) - 1) & 0xFFFF) as u16;
+                    let mask: __mmask16 = ((1u32 << lanes) - 1) as u16;
                     let dst = at.c.add(row * at.ldc + col);
                     let v = if at.add {
                         _mm512_add_ps(sum, _mm512_maskz_loadu_ps(mask, dst))

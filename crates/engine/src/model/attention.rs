@@ -20,7 +20,8 @@ use candle_core::{bail, Device, Result, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::kernels::with_slice;
+use super::kernels::{with_slice, zeroed};
+use super::matmul;
 use super::simd;
 
 /// Queries per block: small enough to skip most of the masked triangle and keep a block's
@@ -257,8 +258,9 @@ impl Attention {
         self.check(k, self.key_rows, hd, "k")?;
         self.check(v, self.key_rows, hd, "v")?;
         let matrices = self.batch * self.kv_heads * g;
-        let mut lse = vec![0f32; matrices * tq];
-        let mut out = vec![0f32; matrices * tq * hd];
+        // Written block by block, each block zeroing its part first (see `kernels::par_filled`).
+        let mut lse = matmul::uninit(matrices * tq);
+        let mut out = matmul::uninit(matrices * tq * hd);
         with_slice(q, |q| {
             with_slice(k, |k| {
                 with_slice(v, |v| {
@@ -272,6 +274,7 @@ impl Attention {
                                 .map(move |(bi, (l, o))| (mi, bi * BLOCK, l, o))
                         })
                         .for_each(|(mi, i0, l, o)| {
+                            let (l, o) = (zeroed(l), zeroed(o));
                             let b = self.block(mi, i0, i0 + l.len());
                             let q = Block::of(&b.rows, q, hd);
                             let values = Block::of(&b.keys, v, hd);
@@ -294,6 +297,8 @@ impl Attention {
                 })
             })
         })?;
+        // SAFETY: the blocks cover every row of every matrix, and each zeroed its part.
+        let (out, lse) = unsafe { (matmul::assume_init(out), matmul::assume_init(lse)) };
         let dev = &Device::Cpu;
         let (b, kv) = (self.batch, self.kv_heads);
         Ok((

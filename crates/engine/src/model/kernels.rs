@@ -1,6 +1,8 @@
 //! Fused CPU kernels for the salience pass. Each replaces a chain of candle element-wise ops
 //! (one allocation and one memory pass each) with a single pass over rows, in parallel.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{bail, Device, Result, Storage, Tensor};
 use rayon::prelude::*;
 
@@ -42,17 +44,20 @@ pub(super) fn par_filled(
     out.par_chunks_mut(chunk.max(1))
         .enumerate()
         .for_each(|(i, values)| {
-            for v in values.iter_mut() {
-                v.write(0.0);
-            }
-            // SAFETY: every value of the chunk was just written; same layout (MaybeUninit<f32>
-            // is repr(transparent)).
-            let values =
-                unsafe { &mut *(values as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
-            fill(i, values);
+            fill(i, zeroed(values));
         });
     // SAFETY: the chunks cover the buffer, and each was written above.
     unsafe { super::matmul::assume_init(out) }
+}
+
+/// Zeroes values not yet written and returns them as plain values.
+pub(super) fn zeroed(values: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    for v in values.iter_mut() {
+        v.write(0.0);
+    }
+    // SAFETY: every value was just written; same layout (MaybeUninit<f32> is
+    // repr(transparent)), same borrow.
+    unsafe { &mut *(values as *mut [MaybeUninit<f32>] as *mut [f32]) }
 }
 
 /// Rows handled by one task of the head layout kernels.
@@ -74,21 +79,12 @@ pub fn split_heads(
         let mut offset = 0;
         let mut out = Vec::with_capacity(heads.len());
         for &h in heads {
-            let mut dst = vec![0f32; b * h * t * hd];
-            dst.par_chunks_mut(t * hd)
-                .enumerate()
-                .flat_map(|(bh, d)| {
-                    d.par_chunks_mut(HEAD_ROWS_PER_TASK * hd)
-                        .enumerate()
-                        .map(move |(c, d)| (bh, c * HEAD_ROWS_PER_TASK, d))
-                })
-                .for_each(|(bh, r0, d)| {
-                    let (bi, head) = (bh / h, bh % h);
-                    for (r, d) in d.chunks_mut(hd).enumerate() {
-                        let src = (bi * t + r0 + r) * width + offset + head * hd;
-                        d.copy_from_slice(&x[src..src + hd]);
-                    }
-                });
+            let dst = par_filled(b * h * t * hd, hd, |row, d| {
+                let (bh, r) = (row / t, row % t);
+                let (bi, head) = (bh / h, bh % h);
+                let src = (bi * t + r) * width + offset + head * hd;
+                d.copy_from_slice(&x[src..src + hd]);
+            });
             out.push(Tensor::from_vec(dst, (b, h, t, hd), &Device::Cpu)?);
             offset += h * hd;
         }

@@ -92,6 +92,23 @@ pub fn transpose_into_panel(rows: &[f32], kl: usize, panel: &mut [f32], kernel: 
     let lanes = rows.len() / kl;
     assert!(lanes <= NR && panel.len() >= kl * NR);
     #[cfg(target_arch = "x86_64")]
+    if kernel == Kernel::Avx512 && lanes == NR {
+        let whole = kl / NR * NR;
+        let src: [*const f32; NR] = std::array::from_fn(|l| rows[l * kl..].as_ptr());
+        for p in (0..whole).step_by(NR) {
+            // SAFETY: AVX-512F is there (Kernel::Avx512); every read is inside `rows`
+            // (p + 16 <= kl for each lane) and every write inside `panel` (p + 16 <= kl rows
+            // of NR).
+            unsafe { avx512::transpose_16x16(&src, p, panel[p * NR..].as_mut_ptr()) };
+        }
+        for (lane, row) in rows.chunks_exact(kl).enumerate() {
+            for p in whole..kl {
+                panel[p * NR + lane] = row[p];
+            }
+        }
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if kernel.has_avx2() && lanes == NR {
         let whole = kl / 8 * 8;
         // SAFETY: AVX2 is there; every read is inside `rows` (p + 8 <= kl for each lane) and
@@ -616,6 +633,55 @@ mod avx512 {
         }
     }
 
+    /// dst[i * NR + l] = src[l][p + i] for 16 lanes and 16 steps: four rounds of shuffles,
+    /// pairs of rows, then of pairs, then 128-bit quarters twice.
+    ///
+    /// # Safety
+    /// AVX-512F; each `src[l]` has 16 values from `p`, `dst` room for 16 rows of NR.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn transpose_16x16(src: &[*const f32; NR], p: usize, dst: *mut f32) {
+        let r: [__m512; NR] = std::array::from_fn(|l| _mm512_loadu_ps(src[l].add(p)));
+        // Rows 2j, 2j + 1 interleaved: t[2j] holds steps 0, 1 (of each quarter), t[2j + 1]
+        // steps 2, 3.
+        let t: [__m512; NR] = std::array::from_fn(|i| {
+            let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
+            if i % 2 == 0 {
+                _mm512_unpacklo_ps(a, b)
+            } else {
+                _mm512_unpackhi_ps(a, b)
+            }
+        });
+        // u[4g + c]: step c of each quarter (c, c + 4, c + 8, c + 12), rows 4g..4g + 4.
+        let u: [__m512; NR] = std::array::from_fn(|i| {
+            let (g, c) = (i / 4, i % 4);
+            let (a, b) = (
+                _mm512_castps_pd(t[4 * g + c / 2]),
+                _mm512_castps_pd(t[4 * g + 2 + c / 2]),
+            );
+            _mm512_castpd_ps(if c % 2 == 0 {
+                _mm512_unpacklo_pd(a, b)
+            } else {
+                _mm512_unpackhi_pd(a, b)
+            })
+        });
+        for c in 0..4 {
+            // Rows 0..8: steps c and c + 8 (0x88), c + 4 and c + 12 (0xDD); rows 8..16 alike.
+            let v_lo = _mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]);
+            let v_hi = _mm512_shuffle_f32x4::<0xDD>(u[c], u[4 + c]);
+            let w_lo = _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]);
+            let w_hi = _mm512_shuffle_f32x4::<0xDD>(u[8 + c], u[12 + c]);
+            let out = [
+                (c, _mm512_shuffle_f32x4::<0x88>(v_lo, w_lo)),
+                (c + 8, _mm512_shuffle_f32x4::<0xDD>(v_lo, w_lo)),
+                (c + 4, _mm512_shuffle_f32x4::<0x88>(v_hi, w_hi)),
+                (c + 12, _mm512_shuffle_f32x4::<0xDD>(v_hi, w_hi)),
+            ];
+            for (step, v) in out {
+                _mm512_storeu_ps(dst.add(step * NR), v);
+            }
+        }
+    }
+
     /// Where a tile's results go: the first `rows × cols` of it, from `c`, rows `ldc` apart.
     #[derive(Clone, Copy)]
     struct Tile {
@@ -800,7 +866,7 @@ mod tests {
     #[test]
     fn transposed_panels_match_the_plain_loop() {
         for kernel in kernels() {
-            for (lanes, kl) in [(16, 288), (16, 21), (16, 5), (7, 40), (1, 3)] {
+            for (lanes, kl) in [(16, 288), (16, 21), (16, 37), (16, 5), (7, 40), (1, 3)] {
                 let rows = random(lanes * kl, 4);
                 let mut panel = vec![f32::NAN; kl * NR];
                 transpose_into_panel(&rows, kl, &mut panel, kernel);

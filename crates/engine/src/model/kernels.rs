@@ -41,14 +41,24 @@ pub(super) fn par_filled(
     fill: impl Fn(usize, &mut [f32]) + Sync,
 ) -> Vec<f32> {
     let mut out = super::matmul::uninit(len);
-    out.par_chunks_mut(chunk.max(1))
-        .enumerate()
-        .for_each(|(i, values)| {
+    let chunk = chunk.max(1);
+    if len <= chunk * SERIAL_CHUNKS {
+        // A few rows (decoding): waking the pool would cost more than the work.
+        for (i, values) in out.chunks_mut(chunk).enumerate() {
             fill(i, zeroed(values));
-        });
+        }
+    } else {
+        out.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(i, values)| fill(i, zeroed(values)));
+    }
     // SAFETY: the chunks cover the buffer, and each was written above.
     unsafe { super::matmul::assume_init(out) }
 }
+
+/// `par_filled` runs up to this many chunks on the calling thread (candle's `rms_norm` draws
+/// the same line).
+const SERIAL_CHUNKS: usize = 32;
 
 /// Zeroes values not yet written and returns them as plain values.
 pub(super) fn zeroed(values: &mut [MaybeUninit<f32>]) -> &mut [f32] {
@@ -134,6 +144,28 @@ pub fn merge_heads(parts: &[&Tensor], (b, t, hd): (usize, usize, usize)) -> Resu
 fn rows_of(t: &Tensor) -> Result<(usize, usize)> {
     let n = t.dim(candle_core::D::Minus1)?;
     Ok((t.elem_count() / n.max(1), n))
+}
+
+/// y = x / rms(x) * w over the last dimension, as candle's `rms_norm` computes it (same
+/// operations in the same order: the same values), without its serial zeroing of the output.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+    let (rows, n) = rows_of(x)?;
+    if w.elem_count() != n {
+        bail!("rms_norm: shapes {:?} {:?}", x.shape(), w.shape())
+    }
+    let out = with_slice(x, |x| {
+        with_slice(w, |w| {
+            Ok(par_filled(rows * n, n, |i, o| {
+                let x = &x[i * n..(i + 1) * n];
+                let sum2: f32 = x.iter().map(|v| v * v).sum();
+                let m = (sum2 / n as f32 + eps).sqrt();
+                for ((o, &x), &w) in o.iter_mut().zip(x).zip(w) {
+                    *o = x / m * w;
+                }
+            }))
+        })
+    })?;
+    Tensor::from_vec(out, x.shape(), &Device::Cpu)
 }
 
 /// dx for y = x / rms(x) * w over the last dimension.
@@ -348,6 +380,17 @@ pub(super) mod tests {
             assert!(max_diff(&want_out, &gated(&gate_up, gelu).unwrap()) < 1e-5);
             assert!(max_diff(&want_dg, &dg) < 1e-4);
             assert!(max_diff(&want_du, &du) < 1e-4);
+        }
+    }
+
+    #[test]
+    fn rms_norm_gives_candles_values() {
+        for (rows, n) in [(1, 8), (40, 576), (33, 20)] {
+            let x = Tensor::randn(0f32, 1.0, (rows, n), &Device::Cpu).unwrap();
+            let w = Tensor::randn(0f32, 1.0, n, &Device::Cpu).unwrap();
+            let want = candle_nn::ops::rms_norm(&x, &w, 1e-5).unwrap();
+            let got = rms_norm(&x, &w, 1e-5).unwrap();
+            assert_eq!(max_diff(&want, &got), 0.0, "{rows} × {n}");
         }
     }
 

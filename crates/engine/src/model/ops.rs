@@ -6,8 +6,11 @@
 
 use candle_core::{DType, Device, Result, Tensor, D};
 
-/// y = x / rms(x) * w over the last dimension.
+/// y = x / rms(x) * w over the last dimension (f32; see `kernels::rms_norm`).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+    if x.dtype() == DType::F32 && w.dtype() == DType::F32 {
+        return super::kernels::rms_norm(x, w, eps);
+    }
     candle_nn::ops::rms_norm(&x.contiguous()?, w, eps)
 }
 

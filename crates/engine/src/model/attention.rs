@@ -20,6 +20,7 @@ use candle_core::{bail, Device, Result, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use super::decode_dot;
 use super::kernels::{with_slice, zeroed};
 use super::matmul;
 use super::simd;
@@ -229,7 +230,7 @@ impl Attention {
             // d probs = d_o values^T, then d scores in place.
             times_transposed(ds, d_o, values, hd);
             for (r, (row, p)) in ds.chunks_mut(nk).zip(p.chunks(nk)).enumerate() {
-                let inner: f32 = row.iter().zip(p.iter()).map(|(d, p)| d * p).sum();
+                let inner = decode_dot::dot(row, p);
                 for (d, &p) in row.iter_mut().zip(p) {
                     *d = self.scale * p * (*d - inner);
                 }

@@ -152,6 +152,15 @@ pub fn product(
     out
 }
 
+/// a · b for f32 rows of equal length, on the fastest kernel here (eight or more partial
+/// sums, so not the plain loop's order).
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "dot of rows of different lengths");
+    let mut d = [0f32];
+    dots_with(a, b, Kernel::best(), &mut d);
+    d[0]
+}
+
 /// dots[i] = w · x_i for each input row x_i.
 fn dots_with(w: &[f32], x: &[f32], kernel: Kernel, dots: &mut [f32]) {
     for (d, xi) in dots.iter_mut().zip(x.chunks(w.len())) {

@@ -3,7 +3,8 @@
 //! The build targets baseline x86-64 (SSE2), so the compiler never vectorizes a loop of
 //! `f32::exp` calls: at 600 tokens the salience pass spent 6 % of its time in glibc's scalar
 //! `expf` (160 million calls). Where the CPU has AVX2 and FMA (checked at run time, so the
-//! binary still runs everywhere) eight values go through one polynomial instead.
+//! binary still runs everywhere) eight values go through one polynomial instead, sixteen
+//! where it has AVX-512 (`Kernel::best`, so `PROMPT_SALIENCE_KERNEL` caps this too).
 //!
 //! The polynomial is Cephes' `expf` (as in avx_mathfun): the input is split as n ln 2 + r with
 //! |r| <= ln 2 / 2, e^r comes from a degree-5 minimax polynomial, and 2^n is built in the
@@ -14,24 +15,41 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
+use super::decode_dot::Kernel;
+
 /// x[i] = exp(x[i] * scale - shift); returns the sum of the results.
 pub fn exp_affine_sum(x: &mut [f32], scale: f32, shift: f32) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: the CPU supports the features the function is compiled for.
-        return unsafe { avx2::exp_affine_sum(x, scale, shift) };
-    }
-    scalar_exp_affine_sum(x, scale, shift)
+    exp_affine_sum_with(Kernel::best(), x, scale, shift)
 }
 
 /// x[i] = 1 / (1 + exp(-x[i])).
 pub fn sigmoid(x: &mut [f32]) {
+    sigmoid_with(Kernel::best(), x)
+}
+
+/// `exp_affine_sum` on the given kernel (the tests run each).
+fn exp_affine_sum_with(kernel: Kernel, x: &mut [f32], scale: f32, shift: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: as above.
-        unsafe { avx2::sigmoid(x) };
-        return;
+    match kernel {
+        // SAFETY: the CPU has the features each kernel is compiled for (`Kernel::available`).
+        Kernel::Avx512 => return unsafe { avx512::exp_affine_sum(x, scale, shift) },
+        Kernel::Avx2 => return unsafe { avx2::exp_affine_sum(x, scale, shift) },
+        Kernel::Portable => {}
     }
+    let _ = kernel;
+    scalar_exp_affine_sum(x, scale, shift)
+}
+
+/// `sigmoid` on the given kernel (the tests run each).
+fn sigmoid_with(kernel: Kernel, x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    match kernel {
+        // SAFETY: as above.
+        Kernel::Avx512 => return unsafe { avx512::sigmoid(x) },
+        Kernel::Avx2 => return unsafe { avx2::sigmoid(x) },
+        Kernel::Portable => {}
+    }
+    let _ = kernel;
     for v in x.iter_mut() {
         *v = 1.0 / (1.0 + (-*v).exp());
     }
@@ -44,12 +62,6 @@ fn scalar_exp_affine_sum(x: &mut [f32], scale: f32, shift: f32) -> f32 {
         sum += *v;
     }
     sum
-}
-
-#[cfg(target_arch = "x86_64")]
-fn has_avx2_fma() -> bool {
-    // The standard library caches the CPUID result: this is one atomic load.
-    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -161,6 +173,92 @@ mod avx2 {
     }
 }
 
+/// The AVX2 kernels' polynomial sixteen lanes at a time; tails go through masked loads and
+/// stores.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::*;
+
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const P: [f32; 6] = [
+        1.987_569_1e-4,
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        0.166_666_65,
+        0.5,
+    ];
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn exp16(x: __m512) -> __m512 {
+        // min/max return their second operand for NaN: NaN stays NaN.
+        let x = _mm512_min_ps(_mm512_set1_ps(88.0), x);
+        let x = _mm512_max_ps(_mm512_set1_ps(-87.336_55), x);
+        let n =
+            _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(_mm512_fmadd_ps(
+                x,
+                _mm512_set1_ps(std::f32::consts::LOG2_E),
+                _mm512_set1_ps(0.5),
+            ));
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+        let mut y = _mm512_set1_ps(P[0]);
+        for &p in &P[1..] {
+            y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(p));
+        }
+        let r2 = _mm512_mul_ps(r, r);
+        let y = _mm512_add_ps(_mm512_fmadd_ps(y, r2, r), _mm512_set1_ps(1.0));
+        let bits = _mm512_slli_epi32::<23>(_mm512_add_epi32(
+            _mm512_cvtps_epi32(n),
+            _mm512_set1_epi32(127),
+        ));
+        _mm512_mul_ps(y, _mm512_castsi512_ps(bits))
+    }
+
+    /// Lanes `..len` of a chunk of at most 16.
+    fn mask(len: usize) -> __mmask16 {
+        ((1u32 << len.min(16)) - 1) as __mmask16
+    }
+
+    /// # Safety
+    /// The CPU has AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn exp_affine_sum(x: &mut [f32], scale: f32, shift: f32) -> f32 {
+        let (scale16, shift16) = (_mm512_set1_ps(scale), _mm512_set1_ps(shift));
+        let mut acc = _mm512_setzero_ps();
+        for c in x.chunks_mut(16) {
+            let m = mask(c.len());
+            // SAFETY: the masked lanes lie inside the chunk.
+            unsafe {
+                let v = _mm512_maskz_loadu_ps(m, c.as_ptr());
+                let e = exp16(_mm512_fmsub_ps(v, scale16, shift16));
+                _mm512_mask_storeu_ps(c.as_mut_ptr(), m, e);
+                acc = _mm512_mask_add_ps(acc, m, acc, e);
+            }
+        }
+        _mm512_reduce_add_ps(acc)
+    }
+
+    /// # Safety
+    /// The CPU has AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn sigmoid(x: &mut [f32]) {
+        let one = _mm512_set1_ps(1.0);
+        for c in x.chunks_mut(16) {
+            let m = mask(c.len());
+            // SAFETY: the masked lanes lie inside the chunk.
+            unsafe {
+                let v = _mm512_maskz_loadu_ps(m, c.as_ptr());
+                let e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), v));
+                let s = _mm512_div_ps(one, _mm512_add_ps(one, e));
+                _mm512_mask_storeu_ps(c.as_mut_ptr(), m, s);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,37 +278,54 @@ mod tests {
             .map(|i| -87.0 + 175.0 * i as f32 / 200_000.0)
             .collect();
         xs.extend([0.0, -0.0, 1e-30, -1e-30, 88.0, -87.3, 0.5, -0.5]);
-        let mut y = xs.clone();
-        exp_affine_sum(&mut y, 1.0, 0.0);
-        for (&x, &v) in xs.iter().zip(&y) {
-            let want = (x as f64).exp();
-            assert!(rel_err(v, want) < 3e-7, "exp({x}) = {v}, want {want}");
+        for kernel in Kernel::available() {
+            let mut y = xs.clone();
+            exp_affine_sum_with(kernel, &mut y, 1.0, 0.0);
+            for (&x, &v) in xs.iter().zip(&y) {
+                let want = (x as f64).exp();
+                assert!(
+                    rel_err(v, want) < 3e-7,
+                    "{kernel:?}: exp({x}) = {v}, want {want}"
+                );
+            }
+            // Far below the range: (almost) 0, never NaN or a negative number.
+            let mut low = vec![-100.0f32, -1e30, f32::NEG_INFINITY, -88.0];
+            exp_affine_sum_with(kernel, &mut low, 1.0, 0.0);
+            assert!(low.iter().all(|&v| (0.0..1e-37).contains(&v)), "{low:?}");
+            let mut nan = vec![f32::NAN; 9];
+            exp_affine_sum_with(kernel, &mut nan, 1.0, 0.0);
+            assert!(nan.iter().all(|v| v.is_nan()), "{kernel:?}");
         }
-        // Far below the range: exactly 0, never NaN or a negative number.
-        let mut low = vec![-100.0f32, -1e30, f32::NEG_INFINITY, -88.0];
-        exp_affine_sum(&mut low, 1.0, 0.0);
-        assert!(low.iter().all(|&v| (0.0..1e-37).contains(&v)), "{low:?}");
-        let mut nan = vec![f32::NAN; 9];
-        exp_affine_sum(&mut nan, 1.0, 0.0);
-        assert!(nan.iter().all(|v| v.is_nan()));
     }
 
     #[test]
     fn scale_shift_and_tails_agree_with_the_scalar_path() {
-        for len in [0, 1, 7, 8, 9, 31, 64, 100] {
+        for (kernel, len) in Kernel::available()
+            .into_iter()
+            .flat_map(|k| [0, 1, 7, 8, 9, 15, 16, 17, 31, 64, 100].map(|len| (k, len)))
+        {
             let x: Vec<f32> = (0..len).map(|i| (i as f32 * 0.37).sin() * 9.0).collect();
             let (mut fast, mut slow) = (x.clone(), x.clone());
-            let s1 = exp_affine_sum(&mut fast, 0.125, 1.5);
+            let s1 = exp_affine_sum_with(kernel, &mut fast, 0.125, 1.5);
             let s2 = scalar_exp_affine_sum(&mut slow, 0.125, 1.5);
             for (a, b) in fast.iter().zip(&slow) {
-                assert!(rel_err(*a, *b as f64) < 5e-7, "len {len}: {a} vs {b}");
+                assert!(
+                    rel_err(*a, *b as f64) < 5e-7,
+                    "{kernel:?} len {len}: {a} vs {b}"
+                );
             }
-            assert!((s1 - s2).abs() <= 1e-5 * s2.abs().max(1.0), "len {len}");
+            assert!(
+                (s1 - s2).abs() <= 1e-5 * s2.abs().max(1.0),
+                "{kernel:?} len {len}"
+            );
             let mut sig = x.clone();
-            sigmoid(&mut sig);
+            sigmoid_with(kernel, &mut sig);
             for (s, &v) in sig.iter().zip(&x) {
                 let want = 1.0 / (1.0 + (-(v as f64)).exp());
-                assert!(rel_err(*s, want) < 5e-7, "sigmoid({v}) = {s}, want {want}");
+                assert!(
+                    rel_err(*s, want) < 5e-7,
+                    "{kernel:?}: sigmoid({v}) = {s}, want {want}"
+                );
             }
         }
     }

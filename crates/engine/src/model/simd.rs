@@ -64,20 +64,22 @@ fn scalar_exp_affine_sum(x: &mut [f32], scale: f32, shift: f32) -> f32 {
     sum
 }
 
+/// Cephes' split of ln 2 (high part exact in few bits) and its degree-5 polynomial for e^r,
+/// shared by the AVX2 and AVX-512 kernels.
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+const P: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    0.166_666_65,
+    0.5,
+];
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::*;
-
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    const P: [f32; 6] = [
-        1.987_569_1e-4,
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        0.166_666_65,
-        0.5,
-    ];
 
     /// e^x for eight lanes.
     #[inline]
@@ -178,17 +180,6 @@ mod avx2 {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::*;
-
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    const P: [f32; 6] = [
-        1.987_569_1e-4,
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        0.166_666_65,
-        0.5,
-    ];
 
     #[inline]
     #[target_feature(enable = "avx512f")]

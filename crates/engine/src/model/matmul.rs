@@ -91,9 +91,12 @@ pub fn row_into_panels(row: &[f32], k: usize, kl: usize, dst: &mut [f32]) {
 pub fn transpose_into_panel(rows: &[f32], kl: usize, panel: &mut [f32], kernel: Kernel) {
     let lanes = rows.len() / kl;
     assert!(lanes <= NR && panel.len() >= kl * NR);
+    // Steps 0..whole go through register transposes where the kernel has them; the rest,
+    // and every step of a partial panel, one value at a time.
+    let mut whole = 0;
     #[cfg(target_arch = "x86_64")]
-    if kernel == Kernel::Avx512 && lanes == NR {
-        let whole = kl / NR * NR;
+    if lanes == NR && kernel == Kernel::Avx512 {
+        whole = kl / NR * NR;
         let src: [*const f32; NR] = std::array::from_fn(|l| rows[l * kl..].as_ptr());
         for p in (0..whole).step_by(NR) {
             // SAFETY: AVX-512F is there (Kernel::Avx512); every read is inside `rows`
@@ -101,16 +104,8 @@ pub fn transpose_into_panel(rows: &[f32], kl: usize, panel: &mut [f32], kernel: 
             // of NR).
             unsafe { avx512::transpose_16x16(&src, p, panel[p * NR..].as_mut_ptr()) };
         }
-        for (lane, row) in rows.chunks_exact(kl).enumerate() {
-            for p in whole..kl {
-                panel[p * NR + lane] = row[p];
-            }
-        }
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if kernel.has_avx2() && lanes == NR {
-        let whole = kl / 8 * 8;
+    } else if lanes == NR && kernel.has_avx2() {
+        whole = kl / 8 * 8;
         // SAFETY: AVX2 is there; every read is inside `rows` (p + 8 <= kl for each lane) and
         // every write inside `panel` (p + 8 <= kl rows of NR).
         unsafe {
@@ -122,16 +117,10 @@ pub fn transpose_into_panel(rows: &[f32], kl: usize, panel: &mut [f32], kernel: 
                 }
             }
         }
-        for (lane, row) in rows.chunks_exact(kl).enumerate() {
-            for p in whole..kl {
-                panel[p * NR + lane] = row[p];
-            }
-        }
-        return;
     }
     let _ = kernel;
     for (lane, row) in rows.chunks_exact(kl).enumerate() {
-        for (p, &v) in row.iter().enumerate() {
+        for (p, &v) in row.iter().enumerate().skip(whole) {
             panel[p * NR + lane] = v;
         }
     }
@@ -157,34 +146,21 @@ impl PackedRows {
         let len = m.div_ceil(MR) * MR * k;
         let mut data: Vec<f32> = Vec::with_capacity(len);
         if k > 0 {
+            let zeros = vec![0f32; k];
             data.spare_capacity_mut()[..len]
                 .par_chunks_mut(MR * k)
                 .enumerate()
                 .for_each(|(i, panel)| {
-                    if (i + 1) * MR <= m {
-                        // Whole panels step through the six rows together, writing each step's
-                        // values side by side (column by column was twice as slow: six
-                        // strided passes over the panel).
-                        let rows: [&[f32]; MR] =
-                            std::array::from_fn(|r| &a[(i * MR + r) * lda..][..k]);
-                        for (p, step) in panel.chunks_exact_mut(MR).enumerate() {
-                            for (v, row) in step.iter_mut().zip(&rows) {
-                                v.write(row[p]);
-                            }
-                        }
-                        return;
-                    }
-                    for r in 0..MR {
-                        let row = i * MR + r;
-                        if row < m {
-                            let values = &a[row * lda..row * lda + k];
-                            for (p, &v) in values.iter().enumerate() {
-                                panel[p * MR + r].write(v);
-                            }
-                        } else {
-                            for p in 0..k {
-                                panel[p * MR + r].write(0.0);
-                            }
+                    // The six rows step together, each step's values written side by side
+                    // (column by column was twice as slow: six strided passes over the
+                    // panel); rows past m read zeros.
+                    let rows: [&[f32]; MR] = std::array::from_fn(|r| match i * MR + r {
+                        row if row < m => &a[row * lda..][..k],
+                        _ => &zeros,
+                    });
+                    for (p, step) in panel.chunks_exact_mut(MR).enumerate() {
+                        for (v, row) in step.iter_mut().zip(&rows) {
+                            v.write(row[p]);
                         }
                     }
                 });

@@ -613,7 +613,7 @@ mod avx512 {
                     add,
                 };
                 match (two_rows, two_cols) {
-                    (true, true) => tile::<2, 2>(kl, [a0, a1], [b0, b1], at),
+                    (true, true) => store(&pair_by_pair(kl, [a0, a1], [b0, b1]), at),
                     (true, false) => tile::<2, 1>(kl, [a0, a1], [b0], at),
                     (false, true) => tile::<1, 2>(kl, [a0], [b0, b1], at),
                     (false, false) => tile::<1, 1>(kl, [a0], [b0], at),
@@ -671,6 +671,202 @@ mod avx512 {
         }
     }
 
+    /// One step of depth for the 12 × 32 kernel, its A values `$a` bytes and its B values `$b`
+    /// bytes past the current pointers: two B vectors, then each of the twelve rows' A value
+    /// broadcast (alternating two registers) and multiplied into that row's pair of sums
+    /// (zmm0..zmm23, row r in zmm(2r) and zmm(2r + 1)).
+    macro_rules! step_12x32 {
+        ($a:literal, $b:literal) => {
+            concat!(
+                "vmovups zmm30, [{b0} + ", $b, "]\n",
+                "vmovups zmm31, [{b1} + ", $b, "]\n",
+                "vbroadcastss zmm28, dword ptr [{a0} + ", $a, "]\n",
+                "vfmadd231ps zmm0, zmm28, zmm30\n",
+                "vfmadd231ps zmm1, zmm28, zmm31\n",
+                "vbroadcastss zmm29, dword ptr [{a0} + ", $a, " + 4]\n",
+                "vfmadd231ps zmm2, zmm29, zmm30\n",
+                "vfmadd231ps zmm3, zmm29, zmm31\n",
+                "vbroadcastss zmm28, dword ptr [{a0} + ", $a, " + 8]\n",
+                "vfmadd231ps zmm4, zmm28, zmm30\n",
+                "vfmadd231ps zmm5, zmm28, zmm31\n",
+                "vbroadcastss zmm29, dword ptr [{a0} + ", $a, " + 12]\n",
+                "vfmadd231ps zmm6, zmm29, zmm30\n",
+                "vfmadd231ps zmm7, zmm29, zmm31\n",
+                "vbroadcastss zmm28, dword ptr [{a0} + ", $a, " + 16]\n",
+                "vfmadd231ps zmm8, zmm28, zmm30\n",
+                "vfmadd231ps zmm9, zmm28, zmm31\n",
+                "vbroadcastss zmm29, dword ptr [{a0} + ", $a, " + 20]\n",
+                "vfmadd231ps zmm10, zmm29, zmm30\n",
+                "vfmadd231ps zmm11, zmm29, zmm31\n",
+                "vbroadcastss zmm28, dword ptr [{a1} + ", $a, "]\n",
+                "vfmadd231ps zmm12, zmm28, zmm30\n",
+                "vfmadd231ps zmm13, zmm28, zmm31\n",
+                "vbroadcastss zmm29, dword ptr [{a1} + ", $a, " + 4]\n",
+                "vfmadd231ps zmm14, zmm29, zmm30\n",
+                "vfmadd231ps zmm15, zmm29, zmm31\n",
+                "vbroadcastss zmm28, dword ptr [{a1} + ", $a, " + 8]\n",
+                "vfmadd231ps zmm16, zmm28, zmm30\n",
+                "vfmadd231ps zmm17, zmm28, zmm31\n",
+                "vbroadcastss zmm29, dword ptr [{a1} + ", $a, " + 12]\n",
+                "vfmadd231ps zmm18, zmm29, zmm30\n",
+                "vfmadd231ps zmm19, zmm29, zmm31\n",
+                "vbroadcastss zmm28, dword ptr [{a1} + ", $a, " + 16]\n",
+                "vfmadd231ps zmm20, zmm28, zmm30\n",
+                "vfmadd231ps zmm21, zmm28, zmm31\n",
+                "vbroadcastss zmm29, dword ptr [{a1} + ", $a, " + 20]\n",
+                "vfmadd231ps zmm22, zmm29, zmm30\n",
+                "vfmadd231ps zmm23, zmm29, zmm31\n",
+            )
+        };
+    }
+
+    /// The 12 × 32 tile of two row panels by two column panels, as `tile::<2, 2>` computes
+    /// it (the same products summed in the same order, so the same bits), in assembly: the
+    /// compiler's loop kept one step per iteration with its pointer updates and branch
+    /// beside the 24 multiply-adds, while this one takes four steps per iteration. In place
+    /// in a product it ran 268 → 281 GFLOP/s on two cores (620 × 576 · 576 × 3072).
+    ///
+    /// # Safety
+    /// AVX-512F; each `a` panel holds `kl` steps of MR values, each `b` panel `kl` steps of
+    /// NR.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn pair_by_pair(
+        kl: usize,
+        a: [*const f32; 2],
+        b: [*const f32; 2],
+    ) -> [[[__m512; 2]; MR]; 2] {
+        let mut sums = [[[_mm512_setzero_ps(); 2]; MR]; 2];
+        std::arch::asm!(
+            "vpxord zmm0, zmm0, zmm0",
+            "vpxord zmm1, zmm1, zmm1",
+            "vpxord zmm2, zmm2, zmm2",
+            "vpxord zmm3, zmm3, zmm3",
+            "vpxord zmm4, zmm4, zmm4",
+            "vpxord zmm5, zmm5, zmm5",
+            "vpxord zmm6, zmm6, zmm6",
+            "vpxord zmm7, zmm7, zmm7",
+            "vpxord zmm8, zmm8, zmm8",
+            "vpxord zmm9, zmm9, zmm9",
+            "vpxord zmm10, zmm10, zmm10",
+            "vpxord zmm11, zmm11, zmm11",
+            "vpxord zmm12, zmm12, zmm12",
+            "vpxord zmm13, zmm13, zmm13",
+            "vpxord zmm14, zmm14, zmm14",
+            "vpxord zmm15, zmm15, zmm15",
+            "vpxord zmm16, zmm16, zmm16",
+            "vpxord zmm17, zmm17, zmm17",
+            "vpxord zmm18, zmm18, zmm18",
+            "vpxord zmm19, zmm19, zmm19",
+            "vpxord zmm20, zmm20, zmm20",
+            "vpxord zmm21, zmm21, zmm21",
+            "vpxord zmm22, zmm22, zmm22",
+            "vpxord zmm23, zmm23, zmm23",
+            "test {fours}, {fours}",
+            "jz 3f",
+            "2:",
+            step_12x32!("0", "0"),
+            step_12x32!("24", "64"),
+            step_12x32!("48", "128"),
+            step_12x32!("72", "192"),
+            "add {a0}, 96",
+            "add {a1}, 96",
+            "add {b0}, 256",
+            "add {b1}, 256",
+            "dec {fours}",
+            "jnz 2b",
+            "3:",
+            "test {ones}, {ones}",
+            "jz 5f",
+            "4:",
+            step_12x32!("0", "0"),
+            "add {a0}, 24",
+            "add {a1}, 24",
+            "add {b0}, 64",
+            "add {b1}, 64",
+            "dec {ones}",
+            "jnz 4b",
+            "5:",
+            "vmovups [{out}], zmm0",
+            "vmovups [{out} + 64], zmm1",
+            "vmovups [{out} + 128], zmm2",
+            "vmovups [{out} + 192], zmm3",
+            "vmovups [{out} + 256], zmm4",
+            "vmovups [{out} + 320], zmm5",
+            "vmovups [{out} + 384], zmm6",
+            "vmovups [{out} + 448], zmm7",
+            "vmovups [{out} + 512], zmm8",
+            "vmovups [{out} + 576], zmm9",
+            "vmovups [{out} + 640], zmm10",
+            "vmovups [{out} + 704], zmm11",
+            "vmovups [{out} + 768], zmm12",
+            "vmovups [{out} + 832], zmm13",
+            "vmovups [{out} + 896], zmm14",
+            "vmovups [{out} + 960], zmm15",
+            "vmovups [{out} + 1024], zmm16",
+            "vmovups [{out} + 1088], zmm17",
+            "vmovups [{out} + 1152], zmm18",
+            "vmovups [{out} + 1216], zmm19",
+            "vmovups [{out} + 1280], zmm20",
+            "vmovups [{out} + 1344], zmm21",
+            "vmovups [{out} + 1408], zmm22",
+            "vmovups [{out} + 1472], zmm23",
+            a0 = inout(reg) a[0] => _,
+            a1 = inout(reg) a[1] => _,
+            b0 = inout(reg) b[0] => _,
+            b1 = inout(reg) b[1] => _,
+            fours = inout(reg) kl / 4 => _,
+            ones = inout(reg) kl % 4 => _,
+            out = in(reg) sums.as_mut_ptr(),
+            out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _,
+            out("zmm4") _, out("zmm5") _, out("zmm6") _, out("zmm7") _,
+            out("zmm8") _, out("zmm9") _, out("zmm10") _, out("zmm11") _,
+            out("zmm12") _, out("zmm13") _, out("zmm14") _, out("zmm15") _,
+            out("zmm16") _, out("zmm17") _, out("zmm18") _, out("zmm19") _,
+            out("zmm20") _, out("zmm21") _, out("zmm22") _, out("zmm23") _,
+            out("zmm28") _, out("zmm29") _, out("zmm30") _, out("zmm31") _,
+            options(nostack),
+        );
+        sums
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// The assembly kernel against the compiled one, bit for bit, at depths with and
+        /// without a remainder of the four-step loop (and none at all).
+        #[test]
+        fn the_assembly_tile_sums_as_the_compiled_one() {
+            if !std::is_x86_feature_detected!("avx512f") {
+                eprintln!("no AVX-512 on this CPU: the assembly tile cannot run here");
+                return;
+            }
+            for kl in [0, 1, 3, 4, 5, 37, 320] {
+                let a: Vec<f32> = (0..2 * kl * MR).map(|i| (i as f32 * 0.37).sin()).collect();
+                let b: Vec<f32> = (0..2 * kl * NR).map(|i| (i as f32 * 0.11).cos()).collect();
+                let (a0, a1) = (a.as_ptr(), a[kl * MR..].as_ptr());
+                let (b0, b1) = (b.as_ptr(), b[kl * NR..].as_ptr());
+                let mut want = vec![0f32; 12 * 32];
+                let mut got = vec![0f32; 12 * 32];
+                let at = |c: &mut Vec<f32>| Tile {
+                    c: c.as_mut_ptr(),
+                    ldc: 32,
+                    rows: 12,
+                    cols: 32,
+                    add: false,
+                };
+                // SAFETY: AVX-512F is there; the panels hold kl steps; C is 12 × 32.
+                unsafe {
+                    tile::<2, 2>(kl, [a0, a1], [b0, b1], at(&mut want));
+                    store(&pair_by_pair(kl, [a0, a1], [b0, b1]), at(&mut got));
+                }
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(g.to_bits(), w.to_bits(), "depth {kl}, value {i}: {g} vs {w}");
+                }
+            }
+        }
+    }
+
     /// Where a tile's results go: the first `rows × cols` of it, from `c`, rows `ldc` apart.
     #[derive(Clone, Copy)]
     struct Tile {
@@ -710,6 +906,19 @@ mod avx512 {
                 }
             }
         }
+        store(&acc, at)
+    }
+
+    /// Writes (or adds) a tile's sums to its block of C, masking rows and columns past the
+    /// edge.
+    ///
+    /// # Safety
+    /// AVX-512F; the `rows × cols` block at `at.c` may be written (and read when adding).
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store<const AP: usize, const BP: usize>(
+        acc: &[[[__m512; BP]; MR]; AP],
+        at: Tile,
+    ) {
         for (i, rows) in acc.iter().enumerate() {
             for (r, sums) in rows.iter().enumerate() {
                 let row = i * MR + r;

@@ -678,42 +678,70 @@ mod avx512 {
     macro_rules! step_12x32 {
         ($a:literal, $b:literal) => {
             concat!(
-                "vmovups zmm30, [{b0} + ", $b, "]\n",
-                "vmovups zmm31, [{b1} + ", $b, "]\n",
-                "vbroadcastss zmm28, dword ptr [{a0} + ", $a, "]\n",
+                "vmovups zmm30, [{b0} + ",
+                $b,
+                "]\n",
+                "vmovups zmm31, [{b1} + ",
+                $b,
+                "]\n",
+                "vbroadcastss zmm28, dword ptr [{a0} + ",
+                $a,
+                "]\n",
                 "vfmadd231ps zmm0, zmm28, zmm30\n",
                 "vfmadd231ps zmm1, zmm28, zmm31\n",
-                "vbroadcastss zmm29, dword ptr [{a0} + ", $a, " + 4]\n",
+                "vbroadcastss zmm29, dword ptr [{a0} + ",
+                $a,
+                " + 4]\n",
                 "vfmadd231ps zmm2, zmm29, zmm30\n",
                 "vfmadd231ps zmm3, zmm29, zmm31\n",
-                "vbroadcastss zmm28, dword ptr [{a0} + ", $a, " + 8]\n",
+                "vbroadcastss zmm28, dword ptr [{a0} + ",
+                $a,
+                " + 8]\n",
                 "vfmadd231ps zmm4, zmm28, zmm30\n",
                 "vfmadd231ps zmm5, zmm28, zmm31\n",
-                "vbroadcastss zmm29, dword ptr [{a0} + ", $a, " + 12]\n",
+                "vbroadcastss zmm29, dword ptr [{a0} + ",
+                $a,
+                " + 12]\n",
                 "vfmadd231ps zmm6, zmm29, zmm30\n",
                 "vfmadd231ps zmm7, zmm29, zmm31\n",
-                "vbroadcastss zmm28, dword ptr [{a0} + ", $a, " + 16]\n",
+                "vbroadcastss zmm28, dword ptr [{a0} + ",
+                $a,
+                " + 16]\n",
                 "vfmadd231ps zmm8, zmm28, zmm30\n",
                 "vfmadd231ps zmm9, zmm28, zmm31\n",
-                "vbroadcastss zmm29, dword ptr [{a0} + ", $a, " + 20]\n",
+                "vbroadcastss zmm29, dword ptr [{a0} + ",
+                $a,
+                " + 20]\n",
                 "vfmadd231ps zmm10, zmm29, zmm30\n",
                 "vfmadd231ps zmm11, zmm29, zmm31\n",
-                "vbroadcastss zmm28, dword ptr [{a1} + ", $a, "]\n",
+                "vbroadcastss zmm28, dword ptr [{a1} + ",
+                $a,
+                "]\n",
                 "vfmadd231ps zmm12, zmm28, zmm30\n",
                 "vfmadd231ps zmm13, zmm28, zmm31\n",
-                "vbroadcastss zmm29, dword ptr [{a1} + ", $a, " + 4]\n",
+                "vbroadcastss zmm29, dword ptr [{a1} + ",
+                $a,
+                " + 4]\n",
                 "vfmadd231ps zmm14, zmm29, zmm30\n",
                 "vfmadd231ps zmm15, zmm29, zmm31\n",
-                "vbroadcastss zmm28, dword ptr [{a1} + ", $a, " + 8]\n",
+                "vbroadcastss zmm28, dword ptr [{a1} + ",
+                $a,
+                " + 8]\n",
                 "vfmadd231ps zmm16, zmm28, zmm30\n",
                 "vfmadd231ps zmm17, zmm28, zmm31\n",
-                "vbroadcastss zmm29, dword ptr [{a1} + ", $a, " + 12]\n",
+                "vbroadcastss zmm29, dword ptr [{a1} + ",
+                $a,
+                " + 12]\n",
                 "vfmadd231ps zmm18, zmm29, zmm30\n",
                 "vfmadd231ps zmm19, zmm29, zmm31\n",
-                "vbroadcastss zmm28, dword ptr [{a1} + ", $a, " + 16]\n",
+                "vbroadcastss zmm28, dword ptr [{a1} + ",
+                $a,
+                " + 16]\n",
                 "vfmadd231ps zmm20, zmm28, zmm30\n",
                 "vfmadd231ps zmm21, zmm28, zmm31\n",
-                "vbroadcastss zmm29, dword ptr [{a1} + ", $a, " + 20]\n",
+                "vbroadcastss zmm29, dword ptr [{a1} + ",
+                $a,
+                " + 20]\n",
                 "vfmadd231ps zmm22, zmm29, zmm30\n",
                 "vfmadd231ps zmm23, zmm29, zmm31\n",
             )
@@ -861,7 +889,11 @@ mod avx512 {
                     store(&pair_by_pair(kl, [a0, a1], [b0, b1]), at(&mut got));
                 }
                 for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                    assert_eq!(g.to_bits(), w.to_bits(), "depth {kl}, value {i}: {g} vs {w}");
+                    assert_eq!(
+                        g.to_bits(),
+                        w.to_bits(),
+                        "depth {kl}, value {i}: {g} vs {w}"
+                    );
                 }
             }
         }
@@ -915,10 +947,7 @@ mod avx512 {
     /// # Safety
     /// AVX-512F; the `rows × cols` block at `at.c` may be written (and read when adding).
     #[target_feature(enable = "avx512f")]
-    unsafe fn store<const AP: usize, const BP: usize>(
-        acc: &[[[__m512; BP]; MR]; AP],
-        at: Tile,
-    ) {
+    unsafe fn store<const AP: usize, const BP: usize>(acc: &[[[__m512; BP]; MR]; AP], at: Tile) {
         for (i, rows) in acc.iter().enumerate() {
             for (r, sums) in rows.iter().enumerate() {
                 let row = i * MR + r;

@@ -412,3 +412,41 @@ fn scaled_embeddings(model: &Model) -> Tensor {
         .unsqueeze(0)
         .unwrap()
 }
+
+/// Integrated gradients compute F at the zero baseline from the target's positions alone
+/// where a model keeps zeros at zero (no biases): the same value as a forward pass over the
+/// whole zero context, for every architecture (Qwen 2's biases take the full pass).
+#[test]
+fn the_objective_at_the_zero_baseline_matches_a_full_forward_pass() {
+    for arch in [
+        Arch::Llama,
+        Arch::SmolLM3,
+        Arch::Qwen2,
+        Arch::Qwen3,
+        Arch::Phi3,
+        Arch::Gemma2,
+        Arch::Gemma3,
+    ] {
+        let model = tiny(arch);
+        assert_eq!(model.keeps_zeros(), arch != Arch::Qwen2, "{arch:?}");
+        let opts = IgOptions {
+            baseline: Baseline::Zero,
+            spacing: Spacing::Uniform,
+            fixed_steps: Some(1),
+            ..IgOptions::default()
+        };
+        let r = scores(&model, Method::IntegratedGradients, opts);
+        let got =
+            r.ig.expect("an integrated-gradients report")
+                .objective_at_baseline as f64;
+        let mut zero_context = embeds(&model);
+        zero_context[..TARGET.start * model.cfg.hidden].fill(0.0);
+        let want = objective(&model, &zero_context);
+        assert!(
+            (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+            "{arch:?}: F at the zero baseline {got}, a full forward pass {want}"
+        );
+        // And F at the input is still the input's.
+        assert!((r.objective as f64 - objective(&model, &embeds(&model))).abs() < 1e-5);
+    }
+}

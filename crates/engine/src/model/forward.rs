@@ -350,6 +350,42 @@ impl Model {
         })
     }
 
+    /// Whether a zero input stays zero through every layer: then the hidden states of
+    /// positions whose embeddings are zero are zero in every layer, and so are their keys and
+    /// values (norms, projections, rotation and the MLPs map 0 to 0, and a zero query over
+    /// zero values gives 0). Biases break it.
+    pub fn keeps_zeros(&self) -> bool {
+        self.layers.iter().all(|l| l.qkv_bias.is_none())
+    }
+
+    /// The hidden states (t, hidden), before the final norm, of the positions `x` (t, hidden;
+    /// scaled by `embed_scale` already) after `zeros` positions whose embeddings are zero,
+    /// without running those: their keys and values are zeros in every layer
+    /// (`keeps_zeros`, which must hold). A prompt reduced to its zero baseline costs only
+    /// its target's positions this way.
+    pub fn forward_embeds_after_zeros(&self, x: &Tensor, zeros: usize) -> Result<Tensor> {
+        if !self.keeps_zeros() {
+            candle_core::bail!("a model with biases does not keep zero positions at zero")
+        }
+        crate::threads::on_pool(|| {
+            let (t, _) = x.dims2()?;
+            let c = &self.cfg;
+            let nothing = Tensor::zeros(
+                (1, c.n_kv_head, zeros, c.head_dim),
+                DType::F32,
+                &Device::Cpu,
+            )?;
+            let past = (nothing.clone(), nothing);
+            let rope = self.rope_tables(zeros, t)?;
+            let mut h = x.clone();
+            for layer in &self.layers {
+                (h, _) =
+                    self.layer_forward(layer, &h, 1, t, &rope, Past::Fixed(&past), false, 0)?;
+            }
+            Ok(h)
+        })
+    }
+
     /// Logits of final-normed hidden states, soft-capped where the model caps them.
     pub fn logits(&self, normed: &Tensor) -> Result<Tensor> {
         let z = self.head().forward(normed)?;

@@ -34,6 +34,35 @@ fn baseline(
     }
 }
 
+/// F with every scored position's embedding zero, in a model that keeps zeros at zero
+/// (`Model::keeps_zeros`): the context's hidden states, keys and values are then zero in
+/// every layer, so only the target's positions run, after `ts` zero keys, and the row that
+/// predicts the first target token is a zero hidden state. One forward pass over the whole
+/// prompt less per integrated-gradients run.
+fn objective_after_zero_context(
+    model: &Model,
+    ts: usize,
+    terms: &[Term],
+) -> candle_core::Result<f32> {
+    let mut f = 0.0;
+    for term in terms {
+        let n = term.targets.len();
+        let mut rows = vec![Tensor::zeros(
+            (1, model.cfg.hidden),
+            candle_core::DType::F32,
+            &Device::Cpu,
+        )?];
+        if n > 1 {
+            let x = (term.rest.narrow(0, 0, n - 1)? * model.cfg.embed_scale as f64)?;
+            rows.push(model.forward_embeds_after_zeros(&x, ts)?);
+        }
+        let (log_probs, _) =
+            model.target_log_probs(&Tensor::cat(&rows, 0)?, &term.targets, false)?;
+        f += term.sign * log_probs.iter().map(|&p| f64::from(p)).sum::<f64>();
+    }
+    Ok(f as f32)
+}
+
 /// How many sequences fit one pass with every layer's activations kept (no recomputation).
 fn batch_for(model: &Model, t: usize) -> usize {
     let bytes = model.layer_tape_bytes(1, t) * model.cfg.n_layer;
@@ -144,16 +173,17 @@ pub(super) fn integrated_gradients(
             .max(1),
     };
 
-    // F at the baseline and at the input, for the completeness check.
-    // The input goes first: the log-probs reported are the first batch element's.
-    let ends = term_gradients(
-        model,
-        &path.inputs(&[1.0, 0.0])?,
-        &path.terms,
-        false,
-        cancel,
-    )?;
-    let (f_x, f_b) = (ends.objective[0], ends.objective[1]);
+    // F at the baseline and at the input, for the completeness check. The input goes
+    // first: the log-probs reported are the first batch element's. A zero baseline needs
+    // only the target's positions where the model keeps zeros at zero.
+    let shortcut = opts.baseline == Baseline::Zero && model.keeps_zeros();
+    let ends_at: &[f64] = if shortcut { &[1.0] } else { &[1.0, 0.0] };
+    let ends = term_gradients(model, &path.inputs(ends_at)?, &path.terms, false, cancel)?;
+    let f_x = ends.objective[0];
+    let f_b = match shortcut {
+        true => objective_after_zero_context(model, ts, &path.terms)?,
+        false => ends.objective[1],
+    };
     let delta = f_x - f_b;
     let gap_of = |sum: f32| ((sum - delta) / delta).abs();
 

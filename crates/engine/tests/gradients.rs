@@ -435,7 +435,7 @@ fn the_objective_at_the_zero_baseline_matches_a_full_forward_pass() {
             fixed_steps: Some(1),
             ..IgOptions::default()
         };
-        let r = scores(&model, Method::IntegratedGradients, opts);
+        let r = scores(&model, Method::IntegratedGradients, opts.clone());
         let got =
             r.ig.expect("an integrated-gradients report")
                 .objective_at_baseline as f64;
@@ -448,5 +448,37 @@ fn the_objective_at_the_zero_baseline_matches_a_full_forward_pass() {
         );
         // And F at the input is still the input's.
         assert!((r.objective as f64 - objective(&model, &embeds(&model))).abs() < 1e-5);
+
+        // With a contrastive alternative B, F = ln p(A) - ln p(B), each term from its own
+        // target positions.
+        let alternative = [12u32, 33, 7, 1];
+        let req = SalienceRequest {
+            ids: IDS.to_vec(),
+            target: TARGET,
+            method: Method::IntegratedGradients,
+            ig: opts,
+            pad_id: Some(0),
+            contrast: Some(alternative.to_vec()),
+        };
+        let r = salience::compute(&model, &req, &no_progress, &CancelToken::new()).unwrap();
+        let got =
+            r.ig.expect("an integrated-gradients report")
+                .objective_at_baseline as f64;
+        let zero_context_then = |after: &[u32]| {
+            let h = model.cfg.hidden;
+            let zeros = Tensor::zeros((TARGET.start, h), DType::F32, &Device::Cpu).unwrap();
+            let rest = model.embeddings(after).unwrap();
+            let e = Tensor::cat(&[zeros, rest], 0)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let g = gradients(&model, &e, after, TARGET.start, &CancelToken::new()).unwrap();
+            g.objective[0] as f64
+        };
+        let want = zero_context_then(&IDS[TARGET]) - zero_context_then(&alternative);
+        assert!(
+            (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+            "{arch:?} with an alternative: F at the zero baseline {got}, full passes {want}"
+        );
     }
 }

@@ -48,15 +48,20 @@ fn embeds(model: &Model) -> Vec<f32> {
         .unwrap()
 }
 
-fn scores(model: &Model, method: Method, ig: IgOptions) -> salience::SalienceResult {
-    let req = SalienceRequest {
+/// A request for IDS with TARGET as the target.
+fn request(method: Method, ig: IgOptions, contrast: Option<Vec<u32>>) -> SalienceRequest {
+    SalienceRequest {
         ids: IDS.to_vec(),
         target: TARGET,
         method,
         ig,
         pad_id: Some(0),
-        contrast: None,
-    };
+        contrast,
+    }
+}
+
+fn scores(model: &Model, method: Method, ig: IgOptions) -> salience::SalienceResult {
+    let req = request(method, ig, None);
     salience::compute(model, &req, &no_progress, &CancelToken::new()).unwrap()
 }
 
@@ -223,14 +228,7 @@ fn adaptive_integrated_gradients_stop_at_tolerance_or_cap() {
             seen.lock().unwrap().push((step, steps));
         }
     };
-    let req = SalienceRequest {
-        ids: IDS.to_vec(),
-        target: TARGET,
-        method: Method::IntegratedGradients,
-        ig: opts,
-        pad_id: Some(0),
-        contrast: None,
-    };
+    let req = request(Method::IntegratedGradients, opts, None);
     salience::compute(&model, &req, &record, &CancelToken::new()).unwrap();
     let seen = seen.into_inner().unwrap();
     let (step, steps) = *seen.last().expect("progress reported");
@@ -418,15 +416,7 @@ fn scaled_embeddings(model: &Model) -> Tensor {
 /// whole zero context, for every architecture (Qwen 2's biases take the full pass).
 #[test]
 fn the_objective_at_the_zero_baseline_matches_a_full_forward_pass() {
-    for arch in [
-        Arch::Llama,
-        Arch::SmolLM3,
-        Arch::Qwen2,
-        Arch::Qwen3,
-        Arch::Phi3,
-        Arch::Gemma2,
-        Arch::Gemma3,
-    ] {
+    for arch in Arch::ALL {
         let model = tiny(arch);
         assert_eq!(model.keeps_zeros(), arch != Arch::Qwen2, "{arch:?}");
         let opts = IgOptions {
@@ -452,14 +442,11 @@ fn the_objective_at_the_zero_baseline_matches_a_full_forward_pass() {
         // With a contrastive alternative B, F = ln p(A) - ln p(B), each term from its own
         // target positions.
         let alternative = [12u32, 33, 7, 1];
-        let req = SalienceRequest {
-            ids: IDS.to_vec(),
-            target: TARGET,
-            method: Method::IntegratedGradients,
-            ig: opts,
-            pad_id: Some(0),
-            contrast: Some(alternative.to_vec()),
-        };
+        let req = request(
+            Method::IntegratedGradients,
+            opts,
+            Some(alternative.to_vec()),
+        );
         let r = salience::compute(&model, &req, &no_progress, &CancelToken::new()).unwrap();
         let got =
             r.ig.expect("an integrated-gradients report")

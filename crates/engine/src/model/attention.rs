@@ -28,7 +28,7 @@ use rayon::prelude::*;
 
 use super::decode_dot;
 use super::kernels::with_slice;
-use super::matmul;
+use super::matmul::{self, SharedOut};
 use super::simd;
 
 /// Queries per block: small enough to skip most of the masked triangle and keep a block's
@@ -227,7 +227,7 @@ impl Attention {
         unit: Unit,
         mut acc: KeyGrads,
         inputs: &BackwardInputs,
-        dq: SharedRows,
+        dq: SharedOut,
     ) -> KeyGrads {
         let BackwardInputs {
             q,
@@ -238,8 +238,7 @@ impl Attention {
         } = *inputs;
         let hd = self.head_dim;
         let (heads, b) = self.unit_blocks(unit);
-        let per_head = unit.i1 - unit.i0;
-        let (m, nk) = (heads.len() * per_head, b.keys.len());
+        let (per_head, m, nk) = (unit.queries(), unit.rows(), b.keys.len());
         let qs = stacked(&heads, q, hd);
         let d_o = stacked(&heads, d_out, hd);
         let lse = stacked(&heads, lse, 1);
@@ -268,7 +267,7 @@ impl Attention {
             let keys = In(keys, hd, 1);
             matmul(Out(&mut dqs, hd), In(ds, nk, 1), keys, (m, hd, nk), false);
             // SAFETY: these rows of d q belong to this unit alone.
-            unsafe { dq.scatter(&heads, &dqs, hd) };
+            unsafe { scatter(dq, &heads, &dqs, hd) };
             let rows = b.keys.start * hd..b.keys.end * hd;
             let dk = Out(&mut acc.k[rows.clone()], hd);
             matmul(dk, In(ds, 1, nk), In(&qs, hd, 1), (nk, hd, m), true);
@@ -310,17 +309,19 @@ impl Attention {
         // Written unit by unit: every row of every matrix belongs to one unit.
         let mut lse = matmul::uninit(matrices * tq);
         let mut out = matmul::uninit(matrices * tq * hd);
-        let (lse_rows, out_rows) = (SharedRows::of(&mut lse), SharedRows::of(&mut out));
+        let (lse_rows, out_rows) = (
+            SharedOut::of_uninit(&mut lse),
+            SharedOut::of_uninit(&mut out),
+        );
         with_slice(q, |q| {
             with_slice(k, |k| {
                 with_slice(v, |v| {
                     self.units().into_par_iter().for_each(|unit| {
                         let (heads, b) = self.unit_blocks(unit);
-                        let per_head = unit.i1 - unit.i0;
+                        let (per_head, m, nk) = (unit.queries(), unit.rows(), b.keys.len());
                         let qs = stacked(&heads, q, hd);
                         let values = Block::of(&b.keys, v, hd);
                         let keys = Block::of(&b.keys, k, hd);
-                        let (m, nk) = (heads.len() * per_head, b.keys.len());
                         with_scratch(m * nk.max(hd), |p, o| {
                             let p = &mut p[..m * nk];
                             let block_lse =
@@ -335,8 +336,8 @@ impl Attention {
                             );
                             // SAFETY: these rows belong to this unit alone.
                             unsafe {
-                                out_rows.scatter(&heads, o, hd);
-                                lse_rows.scatter(&heads, &block_lse, 1);
+                                scatter(out_rows, &heads, o, hd);
+                                scatter(lse_rows, &heads, &block_lse, 1);
                             }
                         });
                     });
@@ -375,7 +376,7 @@ impl Attention {
         let matrices = self.batch * self.kv_heads * g;
         let key_len = self.batch * self.kv_heads * tk * hd;
         let mut dq = matmul::uninit(matrices * tq * hd);
-        let dq_rows = SharedRows::of(&mut dq);
+        let dq_rows = SharedOut::of_uninit(&mut dq);
         let key_grads = with_slice(q, |q| {
             with_slice(k, |k| {
                 with_slice(v, |v| {
@@ -392,10 +393,8 @@ impl Attention {
                                 lse,
                                 d_out,
                             };
-                            let cost = |&unit: &Unit| {
-                                let (heads, b) = self.unit_blocks(unit);
-                                heads.len() * (unit.i1 - unit.i0) * b.keys.len()
-                            };
+                            let cost =
+                                |&unit: &Unit| unit.rows() * self.unit_blocks(unit).1.keys.len();
                             // A few parts of equal cost, each with one d k / d v accumulator:
                             // rayon's own splitting made one per leaf task, and adding them
                             // up cost more than the blocks' exps.
@@ -438,6 +437,18 @@ struct Unit {
     h1: usize,
 }
 
+impl Unit {
+    /// Queries per head.
+    fn queries(&self) -> usize {
+        self.i1 - self.i0
+    }
+
+    /// Rows of the stack: the queries of every head.
+    fn rows(&self) -> usize {
+        (self.h1 - self.h0) * self.queries()
+    }
+}
+
 /// The rows `heads` of a matrix whose rows hold `width` values, one after another.
 fn stacked(heads: &[Range<usize>], x: &[f32], width: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(heads.iter().map(|r| r.len() * width).sum());
@@ -447,37 +458,17 @@ fn stacked(heads: &[Range<usize>], x: &[f32], width: usize) -> Vec<f32> {
     out
 }
 
-/// An output that units write in parallel, each its own rows.
-#[derive(Clone, Copy)]
-struct SharedRows(*mut f32, usize);
-// SAFETY: units write disjoint rows through it.
-unsafe impl Send for SharedRows {}
-unsafe impl Sync for SharedRows {}
-
-impl SharedRows {
-    fn of(v: &mut [std::mem::MaybeUninit<f32>]) -> SharedRows {
-        SharedRows(v.as_mut_ptr().cast(), v.len())
-    }
-
-    /// Writes `values`, stacked as `stacked` reads them, back to the rows `heads`.
-    ///
-    /// # Safety
-    /// No other thread writes or reads these rows meanwhile.
-    unsafe fn scatter(self, heads: &[Range<usize>], values: &[f32], width: usize) {
-        let mut from = 0;
-        for rows in heads {
-            let len = rows.len() * width;
-            assert!(rows.end * width <= self.1 && from + len <= values.len());
-            // SAFETY: inside the buffer (asserted); the caller owns these rows.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    values[from..].as_ptr(),
-                    self.0.add(rows.start * width),
-                    len,
-                )
-            };
-            from += len;
-        }
+/// Writes `values`, stacked as `stacked` reads them, back to the rows `heads` of `out`.
+///
+/// # Safety
+/// No other thread reads or writes these rows meanwhile.
+unsafe fn scatter(out: SharedOut, heads: &[Range<usize>], values: &[f32], width: usize) {
+    let mut from = 0;
+    for rows in heads {
+        let len = rows.len() * width;
+        // SAFETY: the caller owns these rows.
+        unsafe { out.write(rows.start * width, &values[from..from + len]) };
+        from += len;
     }
 }
 

@@ -328,26 +328,38 @@ impl Model {
         prefix: &KvCache,
     ) -> Result<Tensor> {
         crate::threads::on_pool(|| {
-            let offset = prefix.len;
-            let mut h = (self.embeddings(ids)? * self.cfg.embed_scale as f64)?;
-            let rope = self.rope_tables(offset, t)?;
-            for (i, layer) in self.layers.iter().enumerate() {
-                let past = match prefix.layer(i)? {
-                    Some((k, v)) => {
-                        let grow = |x: &Tensor| -> Result<Tensor> {
-                            let (_, heads, len, hd) = x.dims4()?;
-                            x.broadcast_as((b, heads, len, hd))?.contiguous()
-                        };
-                        Some((grow(&k)?, grow(&v)?))
-                    }
-                    None => None,
+            let h = (self.embeddings(ids)? * self.cfg.embed_scale as f64)?;
+            self.layers_after_fixed(h, b, t, prefix.len, |i| {
+                let Some((k, v)) = prefix.layer(i)? else {
+                    return Ok(None);
                 };
-                let past = past.as_ref().map_or(Past::Nothing, Past::Fixed);
-                let (next, _) = self.layer_forward(layer, &h, b, t, &rope, past, false, 0)?;
-                h = next;
-            }
-            Ok(h)
+                let grow = |x: &Tensor| -> Result<Tensor> {
+                    let (_, heads, len, hd) = x.dims4()?;
+                    x.broadcast_as((b, heads, len, hd))?.contiguous()
+                };
+                Ok(Some((grow(&k)?, grow(&v)?)))
+            })
         })
+    }
+
+    /// Runs every layer on `h` (b * t, hidden), `t` new positions after `offset` earlier ones
+    /// whose keys and values (b, kv_heads, offset, head_dim) `past(i)` gives for layer `i`
+    /// (None: no earlier positions); they are read, not extended.
+    fn layers_after_fixed(
+        &self,
+        mut h: Tensor,
+        b: usize,
+        t: usize,
+        offset: usize,
+        past: impl Fn(usize) -> Result<Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let rope = self.rope_tables(offset, t)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let kv = past(i)?;
+            let past = kv.as_ref().map_or(Past::Nothing, Past::Fixed);
+            (h, _) = self.layer_forward(layer, &h, b, t, &rope, past, false, 0)?;
+        }
+        Ok(h)
     }
 
     /// Whether a zero input stays zero through every layer: then the hidden states of
@@ -370,19 +382,10 @@ impl Model {
         crate::threads::on_pool(|| {
             let (t, _) = x.dims2()?;
             let c = &self.cfg;
-            let nothing = Tensor::zeros(
-                (1, c.n_kv_head, zeros, c.head_dim),
-                DType::F32,
-                &Device::Cpu,
-            )?;
+            let shape = (1, c.n_kv_head, zeros, c.head_dim);
+            let nothing = Tensor::zeros(shape, DType::F32, &Device::Cpu)?;
             let past = (nothing.clone(), nothing);
-            let rope = self.rope_tables(zeros, t)?;
-            let mut h = x.clone();
-            for layer in &self.layers {
-                (h, _) =
-                    self.layer_forward(layer, &h, 1, t, &rope, Past::Fixed(&past), false, 0)?;
-            }
-            Ok(h)
+            self.layers_after_fixed(x.clone(), 1, t, zeros, |_| Ok(Some(past.clone())))
         })
     }
 

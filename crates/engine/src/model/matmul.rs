@@ -187,9 +187,9 @@ pub fn product(
     accumulate: bool,
     kernel: Kernel,
 ) {
-    let out = SharedOut(c.as_mut_ptr());
+    let out = SharedOut::of(c);
     // SAFETY: C is initialized, so accumulating reads are fine.
-    unsafe { run(a, b, n, out, c.len(), ldc, accumulate, kernel) }
+    unsafe { run(a, b, n, out, ldc, accumulate, kernel) }
 }
 
 /// C = A · B into memory not yet written: every C[i][j] (i < m, j < n) is written, nothing
@@ -202,9 +202,9 @@ pub fn product_uninit(
     ldc: usize,
     kernel: Kernel,
 ) {
-    let out = SharedOut(c.as_mut_ptr() as *mut f32);
+    let out = SharedOut::of_uninit(c);
     // SAFETY: without accumulation C is only written.
-    unsafe { run(a, b, n, out, c.len(), ldc, false, kernel) }
+    unsafe { run(a, b, n, out, ldc, false, kernel) }
 }
 
 /// A buffer of `len` values not yet written, for `product_uninit`.
@@ -233,14 +233,13 @@ thread_local! {
 }
 
 /// # Safety
-/// `out` points at `out_len` values, valid for writes, and for reads where `accumulate`.
+/// `out`'s values are valid for writes, and for reads where `accumulate`.
 #[allow(clippy::too_many_arguments)]
 unsafe fn run(
     a: &PackedRows,
     b: &dyn PanelSource,
     n: usize,
     out: SharedOut,
-    out_len: usize,
     ldc: usize,
     accumulate: bool,
     kernel: Kernel,
@@ -249,7 +248,7 @@ unsafe fn run(
     if m == 0 || n == 0 {
         return;
     }
-    assert!(out_len >= (m - 1) * ldc + n, "C is shorter than m rows");
+    assert!(out.len() >= (m - 1) * ldc + n, "C is shorter than m rows");
     if k == 0 {
         if !accumulate {
             for row in 0..m {
@@ -385,14 +384,38 @@ struct Strip<'a> {
     j1: usize,
 }
 
+/// An output that parallel tasks write, each its own part (the product's column strips,
+/// attention's rows): its start and length.
 #[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: tasks write disjoint columns of the output through it.
+pub(super) struct SharedOut(*mut f32, usize);
+// SAFETY: tasks write disjoint parts of the output through it.
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 impl SharedOut {
+    pub(super) fn of(values: &mut [f32]) -> SharedOut {
+        SharedOut(values.as_mut_ptr(), values.len())
+    }
+
+    pub(super) fn of_uninit(values: &mut [MaybeUninit<f32>]) -> SharedOut {
+        SharedOut(values.as_mut_ptr().cast(), values.len())
+    }
+
     fn get(self) -> *mut f32 {
         self.0
+    }
+
+    fn len(self) -> usize {
+        self.1
+    }
+
+    /// Writes `values` from position `at` on.
+    ///
+    /// # Safety
+    /// No other thread reads or writes those positions meanwhile.
+    pub(super) unsafe fn write(self, at: usize, values: &[f32]) {
+        assert!(at + values.len() <= self.1, "write past the output's end");
+        // SAFETY: inside the output (asserted); the caller owns these positions.
+        unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), self.0.add(at), values.len()) }
     }
 }
 

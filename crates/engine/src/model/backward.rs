@@ -87,18 +87,17 @@ impl Model {
             .backward(&lt.q, &lt.k, &lt.v, &lt.lse, &g_o)?;
         let (g_q, g_k, g_v) = (grads.q.reshape((b, nh, tq, hd))?, grads.k, grads.v);
         // The rope is a rotation: its transpose rotates by the opposite angle.
-        let neg_sin = sin.neg()?;
         let rope = self.rope_of(layer);
         let (mut g_q, mut g_k) = if layer.rotary {
-            let (cos_q, neg_sin_q) = if from > 0 {
+            let (cos_q, sin_q) = if from > 0 {
                 let suffix = |x: &Tensor| x.narrow(0, from, tq)?.contiguous();
-                (suffix(cos)?, suffix(&neg_sin)?)
+                (suffix(cos)?, suffix(sin)?)
             } else {
-                (cos.clone(), neg_sin.clone())
+                (cos.clone(), sin.clone())
             };
             (
-                rope.apply_transposed(&g_q, &cos_q, &neg_sin_q)?,
-                rope.apply_transposed(&g_k, cos, &neg_sin)?,
+                rope.apply_transposed(&g_q, &cos_q, &sin_q)?,
+                rope.apply_transposed(&g_k, cos, sin)?,
             )
         } else {
             (g_q.contiguous()?, g_k.contiguous()?)

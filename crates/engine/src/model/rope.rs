@@ -3,6 +3,8 @@
 
 use candle_core::{Device, Result, Tensor};
 
+use super::kernels::{par_filled, with_slice};
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rope {
     /// Rotated dimensions at the start of each head; the rest pass through (Phi's partial
@@ -129,22 +131,77 @@ impl Rope {
         ))
     }
 
-    /// Rotates the first `dims` of each head of x (b, heads, t, head_dim), rotate-half layout.
+    /// Rotates the first `dims` of each head of x (b, heads, t, head_dim), rotate-half layout,
+    /// by the angles of `cos` and `sin` (t, dims / 2).
     pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let hd = x.dim(3)?;
-        if self.dims == hd {
-            return candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin);
-        }
-        let rotated =
-            candle_nn::rotary_emb::rope(&x.narrow(3, 0, self.dims)?.contiguous()?, cos, sin)?;
-        Tensor::cat(&[&rotated, &x.narrow(3, self.dims, hd - self.dims)?], 3)?.contiguous()
+        self.rotate(x, cos, sin, false)
     }
 
     /// The transpose of `apply` (its input gradient): the rotation by the opposite angle,
-    /// scaled by the same magnitude.
-    pub fn apply_transposed(&self, dy: &Tensor, cos: &Tensor, neg_sin: &Tensor) -> Result<Tensor> {
-        self.apply(dy, cos, neg_sin)
+    /// scaled by the same magnitude, from the same tables.
+    pub fn apply_transposed(&self, dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        self.rotate(dy, cos, sin, true)
     }
+
+    /// One pass over x, rows split among the pool's threads. It replaced candle's `rope`,
+    /// which zeroed its output on one thread, split the work by head (9 tasks for 2 threads)
+    /// and needed a negated copy of `sin` and, for partial rotation, two more copies: 3 % of a
+    /// salience pass at 300 tokens. Same arithmetic, so the same bits.
+    fn rotate(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, transposed: bool) -> Result<Tensor> {
+        let (b, h, t, hd) = x.dims4()?;
+        let half = self.dims / 2;
+        if self.dims > hd || cos.dims2()? != (t, half) || sin.dims2()? != (t, half) {
+            candle_core::bail!(
+                "rope: {:?} against tables {:?} {:?} for {} rotated dimensions",
+                x.shape(),
+                cos.shape(),
+                sin.shape(),
+                self.dims
+            )
+        }
+        let x = x.contiguous()?;
+        // Rows per task: a few dozen tasks at the sizes of a salience pass.
+        const ROWS: usize = 16;
+        let out = with_slice(&x, |x| {
+            with_slice(cos, |cos| {
+                with_slice(sin, |sin| {
+                    Ok(par_filled(b * h * t * hd, ROWS * hd, |chunk, out| {
+                        let first = chunk * ROWS;
+                        for (r, y) in out.chunks_exact_mut(hd).enumerate() {
+                            let row = first + r;
+                            let x = &x[row * hd..(row + 1) * hd];
+                            let p = row % t;
+                            let (c, s) = (&cos[p * half..][..half], &sin[p * half..][..half]);
+                            rotate_row(x, y, c, s, half, transposed);
+                        }
+                    }))
+                })
+            })
+        })?;
+        Tensor::from_vec(out, (b, h, t, hd), &Device::Cpu)
+    }
+}
+
+/// y = x rotated in pairs (i, i + half) by the angles of `c` and `s` (their opposite when
+/// `transposed`); values past `2 * half` pass through.
+fn rotate_row(x: &[f32], y: &mut [f32], c: &[f32], s: &[f32], half: usize, transposed: bool) {
+    let (x1, rest) = x.split_at(half);
+    let (x2, tail) = rest.split_at(half);
+    let (y1, rest) = y.split_at_mut(half);
+    let (y2, y_tail) = rest.split_at_mut(half);
+    if transposed {
+        for i in 0..half {
+            // As with a table of -sin: x1 c - x2 (-s) and x2 c + x1 (-s), the same bits.
+            y1[i] = x1[i] * c[i] + x2[i] * s[i];
+            y2[i] = x2[i] * c[i] - x1[i] * s[i];
+        }
+    } else {
+        for i in 0..half {
+            y1[i] = x1[i] * c[i] - x2[i] * s[i];
+            y2[i] = x1[i] * s[i] + x2[i] * c[i];
+        }
+    }
+    y_tail.copy_from_slice(tail);
 }
 
 #[cfg(test)]
@@ -218,10 +275,40 @@ mod tests {
                 .unwrap(),
             0.0
         );
-        let back = rope
-            .apply_transposed(&y, &cos, &sin.neg().unwrap())
-            .unwrap();
+        let back = rope.apply_transposed(&y, &cos, &sin).unwrap();
         let err = crate::model::kernels::tests::max_diff(&back, &x);
         assert!(err < 1e-5, "{err}");
+    }
+
+    /// The kernel against candle's `rope` (the plain reference it replaced) and against
+    /// candle's rotation by the negated table for the transpose: the same bits.
+    #[test]
+    fn rotation_matches_candles_rope_bit_for_bit() {
+        for (dims, hd, t, heads) in [(8, 8, 5, 3), (64, 64, 37, 9), (4, 8, 17, 2)] {
+            let rope = Rope::plain(dims, 10_000.0);
+            let x = Tensor::randn(0f32, 1.0, (2, heads, t, hd), &Device::Cpu).unwrap();
+            let (cos, sin) = rope.tables(11, t).unwrap();
+            let plain = |sin: &Tensor| {
+                let rotated = candle_nn::rotary_emb::rope(
+                    &x.narrow(3, 0, dims).unwrap().contiguous().unwrap(),
+                    &cos,
+                    sin,
+                )
+                .unwrap();
+                Tensor::cat(&[&rotated, &x.narrow(3, dims, hd - dims).unwrap()], 3).unwrap()
+            };
+            let same = |a: &Tensor, b: &Tensor| {
+                let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+                let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+                a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits())
+            };
+            let forward = rope.apply(&x, &cos, &sin).unwrap();
+            assert!(same(&forward, &plain(&sin)), "dims {dims} of {hd}");
+            let back = rope.apply_transposed(&x, &cos, &sin).unwrap();
+            assert!(
+                same(&back, &plain(&sin.neg().unwrap())),
+                "dims {dims} of {hd}"
+            );
+        }
     }
 }

@@ -197,7 +197,7 @@ impl Attention {
                     simd::exp_affine_sum(row, self.scale, lse[r]);
                 }
                 None => {
-                    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                    let max = simd::max(row);
                     let sum = simd::exp_affine_sum(row, self.scale, max * self.scale);
                     let inv = 1.0 / sum;
                     for v in row.iter_mut() {
@@ -718,5 +718,53 @@ mod tests {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod probe_attn {
+    use super::*;
+    #[test]
+    #[ignore]
+    fn probe_probs() {
+        let (nk, hd, m) = (576usize, 64usize, 192usize);
+        let a = Attention {
+            batch: 1,
+            kv_heads: 1,
+            group: 3,
+            queries: 640,
+            keys: 640,
+            key_rows: 640,
+            head_dim: hd,
+            window: None,
+            scale: 0.125,
+            softcap: None,
+        };
+        let q: Vec<f32> = (0..m * hd).map(|i| (i as f32).sin()).collect();
+        let k: Vec<f32> = (0..nk * hd).map(|i| (i as f32).cos()).collect();
+        let mut p = vec![0f32; m * nk];
+        let reps = 300;
+        let t = std::time::Instant::now();
+        for _ in 0..reps {
+            times_transposed(&mut p, &q, &k, hd);
+        }
+        let prod = t.elapsed().as_secs_f64() / reps as f64;
+        let t = std::time::Instant::now();
+        for _ in 0..reps {
+            a.block_probs(&q, 64, &k, 512, 0, None, &mut p, None);
+        }
+        let all = t.elapsed().as_secs_f64() / reps as f64;
+        let mut row = vec![0.5f32; 550];
+        let t = std::time::Instant::now();
+        for _ in 0..reps * 192 {
+            simd::exp_affine_sum(&mut row, 0.01, 0.3);
+        }
+        let e = t.elapsed().as_secs_f64() / (reps * 192 * 550) as f64;
+        eprintln!(
+            "product {:.1} us, block_probs {:.1} us, exp {:.3} ns/value",
+            prod * 1e6,
+            all * 1e6,
+            e * 1e9
+        );
     }
 }

@@ -27,6 +27,24 @@ pub fn sigmoid(x: &mut [f32]) {
     sigmoid_with(Kernel::best(), x)
 }
 
+/// The largest value (NaN ignored; -inf for none). Sixteen running maxima instead of one
+/// fold: `f32::max` in a fold waits on the previous compare for every value (four cycles a
+/// value); these compile to packed maxima. It was half the time of a softmax row.
+pub fn max(x: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            *m = if v > *m { v } else { *m };
+        }
+    }
+    let rest = chunks.remainder().iter();
+    lanes
+        .iter()
+        .chain(rest)
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v))
+}
+
 /// `exp_affine_sum` on the given kernel (the tests run each).
 fn exp_affine_sum_with(kernel: Kernel, x: &mut [f32], scale: f32, shift: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
@@ -259,6 +277,23 @@ mod tests {
             a.abs() as f64
         } else {
             ((a as f64 - b) / b).abs()
+        }
+    }
+
+    #[test]
+    fn max_matches_a_fold_at_every_length() {
+        for len in [0, 1, 15, 16, 17, 33, 550] {
+            let mut x: Vec<f32> = (0..len)
+                .map(|i| ((i * 7919) % 1000) as f32 - 500.0)
+                .collect();
+            let want = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            assert_eq!(max(&x), want, "length {len}");
+            if len > 1 {
+                // The largest in the last lane of a chunk, then in the tail, and NaN ignored.
+                x[len - 1] = 1e6;
+                x[0] = f32::NAN;
+                assert_eq!(max(&x), 1e6, "length {len}");
+            }
         }
     }
 

@@ -23,12 +23,11 @@ use std::cell::RefCell;
 use std::ops::Range;
 
 use candle_core::{bail, Device, Result, Tensor};
-use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::decode_dot;
 use super::kernels::with_slice;
-use super::matmul::{self, SharedOut};
+use super::matmul::{self, small_product, In, Out, SharedOut};
 use super::simd;
 
 /// Queries per block: small enough to skip most of the masked triangle and keep a block's
@@ -265,14 +264,14 @@ impl Attention {
             // d q = d scores keys; d k += d scores^T q; d v += p^T d_o.
             let mut dqs = vec![0f32; m * hd];
             let keys = In(keys, hd, 1);
-            matmul(Out(&mut dqs, hd), In(ds, nk, 1), keys, (m, hd, nk), false);
+            small_product(Out(&mut dqs, hd), In(ds, nk, 1), keys, (m, hd, nk), false);
             // SAFETY: these rows of d q belong to this unit alone.
             unsafe { scatter(dq, &heads, &dqs, hd) };
             let rows = b.keys.start * hd..b.keys.end * hd;
             let dk = Out(&mut acc.k[rows.clone()], hd);
-            matmul(dk, In(ds, 1, nk), In(&qs, hd, 1), (nk, hd, m), true);
+            small_product(dk, In(ds, 1, nk), In(&qs, hd, 1), (nk, hd, m), true);
             let dv = Out(&mut acc.v[rows], hd);
-            matmul(dv, In(p, 1, nk), In(&d_o, hd, 1), (nk, hd, m), true);
+            small_product(dv, In(p, 1, nk), In(&d_o, hd, 1), (nk, hd, m), true);
         });
         acc
     }
@@ -327,7 +326,7 @@ impl Attention {
                             let block_lse =
                                 self.block_probs(&qs, per_head, keys, b.i0, b.klo, None, p, None);
                             let o = &mut o[..m * hd];
-                            matmul(
+                            small_product(
                                 Out(o, hd),
                                 In(p, nk, 1),
                                 In(values, hd, 1),
@@ -510,77 +509,17 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R
     })
 }
 
-/// A matrix read from a slice: (data, row stride, column stride).
-#[derive(Clone, Copy)]
-struct In<'a>(&'a [f32], usize, usize);
-/// A matrix written to a slice with unit column stride: (data, row stride).
-struct Out<'a>(&'a mut [f32], usize);
-
 /// dst (m × n) = lhs (m × hd) · rhs^T for rhs (n × hd), both row-major: a block's scores
 /// against its keys, or its d probs against its values.
 fn times_transposed(dst: &mut [f32], lhs: &[f32], rhs: &[f32], hd: usize) {
     let (m, n) = (lhs.len() / hd, rhs.len() / hd);
-    matmul(
+    small_product(
         Out(dst, n),
         In(lhs, hd, 1),
         In(rhs, 1, hd),
         (m, n, hd),
         false,
     );
-}
-
-/// dst (m × n) = lhs (m × k) · rhs (k × n), or dst += when `accumulate`. Single-threaded: the
-/// callers run blocks in parallel.
-fn matmul(dst: Out, lhs: In, rhs: In, (m, n, k): (usize, usize, usize), accumulate: bool) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            for r in 0..m {
-                dst.0[r * dst.1..r * dst.1 + n].fill(0.0);
-            }
-        }
-        return;
-    }
-    // The last element each operand touches must lie inside its slice.
-    assert!(
-        (m - 1) * dst.1 + n <= dst.0.len(),
-        "attention: dst out of range"
-    );
-    assert!(
-        (m - 1) * lhs.1 + (k - 1) * lhs.2 < lhs.0.len(),
-        "attention: lhs out of range"
-    );
-    assert!(
-        (k - 1) * rhs.1 + (n - 1) * rhs.2 < rhs.0.len(),
-        "attention: rhs out of range"
-    );
-    // SAFETY: the asserts above keep every access inside the slices, and `dst` is borrowed
-    // mutably, so nothing else reads or writes it meanwhile.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.0.as_mut_ptr(),
-            1,
-            dst.1 as isize,
-            accumulate,
-            lhs.0.as_ptr(),
-            lhs.2 as isize,
-            lhs.1 as isize,
-            rhs.0.as_ptr(),
-            rhs.2 as isize,
-            rhs.1 as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        )
-    }
 }
 
 #[cfg(test)]
@@ -718,53 +657,5 @@ mod tests {
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod probe_attn {
-    use super::*;
-    #[test]
-    #[ignore]
-    fn probe_probs() {
-        let (nk, hd, m) = (576usize, 64usize, 192usize);
-        let a = Attention {
-            batch: 1,
-            kv_heads: 1,
-            group: 3,
-            queries: 640,
-            keys: 640,
-            key_rows: 640,
-            head_dim: hd,
-            window: None,
-            scale: 0.125,
-            softcap: None,
-        };
-        let q: Vec<f32> = (0..m * hd).map(|i| (i as f32).sin()).collect();
-        let k: Vec<f32> = (0..nk * hd).map(|i| (i as f32).cos()).collect();
-        let mut p = vec![0f32; m * nk];
-        let reps = 300;
-        let t = std::time::Instant::now();
-        for _ in 0..reps {
-            times_transposed(&mut p, &q, &k, hd);
-        }
-        let prod = t.elapsed().as_secs_f64() / reps as f64;
-        let t = std::time::Instant::now();
-        for _ in 0..reps {
-            a.block_probs(&q, 64, &k, 512, 0, None, &mut p, None);
-        }
-        let all = t.elapsed().as_secs_f64() / reps as f64;
-        let mut row = vec![0.5f32; 550];
-        let t = std::time::Instant::now();
-        for _ in 0..reps * 192 {
-            simd::exp_affine_sum(&mut row, 0.01, 0.3);
-        }
-        let e = t.elapsed().as_secs_f64() / (reps * 192 * 550) as f64;
-        eprintln!(
-            "product {:.1} us, block_probs {:.1} us, exp {:.3} ns/value",
-            prod * 1e6,
-            all * 1e6,
-            e * 1e9
-        );
     }
 }

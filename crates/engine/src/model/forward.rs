@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::attention::Attention;
-use super::kernels::{gated, merge_heads, rms_norm_backward, split_heads, target_log_softmax};
+use super::kernels::{gated, merge_heads, rms_norm_backward, split_heads};
 use super::ops::rms_norm;
 use super::ops::Activation;
 use super::{Layer, Model};
@@ -555,17 +555,12 @@ impl Model {
         with_grad: bool,
     ) -> Result<(Vec<f32>, Option<Tensor>)> {
         let normed = rms_norm(hidden, &self.final_norm, self.cfg.eps)?;
-        let logits = self.logits(&normed)?;
-        let (log_probs, g_logits) = target_log_softmax(&logits, targets, with_grad)?;
-        let Some(mut g) = g_logits else {
+        let softcap = self.cfg.final_softcap;
+        let (log_probs, g_normed) =
+            super::head::target_log_probs(self.head(), &normed, targets, softcap, with_grad)?;
+        let Some(g_normed) = g_normed else {
             return Ok((log_probs, None));
         };
-        if let Some(cap) = self.cfg.final_softcap {
-            // logits = cap tanh(z / cap): dz = d logits (1 - (logits / cap)^2).
-            let t = (&logits / cap as f64)?;
-            g = g.mul(&t.sqr()?.affine(-1.0, 1.0)?)?;
-        }
-        let g_normed = self.head().backward(&g)?;
         let g_hidden = rms_norm_backward(hidden, &self.final_norm, self.cfg.eps, &g_normed)?;
         Ok((log_probs, Some(g_hidden)))
     }

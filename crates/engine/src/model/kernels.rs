@@ -273,23 +273,12 @@ fn sigmoid_of_gate(x: &[f32], out: &mut [f32], gelu: bool) {
     simd::sigmoid(out);
 }
 
-/// The sum of f32 values in f64, in eight running sums (one f64 total waited on each add).
-fn sum_f64(x: &[f32]) -> f64 {
-    let mut lanes = [0f64; 8];
-    let mut chunks = x.chunks_exact(8);
-    for c in &mut chunks {
-        for (s, &v) in lanes.iter_mut().zip(c) {
-            *s += v as f64;
-        }
-    }
-    let rest: f64 = chunks.remainder().iter().map(|&v| v as f64).sum();
-    lanes.iter().sum::<f64>() + rest
-}
-
 /// ln softmax of each row of `logits` (rows, vocab) at `targets[row]`, and, with `want_grad`,
 /// its gradient with respect to the logits: onehot(target) - softmax. One parallel pass per
 /// row instead of a chain of whole-matrix ops (which took 0.5 s for the 160 rows of a batch of
-/// integrated-gradients steps).
+/// integrated-gradients steps). The model's head fuses this with both products (`head.rs`);
+/// this stays as the plain composition it is tested against.
+#[cfg(test)]
 pub fn target_log_softmax(
     logits: &Tensor,
     targets: &[u32],
@@ -325,7 +314,7 @@ pub fn target_log_softmax(
             simd::exp_affine_sum(e, 1.0, max);
             // Summed in f64: 49,152 small terms added one by one to an f32 total lost up to
             // 1e-3 of the log-probability (measured against the float64 reference).
-            let sum64 = sum_f64(e);
+            let sum64 = simd::sum_f64(e);
             let t = targets[r] as usize;
             *lp = ((x[t] - max) as f64 - sum64.ln()) as f32;
             if want_grad {

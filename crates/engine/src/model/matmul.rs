@@ -997,6 +997,73 @@ mod avx512 {
     }
 }
 
+/// A matrix read from a slice: (data, row stride, column stride).
+#[derive(Clone, Copy)]
+pub(super) struct In<'a>(pub &'a [f32], pub usize, pub usize);
+/// A matrix written to a slice with unit column stride: (data, row stride).
+pub(super) struct Out<'a>(pub &'a mut [f32], pub usize);
+
+/// dst (m × n) = lhs (m × k) · rhs (k × n), or dst += when `accumulate`. Single-threaded, for
+/// products too small to split (attention's blocks, the head's chunks): their callers run in
+/// parallel. The `gemm` crate packs these small operands well enough.
+pub(super) fn small_product(
+    dst: Out,
+    lhs: In,
+    rhs: In,
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for r in 0..m {
+                dst.0[r * dst.1..r * dst.1 + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    // The last element each operand touches must lie inside its slice.
+    assert!(
+        (m - 1) * dst.1 + n <= dst.0.len(),
+        "small product: dst out of range"
+    );
+    assert!(
+        (m - 1) * lhs.1 + (k - 1) * lhs.2 < lhs.0.len(),
+        "small product: lhs out of range"
+    );
+    assert!(
+        (k - 1) * rhs.1 + (n - 1) * rhs.2 < rhs.0.len(),
+        "small product: rhs out of range"
+    );
+    // SAFETY: the asserts above keep every access inside the slices, and `dst` is borrowed
+    // mutably, so nothing else reads or writes it meanwhile.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.0.as_mut_ptr(),
+            1,
+            dst.1 as isize,
+            accumulate,
+            lhs.0.as_ptr(),
+            lhs.2 as isize,
+            lhs.1 as isize,
+            rhs.0.as_ptr(),
+            rhs.2 as isize,
+            rhs.1 as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

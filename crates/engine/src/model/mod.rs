@@ -11,6 +11,7 @@ mod attention;
 mod backward;
 mod decode_dot;
 mod forward;
+mod head;
 pub mod kernels;
 mod load_gguf;
 mod load_hf;

@@ -45,6 +45,19 @@ pub fn max(x: &[f32]) -> f32 {
         .fold(f32::NEG_INFINITY, |m, &v| m.max(v))
 }
 
+/// The sum of f32 values in f64, in eight running sums (one f64 total waited on each add).
+pub fn sum_f64(x: &[f32]) -> f64 {
+    let mut lanes = [0f64; 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for (s, &v) in lanes.iter_mut().zip(c) {
+            *s += v as f64;
+        }
+    }
+    let rest: f64 = chunks.remainder().iter().map(|&v| v as f64).sum();
+    lanes.iter().sum::<f64>() + rest
+}
+
 /// `exp_affine_sum` on the given kernel (the tests run each).
 fn exp_affine_sum_with(kernel: Kernel, x: &mut [f32], scale: f32, shift: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]

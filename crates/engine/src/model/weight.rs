@@ -315,6 +315,29 @@ impl Weight {
         total.ok_or_else(|| candle_core::Error::Msg("empty weight".into()))
     }
 
+    /// Rows `r0..r1` as f32, one after another, into `dst` ((r1 - r0) * cols values).
+    pub fn rows_into(&self, r0: usize, r1: usize, dst: &mut [f32]) -> Result<()> {
+        let cols = self.cols;
+        if r1 > self.rows || r0 > r1 || dst.len() < (r1 - r0) * cols {
+            bail!("rows {r0}..{r1} of a {}-row matrix", self.rows)
+        }
+        let mut base = 0;
+        for p in &self.parts {
+            let (lo, hi) = (r0.max(base), r1.min(base + p.rows));
+            if lo < hi {
+                p.with_values(|v| {
+                    for row in lo..hi {
+                        let at = (row - r0) * cols;
+                        dequantize(&v, cols, row - base, 0, cols, &mut dst[at..at + cols]);
+                    }
+                    Ok(())
+                })?;
+            }
+            base += p.rows;
+        }
+        Ok(())
+    }
+
     /// Rows `ids` as f32 (n, cols): embedding lookups.
     pub fn select_rows(&self, ids: &[u32]) -> Result<Tensor> {
         if let [Matrix {

@@ -86,21 +86,26 @@ struct BackwardInputs<'a> {
     d_out: &'a [f32],
 }
 
-/// d k and d v of every key head, summed over the blocks of one part of the work.
+/// d k and d v of the key matrices one part of the work reads (`first`, `first + 1`, ...),
+/// summed over its blocks. Only those: a part of every key matrix's size was zeroed and
+/// added up for each part, whatever it read.
 struct KeyGrads {
+    /// Values before the first matrix's, in the whole layout.
+    from: usize,
     k: Vec<f32>,
     v: Vec<f32>,
 }
 
 impl KeyGrads {
-    fn add(mut self, other: KeyGrads) -> KeyGrads {
-        for (a, b) in self.k.iter_mut().zip(other.k) {
+    /// Adds these sums into the whole d k and d v.
+    fn add_to(&self, k: &mut [f32], v: &mut [f32]) {
+        let end = self.from + self.k.len();
+        for (a, b) in k[self.from..end].iter_mut().zip(&self.k) {
             *a += b;
         }
-        for (a, b) in self.v.iter_mut().zip(other.v) {
+        for (a, b) in v[self.from..end].iter_mut().zip(&self.v) {
             *a += b;
         }
-        self
     }
 }
 
@@ -267,7 +272,7 @@ impl Attention {
             small_product(Out(&mut dqs, hd), In(ds, nk, 1), keys, (m, hd, nk), false);
             // SAFETY: these rows of d q belong to this unit alone.
             unsafe { scatter(dq, &heads, &dqs, hd) };
-            let rows = b.keys.start * hd..b.keys.end * hd;
+            let rows = b.keys.start * hd - acc.from..b.keys.end * hd - acc.from;
             let dk = Out(&mut acc.k[rows.clone()], hd);
             small_product(dk, In(ds, 1, nk), In(&qs, hd, 1), (nk, hd, m), true);
             let dv = Out(&mut acc.v[rows], hd);
@@ -381,9 +386,17 @@ impl Attention {
                 with_slice(v, |v| {
                     with_slice(lse, |lse| {
                         with_slice(d_out, |d_out| {
-                            let zero = || KeyGrads {
-                                k: vec![0f32; key_len],
-                                v: vec![0f32; key_len],
+                            // Sums for the key matrices `units` read.
+                            let zero = |units: &[Unit]| {
+                                let matrix = tk * hd;
+                                let first = units.first().map_or(0, |u| u.mk);
+                                let last = units.last().map_or(0, |u| u.mk);
+                                let len = (last + 1 - first) * matrix;
+                                KeyGrads {
+                                    from: first * matrix,
+                                    k: vec![0f32; len],
+                                    v: vec![0f32; len],
+                                }
                             };
                             let inputs = BackwardInputs {
                                 q,
@@ -394,20 +407,27 @@ impl Attention {
                             };
                             let cost =
                                 |&unit: &Unit| unit.rows() * self.unit_blocks(unit).1.keys.len();
-                            // A few parts of equal cost, each with one d k / d v accumulator:
+                            // Parts of equal cost, each with one d k / d v accumulator:
                             // rayon's own splitting made one per leaf task, and adding them
-                            // up cost more than the blocks' exps.
+                            // up cost more than the blocks' exps. Four per thread: with two,
+                            // a thread waited for the other at the end of 13 % of the
+                            // blocks' time (600 tokens).
                             let parts =
-                                split_by_cost(self.units(), 2 * rayon::current_num_threads(), cost);
-                            Ok(parts
+                                split_by_cost(self.units(), 4 * rayon::current_num_threads(), cost);
+                            let sums: Vec<KeyGrads> = parts
                                 .into_par_iter()
                                 .map(|part| {
-                                    part.into_iter().fold(zero(), |acc, unit| {
+                                    let acc = zero(&part);
+                                    part.into_iter().fold(acc, |acc, unit| {
                                         self.unit_backward(unit, acc, &inputs, dq_rows)
                                     })
                                 })
-                                .reduce_with(KeyGrads::add)
-                                .unwrap_or_else(zero))
+                                .collect();
+                            let mut total = (vec![0f32; key_len], vec![0f32; key_len]);
+                            for part in &sums {
+                                part.add_to(&mut total.0, &mut total.1);
+                            }
+                            Ok(total)
                         })
                     })
                 })
@@ -419,8 +439,8 @@ impl Attention {
         let (b, kv) = (self.batch, self.kv_heads);
         Ok(AttentionGrads {
             q: Tensor::from_vec(dq, (b, kv, g * tq, hd), dev)?,
-            k: Tensor::from_vec(key_grads.k, (b, kv, tk, hd), dev)?,
-            v: Tensor::from_vec(key_grads.v, (b, kv, tk, hd), dev)?,
+            k: Tensor::from_vec(key_grads.0, (b, kv, tk, hd), dev)?,
+            v: Tensor::from_vec(key_grads.1, (b, kv, tk, hd), dev)?,
         })
     }
 }

@@ -184,15 +184,10 @@ pub fn rms_norm_backward(x: &Tensor, w: &Tensor, eps: f32, dy: &Tensor) -> Resul
             with_slice(dy, |dy| {
                 Ok(par_filled(rows * n, n, |i, o| {
                     let (x, dy) = (&x[i * n..(i + 1) * n], &dy[i * n..(i + 1) * n]);
-                    let ms: f32 = x.iter().map(|v| v * v).sum::<f32>() / n as f32;
+                    let (squares, products) = simd::squares_and_products(x, dy, w);
+                    let ms = squares / n as f32;
                     let r = 1.0 / (ms + eps).sqrt();
-                    let gx: f32 = x
-                        .iter()
-                        .zip(dy)
-                        .zip(w)
-                        .map(|((x, dy), w)| x * dy * w)
-                        .sum::<f32>()
-                        / n as f32;
+                    let gx = products / n as f32;
                     let c = r * r * r * gx;
                     for (((o, &x), &dy), &w) in o.iter_mut().zip(x).zip(dy).zip(w) {
                         *o = r * dy * w - x * c;

@@ -242,15 +242,17 @@ pub fn gated(gate_up: &Tensor, gelu: bool) -> Result<Tensor> {
     let (rows, two_f) = rows_of(gate_up)?;
     let f = two_f / 2;
     let out = with_slice(gate_up, |gu| {
-        Ok(par_filled(rows * f, f, |i, o| {
+        let fill = |i: usize, o: &mut [MaybeUninit<f32>]| {
             let (g, u) = gu[i * two_f..(i + 1) * two_f].split_at(f);
             // Both activations are x * sigmoid(z): SiLU with z = x, GELU-tanh with
             // z = 2 c (x + k x^3), since (1 + tanh(y)) / 2 = sigmoid(2 y).
-            sigmoid_of_gate(g, o, gelu);
+            let o = sigmoid_of_gate(g, o, gelu);
             for ((o, &x), &u) in o.iter_mut().zip(g).zip(u) {
                 *o *= x * u;
             }
-        }))
+        };
+        // SAFETY: `sigmoid_of_gate` writes the whole row.
+        Ok(unsafe { par_written(rows * f, f, fill) })
     })?;
     Tensor::from_vec(out, (rows, f), &Device::Cpu)
 }
@@ -268,12 +270,12 @@ pub fn gated_backward(gate_up: &Tensor, d_out: &Tensor, gelu: bool) -> Result<Te
     }
     let out = with_slice(gate_up, |gu| {
         with_slice(d_out, |d| {
-            Ok(par_filled(rows * two_f, two_f, |i, o| {
+            let fill = |i: usize, o: &mut [MaybeUninit<f32>]| {
                 let (g, u) = gu[i * two_f..(i + 1) * two_f].split_at(f);
                 let d = &d[i * f..(i + 1) * f];
                 let (dg, du) = o.split_at_mut(f);
                 // The sigmoid goes into d gate first, then each entry is finished.
-                sigmoid_of_gate(g, dg, gelu);
+                let dg = sigmoid_of_gate(g, dg, gelu);
                 for i in 0..f {
                     let (x, s) = (g[i], dg[i]);
                     // d/dx x s(z) = s + x s (1 - s) dz/dx.
@@ -283,9 +285,11 @@ pub fn gated_backward(gate_up: &Tensor, d_out: &Tensor, gelu: bool) -> Result<Te
                         1.0
                     };
                     dg[i] = d[i] * u[i] * (s + x * s * (1.0 - s) * dz);
-                    du[i] = d[i] * x * s;
+                    du[i].write(d[i] * x * s);
                 }
-            }))
+            };
+            // SAFETY: `sigmoid_of_gate` writes d gate whole, and the loop every d up.
+            Ok(unsafe { par_written(rows * two_f, two_f, fill) })
         })
     })?;
     Tensor::from_vec(out, (rows, two_f), &Device::Cpu)
@@ -294,16 +298,22 @@ pub fn gated_backward(gate_up: &Tensor, d_out: &Tensor, gelu: bool) -> Result<Te
 const GELU_C: f32 = 0.797_884_6; // sqrt(2 / pi)
 const GELU_K: f32 = 0.044715;
 
-/// out = sigmoid(z(x)) with z = x (SiLU) or 2 c (x + k x^3) (GELU-tanh).
-fn sigmoid_of_gate(x: &[f32], out: &mut [f32], gelu: bool) {
-    if gelu {
-        for (o, &x) in out.iter_mut().zip(x) {
-            *o = 2.0 * GELU_C * (x + GELU_K * x * x * x);
-        }
-    } else {
-        out.copy_from_slice(x);
+/// out = sigmoid(z(x)) with z = x (SiLU) or 2 c (x + k x^3) (GELU-tanh), written whole;
+/// returns it as plain values.
+fn sigmoid_of_gate<'a>(x: &[f32], out: &'a mut [MaybeUninit<f32>], gelu: bool) -> &'a mut [f32] {
+    assert_eq!(x.len(), out.len(), "sigmoid_of_gate: lengths differ");
+    for (o, &x) in out.iter_mut().zip(x) {
+        o.write(if gelu {
+            2.0 * GELU_C * (x + GELU_K * x * x * x)
+        } else {
+            x
+        });
     }
+    // SAFETY: every value was just written; same layout (MaybeUninit<f32> is
+    // repr(transparent)), same borrow.
+    let out = unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) };
     simd::sigmoid(out);
+    out
 }
 
 /// ln softmax of each row of `logits` (rows, vocab) at `targets[row]`, and, with `want_grad`,

@@ -221,6 +221,7 @@ fn absorb(
 mod tests {
     use super::*;
     use crate::model::kernels::target_log_softmax;
+    use crate::model::kernels::tests::{max_abs, max_diff};
     use candle_core::quantized::{GgmlDType, QTensor};
 
     /// The plain composition: every logit, a log-softmax, then d logits · W.
@@ -264,14 +265,8 @@ mod tests {
                     assert!((a - b).abs() < 2e-5 * (1.0 + b.abs()), "{a} vs {b}");
                 }
                 let dx = dx.unwrap();
-                let scale = want_dx
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
-                let err = crate::model::kernels::tests::max_diff(&dx, &want_dx);
+                let scale = max_abs(&want_dx);
+                let err = max_diff(&dx, &want_dx);
                 assert!(err < 1e-5 * scale, "{err} against {scale}, cap {softcap:?}");
                 let (lp_only, none) = target_log_probs(head, &x, &targets, softcap, false).unwrap();
                 assert_eq!(lp_only, lp);

@@ -3,7 +3,9 @@
 use candle_core::{Result, Tensor};
 
 use super::forward::{LayerRecord, LayerTape, Past, Tape};
-use super::kernels::{gated_backward, merge_heads, rms_norm_backward, split_heads};
+use super::kernels::{
+    gated_backward, merge_heads, rms_norm_backward, rms_norm_backward_plus, split_heads,
+};
 use super::ops::{rms_norm, Activation};
 use super::{Layer, Model};
 
@@ -72,7 +74,7 @@ impl Model {
             }
         };
         let g_m = layer.w_gate_up.backward(&g_gate_up)?;
-        let g_h2 = (g_out + rms_norm_backward(&lt.h2, &layer.ffn_norm, c.eps, &g_m)?)?;
+        let g_h2 = rms_norm_backward_plus(&lt.h2, &layer.ffn_norm, c.eps, &g_m, &g_out)?;
 
         // Attention block: h2 = h + norm?(wo(attention(q, k, v))).
         let mut g_attn = g_h2.clone();
@@ -112,6 +114,9 @@ impl Model {
         }
         let g_qkv = merge_heads(&[&g_q, &g_k, &g_v], (b, t, hd))?;
         let g_a = layer.w_qkv.backward(&g_qkv)?;
+        if from == 0 {
+            return rms_norm_backward_plus(&lt.h, &layer.attn_norm, c.eps, &g_a, &g_h2);
+        }
         let g_h = rms_norm_backward(&lt.h, &layer.attn_norm, c.eps, &g_a)?;
         // The residual path carries gradient only to positions from `from` on.
         let hidden = g_h2.dim(1)?;

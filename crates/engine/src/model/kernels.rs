@@ -208,8 +208,31 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
 
 /// dx for y = x / rms(x) * w over the last dimension.
 pub fn rms_norm_backward(x: &Tensor, w: &Tensor, eps: f32, dy: &Tensor) -> Result<Tensor> {
+    rms_norm_backward_onto(x, w, eps, dy, None)
+}
+
+/// `residual + rms_norm_backward(x, w, eps, dy)` in the same pass: the gradient a residual
+/// block passes back (the separate add was one more pass over the rows, twice per layer).
+pub fn rms_norm_backward_plus(
+    x: &Tensor,
+    w: &Tensor,
+    eps: f32,
+    dy: &Tensor,
+    residual: &Tensor,
+) -> Result<Tensor> {
+    rms_norm_backward_onto(x, w, eps, dy, Some(residual))
+}
+
+fn rms_norm_backward_onto(
+    x: &Tensor,
+    w: &Tensor,
+    eps: f32,
+    dy: &Tensor,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
     let (rows, n) = rows_of(x)?;
-    if w.elem_count() != n || dy.elem_count() != rows * n {
+    let residual_len = residual.map_or(rows * n, Tensor::elem_count);
+    if w.elem_count() != n || dy.elem_count() != rows * n || residual_len != rows * n {
         bail!(
             "rms_norm_backward: shapes {:?} {:?} {:?}",
             x.shape(),
@@ -217,20 +240,28 @@ pub fn rms_norm_backward(x: &Tensor, w: &Tensor, eps: f32, dy: &Tensor) -> Resul
             dy.shape()
         )
     }
+    let no_residual = Tensor::zeros(0, candle_core::DType::F32, &Device::Cpu)?;
     let out = with_slice(x, |x| {
         with_slice(w, |w| {
             with_slice(dy, |dy| {
-                Ok(par_filled(rows * n, n, |i, o| {
-                    let (x, dy) = (&x[i * n..(i + 1) * n], &dy[i * n..(i + 1) * n]);
-                    let (squares, products) = simd::squares_and_products(x, dy, w);
-                    let ms = squares / n as f32;
-                    let r = 1.0 / (ms + eps).sqrt();
-                    let gx = products / n as f32;
-                    let c = r * r * r * gx;
-                    for (((o, &x), &dy), &w) in o.iter_mut().zip(x).zip(dy).zip(w) {
-                        *o = r * dy * w - x * c;
-                    }
-                }))
+                with_slice(residual.unwrap_or(&no_residual), |res| {
+                    Ok(par_filled(rows * n, n, |i, o| {
+                        let (x, dy) = (&x[i * n..(i + 1) * n], &dy[i * n..(i + 1) * n]);
+                        let (squares, products) = simd::squares_and_products(x, dy, w);
+                        let ms = squares / n as f32;
+                        let r = 1.0 / (ms + eps).sqrt();
+                        let gx = products / n as f32;
+                        let c = r * r * r * gx;
+                        for (((o, &x), &dy), &w) in o.iter_mut().zip(x).zip(dy).zip(w) {
+                            *o = r * dy * w - x * c;
+                        }
+                        if !res.is_empty() {
+                            for (o, &v) in o.iter_mut().zip(&res[i * n..(i + 1) * n]) {
+                                *o += v;
+                            }
+                        }
+                    }))
+                })
             })
         })
     })?;
@@ -412,12 +443,19 @@ pub(super) mod tests {
 
     #[test]
     fn fused_backwards_match_the_composed_ops() {
-        let x = Tensor::randn(0f32, 1.0, (4, 8), &Device::Cpu).unwrap();
-        let w = Tensor::randn(0f32, 1.0, 8, &Device::Cpu).unwrap();
-        let dy = Tensor::randn(0f32, 1.0, (4, 8), &Device::Cpu).unwrap();
+        // 40 columns: two blocks of the 16-lane sums and a tail.
+        let x = Tensor::randn(0f32, 1.0, (4, 40), &Device::Cpu).unwrap();
+        let w = Tensor::randn(0f32, 1.0, 40, &Device::Cpu).unwrap();
+        let dy = Tensor::randn(0f32, 1.0, (4, 40), &Device::Cpu).unwrap();
         let want = ops::rms_norm_backward(&x, &w, 1e-5, &dy).unwrap();
         let got = rms_norm_backward(&x, &w, 1e-5, &dy).unwrap();
         assert!(max_diff(&want, &got) < 1e-4);
+        let residual = Tensor::randn(0f32, 1.0, (4, 40), &Device::Cpu).unwrap();
+        let plus = rms_norm_backward_plus(&x, &w, 1e-5, &dy, &residual).unwrap();
+        assert_eq!(max_diff(&plus, &(&residual + &got).unwrap()), 0.0);
+        assert!(rms_norm_backward_plus(&x, &w, 1e-5, &dy, &w).is_err());
+        let (x, dy) = (x.narrow(1, 0, 8).unwrap(), dy.narrow(1, 0, 8).unwrap());
+        let (x, dy) = (x.contiguous().unwrap(), dy.contiguous().unwrap());
         let up = Tensor::randn(0f32, 1.0, (4, 8), &Device::Cpu).unwrap();
         for (act, gelu) in [
             (ops::Activation::Silu, false),

@@ -36,9 +36,10 @@ struct Partial {
     acc: Vec<f32>,
     /// The target's logit and slope, once its chunk has been seen.
     target: Vec<Option<(f32, f32)>>,
-    /// Scratch: the chunk's rows as f32, and its logits.
+    /// Scratch: the chunk's rows as f32, its logits, and their soft-cap slopes.
     rows: Vec<f32>,
     logits: Vec<f32>,
+    slopes: Vec<f32>,
 }
 
 impl Partial {
@@ -50,6 +51,7 @@ impl Partial {
             target: vec![None; n],
             rows: Vec::new(),
             logits: Vec::new(),
+            slopes: Vec::new(),
         }
     }
 
@@ -183,15 +185,20 @@ fn absorb(
         (n, rows, hidden),
         false,
     );
+    // d capped / d z = 1 - (capped / cap)^2.
+    let slope_of = |capped: f32, cap: f32| {
+        let t = capped / cap;
+        1.0 - t * t
+    };
     for (r, zr) in z.chunks_mut(rows).enumerate() {
         let t = targets[r] as usize;
-        let slope_of = |capped: f32, cap: f32| {
-            let t = capped / cap;
-            1.0 - t * t
-        };
         if let Some(cap) = softcap {
             for v in zr.iter_mut() {
                 *v = cap * (*v / cap).tanh();
+            }
+            if grad {
+                part.slopes.clear();
+                part.slopes.extend(zr.iter().map(|&c| slope_of(c, cap)));
             }
         }
         if (v0..v1).contains(&t) {
@@ -200,15 +207,11 @@ fn absorb(
         }
         let to = part.max[r].max(simd::max(zr));
         part.rescale(r, to, hidden);
-        let capped: Vec<f32> = match (softcap, grad) {
-            (Some(_), true) => zr.to_vec(),
-            _ => Vec::new(),
-        };
         simd::exp_affine_sum(zr, 1.0, to);
         part.sum[r] += simd::sum_f64(zr);
-        if let (Some(cap), false) = (softcap, capped.is_empty()) {
-            for (p, &c) in zr.iter_mut().zip(&capped) {
-                *p *= slope_of(c, cap);
+        if softcap.is_some() && grad {
+            for (p, &s) in zr.iter_mut().zip(&part.slopes) {
+                *p *= s;
             }
         }
     }

@@ -79,7 +79,16 @@ pub(super) fn zeroed(values: &mut [MaybeUninit<f32>]) -> &mut [f32] {
     for v in values.iter_mut() {
         v.write(0.0);
     }
-    // SAFETY: every value was just written; same layout (MaybeUninit<f32> is
+    // SAFETY: every value was just written.
+    unsafe { assume_written(values) }
+}
+
+/// The values as plain values.
+///
+/// # Safety
+/// Every one of them has been written.
+unsafe fn assume_written(values: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    // SAFETY: written (the caller's promise); same layout (MaybeUninit<f32> is
     // repr(transparent)), same borrow.
     unsafe { &mut *(values as *mut [MaybeUninit<f32>] as *mut [f32]) }
 }
@@ -240,28 +249,29 @@ fn rms_norm_backward_onto(
             dy.shape()
         )
     }
-    let no_residual = Tensor::zeros(0, candle_core::DType::F32, &Device::Cpu)?;
+    let rows_of_dx = |x: &[f32], w: &[f32], dy: &[f32], residual: Option<&[f32]>| {
+        par_filled(rows * n, n, |i, o| {
+            let (x, dy) = (&x[i * n..(i + 1) * n], &dy[i * n..(i + 1) * n]);
+            let (squares, products) = simd::squares_and_products(x, dy, w);
+            let ms = squares / n as f32;
+            let r = 1.0 / (ms + eps).sqrt();
+            let gx = products / n as f32;
+            let c = r * r * r * gx;
+            for (((o, &x), &dy), &w) in o.iter_mut().zip(x).zip(dy).zip(w) {
+                *o = r * dy * w - x * c;
+            }
+            if let Some(residual) = residual {
+                for (o, &v) in o.iter_mut().zip(&residual[i * n..(i + 1) * n]) {
+                    *o += v;
+                }
+            }
+        })
+    };
     let out = with_slice(x, |x| {
         with_slice(w, |w| {
-            with_slice(dy, |dy| {
-                with_slice(residual.unwrap_or(&no_residual), |res| {
-                    Ok(par_filled(rows * n, n, |i, o| {
-                        let (x, dy) = (&x[i * n..(i + 1) * n], &dy[i * n..(i + 1) * n]);
-                        let (squares, products) = simd::squares_and_products(x, dy, w);
-                        let ms = squares / n as f32;
-                        let r = 1.0 / (ms + eps).sqrt();
-                        let gx = products / n as f32;
-                        let c = r * r * r * gx;
-                        for (((o, &x), &dy), &w) in o.iter_mut().zip(x).zip(dy).zip(w) {
-                            *o = r * dy * w - x * c;
-                        }
-                        if !res.is_empty() {
-                            for (o, &v) in o.iter_mut().zip(&res[i * n..(i + 1) * n]) {
-                                *o += v;
-                            }
-                        }
-                    }))
-                })
+            with_slice(dy, |dy| match residual {
+                Some(res) => with_slice(res, |res| Ok(rows_of_dx(x, w, dy, Some(res)))),
+                None => Ok(rows_of_dx(x, w, dy, None)),
             })
         })
     })?;
@@ -340,18 +350,16 @@ fn sigmoid_of_gate<'a>(x: &[f32], out: &'a mut [MaybeUninit<f32>], gelu: bool) -
             x
         });
     }
-    // SAFETY: every value was just written; same layout (MaybeUninit<f32> is
-    // repr(transparent)), same borrow.
-    let out = unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) };
+    // SAFETY: every value was just written.
+    let out = unsafe { assume_written(out) };
     simd::sigmoid(out);
     out
 }
 
 /// ln softmax of each row of `logits` (rows, vocab) at `targets[row]`, and, with `want_grad`,
-/// its gradient with respect to the logits: onehot(target) - softmax. One parallel pass per
-/// row instead of a chain of whole-matrix ops (which took 0.5 s for the 160 rows of a batch of
-/// integrated-gradients steps). The model's head fuses this with both products (`head.rs`);
-/// this stays as the plain composition it is tested against.
+/// its gradient with respect to the logits: onehot(target) - softmax, one row at a time with
+/// glibc's `exp`. The model's head fuses this with both products (`head.rs`); this is the
+/// plain composition it is tested against.
 #[cfg(test)]
 pub fn target_log_softmax(
     logits: &Tensor,
@@ -373,30 +381,19 @@ pub fn target_log_softmax(
     with_slice(logits, |x| {
         let row_pass = |(r, lp): (usize, &mut f32), g: Option<&mut [f32]>| {
             let x = &x[r * vocab..(r + 1) * vocab];
-            let max = simd::max(x);
-            // exp(x - max) through the vectorized exp, into d logits when they are wanted:
-            // glibc's scalar expf twice per entry was 1 % of a 100-token salience pass.
-            let mut own = Vec::new();
-            let e = match g {
-                Some(g) => g,
-                None => {
-                    own.resize(vocab, 0.0);
-                    &mut own[..]
-                }
-            };
-            e.copy_from_slice(x);
-            simd::exp_affine_sum(e, 1.0, max);
+            let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
             // Summed in f64: 49,152 small terms added one by one to an f32 total lost up to
             // 1e-3 of the log-probability (measured against the float64 reference).
-            let sum64 = simd::sum_f64(e);
+            let sum64: f64 = x.iter().map(|&v| (v - max).exp() as f64).sum();
+            let sum = sum64 as f32;
             let t = targets[r] as usize;
             *lp = ((x[t] - max) as f64 - sum64.ln()) as f32;
-            if want_grad {
-                let inv = 1.0 / sum64 as f32;
-                for v in e.iter_mut() {
-                    *v = -*v * inv;
+            if let Some(g) = g {
+                let inv = 1.0 / sum;
+                for (g, &v) in g.iter_mut().zip(x) {
+                    *g = -(v - max).exp() * inv;
                 }
-                e[t] += 1.0;
+                g[t] += 1.0;
             }
         };
         if want_grad {

@@ -350,20 +350,11 @@ impl Weight {
         let cols = self.cols;
         let mut out = vec![0f32; ids.len() * cols];
         for (&id, dst) in ids.iter().zip(out.chunks_mut(cols)) {
-            let mut id = id as usize;
+            let id = id as usize;
             if id >= self.rows {
                 bail!("token id {id} is outside the {}-row table", self.rows)
             }
-            for p in &self.parts {
-                if id < p.rows {
-                    p.with_values(|v| {
-                        dequantize(&v, cols, id, 0, cols, dst);
-                        Ok(())
-                    })?;
-                    break;
-                }
-                id -= p.rows;
-            }
+            self.rows_into(id, id + 1, dst)?;
         }
         Tensor::from_vec(out, (ids.len(), cols), &Device::Cpu)
     }

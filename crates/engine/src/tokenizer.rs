@@ -112,7 +112,8 @@ impl PromptTokenizer {
                 let mut t = Tokenizer::new(bpe);
                 let replace = Replace::new(" ", "▁")
                     .map_err(|e| gguf.bad(format!("tokenizer normalizer: {e}")))?;
-                t.with_normalizer(Some(replace));
+                t.with_normalizer(Some(replace))
+                    .map_err(|e| gguf.bad(format!("tokenizer normalizer: {e}")))?;
                 let decoder: DecoderWrapper = DecoderSequence::new(vec![
                     Replace::new("▁", " ")
                         .map_err(|e| gguf.bad(format!("tokenizer decoder: {e}")))?
@@ -141,7 +142,9 @@ impl PromptTokenizer {
                 AddedToken::from(tokens[i].clone(), t == TOKEN_TYPE_CONTROL)
             })
             .collect();
-        inner.add_special_tokens(&added);
+        inner
+            .add_special_tokens(added)
+            .map_err(|e| gguf.bad(format!("special tokens: {e}")))?;
 
         let bos_id = gguf.opt_u32("tokenizer.ggml.bos_token_id");
         let mut eos_ids: Vec<u32> = gguf

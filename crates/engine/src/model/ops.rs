@@ -6,12 +6,13 @@
 
 use candle_core::{DType, Device, Result, Tensor, D};
 
-/// y = x / rms(x) * w over the last dimension (f32; see `kernels::rms_norm`).
+/// y = x / rms(x) * w over the last dimension, computed in f32 (`kernels::rms_norm`).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
     if x.dtype() == DType::F32 && w.dtype() == DType::F32 {
         return super::kernels::rms_norm(x, w, eps);
     }
-    candle_nn::ops::rms_norm(&x.contiguous()?, w, eps)
+    let (x32, w32) = (x.to_dtype(DType::F32)?, w.to_dtype(DType::F32)?);
+    super::kernels::rms_norm(&x32, &w32, eps)?.to_dtype(x.dtype())
 }
 
 /// dx for y = rms_norm(x, w) given dy.
@@ -46,7 +47,7 @@ impl Activation {
         match self {
             Activation::Silu => {
                 // s (1 + x (1 - s))
-                let s = candle_nn::ops::sigmoid(x)?;
+                let s = (x.neg()?.exp()? + 1.0)?.recip()?;
                 let one_minus = s.affine(-1.0, 1.0)?;
                 s.mul(&(x.mul(&one_minus)? + 1.0)?)
             }

@@ -124,7 +124,7 @@ fn check(what: &str, engine: &Engine, reference: &Value, tol: &Tolerance) {
         {
             let pos = pos.as_u64().unwrap() as usize;
             let h = tape.last_hidden.narrow(0, pos, 1).unwrap();
-            let normed = salience_engine::model::ops::rms_norm(
+            let normed = salience_engine::model::kernels::rms_norm(
                 &h,
                 &engine.model.final_norm,
                 engine.model.cfg.eps,

@@ -245,7 +245,8 @@ fn kv_cache_decoding_matches_the_full_forward() {
         let tape = model.forward_embeds(&e, &mut || Ok(())).unwrap();
         let last = tape.last_hidden.narrow(0, IDS.len() - 1, 1).unwrap();
         let normed =
-            salience_engine::model::ops::rms_norm(&last, &model.final_norm, model.cfg.eps).unwrap();
+            salience_engine::model::kernels::rms_norm(&last, &model.final_norm, model.cfg.eps)
+                .unwrap();
         let full: Vec<f32> = model
             .logits(&normed)
             .unwrap()

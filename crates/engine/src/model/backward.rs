@@ -4,9 +4,9 @@ use candle_core::{Result, Tensor};
 
 use super::forward::{LayerRecord, LayerTape, Past, Tape};
 use super::kernels::{
-    gated_backward, merge_heads, rms_norm_backward, rms_norm_backward_plus, split_heads,
+    gated_backward, merge_heads, rms_norm, rms_norm_backward, rms_norm_backward_plus, split_heads,
 };
-use super::ops::{rms_norm, Activation};
+use super::ops::Activation;
 use super::{Layer, Model};
 
 impl Model {

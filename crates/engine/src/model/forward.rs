@@ -4,8 +4,7 @@
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::attention::Attention;
-use super::kernels::{gated, merge_heads, rms_norm_backward, split_heads};
-use super::ops::rms_norm;
+use super::kernels::{gated, merge_heads, rms_norm, rms_norm_backward, split_heads};
 use super::ops::Activation;
 use super::{Layer, Model};
 

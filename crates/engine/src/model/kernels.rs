@@ -427,6 +427,15 @@ pub(super) mod tests {
         max_abs(&(a - b).unwrap())
     }
 
+    /// Whether two tensors hold the same f32 bits, value for value.
+    pub(crate) fn same_bits(a: &Tensor, b: &Tensor) -> bool {
+        let bits = |t: &Tensor| -> Vec<u32> {
+            let values: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            values.iter().map(|v| v.to_bits()).collect()
+        };
+        a.dims() == b.dims() && bits(a) == bits(b)
+    }
+
     pub(crate) fn max_abs(t: &Tensor) -> f32 {
         t.abs()
             .unwrap()

@@ -1,21 +1,11 @@
-//! The few numerical pieces whose backward the model needs by hand.
-//!
-//! candle's fused kernels (rms_norm, softmax, rope) have no backward; the salience pass
-//! therefore runs them forward and differentiates them here, which also lets it skip the
-//! weight gradients that autograd would compute for every matmul.
+//! The MLP's activation, and the plain compositions of candle ops that the fused kernels
+//! (`kernels.rs`, `attention.rs`, `head.rs`) are tested against.
 
-use candle_core::{DType, Device, Result, Tensor, D};
+#[cfg(test)]
+use candle_core::{Device, Result, Tensor, D};
 
-/// y = x / rms(x) * w over the last dimension, computed in f32 (`kernels::rms_norm`).
-pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
-    if x.dtype() == DType::F32 && w.dtype() == DType::F32 {
-        return super::kernels::rms_norm(x, w, eps);
-    }
-    let (x32, w32) = (x.to_dtype(DType::F32)?, w.to_dtype(DType::F32)?);
-    super::kernels::rms_norm(&x32, &w32, eps)?.to_dtype(x.dtype())
-}
-
-/// dx for y = rms_norm(x, w) given dy.
+/// dx for y = rms_norm(x, w) given dy: the plain composition.
+#[cfg(test)]
 pub fn rms_norm_backward(x: &Tensor, w: &Tensor, eps: f32, dy: &Tensor) -> Result<Tensor> {
     let n = x.dim(D::Minus1)? as f64;
     let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps as f64)?
@@ -35,6 +25,8 @@ pub enum Activation {
     GeluTanh,
 }
 
+/// The plain activation and its derivative (the gated kernels compute both fused).
+#[cfg(test)]
 impl Activation {
     pub fn forward(self, x: &Tensor) -> Result<Tensor> {
         match self {
@@ -106,13 +98,11 @@ pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
     shifted.broadcast_sub(&lse)
 }
 
-pub fn zeros(shape: &[usize]) -> Result<Tensor> {
-    Tensor::zeros(shape, DType::F32, &Device::Cpu)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::kernels::rms_norm;
+    use candle_core::DType;
 
     fn numeric_grad(f: impl Fn(&Tensor) -> f64, x: &Tensor, dy: &Tensor) -> Vec<f32> {
         // d/dx_i of sum(f(x) * dy) by central differences in f64 on an f32 model.

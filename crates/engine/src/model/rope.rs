@@ -207,6 +207,7 @@ fn rotate_row(x: &[f32], y: &mut [f32], c: &[f32], s: &[f32], half: usize, trans
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::kernels::tests::same_bits;
 
     #[test]
     fn llama3_scaling_keeps_high_frequencies_and_divides_low_ones() {
@@ -297,16 +298,11 @@ mod tests {
                 .unwrap();
                 Tensor::cat(&[&rotated, &x.narrow(3, dims, hd - dims).unwrap()], 3).unwrap()
             };
-            let same = |a: &Tensor, b: &Tensor| {
-                let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
-                let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
-                a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits())
-            };
             let forward = rope.apply(&x, &cos, &sin).unwrap();
-            assert!(same(&forward, &plain(&sin)), "dims {dims} of {hd}");
+            assert!(same_bits(&forward, &plain(&sin)), "dims {dims} of {hd}");
             let back = rope.apply_transposed(&x, &cos, &sin).unwrap();
             assert!(
-                same(&back, &plain(&sin.neg().unwrap())),
+                same_bits(&back, &plain(&sin.neg().unwrap())),
                 "dims {dims} of {hd}"
             );
         }

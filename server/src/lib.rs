@@ -6,10 +6,12 @@
 //! - [`cli`]: the command line;
 //! - [`lsp`]: the language server, the only place that knows lsp-types and JSON-RPC;
 //! - [`report`]: terminal, JSON and HTML reports;
-//! - [`template_sandbox`]: chat templates rendered in a child process with a memory limit.
+//! - [`template_sandbox`]: chat templates rendered in a child process with a memory limit;
+//! - [`memory_pages`]: the process's page size (small pages, measured faster here).
 #![deny(clippy::print_stdout)]
 
 pub mod cli;
 pub mod lsp;
+pub mod memory_pages;
 pub mod report;
 pub mod template_sandbox;

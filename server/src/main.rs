@@ -25,6 +25,7 @@ fn main() -> std::process::ExitCode {
     if std::env::args().nth(1).as_deref() == Some(template_sandbox::SUBCOMMAND) {
         return template_sandbox::child_main();
     }
+    prompt_salience::memory_pages::small_pages_only();
     keep_freed_memory_for_a_while();
     salience_engine::chat_template::isolate_with(template_sandbox::render);
     prompt_salience::cli::main()

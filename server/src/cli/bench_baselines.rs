@@ -174,10 +174,11 @@ fn run_script(
     let script: PathBuf = dir.join(name);
     std::fs::write(&script, source).map_err(|e| format!("cannot write {name}: {e}"))?;
     eprintln!("running the {name} baseline ...");
-    let out = Command::new(python)
-        .arg(&script)
-        .arg(gguf)
-        .args(args)
+    let mut command = Command::new(python);
+    command.arg(&script).arg(gguf).args(args);
+    // The baselines run with the system's page policy, not the one this process chose.
+    crate::memory_pages::system_pages_for(&mut command);
+    let out = command
         .output()
         .map_err(|e| format!("cannot run {name}: {e}"))?;
     let stdout = String::from_utf8_lossy(&out.stdout);

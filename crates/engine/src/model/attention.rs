@@ -310,6 +310,18 @@ impl Attention {
         self.check(k, self.key_rows, hd, "k")?;
         self.check(v, self.key_rows, hd, "v")?;
         let matrices = self.batch * self.kv_heads * g;
+        if tq == 1 {
+            let (out, lse) = with_slice(q, |q| {
+                with_slice(k, |k| {
+                    with_slice(v, |v| Ok(self.forward_one_query(q, k, v)))
+                })
+            })?;
+            let (dev, (b, kv)) = (&Device::Cpu, (self.batch, self.kv_heads));
+            return Ok((
+                Tensor::from_vec(out, (b, kv, g, hd), dev)?,
+                Tensor::from_vec(lse, (b, kv, g), dev)?,
+            ));
+        }
         // Written unit by unit: every row of every matrix belongs to one unit.
         let mut lse = matmul::uninit(matrices * tq);
         let mut out = matmul::uninit(matrices * tq * hd);
@@ -357,6 +369,84 @@ impl Attention {
             Tensor::from_vec(out, (b, kv, g * tq, hd), dev)?,
             Tensor::from_vec(lse, (b, kv, g * tq), dev)?,
         ))
+    }
+
+    /// `forward` for one query per head (decoding): the output and log-sum-exp as there.
+    /// Each key head's keys and values are read once for its whole group of query heads (one
+    /// unit per query head read them `group` times: at 356 keys, a tenth of a SmolLM2
+    /// decoding step), split into ranges of keys so that every thread has work (three key
+    /// heads as three units left one of two threads idle a third of the time). The ranges'
+    /// softmaxes are merged by their maxima, as FlashDecoding does.
+    fn forward_one_query(&self, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let (g, hd) = (self.group, self.head_dim);
+        let (lo, hi) = self.visible(0);
+        let matrices = self.batch * self.kv_heads;
+        // Four units per thread where there are keys enough, ranges of at least 64 keys.
+        let threads = rayon::current_num_threads().max(1);
+        let splits = (4 * threads)
+            .div_ceil(matrices)
+            .clamp(1, (hi - lo).div_ceil(64).max(1));
+        let len = (hi - lo).div_ceil(splits);
+        let partials: Vec<RangeSoftmax> = (0..matrices * splits)
+            .into_par_iter()
+            .map(|unit| {
+                let (mk, split) = (unit / splits, unit % splits);
+                let start = (lo + split * len).min(hi);
+                let keys = mk * self.key_rows + start..mk * self.key_rows + (start + len).min(hi);
+                let queries = Block::of(&(mk * g..(mk + 1) * g), q, hd);
+                self.range_softmax(queries, Block::of(&keys, k, hd), Block::of(&keys, v, hd))
+            })
+            .collect();
+        let mut out = vec![0f32; matrices * g * hd];
+        let mut lse = vec![0f32; matrices * g];
+        for (mk, ranges) in partials.chunks(splits).enumerate() {
+            for h in 0..g {
+                let shift = ranges
+                    .iter()
+                    .map(|r| r.shift[h])
+                    .fold(f32::NEG_INFINITY, f32::max);
+                let weights: Vec<f32> = ranges.iter().map(|r| (r.shift[h] - shift).exp()).collect();
+                let sum: f32 = ranges.iter().zip(&weights).map(|(r, w)| r.sum[h] * w).sum();
+                let row = mk * g + h;
+                let o = &mut out[row * hd..(row + 1) * hd];
+                for (r, w) in ranges.iter().zip(&weights) {
+                    for (o, x) in o.iter_mut().zip(&r.out[h * hd..(h + 1) * hd]) {
+                        *o += x * (w / sum);
+                    }
+                }
+                lse[row] = shift + sum.ln();
+            }
+        }
+        (out, lse)
+    }
+
+    /// The softmax of `queries` (rows of `head_dim`) over one range of `keys`, unnormalized:
+    /// see `RangeSoftmax`.
+    fn range_softmax(&self, queries: &[f32], keys: &[f32], values: &[f32]) -> RangeSoftmax {
+        let hd = self.head_dim;
+        let (m, n) = (queries.len() / hd, keys.len() / hd);
+        let mut part = RangeSoftmax {
+            out: vec![0.0; m * hd],
+            shift: vec![f32::NEG_INFINITY; m],
+            sum: vec![0.0; m],
+        };
+        if n == 0 {
+            return part;
+        }
+        let mut scores = vec![0f32; m * n];
+        simd::dots_with_rows(queries, keys, hd, &mut scores);
+        for (h, row) in scores.chunks_exact_mut(n).enumerate() {
+            if let Some(cap) = self.softcap {
+                // As in `block_probs`: the capped score, divided by the scale applied below.
+                for v in row.iter_mut() {
+                    *v = cap * (*v * self.scale / cap).tanh() / self.scale;
+                }
+            }
+            part.shift[h] = simd::max(row) * self.scale;
+            part.sum[h] = simd::exp_affine_sum(row, self.scale, part.shift[h]);
+            simd::weighted_row_sum(row, values, &mut part.out[h * hd..(h + 1) * hd]);
+        }
+        part
     }
 
     /// Input gradients given the forward pass's inputs, its log-sum-exp and d output.
@@ -468,6 +558,14 @@ impl Unit {
     }
 }
 
+/// One range of keys' share of a decoding step, per query row h: Σ_j e^(s_j - shift_h) v_j in
+/// `out` (rows of `head_dim`), the shift (the largest scaled score) and Σ_j e^(s_j - shift_h).
+struct RangeSoftmax {
+    out: Vec<f32>,
+    shift: Vec<f32>,
+    sum: Vec<f32>,
+}
+
 /// The rows `heads` of a matrix whose rows hold `width` values, one after another.
 fn stacked(heads: &[Range<usize>], x: &[f32], width: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(heads.iter().map(|r| r.len() * width).sum());
@@ -567,7 +665,16 @@ mod tests {
     fn cases() -> Vec<Attention> {
         let mut out = vec![];
         // Sizes straddle the block size; offsets stand for a cache; windows for Gemma.
-        for (queries, keys) in [(1, 1), (5, 5), (70, 70), (130, 130), (3, 70), (67, 200)] {
+        // One query after many keys is decoding (its own dot and weighted-sum path).
+        for (queries, keys) in [
+            (1, 1),
+            (5, 5),
+            (70, 70),
+            (130, 130),
+            (3, 70),
+            (67, 200),
+            (1, 70),
+        ] {
             for (window, softcap) in [(None, None), (Some(4), None), (Some(100), Some(0.8))] {
                 out.push(Attention {
                     batch: 2,
@@ -583,6 +690,11 @@ mod tests {
                 });
             }
         }
+        // Decoding with SmolLM2's head size (the kernels' strips of 32 columns).
+        out.push(Attention {
+            head_dim: 64,
+            ..out[out.len() - 3]
+        });
         out
     }
 

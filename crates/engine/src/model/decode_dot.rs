@@ -93,20 +93,30 @@ pub fn has_register_kernel(dtype: GgmlDType) -> bool {
     matches!(dtype, GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0)
 }
 
-/// out[i * rows + r] = Σ_c W[r, c] · x[i * cols + c] for the n = x.len() / cols input rows
-/// (n ≤ MAX_INPUT_ROWS). `blocks` are the stored bytes when they have a register kernel;
-/// `dequantize_row` writes row r as f32 (the plain path: the portable kernel and every other
-/// storage).
-pub fn product(
-    blocks: Option<(&[u8], GgmlDType)>,
-    rows: usize,
-    cols: usize,
-    x: &[f32],
-    kernel: Kernel,
-    dequantize_row: &(dyn Fn(usize, &mut [f32]) + Sync),
-) -> Vec<f32> {
+/// One stored matrix of a product: its bytes where a register kernel reads them, its number of
+/// rows, and the plain path's dequantization of row r as f32 (the portable kernel and every
+/// other storage).
+pub struct Part<'a> {
+    pub blocks: Option<(&'a [u8], GgmlDType)>,
+    pub rows: usize,
+    pub dequantize_row: &'a (dyn Fn(usize, &mut [f32]) + Sync),
+}
+
+/// x Wᵀ for the n = x.len() / cols input rows (n ≤ MAX_INPUT_ROWS) and W the parts stacked by
+/// rows: out[i * R + o_p + r] = Σ_c W_p[r, c] · x[i * cols + c], where part p's rows start at
+/// o_p and R is their total. Stacked matrices (q, k and v; gate and up) share one parallel
+/// loop, so a decoding step waits for its threads once per input instead of once per matrix.
+pub fn product(parts: &[Part], cols: usize, x: &[f32], kernel: Kernel) -> Vec<f32> {
     let n = x.len() / cols;
     assert!(n <= MAX_INPUT_ROWS && n * cols == x.len());
+    let rows: usize = parts.iter().map(|p| p.rows).sum();
+    // Where each part's rows start, and one past the last.
+    let starts: Vec<usize> = std::iter::once(0)
+        .chain(parts.iter().scan(0, |end, p| {
+            *end += p.rows;
+            Some(*end)
+        }))
+        .collect();
     // Output rows in chunks small enough to balance the threads, large enough to amortize.
     let chunk = (rows / (8 * rayon::current_num_threads().max(1))).clamp(8, 256);
     // Σ x_j over each block of each input row, for the m·Σ x_j term of Q4_1.
@@ -115,10 +125,15 @@ pub fn product(
     by_row.par_chunks_mut(chunk * n).enumerate().for_each_init(
         || vec![0f32; cols],
         |buffer, (ci, out)| {
-            let r0 = ci * chunk;
+            let first = ci * chunk;
+            let mut p = starts.partition_point(|&s| s <= first) - 1;
             for (k, dots) in out.chunks_mut(n).enumerate() {
-                let r = r0 + k;
-                match (kernel, blocks) {
+                let row = first + k;
+                while row >= starts[p + 1] {
+                    p += 1;
+                }
+                let (part, r) = (&parts[p], row - starts[p]);
+                match (kernel, part.blocks) {
                     #[cfg(target_arch = "x86_64")]
                     (kernel, Some((bytes, dtype)))
                         if kernel.has_avx2() && has_register_kernel(dtype) =>
@@ -133,7 +148,7 @@ pub fn product(
                         unsafe { row_dots(bytes, dtype, r, cols, x, &block_sums, dots) }
                     }
                     _ => {
-                        dequantize_row(r, buffer);
+                        (part.dequantize_row)(r, buffer);
                         dots_with(buffer, x, kernel, dots);
                     }
                 }
@@ -155,9 +170,14 @@ pub fn product(
 /// a · b for f32 rows of equal length, on the fastest kernel here (eight or more partial
 /// sums, so not the plain loop's order).
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    dot_with(Kernel::best(), a, b)
+}
+
+/// `dot` on the given kernel.
+pub fn dot_with(kernel: Kernel, a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "dot of rows of different lengths");
     let mut d = [0f32];
-    dots_with(a, b, Kernel::best(), &mut d);
+    dots_with(a, b, kernel, &mut d);
     d[0]
 }
 

@@ -79,6 +79,71 @@ pub fn sum_f64(x: &[f32]) -> f64 {
     lanes.iter().sum::<f64>() + rest
 }
 
+/// out = Σ_j p[j] · rows[j], for `rows` holding p.len() rows of out.len() values: one query's
+/// attention output from its probabilities and values while decoding, where the gemm crate's
+/// general path for a one-row product was 10 % of a decoding step.
+pub fn weighted_row_sum(p: &[f32], rows: &[f32], out: &mut [f32]) {
+    weighted_row_sum_with(Kernel::best(), p, rows, out)
+}
+
+/// out[h * n + j] = queries[h] · rows[j] for the m query rows and n rows of `queries` and
+/// `rows` (each of `width` values): one decoding step's attention scores. Eight rows at a
+/// time share one horizontal sum, which one dot product per row paid alone (a tenth of the
+/// work of a 64-value dot).
+pub fn dots_with_rows(queries: &[f32], rows: &[f32], width: usize, out: &mut [f32]) {
+    dots_with_rows_with(Kernel::best(), queries, rows, width, out)
+}
+
+fn dots_with_rows_with(
+    kernel: Kernel,
+    queries: &[f32],
+    rows: &[f32],
+    width: usize,
+    out: &mut [f32],
+) {
+    let (m, n) = (queries.len() / width, rows.len() / width);
+    assert!(
+        m * width == queries.len() && n * width == rows.len() && out.len() == m * n,
+        "dots with rows: sizes differ"
+    );
+    let mut j0 = 0;
+    #[cfg(target_arch = "x86_64")]
+    if kernel.has_avx2() && width.is_multiple_of(8) {
+        j0 = n / 8 * 8;
+        // SAFETY: the CPU has AVX2 and FMA (`Kernel::available`); the sizes were checked.
+        unsafe { avx2::dots_with_rows(queries, &rows[..j0 * width], width, n, out) };
+    }
+    for (h, q) in queries.chunks_exact(width).enumerate() {
+        for j in j0..n {
+            out[h * n + j] =
+                super::decode_dot::dot_with(kernel, q, &rows[j * width..(j + 1) * width]);
+        }
+    }
+}
+
+/// `weighted_row_sum` on the given kernel (the tests run each).
+fn weighted_row_sum_with(kernel: Kernel, p: &[f32], rows: &[f32], out: &mut [f32]) {
+    let width = out.len();
+    assert_eq!(
+        rows.len(),
+        p.len() * width,
+        "weighted sum: rows and weights differ"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if kernel.has_avx2() {
+        // SAFETY: the CPU has AVX2 and FMA (`Kernel::available`); the sizes were checked.
+        unsafe { avx2::weighted_row_sum(p, rows, out) };
+        return;
+    }
+    let _ = kernel;
+    out.fill(0.0);
+    for (&pj, row) in p.iter().zip(rows.chunks_exact(width)) {
+        for (o, &v) in out.iter_mut().zip(row) {
+            *o += pj * v;
+        }
+    }
+}
+
 /// `exp_affine_sum` on the given kernel (the tests run each).
 fn exp_affine_sum_with(kernel: Kernel, x: &mut [f32], scale: f32, shift: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
@@ -132,6 +197,94 @@ const P: [f32; 6] = [
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::*;
+
+    /// See `super::dots_with_rows`, for the first rows.len() / width rows (a multiple of 8),
+    /// written with a row stride of `n` in `out`.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; width % 8 == 0; `out` holds m rows of n ≥ the rows given.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dots_with_rows(
+        queries: &[f32],
+        rows: &[f32],
+        width: usize,
+        n: usize,
+        out: &mut [f32],
+    ) {
+        for (h, q) in queries.chunks_exact(width).enumerate() {
+            for (block, eight) in rows.chunks_exact(8 * width).enumerate() {
+                let mut acc = [_mm256_setzero_ps(); 8];
+                for c in (0..width).step_by(8) {
+                    // SAFETY: c + 8 <= width, inside the query and each of the eight rows.
+                    unsafe {
+                        let qc = _mm256_loadu_ps(q.as_ptr().add(c));
+                        for (k, a) in acc.iter_mut().enumerate() {
+                            let r = _mm256_loadu_ps(eight.as_ptr().add(k * width + c));
+                            *a = _mm256_fmadd_ps(qc, r, *a);
+                        }
+                    }
+                }
+                // Eight horizontal sums at once: lane k of the result is the sum of acc[k].
+                let t0 = _mm256_hadd_ps(acc[0], acc[1]);
+                let t1 = _mm256_hadd_ps(acc[2], acc[3]);
+                let t2 = _mm256_hadd_ps(acc[4], acc[5]);
+                let t3 = _mm256_hadd_ps(acc[6], acc[7]);
+                let (u0, u1) = (_mm256_hadd_ps(t0, t1), _mm256_hadd_ps(t2, t3));
+                let sums = _mm256_add_ps(
+                    _mm256_permute2f128_ps(u0, u1, 0x20),
+                    _mm256_permute2f128_ps(u0, u1, 0x31),
+                );
+                // SAFETY: row h's entries 8·block..8·block + 8 lie inside `out`.
+                unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(h * n + 8 * block), sums) };
+            }
+        }
+    }
+
+    /// See `super::weighted_row_sum`. Columns in strips of 64 (eight registers of sums: with
+    /// fewer, each multiply-add waits on the one before it in its register), then of 8, then
+    /// one by one; each strip reads the rows once.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; rows.len() == p.len() * out.len().
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn weighted_row_sum(p: &[f32], rows: &[f32], out: &mut [f32]) {
+        let width = out.len();
+        let mut c = 0;
+        while c + 64 <= width {
+            let mut acc = [_mm256_setzero_ps(); 8];
+            for (j, &pj) in p.iter().enumerate() {
+                let w = _mm256_set1_ps(pj);
+                // SAFETY: row j's columns c..c + 64 lie inside `rows` (the caller's sizes).
+                let r = unsafe { rows.as_ptr().add(j * width + c) };
+                for (k, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(w, unsafe { _mm256_loadu_ps(r.add(8 * k)) }, *a);
+                }
+            }
+            for (k, a) in acc.iter().enumerate() {
+                // SAFETY: columns c..c + 64 lie inside `out`.
+                unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(c + 8 * k), *a) };
+            }
+            c += 64;
+        }
+        while c + 8 <= width {
+            let mut acc = _mm256_setzero_ps();
+            for (j, &pj) in p.iter().enumerate() {
+                // SAFETY: as above, for eight columns.
+                let v = unsafe { _mm256_loadu_ps(rows.as_ptr().add(j * width + c)) };
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(pj), v, acc);
+            }
+            // SAFETY: columns c..c + 8 lie inside `out`.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(c), acc) };
+            c += 8;
+        }
+        for (col, o) in out.iter_mut().enumerate().skip(c) {
+            *o = p
+                .iter()
+                .enumerate()
+                .map(|(j, &pj)| pj * rows[j * width + col])
+                .sum();
+        }
+    }
 
     /// e^x for eight lanes.
     #[inline]
@@ -311,6 +464,65 @@ mod tests {
             a.abs() as f64
         } else {
             ((a as f64 - b) / b).abs()
+        }
+    }
+
+    #[test]
+    fn dots_with_rows_match_f64_dots() {
+        // Head sizes of 8 and 64 (the eight-row kernel), 20 (dots only), row counts that
+        // leave rows over after the blocks of eight; every kernel here.
+        for width in [8, 20, 64] {
+            for (m, n) in [(1, 1), (3, 8), (3, 21), (2, 70)] {
+                let q: Vec<f32> = (0..m * width)
+                    .map(|i| ((i * 13) % 29) as f32 / 14.0 - 1.0)
+                    .collect();
+                let rows: Vec<f32> = (0..n * width)
+                    .map(|i| ((i * 41) % 97) as f32 / 48.0 - 1.0)
+                    .collect();
+                for kernel in Kernel::available() {
+                    let mut out = vec![f32::NAN; m * n];
+                    dots_with_rows_with(kernel, &q, &rows, width, &mut out);
+                    for h in 0..m {
+                        for j in 0..n {
+                            let want: f64 = (0..width)
+                                .map(|c| q[h * width + c] as f64 * rows[j * width + c] as f64)
+                                .sum();
+                            let got = out[h * n + j] as f64;
+                            assert!(
+                                (got - want).abs() < 1e-5 * (1.0 + want.abs()),
+                                "{kernel:?}, width {width}, query {h}, row {j}: {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn weighted_row_sums_match_f64_sums() {
+        // Widths of attention heads (64, 128), and ones that leave strips of 8 and single
+        // columns over; every kernel here.
+        for width in [1, 4, 8, 20, 40, 64, 100, 128] {
+            for count in [1, 3, 37] {
+                let p: Vec<f32> = (0..count).map(|j| ((j * 29) % 31) as f32 / 31.0).collect();
+                let rows: Vec<f32> = (0..count * width)
+                    .map(|i| ((i * 41) % 97) as f32 / 48.0 - 1.0)
+                    .collect();
+                for kernel in Kernel::available() {
+                    let mut out = vec![f32::NAN; width];
+                    weighted_row_sum_with(kernel, &p, &rows, &mut out);
+                    for (c, &o) in out.iter().enumerate() {
+                        let want: f64 = (0..count)
+                            .map(|j| p[j] as f64 * rows[j * width + c] as f64)
+                            .sum();
+                        assert!(
+                            (o as f64 - want).abs() < 1e-5 * (1.0 + want.abs()),
+                            "{kernel:?}, width {width}, {count} rows, column {c}: {o} vs {want}"
+                        );
+                    }
+                }
+            }
         }
     }
 

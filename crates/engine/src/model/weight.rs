@@ -273,6 +273,8 @@ impl Weight {
         let x2 = x.reshape((n, self.cols))?;
         let y = if n > decode_dot::MAX_INPUT_ROWS && !self.parts.iter().any(Matrix::is_f32) {
             panel_forward(&self.parts, &x2, n)?
+        } else if let Some(y) = few_rows_forward(&self.parts, &x2, n, Kernel::best())? {
+            y
         } else {
             let outs: Vec<Tensor> = self
                 .parts
@@ -453,7 +455,12 @@ impl Matrix {
                     _ => None,
                 };
                 let row = |r: usize, dst: &mut [f32]| dequantize(&values, cols, r, 0, cols, dst);
-                Ok(decode_dot::product(blocks, rows, cols, x, kernel, &row))
+                let part = decode_dot::Part {
+                    blocks,
+                    rows,
+                    dequantize_row: &row,
+                };
+                Ok(decode_dot::product(&[part], cols, x, kernel))
             })
         })?;
         Tensor::from_vec(out, (n, rows), &Device::Cpu)
@@ -714,6 +721,55 @@ fn dequantize(values: &Values, cols: usize, row: usize, c0: usize, c1: usize, ds
     }
 }
 
+/// x Wᵀ for a few rows x (n ≤ MAX_INPUT_ROWS) and the parts stacked by rows, in one parallel
+/// loop; None unless every part is GGUF blocks (half parts borrow their values through a lock
+/// each, and f32 parts go to candle).
+fn few_rows_forward(
+    parts: &[Matrix],
+    x: &Tensor,
+    n: usize,
+    kernel: Kernel,
+) -> Result<Option<Tensor>> {
+    if parts.len() < 2 || n > decode_dot::MAX_INPUT_ROWS {
+        return Ok(None);
+    }
+    let Some(stored) = parts
+        .iter()
+        .map(|p| match &p.stored {
+            Stored::Blocks(q) => Some(q),
+            _ => None,
+        })
+        .collect::<Option<Vec<_>>>()
+    else {
+        return Ok(None);
+    };
+    let cols = parts[0].cols;
+    let data: Vec<_> = stored.iter().map(|q| q.data()).collect::<Result<_>>()?;
+    let rows_of: Vec<_> = data
+        .iter()
+        .zip(&stored)
+        .map(|(bytes, q)| {
+            let values = Values::Blocks(bytes, q.dtype());
+            move |r: usize, dst: &mut [f32]| dequantize(&values, cols, r, 0, cols, dst)
+        })
+        .collect();
+    let product_parts: Vec<decode_dot::Part> = parts
+        .iter()
+        .zip(data.iter().zip(&stored))
+        .zip(&rows_of)
+        .map(|((p, (bytes, q)), row)| decode_dot::Part {
+            blocks: Some((&bytes[..], q.dtype())),
+            rows: p.rows,
+            dequantize_row: row,
+        })
+        .collect();
+    let rows = product_parts.iter().map(|p| p.rows).sum::<usize>();
+    let out = with_slice(x, |x| {
+        Ok(decode_dot::product(&product_parts, cols, x, kernel))
+    })?;
+    Ok(Some(Tensor::from_vec(out, (n, rows), &Device::Cpu)?))
+}
+
 fn dequantize_blocks<B: GgmlType>(
     bytes: &[u8],
     cols: usize,
@@ -875,6 +931,44 @@ mod tests {
         let tail = stacked.narrow_rows(30, 20).unwrap();
         let tail_ref = plain.to_f32().unwrap().narrow(0, 30, 20).unwrap();
         assert!(max_diff(&tail.to_f32().unwrap(), &tail_ref) < 1e-6);
+    }
+
+    #[test]
+    fn stacked_parts_share_one_decoding_product() {
+        // q, k and v (or gate and up) of different sizes and storages, through one parallel
+        // loop whose chunks cross the parts' borders, against each part on its own.
+        let parts: Vec<Weight> = [
+            (70, GgmlDType::Q4_1),
+            (9, GgmlDType::Q8_0),
+            (33, GgmlDType::Q4_0),
+            (20, GgmlDType::Q4K),
+        ]
+        .iter()
+        .enumerate()
+        .map(|(i, &(rows, dtype))| {
+            let w = random((rows, 256), 20 + i as u64);
+            Weight::from_qtensor(QTensor::quantize(&w, dtype).unwrap()).unwrap()
+        })
+        .collect();
+        let stacked = Weight::stack(parts.clone()).unwrap();
+        for n in 1..=decode_dot::MAX_INPUT_ROWS {
+            let x = random((n, 256), 30 + n as u64);
+            let alone: Vec<Tensor> = parts
+                .iter()
+                .map(|p| p.parts[0].forward_using(&x, n, None).unwrap())
+                .collect();
+            let want = Tensor::cat(&alone, 1).unwrap();
+            let scale = max_abs(&want);
+            for kernel in Kernel::available() {
+                let got = few_rows_forward(&stacked.parts, &x, n, kernel)
+                    .unwrap()
+                    .expect("every part is GGUF blocks");
+                assert_eq!(got.dims(), want.dims());
+                let d = max_diff(&got, &want);
+                assert!(d <= 2e-6 * scale, "{kernel:?}, n = {n}: {d} of {scale}");
+            }
+            assert!(max_diff(&stacked.forward(&x).unwrap(), &want) <= 2e-6 * scale);
+        }
     }
 
     #[test]

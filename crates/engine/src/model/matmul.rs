@@ -786,7 +786,9 @@ mod avx512 {
         a: [*const f32; 2],
         b: [*const f32; 2],
     ) -> [[[__m512; 2]; MR]; 2] {
-        let mut sums = [[[_mm512_setzero_ps(); 2]; MR]; 2];
+        // Left uninitialized: the assembly writes all 24 registers here. Zeroed first, it was a
+        // call to memset of 1.5 KB per tile (3–6 % of a salience pass in `perf`).
+        let mut sums = std::mem::MaybeUninit::<[[[__m512; 2]; MR]; 2]>::uninit();
         std::arch::asm!(
             "vpxord zmm0, zmm0, zmm0",
             "vpxord zmm1, zmm1, zmm1",
@@ -877,7 +879,8 @@ mod avx512 {
             out("zmm28") _, out("zmm29") _, out("zmm30") _, out("zmm31") _,
             options(nostack),
         );
-        sums
+        // SAFETY: the stores above wrote every one of the 24 registers' 1536 bytes.
+        unsafe { sums.assume_init() }
     }
 
     #[cfg(test)]

@@ -189,11 +189,7 @@ impl Attention {
                             *v = cap * t / scale;
                         }
                     }
-                    None => {
-                        for v in row.iter_mut() {
-                            *v = cap * (*v * scale / cap).tanh() / scale;
-                        }
-                    }
+                    None => self.cap_scores(cap, row),
                 }
             }
             match lse {
@@ -420,6 +416,15 @@ impl Attention {
         (out, lse)
     }
 
+    /// Raw scores become capped ones, stored divided by the scale that the softmax's exponent
+    /// multiplies them by again (so that the exponent is the capped score).
+    fn cap_scores(&self, cap: f32, row: &mut [f32]) {
+        let scale = self.scale;
+        for v in row.iter_mut() {
+            *v = cap * (*v * scale / cap).tanh() / scale;
+        }
+    }
+
     /// The softmax of `queries` (rows of `head_dim`) over one range of `keys`, unnormalized:
     /// see `RangeSoftmax`.
     fn range_softmax(&self, queries: &[f32], keys: &[f32], values: &[f32]) -> RangeSoftmax {
@@ -437,10 +442,7 @@ impl Attention {
         simd::dots_with_rows(queries, keys, hd, &mut scores);
         for (h, row) in scores.chunks_exact_mut(n).enumerate() {
             if let Some(cap) = self.softcap {
-                // As in `block_probs`: the capped score, divided by the scale applied below.
-                for v in row.iter_mut() {
-                    *v = cap * (*v * self.scale / cap).tanh() / self.scale;
-                }
+                self.cap_scores(cap, row);
             }
             part.shift[h] = simd::max(row) * self.scale;
             part.sum[h] = simd::exp_affine_sum(row, self.scale, part.shift[h]);

@@ -106,6 +106,12 @@ pub fn has_register_kernel(dtype: GgmlDType) -> bool {
     matches!(dtype, GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0)
 }
 
+/// Block types that `dequantize_blocks` writes itself: those with a register kernel, and
+/// those of `super::dequantize` (on every CPU).
+pub fn has_fast_dequantization(dtype: GgmlDType) -> bool {
+    has_register_kernel(dtype) || super::dequantize::has_fast_dequantization(dtype)
+}
+
 /// One stored matrix of a product: its bytes where a register kernel reads them, its number of
 /// rows, and the plain path's dequantization of row r as f32 (the portable kernel and every
 /// other storage).
@@ -257,10 +263,10 @@ fn prefetch_ahead(at: *const u8) {
     unsafe { _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(PREFETCH_AHEAD) as *const i8) }
 }
 
-/// Writes the weights of whole blocks (`blocks`: the stored bytes of dst.len() / 32 blocks of
-/// `dtype`) into `dst` as f32, with the register kernel; false where there is none (the caller
-/// then uses the plain path). The values are exactly the plain path's: d·q, or d·q + m rounded
-/// twice as there.
+/// Writes the weights of whole blocks (`blocks`: the stored bytes of whole blocks of `dtype`)
+/// into `dst` as f32, with the register kernel or `super::dequantize`; false where neither
+/// covers the type (the caller then uses the plain path). The values are exactly the plain
+/// path's: d·q, or d·q + m rounded twice as there.
 pub fn dequantize_blocks(blocks: &[u8], dtype: GgmlDType, dst: &mut [f32]) -> bool {
     dequantize_blocks_strided(blocks, dtype, dst, HALF)
 }
@@ -313,8 +319,7 @@ fn dequantize_blocks_with(
         };
         return true;
     }
-    let _ = (kernel, blocks, dtype, dst, stride);
-    false
+    super::dequantize::dequantize_blocks(kernel, blocks, dtype, dst, stride)
 }
 
 /// A register kernel module's entry points, for the CPU features `$features`: `row_dots` and

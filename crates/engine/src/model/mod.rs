@@ -10,6 +10,7 @@ pub mod arch;
 mod attention;
 mod backward;
 mod decode_dot;
+mod dequantize;
 mod forward;
 mod head;
 pub mod kernels;

@@ -606,7 +606,7 @@ impl PanelSource for Direct<'_> {
         let Span { k0, k1, j0, j1 } = span;
         let kl = k1 - k0;
         if let Values::Blocks(bytes, dtype) = self.values {
-            // Straight into the panels where the format has a register kernel.
+            // Straight into the panels where the format has a fast dequantization.
             let size = dtype.type_size();
             let per_row = self.cols / dtype.block_size() * size;
             let (b0, b1) = (
@@ -614,7 +614,7 @@ impl PanelSource for Direct<'_> {
                 j1 / dtype.block_size() * size,
             );
             if (j1 - j0).is_multiple_of(dtype.block_size())
-                && decode_dot::has_register_kernel(*dtype)
+                && decode_dot::has_fast_dequantization(*dtype)
             {
                 // All or none: the register kernel exists on this CPU or it does not.
                 let direct = (k0..k1).all(|k| {

@@ -112,6 +112,13 @@ pub fn has_fast_dequantization(dtype: GgmlDType) -> bool {
     has_register_kernel(dtype) || super::dequantize::has_fast_dequantization(dtype)
 }
 
+/// Block types whose decoding dots run in registers: those with a register kernel, and Q5_0
+/// (Gemma 3's and other Q4_K_M files' q, k, gate and up matrices), whose dequantization is
+/// `super::dequantize`'s.
+pub fn has_register_dots(dtype: GgmlDType) -> bool {
+    has_register_kernel(dtype) || dtype == GgmlDType::Q5_0
+}
+
 /// One stored matrix of a product: its bytes where a register kernel reads them, its number of
 /// rows, and the plain path's dequantization of row r as f32 (the portable kernel and every
 /// other storage).
@@ -158,7 +165,7 @@ pub fn product(parts: &[Part], cols: usize, x: &[f32], kernel: Kernel) -> Vec<f3
                 match (kernel, part.blocks) {
                     #[cfg(target_arch = "x86_64")]
                     (kernel, Some((bytes, dtype)))
-                        if kernel.has_avx2() && has_register_kernel(dtype) =>
+                        if kernel.has_avx2() && has_register_dots(dtype) =>
                     {
                         let row_dots = if kernel == Kernel::Avx512 {
                             avx512::row_dots
@@ -380,6 +387,7 @@ macro_rules! register_kernel_entry_points {
                     GgmlDType::Q4_0 => by_rows!(Q4_0),
                     GgmlDType::Q4_1 => by_rows!(Q4_1),
                     GgmlDType::Q8_0 => by_rows!(Q8_0),
+                    GgmlDType::Q5_0 => by_rows!(Q5_0),
                     _ => unreachable!("no register kernel for {dtype:?}"),
                 }
             }
@@ -421,12 +429,15 @@ mod avx2 {
     pub(super) const Q4_0: u8 = 0;
     pub(super) const Q4_1: u8 = 1;
     pub(super) const Q8_0: u8 = 2;
+    /// Dots only (its dequantization is `super::super::dequantize`'s).
+    pub(super) const Q5_0: u8 = 3;
 
     /// Bytes per block of 32 weights.
     pub(super) const fn block_bytes(format: u8) -> usize {
         match format {
             Q4_0 => 18,
             Q4_1 => 20,
+            Q5_0 => 22,
             _ => 34,
         }
     }
@@ -473,6 +484,7 @@ mod avx2 {
         let m = match FORMAT {
             Q4_1 => f16_values[bits(2) as usize],
             Q4_0 => -8.0 * d,
+            Q5_0 => -16.0 * d,
             _ => 0.0,
         };
         (d, m)
@@ -582,19 +594,37 @@ mod avx2 {
                 return [2, 10, 18, 26]
                     .map(|at| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(eight(at))));
             }
-            let at = if FORMAT == Q4_1 { 4 } else { 2 };
+            let at = match FORMAT {
+                Q4_1 => 4,
+                Q5_0 => 6,
+                _ => 2,
+            };
             let (a, b) = (
                 _mm256_cvtepu8_epi32(eight(at)),
                 _mm256_cvtepu8_epi32(eight(at + 8)),
             );
             let low = _mm256_set1_epi32(0x0f);
-            [
+            let q = [
                 _mm256_and_si256(a, low),
                 _mm256_and_si256(b, low),
                 _mm256_srli_epi32::<4>(a),
                 _mm256_srli_epi32::<4>(b),
-            ]
-            .map(|v| _mm256_cvtepi32_ps(v))
+            ];
+            if FORMAT != Q5_0 {
+                return q.map(|v| _mm256_cvtepi32_ps(v));
+            }
+            // Q5_0's fifth bits: bit j of the u32 after d belongs to element j.
+            let high = std::ptr::read_unaligned(block.add(2) as *const u32) as i32;
+            let lanes = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+            let sixteen = _mm256_set1_epi32(16);
+            let mut out = [_mm256_setzero_ps(); 4];
+            for (k, v) in q.into_iter().enumerate() {
+                let bits = _mm256_and_si256(_mm256_set1_epi32(high >> (8 * k)), lanes);
+                let unset = _mm256_cmpeq_epi32(bits, _mm256_setzero_si256());
+                let v = _mm256_or_si256(v, _mm256_andnot_si256(unset, sixteen));
+                out[k] = _mm256_cvtepi32_ps(v);
+            }
+            out
         }
     }
 
@@ -803,7 +833,7 @@ mod avx2 {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::avx2::{
-        block_bytes, block_scales, nibbles, row_for, row_group_for, scales, Q4_0, Q4_1, Q8_0,
+        block_bytes, block_scales, nibbles, row_for, row_group_for, scales, Q4_0, Q4_1, Q5_0, Q8_0,
     };
     use super::*;
 
@@ -886,10 +916,25 @@ mod avx512 {
             if FORMAT == Q8_0 {
                 return [2, 18].map(|at| _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sixteen(at))));
             }
-            let bytes = _mm512_cvtepu8_epi32(sixteen(if FORMAT == Q4_1 { 4 } else { 2 }));
-            [
+            let at = match FORMAT {
+                Q4_1 => 4,
+                Q5_0 => 6,
+                _ => 2,
+            };
+            let bytes = _mm512_cvtepu8_epi32(sixteen(at));
+            let (lo, hi) = (
                 _mm512_and_si512(bytes, _mm512_set1_epi32(0x0f)),
                 _mm512_srli_epi32::<4>(bytes),
+            );
+            if FORMAT != Q5_0 {
+                return [lo, hi].map(|v| _mm512_cvtepi32_ps(v));
+            }
+            // Q5_0's fifth bits: bit j of the u32 after d belongs to element j.
+            let high = std::ptr::read_unaligned(block.add(2) as *const u32);
+            let sixteen = _mm512_set1_epi32(16);
+            [
+                _mm512_mask_or_epi32(lo, high as u16, lo, sixteen),
+                _mm512_mask_or_epi32(hi, (high >> 16) as u16, hi, sixteen),
             ]
             .map(|v| _mm512_cvtepi32_ps(v))
         }
@@ -1093,7 +1138,12 @@ mod tests {
             .filter(|k| k.has_avx2())
             .collect();
         let no_plain_path = |_: usize, _: &mut [f32]| unreachable!("every row has a kernel");
-        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q8_0,
+        ] {
             let w = Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).unwrap();
             let data = QTensor::quantize(&w, dtype)
                 .unwrap()

@@ -64,7 +64,12 @@ mod avx2 {
     /// # Safety
     /// The CPU has AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dequantize(blocks: &[u8], dtype: GgmlDType, dst: &mut [f32], stride: usize) {
+    pub(super) unsafe fn dequantize(
+        blocks: &[u8],
+        dtype: GgmlDType,
+        dst: &mut [f32],
+        stride: usize,
+    ) {
         dequantize_with(blocks, dtype, dst, stride)
     }
 }
@@ -222,7 +227,12 @@ mod tests {
             .unwrap()
             .broadcast_mul(&scale)
             .unwrap();
-        for dtype in [GgmlDType::Q5_0, GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
+        for dtype in [
+            GgmlDType::Q5_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+        ] {
             let q = QTensor::quantize(&w, dtype).unwrap();
             let want: Vec<f32> = q
                 .dequantize(&Device::Cpu)
@@ -241,7 +251,13 @@ mod tests {
                 // Runs of 16, 40 apart; the gaps stay untouched.
                 let stride = 40;
                 let mut strided = vec![f32::NAN; (want.len() / 16 - 1) * stride + 16];
-                assert!(dequantize_blocks(kernel, &data, dtype, &mut strided, stride));
+                assert!(dequantize_blocks(
+                    kernel,
+                    &data,
+                    dtype,
+                    &mut strided,
+                    stride
+                ));
                 for (i, w) in want.iter().enumerate() {
                     let at = (i / 16) * stride + i % 16;
                     assert_eq!(strided[at].to_bits(), w.to_bits(), "{dtype:?}: {i}");

@@ -894,7 +894,12 @@ mod tests {
         }
         // An odd number of blocks per row (the AVX-512 kernel takes blocks in pairs).
         let w = random((37, 17 * 32), 6);
-        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q8_0,
+        ] {
             let weight = Weight::from_qtensor(QTensor::quantize(&w, dtype).unwrap()).unwrap();
             let m = &weight.parts[0];
             for n in 1..=decode_dot::MAX_INPUT_ROWS {
@@ -942,6 +947,7 @@ mod tests {
             (9, GgmlDType::Q8_0),
             (33, GgmlDType::Q4_0),
             (20, GgmlDType::Q4K),
+            (13, GgmlDType::Q5_0),
         ]
         .iter()
         .enumerate()

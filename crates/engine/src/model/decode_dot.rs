@@ -112,11 +112,11 @@ pub fn has_fast_dequantization(dtype: GgmlDType) -> bool {
     has_register_kernel(dtype) || super::dequantize::has_fast_dequantization(dtype)
 }
 
-/// Block types whose decoding dots run in registers: those with a register kernel, and Q5_0
-/// (Gemma 3's and other Q4_K_M files' q, k, gate and up matrices), whose dequantization is
-/// `super::dequantize`'s.
+/// Block types whose decoding dots run in registers: those with a register kernel, Q5_0
+/// (Gemma 3's and other Q4_K_M files' q, k, gate and up matrices) and Q4_K (most matrices of
+/// a Q4_K_M file), whose dequantization is `super::dequantize`'s.
 pub fn has_register_dots(dtype: GgmlDType) -> bool {
-    has_register_kernel(dtype) || dtype == GgmlDType::Q5_0
+    has_register_kernel(dtype) || matches!(dtype, GgmlDType::Q5_0 | GgmlDType::Q4K)
 }
 
 /// One stored matrix of a product: its bytes where a register kernel reads them, its number of
@@ -388,6 +388,17 @@ macro_rules! register_kernel_entry_points {
                     GgmlDType::Q4_1 => by_rows!(Q4_1),
                     GgmlDType::Q8_0 => by_rows!(Q8_0),
                     GgmlDType::Q5_0 => by_rows!(Q5_0),
+                    GgmlDType::Q4K => {
+                        for (k, dots) in dots.chunks_mut(n).enumerate() {
+                            let r = r + k;
+                            match n {
+                                1 => q4k_row_dots::<1>(bytes, r, cols, x, block_sums, dots),
+                                2 => q4k_row_dots::<2>(bytes, r, cols, x, block_sums, dots),
+                                3 => q4k_row_dots::<3>(bytes, r, cols, x, block_sums, dots),
+                                _ => q4k_row_dots::<4>(bytes, r, cols, x, block_sums, dots),
+                            }
+                        }
+                    }
                     _ => unreachable!("no register kernel for {dtype:?}"),
                 }
             }
@@ -488,6 +499,121 @@ mod avx2 {
             _ => 0.0,
         };
         (d, m)
+    }
+
+    /// Bytes per Q4_K super-block of 256 values (ggml's `block_q4_K`: d and dmin as f16, 12
+    /// bytes of 6-bit scales and mins, 128 bytes of nibbles).
+    pub(super) const Q4K_BYTES: usize = 144;
+
+    /// The eight sub-blocks' scales d·sc and offsets -dmin·m of a Q4_K super-block: its
+    /// values are d·sc·q - dmin·m, so a sub-block's dot is d·sc·Σ q·x - dmin·m·Σ x.
+    ///
+    /// # Safety
+    /// `block` points at a whole Q4_K super-block.
+    #[inline(always)]
+    pub(super) unsafe fn q4k_scales(
+        block: *const u8,
+        f16_values: &[f32; 1 << 16],
+    ) -> ([f32; 8], [f32; 8]) {
+        // SAFETY: the super-block's first 16 bytes are d, dmin and the packed scales.
+        let bits = |at: usize| unsafe { std::ptr::read_unaligned(block.add(at) as *const u16) };
+        // SAFETY: as above.
+        let q = unsafe { std::ptr::read_unaligned(block.add(4) as *const [u8; 12]) };
+        let (d, min) = (f16_values[bits(0) as usize], f16_values[bits(2) as usize]);
+        let mut scales = [0f32; 8];
+        let mut offsets = [0f32; 8];
+        for j in 0..8 {
+            let (sc, m) = if j < 4 {
+                (q[j] & 63, q[j + 4] & 63)
+            } else {
+                (
+                    (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+                    (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+                )
+            };
+            scales[j] = d * sc as f32;
+            offsets[j] = -(min * m as f32);
+        }
+        (scales, offsets)
+    }
+
+    /// The Q4_K rows' checks: N input rows, their block sums and N dots fit the slices; returns
+    /// row `r` and its number of super-blocks.
+    pub(super) fn q4k_row_for<'a, const N: usize>(
+        bytes: &'a [u8],
+        r: usize,
+        cols: usize,
+        (x, block_sums, dots): (&[f32], &[f32], &[f32]),
+    ) -> (&'a [u8], usize) {
+        let supers = cols / 256;
+        assert!(cols.is_multiple_of(256), "Q4_K rows are whole super-blocks");
+        assert!(x.len() >= N * cols && block_sums.len() >= N * cols / BLOCK && dots.len() >= N);
+        (
+            &bytes[r * supers * Q4K_BYTES..(r + 1) * supers * Q4K_BYTES],
+            supers,
+        )
+    }
+
+    /// `row_dots` for N input rows of Q4_K: each pair of sub-blocks shares 32 bytes of
+    /// nibbles (the low ones are the first sub-block, the high ones the second).
+    ///
+    /// # Safety
+    /// As for `row_dots`, with `bytes` in Q4_K.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn q4k_row_dots<const N: usize>(
+        bytes: &[u8],
+        r: usize,
+        cols: usize,
+        x: &[f32],
+        block_sums: &[f32],
+        dots: &mut [f32],
+    ) {
+        let (row, supers) = q4k_row_for::<N>(bytes, r, cols, (x, block_sums, dots));
+        let blocks = cols / BLOCK;
+        let f16_values = f16_values();
+        let mut scaled = [_mm256_setzero_ps(); N];
+        let mut offsets = [0f32; N];
+        let low = _mm256_set1_epi32(0x0f);
+        for sb in 0..supers {
+            // SAFETY: super-block sb of the row, and 256 values of each x_i from sb·256, lie
+            // inside the slices checked above.
+            unsafe {
+                let at = row.as_ptr().add(sb * Q4K_BYTES);
+                prefetch_ahead(at);
+                prefetch_ahead(at.add(64));
+                let (scales, m) = q4k_scales(at, f16_values);
+                for pair in 0..4 {
+                    let q = at.add(16 + 32 * pair);
+                    let wide: [__m256i; 4] = [0, 8, 16, 24]
+                        .map(|o| _mm256_cvtepu8_epi32(_mm_loadl_epi64(q.add(o) as *const __m128i)));
+                    let lo = wide.map(|v| _mm256_cvtepi32_ps(_mm256_and_si256(v, low)));
+                    let hi = wide.map(|v| _mm256_cvtepi32_ps(_mm256_srli_epi32::<4>(v)));
+                    for (half, values) in [lo, hi].iter().enumerate() {
+                        let j = 2 * pair + half;
+                        let d = _mm256_set1_ps(scales[j]);
+                        for i in 0..N {
+                            let xb = x.as_ptr().add(i * cols + sb * 256 + j * BLOCK);
+                            let a = _mm256_fmadd_ps(
+                                values[1],
+                                _mm256_loadu_ps(xb.add(8)),
+                                _mm256_mul_ps(values[0], _mm256_loadu_ps(xb)),
+                            );
+                            let b = _mm256_fmadd_ps(
+                                values[3],
+                                _mm256_loadu_ps(xb.add(24)),
+                                _mm256_mul_ps(values[2], _mm256_loadu_ps(xb.add(16))),
+                            );
+                            scaled[i] = _mm256_fmadd_ps(_mm256_add_ps(a, b), d, scaled[i]);
+                            offsets[i] += m[j] * *block_sums.get_unchecked(i * blocks + sb * 8 + j);
+                        }
+                    }
+                }
+            }
+        }
+        for (i, sum) in sums4(&scaled).into_iter().take(N).enumerate() {
+            dots[i] = sum + offsets[i];
+        }
     }
 
     /// Row `r` of `bytes` (blocks of `FORMAT`, `cols` values per row) and its number of
@@ -833,7 +959,8 @@ mod avx2 {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::avx2::{
-        block_bytes, block_scales, nibbles, row_for, row_group_for, scales, Q4_0, Q4_1, Q5_0, Q8_0,
+        block_bytes, block_scales, nibbles, q4k_row_for, q4k_scales, row_for, row_group_for,
+        scales, Q4K_BYTES, Q4_0, Q4_1, Q5_0, Q8_0,
     };
     use super::*;
 
@@ -1044,6 +1171,65 @@ mod avx512 {
         let both: [__m512; ROW_GROUP] = std::array::from_fn(|k| _mm512_add_ps(even[k], odd[k]));
         for (k, sum) in sums4(&both).into_iter().enumerate() {
             dots[k] = sum + offsets[k];
+        }
+    }
+
+    /// `avx2::q4k_row_dots` with 512-bit registers: a sub-block's 32 values are two.
+    ///
+    /// # Safety
+    /// As for `row_dots`, with `bytes` in Q4_K.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn q4k_row_dots<const N: usize>(
+        bytes: &[u8],
+        r: usize,
+        cols: usize,
+        x: &[f32],
+        block_sums: &[f32],
+        dots: &mut [f32],
+    ) {
+        let (row, supers) = q4k_row_for::<N>(bytes, r, cols, (x, block_sums, dots));
+        let blocks = cols / BLOCK;
+        let f16_values = f16_values();
+        let mut even = [_mm512_setzero_ps(); N];
+        let mut odd = [_mm512_setzero_ps(); N];
+        let mut offsets = [0f32; N];
+        let low = _mm512_set1_epi32(0x0f);
+        for sb in 0..supers {
+            // SAFETY: super-block sb of the row, and 256 values of each x_i from sb·256, lie
+            // inside the slices checked above.
+            unsafe {
+                let at = row.as_ptr().add(sb * Q4K_BYTES);
+                prefetch_ahead(at);
+                prefetch_ahead(at.add(64));
+                let (scales, m) = q4k_scales(at, f16_values);
+                for pair in 0..4 {
+                    let q = at.add(16 + 32 * pair);
+                    let wide: [__m512i; 2] = [0, 16]
+                        .map(|o| _mm512_cvtepu8_epi32(_mm_loadu_si128(q.add(o) as *const __m128i)));
+                    let lo = wide.map(|v| _mm512_cvtepi32_ps(_mm512_and_si512(v, low)));
+                    let hi = wide.map(|v| _mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(v)));
+                    for (half, values) in [lo, hi].iter().enumerate() {
+                        let j = 2 * pair + half;
+                        let d = _mm512_set1_ps(scales[j]);
+                        let acc = if half == 0 { &mut even } else { &mut odd };
+                        for i in 0..N {
+                            let xb = x.as_ptr().add(i * cols + sb * 256 + j * BLOCK);
+                            let sum = _mm512_fmadd_ps(
+                                values[1],
+                                _mm512_loadu_ps(xb.add(16)),
+                                _mm512_mul_ps(values[0], _mm512_loadu_ps(xb)),
+                            );
+                            acc[i] = _mm512_fmadd_ps(sum, d, acc[i]);
+                            offsets[i] += m[j] * *block_sums.get_unchecked(i * blocks + sb * 8 + j);
+                        }
+                    }
+                }
+            }
+        }
+        let both: [__m512; N] = std::array::from_fn(|i| _mm512_add_ps(even[i], odd[i]));
+        for (i, sum) in sums4(&both).into_iter().take(N).enumerate() {
+            dots[i] = sum + offsets[i];
         }
     }
 

@@ -113,10 +113,11 @@ pub fn has_fast_dequantization(dtype: GgmlDType) -> bool {
 }
 
 /// Block types whose decoding dots run in registers: those with a register kernel, Q5_0
-/// (Gemma 3's and other Q4_K_M files' q, k, gate and up matrices) and Q4_K (most matrices of
-/// a Q4_K_M file), whose dequantization is `super::dequantize`'s.
+/// (Gemma 3's and other Q4_K_M files' q, k, gate and up matrices), Q4_K (most matrices of a
+/// Q4_K_M file) and Q6_K (its down projections), whose dequantization is
+/// `super::dequantize`'s.
 pub fn has_register_dots(dtype: GgmlDType) -> bool {
-    has_register_kernel(dtype) || matches!(dtype, GgmlDType::Q5_0 | GgmlDType::Q4K)
+    has_register_kernel(dtype) || matches!(dtype, GgmlDType::Q5_0 | GgmlDType::Q4K | GgmlDType::Q6K)
 }
 
 /// One stored matrix of a product: its bytes where a register kernel reads them, its number of
@@ -399,6 +400,17 @@ macro_rules! register_kernel_entry_points {
                             }
                         }
                     }
+                    GgmlDType::Q6K => {
+                        for (k, dots) in dots.chunks_mut(n).enumerate() {
+                            let r = r + k;
+                            match n {
+                                1 => q6k_row_dots::<1>(bytes, r, cols, x, dots),
+                                2 => q6k_row_dots::<2>(bytes, r, cols, x, dots),
+                                3 => q6k_row_dots::<3>(bytes, r, cols, x, dots),
+                                _ => q6k_row_dots::<4>(bytes, r, cols, x, dots),
+                            }
+                        }
+                    }
                     _ => unreachable!("no register kernel for {dtype:?}"),
                 }
             }
@@ -613,6 +625,115 @@ mod avx2 {
         }
         for (i, sum) in sums4(&scaled).into_iter().take(N).enumerate() {
             dots[i] = sum + offsets[i];
+        }
+    }
+
+    /// Bytes per Q6_K super-block of 256 values (ggml's `block_q6_K`: 128 bytes of low
+    /// nibbles, 64 of 2-bit highs, 16 signed scales, d as f16).
+    pub(super) const Q6K_BYTES: usize = 210;
+
+    /// Row `r` of Q6_K `bytes` and its number of super-blocks, after checking that N input
+    /// rows and N dots fit the slices; with each super-block's sixteen scales d·sc (one per
+    /// 16 values, in order).
+    pub(super) fn q6k_row_for<'a, const N: usize>(
+        bytes: &'a [u8],
+        r: usize,
+        cols: usize,
+        (x, dots): (&[f32], &[f32]),
+    ) -> (&'a [u8], usize) {
+        let supers = cols / 256;
+        assert!(cols.is_multiple_of(256), "Q6_K rows are whole super-blocks");
+        assert!(x.len() >= N * cols && dots.len() >= N);
+        (
+            &bytes[r * supers * Q6K_BYTES..(r + 1) * supers * Q6K_BYTES],
+            supers,
+        )
+    }
+
+    /// A Q6_K super-block's sixteen scales d·sc, one per run of 16 values.
+    ///
+    /// # Safety
+    /// `block` points at a whole Q6_K super-block.
+    #[inline(always)]
+    pub(super) unsafe fn q6k_scales(block: *const u8, f16_values: &[f32; 1 << 16]) -> [f32; 16] {
+        // SAFETY: d is the super-block's last two bytes, the scales the 16 before it.
+        let (bits, sc) = unsafe {
+            (
+                std::ptr::read_unaligned(block.add(208) as *const u16),
+                std::ptr::read_unaligned(block.add(192) as *const [i8; 16]),
+            )
+        };
+        let d = f16_values[bits as usize];
+        sc.map(|s| d * s as f32)
+    }
+
+    /// `row_dots` for N input rows of Q6_K. In each half of a super-block, byte l of the low
+    /// nibbles and of the 2-bit highs make four values: l, l + 32, l + 64 and l + 96 (ggml's
+    /// layout), each less 32, each run of 16 with its own scale.
+    ///
+    /// # Safety
+    /// As for `row_dots`, with `bytes` in Q6_K.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn q6k_row_dots<const N: usize>(
+        bytes: &[u8],
+        r: usize,
+        cols: usize,
+        x: &[f32],
+        dots: &mut [f32],
+    ) {
+        let (row, supers) = q6k_row_for::<N>(bytes, r, cols, (x, dots));
+        let f16_values = f16_values();
+        let mut scaled = [_mm256_setzero_ps(); N];
+        let (low, two, bias) = (
+            _mm256_set1_epi32(0x0f),
+            _mm256_set1_epi32(3),
+            _mm256_set1_epi32(32),
+        );
+        for sb in 0..supers {
+            // SAFETY: super-block sb of the row, and 256 values of each x_i from sb·256, lie
+            // inside the slices checked above.
+            unsafe {
+                let at = row.as_ptr().add(sb * Q6K_BYTES);
+                for ahead in [0, 64, 128, 192] {
+                    prefetch_ahead(at.add(ahead));
+                }
+                let scales = q6k_scales(at, f16_values);
+                for half in 0..2 {
+                    let (ql, qh) = (at.add(64 * half), at.add(128 + 32 * half));
+                    for l in (0..32).step_by(8) {
+                        let eight = |p: *const u8| {
+                            _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i))
+                        };
+                        let (a, b, h) = (eight(ql.add(l)), eight(ql.add(32 + l)), eight(qh.add(l)));
+                        let high = |shift: i32| {
+                            let bits = _mm256_and_si256(
+                                _mm256_srlv_epi32(h, _mm256_set1_epi32(shift)),
+                                two,
+                            );
+                            _mm256_slli_epi32::<4>(bits)
+                        };
+                        let values = [
+                            _mm256_or_si256(_mm256_and_si256(a, low), high(0)),
+                            _mm256_or_si256(_mm256_and_si256(b, low), high(2)),
+                            _mm256_or_si256(_mm256_srli_epi32::<4>(a), high(4)),
+                            _mm256_or_si256(_mm256_srli_epi32::<4>(b), high(6)),
+                        ]
+                        .map(|v| _mm256_cvtepi32_ps(_mm256_sub_epi32(v, bias)));
+                        for (k, v) in values.iter().enumerate() {
+                            let e = 128 * half + 32 * k + l;
+                            let d = _mm256_set1_ps(scales[e / 16]);
+                            for i in 0..N {
+                                let xv = _mm256_loadu_ps(x.as_ptr().add(i * cols + sb * 256 + e));
+                                scaled[i] = _mm256_fmadd_ps(_mm256_mul_ps(*v, xv), d, scaled[i]);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for (i, sum) in sums4(&scaled).into_iter().take(N).enumerate() {
+            dots[i] = sum;
         }
     }
 
@@ -959,8 +1080,8 @@ mod avx2 {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::avx2::{
-        block_bytes, block_scales, nibbles, q4k_row_for, q4k_scales, row_for, row_group_for,
-        scales, Q4K_BYTES, Q4_0, Q4_1, Q5_0, Q8_0,
+        block_bytes, block_scales, nibbles, q4k_row_for, q4k_scales, q6k_row_for, q6k_scales,
+        row_for, row_group_for, scales, Q4K_BYTES, Q4_0, Q4_1, Q5_0, Q6K_BYTES, Q8_0,
     };
     use super::*;
 
@@ -1230,6 +1351,81 @@ mod avx512 {
         let both: [__m512; N] = std::array::from_fn(|i| _mm512_add_ps(even[i], odd[i]));
         for (i, sum) in sums4(&both).into_iter().take(N).enumerate() {
             dots[i] = sum + offsets[i];
+        }
+    }
+
+    /// `avx2::q6k_row_dots` with 512-bit registers: a run of 16 values is one.
+    ///
+    /// # Safety
+    /// As for `row_dots`, with `bytes` in Q6_K.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn q6k_row_dots<const N: usize>(
+        bytes: &[u8],
+        r: usize,
+        cols: usize,
+        x: &[f32],
+        dots: &mut [f32],
+    ) {
+        let (row, supers) = q6k_row_for::<N>(bytes, r, cols, (x, dots));
+        let f16_values = f16_values();
+        let mut even = [_mm512_setzero_ps(); N];
+        let mut odd = [_mm512_setzero_ps(); N];
+        let (low, two, bias) = (
+            _mm512_set1_epi32(0x0f),
+            _mm512_set1_epi32(3),
+            _mm512_set1_epi32(32),
+        );
+        for sb in 0..supers {
+            // SAFETY: super-block sb of the row, and 256 values of each x_i from sb·256, lie
+            // inside the slices checked above.
+            unsafe {
+                let at = row.as_ptr().add(sb * Q6K_BYTES);
+                for ahead in [0, 64, 128, 192] {
+                    prefetch_ahead(at.add(ahead));
+                }
+                let scales = q6k_scales(at, f16_values);
+                for half in 0..2 {
+                    let (ql, qh) = (at.add(64 * half), at.add(128 + 32 * half));
+                    for l in [0, 16] {
+                        let sixteen = |p: *const u8| {
+                            _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i))
+                        };
+                        let (a, b, h) = (
+                            sixteen(ql.add(l)),
+                            sixteen(ql.add(32 + l)),
+                            sixteen(qh.add(l)),
+                        );
+                        let high = |shift: u32| {
+                            let bits = _mm512_and_si512(
+                                _mm512_srl_epi32(h, _mm_cvtsi32_si128(shift as i32)),
+                                two,
+                            );
+                            _mm512_slli_epi32::<4>(bits)
+                        };
+                        let values = [
+                            _mm512_or_si512(_mm512_and_si512(a, low), high(0)),
+                            _mm512_or_si512(_mm512_and_si512(b, low), high(2)),
+                            _mm512_or_si512(_mm512_srli_epi32::<4>(a), high(4)),
+                            _mm512_or_si512(_mm512_srli_epi32::<4>(b), high(6)),
+                        ]
+                        .map(|v| _mm512_cvtepi32_ps(_mm512_sub_epi32(v, bias)));
+                        for (k, v) in values.iter().enumerate() {
+                            let e = 128 * half + 32 * k + l;
+                            let d = _mm512_set1_ps(scales[e / 16]);
+                            let acc = if k % 2 == 0 { &mut even } else { &mut odd };
+                            for i in 0..N {
+                                let xv = _mm512_loadu_ps(x.as_ptr().add(i * cols + sb * 256 + e));
+                                acc[i] = _mm512_fmadd_ps(_mm512_mul_ps(*v, xv), d, acc[i]);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let both: [__m512; N] = std::array::from_fn(|i| _mm512_add_ps(even[i], odd[i]));
+        for (i, sum) in sums4(&both).into_iter().take(N).enumerate() {
+            dots[i] = sum;
         }
     }
 

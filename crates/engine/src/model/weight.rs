@@ -948,6 +948,7 @@ mod tests {
             (33, GgmlDType::Q4_0),
             (20, GgmlDType::Q4K),
             (13, GgmlDType::Q5_0),
+            (7, GgmlDType::Q6K),
         ]
         .iter()
         .enumerate()

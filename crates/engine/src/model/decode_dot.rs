@@ -723,9 +723,9 @@ mod avx2 {
                         for (k, v) in values.iter().enumerate() {
                             let e = 128 * half + 32 * k + l;
                             let d = _mm256_set1_ps(scales[e / 16]);
-                            for i in 0..N {
+                            for (i, acc) in scaled.iter_mut().enumerate() {
                                 let xv = _mm256_loadu_ps(x.as_ptr().add(i * cols + sb * 256 + e));
-                                scaled[i] = _mm256_fmadd_ps(_mm256_mul_ps(*v, xv), d, scaled[i]);
+                                *acc = _mm256_fmadd_ps(_mm256_mul_ps(*v, xv), d, *acc);
                             }
                         }
                     }
@@ -1414,9 +1414,9 @@ mod avx512 {
                             let e = 128 * half + 32 * k + l;
                             let d = _mm512_set1_ps(scales[e / 16]);
                             let acc = if k % 2 == 0 { &mut even } else { &mut odd };
-                            for i in 0..N {
+                            for (i, acc) in acc.iter_mut().enumerate() {
                                 let xv = _mm512_loadu_ps(x.as_ptr().add(i * cols + sb * 256 + e));
-                                acc[i] = _mm512_fmadd_ps(_mm512_mul_ps(*v, xv), d, acc[i]);
+                                *acc = _mm512_fmadd_ps(_mm512_mul_ps(*v, xv), d, *acc);
                             }
                         }
                     }

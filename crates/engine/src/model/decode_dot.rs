@@ -535,14 +535,7 @@ mod avx2 {
         let mut scales = [0f32; 8];
         let mut offsets = [0f32; 8];
         for j in 0..8 {
-            let (sc, m) = if j < 4 {
-                (q[j] & 63, q[j + 4] & 63)
-            } else {
-                (
-                    (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
-                    (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
-                )
-            };
+            let (sc, m) = super::super::dequantize::scale_min_k4(j, &q);
             scales[j] = d * sc as f32;
             offsets[j] = -(min * m as f32);
         }

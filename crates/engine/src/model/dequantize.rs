@@ -123,7 +123,7 @@ fn q5_0(b: &[u8], out: &mut [f32; SMALL]) {
 
 /// Scale and min of sub-block j of a K super-block's 12 packed bytes (6 bits each).
 #[inline(always)]
-fn scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
+pub(super) fn scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
@@ -132,6 +132,16 @@ fn scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
             (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
         )
     }
+}
+
+/// The K super-block's multipliers d·sc and offsets dmin·m of sub-blocks 2·pair and
+/// 2·pair + 1, as candle computes them.
+#[inline(always)]
+fn pair_scales(pair: usize, (d, min): (f32, f32), scales: &[u8; 12]) -> [(f32, f32); 2] {
+    [2 * pair, 2 * pair + 1].map(|j| {
+        let (sc, m) = scale_min_k4(j, scales);
+        (d * sc as f32, min * m as f32)
+    })
 }
 
 /// ggml's `block_q4_K`: d, dmin (f16), 12 bytes of scales, 128 bytes of nibbles; eight
@@ -144,10 +154,7 @@ fn q4k(b: &[u8], out: &mut [f32; SUPER]) {
         let q: &[u8; 32] = b[16 + 32 * pair..48 + 32 * pair]
             .try_into()
             .expect("a whole block");
-        let (sc, m) = scale_min_k4(2 * pair, scales);
-        let (d1, m1) = (d * sc as f32, min * m as f32);
-        let (sc, m) = scale_min_k4(2 * pair + 1, scales);
-        let (d2, m2) = (d * sc as f32, min * m as f32);
+        let [(d1, m1), (d2, m2)] = pair_scales(pair, (d, min), scales);
         let (lo, hi) = out[64 * pair..64 * pair + 64].split_at_mut(32);
         for l in 0..32 {
             lo[l] = d1 * (q[l] & 0xF) as f32 - m1;
@@ -167,10 +174,7 @@ fn q5k(b: &[u8], out: &mut [f32; SUPER]) {
             .try_into()
             .expect("a whole block");
         let (u1, u2) = (1u8 << (2 * pair), 2u8 << (2 * pair));
-        let (sc, m) = scale_min_k4(2 * pair, scales);
-        let (d1, m1) = (d * sc as f32, min * m as f32);
-        let (sc, m) = scale_min_k4(2 * pair + 1, scales);
-        let (d2, m2) = (d * sc as f32, min * m as f32);
+        let [(d1, m1), (d2, m2)] = pair_scales(pair, (d, min), scales);
         let (lo, hi) = out[64 * pair..64 * pair + 64].split_at_mut(32);
         for l in 0..32 {
             let add_lo = if qh[l] & u1 != 0 { 16f32 } else { 0f32 };

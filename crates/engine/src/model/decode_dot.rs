@@ -113,11 +113,15 @@ pub fn has_fast_dequantization(dtype: GgmlDType) -> bool {
 }
 
 /// Block types whose decoding dots run in registers: those with a register kernel, Q5_0
-/// (Gemma 3's and other Q4_K_M files' q, k, gate and up matrices), Q4_K (most matrices of a
-/// Q4_K_M file) and Q6_K (its down projections), whose dequantization is
-/// `super::dequantize`'s.
+/// (Gemma 3's and other Q4_K_M files' q, k, gate and up matrices), Q4_K and Q5_K (most
+/// matrices of a Q4_K_M or Q5_K_M file) and Q6_K (their down projections), whose
+/// dequantization is `super::dequantize`'s.
 pub fn has_register_dots(dtype: GgmlDType) -> bool {
-    has_register_kernel(dtype) || matches!(dtype, GgmlDType::Q5_0 | GgmlDType::Q4K | GgmlDType::Q6K)
+    has_register_kernel(dtype)
+        || matches!(
+            dtype,
+            GgmlDType::Q5_0 | GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K
+        )
 }
 
 /// One stored matrix of a product: its bytes where a register kernel reads them, its number of
@@ -389,15 +393,24 @@ macro_rules! register_kernel_entry_points {
                     GgmlDType::Q4_1 => by_rows!(Q4_1),
                     GgmlDType::Q8_0 => by_rows!(Q8_0),
                     GgmlDType::Q5_0 => by_rows!(Q5_0),
-                    GgmlDType::Q4K => {
-                        for (k, dots) in dots.chunks_mut(n).enumerate() {
-                            let r = r + k;
-                            match n {
-                                1 => q4k_row_dots::<1>(bytes, r, cols, x, block_sums, dots),
-                                2 => q4k_row_dots::<2>(bytes, r, cols, x, block_sums, dots),
-                                3 => q4k_row_dots::<3>(bytes, r, cols, x, block_sums, dots),
-                                _ => q4k_row_dots::<4>(bytes, r, cols, x, block_sums, dots),
-                            }
+                    GgmlDType::Q4K | GgmlDType::Q5K => {
+                        macro_rules! k_rows {
+                            ($five:expr) => {
+                                for (k, dots) in dots.chunks_mut(n).enumerate() {
+                                    let (r, (x, s)) = (r + k, (x, block_sums));
+                                    match n {
+                                        1 => k_row_dots::<1, $five>(bytes, r, cols, x, s, dots),
+                                        2 => k_row_dots::<2, $five>(bytes, r, cols, x, s, dots),
+                                        3 => k_row_dots::<3, $five>(bytes, r, cols, x, s, dots),
+                                        _ => k_row_dots::<4, $five>(bytes, r, cols, x, s, dots),
+                                    }
+                                }
+                            };
+                        }
+                        if dtype == GgmlDType::Q5K {
+                            k_rows!(true)
+                        } else {
+                            k_rows!(false)
                         }
                     }
                     GgmlDType::Q6K => {
@@ -514,10 +527,17 @@ mod avx2 {
     }
 
     /// Bytes per Q4_K super-block of 256 values (ggml's `block_q4_K`: d and dmin as f16, 12
-    /// bytes of 6-bit scales and mins, 128 bytes of nibbles).
-    pub(super) const Q4K_BYTES: usize = 144;
+    /// bytes of 6-bit scales and mins, 128 bytes of nibbles), and per Q5_K one (the same with
+    /// 32 bytes of fifth bits before the nibbles).
+    pub(super) const fn k_bytes(five: bool) -> usize {
+        if five {
+            176
+        } else {
+            144
+        }
+    }
 
-    /// The eight sub-blocks' scales d·sc and offsets -dmin·m of a Q4_K super-block: its
+    /// The eight sub-blocks' scales d·sc and offsets -dmin·m of a Q4_K or Q5_K super-block: its
     /// values are d·sc·q - dmin·m, so a sub-block's dot is d·sc·Σ q·x - dmin·m·Σ x.
     ///
     /// # Safety
@@ -542,31 +562,30 @@ mod avx2 {
         (scales, offsets)
     }
 
-    /// The Q4_K rows' checks: N input rows, their block sums and N dots fit the slices; returns
-    /// row `r` and its number of super-blocks.
-    pub(super) fn q4k_row_for<'a, const N: usize>(
+    /// The Q4_K or Q5_K rows' checks: N input rows, their block sums and N dots fit the
+    /// slices; returns row `r` and its number of super-blocks.
+    pub(super) fn k_row_for<'a, const N: usize, const FIVE: bool>(
         bytes: &'a [u8],
         r: usize,
         cols: usize,
         (x, block_sums, dots): (&[f32], &[f32], &[f32]),
     ) -> (&'a [u8], usize) {
         let supers = cols / 256;
-        assert!(cols.is_multiple_of(256), "Q4_K rows are whole super-blocks");
+        assert!(cols.is_multiple_of(256), "K rows are whole super-blocks");
         assert!(x.len() >= N * cols && block_sums.len() >= N * cols / BLOCK && dots.len() >= N);
-        (
-            &bytes[r * supers * Q4K_BYTES..(r + 1) * supers * Q4K_BYTES],
-            supers,
-        )
+        let row_bytes = supers * k_bytes(FIVE);
+        (&bytes[r * row_bytes..(r + 1) * row_bytes], supers)
     }
 
-    /// `row_dots` for N input rows of Q4_K: each pair of sub-blocks shares 32 bytes of
-    /// nibbles (the low ones are the first sub-block, the high ones the second).
+    /// `row_dots` for N input rows of Q4_K (or with FIVE, Q5_K): each pair of sub-blocks
+    /// shares 32 bytes of nibbles (the low ones are the first sub-block, the high ones the
+    /// second); Q5_K's fifth bit of value l of sub-block j is bit j of byte l of its highs.
     ///
     /// # Safety
-    /// As for `row_dots`, with `bytes` in Q4_K.
+    /// As for `row_dots`, with `bytes` in Q4_K (Q5_K).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn q4k_row_dots<const N: usize>(
+    pub(super) unsafe fn k_row_dots<const N: usize, const FIVE: bool>(
         bytes: &[u8],
         r: usize,
         cols: usize,
@@ -574,26 +593,44 @@ mod avx2 {
         block_sums: &[f32],
         dots: &mut [f32],
     ) {
-        let (row, supers) = q4k_row_for::<N>(bytes, r, cols, (x, block_sums, dots));
+        let (row, supers) = k_row_for::<N, FIVE>(bytes, r, cols, (x, block_sums, dots));
         let blocks = cols / BLOCK;
         let f16_values = f16_values();
         let mut scaled = [_mm256_setzero_ps(); N];
         let mut offsets = [0f32; N];
-        let low = _mm256_set1_epi32(0x0f);
+        let (low, sixteen) = (_mm256_set1_epi32(0x0f), _mm256_set1_epi32(16));
+        let nibbles_at = if FIVE { 48 } else { 16 };
         for sb in 0..supers {
             // SAFETY: super-block sb of the row, and 256 values of each x_i from sb·256, lie
             // inside the slices checked above.
             unsafe {
-                let at = row.as_ptr().add(sb * Q4K_BYTES);
-                prefetch_ahead(at);
-                prefetch_ahead(at.add(64));
+                let at = row.as_ptr().add(sb * k_bytes(FIVE));
+                for ahead in [0, 64, 128] {
+                    prefetch_ahead(at.add(ahead));
+                }
                 let (scales, m) = q4k_scales(at, f16_values);
+                let widen = |p: *const u8| -> [__m256i; 4] {
+                    [0, 8, 16, 24]
+                        .map(|o| _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(o) as *const __m128i)))
+                };
+                let highs = if FIVE { widen(at.add(16)) } else { [low; 4] };
+                // Sub-block j's values with their fifth bits (Q5_K).
+                let with_highs = |v: [__m256i; 4], j: usize| {
+                    if !FIVE {
+                        return v.map(|v| _mm256_cvtepi32_ps(v));
+                    }
+                    let bit = _mm256_set1_epi32(1 << j);
+                    std::array::from_fn(|k| {
+                        let set = _mm256_and_si256(highs[k], bit);
+                        let unset = _mm256_cmpeq_epi32(set, _mm256_setzero_si256());
+                        let v = _mm256_or_si256(v[k], _mm256_andnot_si256(unset, sixteen));
+                        _mm256_cvtepi32_ps(v)
+                    })
+                };
                 for pair in 0..4 {
-                    let q = at.add(16 + 32 * pair);
-                    let wide: [__m256i; 4] = [0, 8, 16, 24]
-                        .map(|o| _mm256_cvtepu8_epi32(_mm_loadl_epi64(q.add(o) as *const __m128i)));
-                    let lo = wide.map(|v| _mm256_cvtepi32_ps(_mm256_and_si256(v, low)));
-                    let hi = wide.map(|v| _mm256_cvtepi32_ps(_mm256_srli_epi32::<4>(v)));
+                    let wide = widen(at.add(nibbles_at + 32 * pair));
+                    let lo = with_highs(wide.map(|v| _mm256_and_si256(v, low)), 2 * pair);
+                    let hi = with_highs(wide.map(|v| _mm256_srli_epi32::<4>(v)), 2 * pair + 1);
                     for (half, values) in [lo, hi].iter().enumerate() {
                         let j = 2 * pair + half;
                         let d = _mm256_set1_ps(scales[j]);
@@ -1073,8 +1110,8 @@ mod avx2 {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::avx2::{
-        block_bytes, block_scales, nibbles, q4k_row_for, q4k_scales, q6k_row_for, q6k_scales,
-        row_for, row_group_for, scales, Q4K_BYTES, Q4_0, Q4_1, Q5_0, Q6K_BYTES, Q8_0,
+        block_bytes, block_scales, k_bytes, k_row_for, nibbles, q4k_scales, q6k_row_for,
+        q6k_scales, row_for, row_group_for, scales, Q4_0, Q4_1, Q5_0, Q6K_BYTES, Q8_0,
     };
     use super::*;
 
@@ -1288,13 +1325,13 @@ mod avx512 {
         }
     }
 
-    /// `avx2::q4k_row_dots` with 512-bit registers: a sub-block's 32 values are two.
+    /// `avx2::k_row_dots` with 512-bit registers: a sub-block's 32 values are two.
     ///
     /// # Safety
-    /// As for `row_dots`, with `bytes` in Q4_K.
+    /// As for `row_dots`, with `bytes` in Q4_K (Q5_K).
     #[inline]
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-    unsafe fn q4k_row_dots<const N: usize>(
+    unsafe fn k_row_dots<const N: usize, const FIVE: bool>(
         bytes: &[u8],
         r: usize,
         cols: usize,
@@ -1302,27 +1339,43 @@ mod avx512 {
         block_sums: &[f32],
         dots: &mut [f32],
     ) {
-        let (row, supers) = q4k_row_for::<N>(bytes, r, cols, (x, block_sums, dots));
+        let (row, supers) = k_row_for::<N, FIVE>(bytes, r, cols, (x, block_sums, dots));
         let blocks = cols / BLOCK;
         let f16_values = f16_values();
         let mut even = [_mm512_setzero_ps(); N];
         let mut odd = [_mm512_setzero_ps(); N];
         let mut offsets = [0f32; N];
-        let low = _mm512_set1_epi32(0x0f);
+        let (low, sixteen) = (_mm512_set1_epi32(0x0f), _mm512_set1_epi32(16));
+        let nibbles_at = if FIVE { 48 } else { 16 };
         for sb in 0..supers {
             // SAFETY: super-block sb of the row, and 256 values of each x_i from sb·256, lie
             // inside the slices checked above.
             unsafe {
-                let at = row.as_ptr().add(sb * Q4K_BYTES);
-                prefetch_ahead(at);
-                prefetch_ahead(at.add(64));
+                let at = row.as_ptr().add(sb * k_bytes(FIVE));
+                for ahead in [0, 64, 128] {
+                    prefetch_ahead(at.add(ahead));
+                }
                 let (scales, m) = q4k_scales(at, f16_values);
+                let widen = |p: *const u8| -> [__m512i; 2] {
+                    [0, 16]
+                        .map(|o| _mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(o) as *const __m128i)))
+                };
+                let highs = if FIVE { widen(at.add(16)) } else { [low; 2] };
+                // Sub-block j's values with their fifth bits (Q5_K).
+                let with_highs = |v: [__m512i; 2], j: usize| {
+                    if !FIVE {
+                        return v.map(|v| _mm512_cvtepi32_ps(v));
+                    }
+                    let bit = _mm512_set1_epi32(1 << j);
+                    std::array::from_fn(|k| {
+                        let set = _mm512_test_epi32_mask(highs[k], bit);
+                        _mm512_cvtepi32_ps(_mm512_mask_or_epi32(v[k], set, v[k], sixteen))
+                    })
+                };
                 for pair in 0..4 {
-                    let q = at.add(16 + 32 * pair);
-                    let wide: [__m512i; 2] = [0, 16]
-                        .map(|o| _mm512_cvtepu8_epi32(_mm_loadu_si128(q.add(o) as *const __m128i)));
-                    let lo = wide.map(|v| _mm512_cvtepi32_ps(_mm512_and_si512(v, low)));
-                    let hi = wide.map(|v| _mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(v)));
+                    let wide = widen(at.add(nibbles_at + 32 * pair));
+                    let lo = with_highs(wide.map(|v| _mm512_and_si512(v, low)), 2 * pair);
+                    let hi = with_highs(wide.map(|v| _mm512_srli_epi32::<4>(v)), 2 * pair + 1);
                     for (half, values) in [lo, hi].iter().enumerate() {
                         let j = 2 * pair + half;
                         let d = _mm512_set1_ps(scales[j]);

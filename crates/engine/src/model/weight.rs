@@ -949,6 +949,7 @@ mod tests {
             (20, GgmlDType::Q4K),
             (13, GgmlDType::Q5_0),
             (7, GgmlDType::Q6K),
+            (5, GgmlDType::Q5K),
         ]
         .iter()
         .enumerate()

@@ -1495,6 +1495,7 @@ mod avx512 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::dequantize::tests::assert_same_as_candles;
     use super::*;
     use candle_core::quantized::QTensor;
     use candle_core::{Device, Tensor};
@@ -1513,45 +1514,10 @@ mod tests {
         for (kernel, dtype) in kernels.iter().flat_map(|&k| {
             [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0].map(|dtype| (k, dtype))
         }) {
-            let q = QTensor::quantize(&w, dtype).unwrap();
-            let want: Vec<f32> = q
-                .dequantize(&Device::Cpu)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let data = q.data().unwrap();
-            let mut got = vec![0f32; 16 * 256];
-            assert!(dequantize_blocks_with(kernel, &data, dtype, &mut got, HALF));
-            let same = got
-                .iter()
-                .zip(&want)
-                .all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(
-                same,
-                "{kernel:?} {dtype:?}: register dequantization differs from candle's"
-            );
-            // The same values in runs of 16, 40 apart (the gaps stay untouched).
-            let stride = 40;
-            let runs = 16 * 256 / HALF;
-            let mut strided = vec![f32::NAN; (runs - 1) * stride + HALF];
-            assert!(dequantize_blocks_with(
-                kernel,
-                &data,
-                dtype,
-                &mut strided,
-                stride
-            ));
-            for (i, w) in want.iter().enumerate() {
-                let at = (i / HALF) * stride + i % HALF;
-                assert_eq!(
-                    strided[at].to_bits(),
-                    w.to_bits(),
-                    "{kernel:?} {dtype:?}: {i}"
-                );
-            }
-            assert!(strided[HALF..stride].iter().all(|v| v.is_nan()));
+            let label = format!("{kernel:?} {dtype:?}, register dequantization");
+            assert_same_as_candles(&w, dtype, &label, |blocks, dst, stride| {
+                dequantize_blocks_with(kernel, blocks, dtype, dst, stride)
+            });
         }
     }
 

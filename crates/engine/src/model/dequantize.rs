@@ -214,10 +214,46 @@ fn q6k(b: &[u8], out: &mut [f32; SUPER]) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use candle_core::quantized::QTensor;
     use candle_core::{Device, Tensor};
+
+    /// `w` quantized to `dtype`, then written by `dequantize(blocks, dst, stride)` contiguous
+    /// (stride 16) and in runs of 16, 40 apart: the same bits as candle's dequantization, and
+    /// the gaps between runs untouched.
+    pub(in crate::model) fn assert_same_as_candles(
+        w: &Tensor,
+        dtype: GgmlDType,
+        label: &str,
+        dequantize: impl Fn(&[u8], &mut [f32], usize) -> bool,
+    ) {
+        let q = QTensor::quantize(w, dtype).unwrap();
+        let want: Vec<f32> = q
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let data = q.data().unwrap();
+        let mut got = vec![f32::NAN; want.len()];
+        assert!(dequantize(&data, &mut got, 16), "{label}: not written");
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.to_bits(), w.to_bits(), "{label}: value {i}");
+        }
+        let stride = 40;
+        let mut strided = vec![f32::NAN; (want.len() / 16 - 1) * stride + 16];
+        assert!(
+            dequantize(&data, &mut strided, stride),
+            "{label}: not written"
+        );
+        for (i, w) in want.iter().enumerate() {
+            let at = (i / 16) * stride + i % 16;
+            assert_eq!(strided[at].to_bits(), w.to_bits(), "{label}, strided: {i}");
+        }
+        assert!(strided[16..stride].iter().all(|v| v.is_nan()));
+    }
 
     #[test]
     fn dequantization_is_bit_identical_to_candles() {
@@ -237,36 +273,10 @@ mod tests {
             GgmlDType::Q5K,
             GgmlDType::Q6K,
         ] {
-            let q = QTensor::quantize(&w, dtype).unwrap();
-            let want: Vec<f32> = q
-                .dequantize(&Device::Cpu)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let data = q.data().unwrap();
             for kernel in Kernel::available() {
-                let mut got = vec![f32::NAN; want.len()];
-                assert!(dequantize_blocks(kernel, &data, dtype, &mut got, 16));
-                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                    assert_eq!(g.to_bits(), w.to_bits(), "{dtype:?}, {kernel:?}: value {i}");
-                }
-                // Runs of 16, 40 apart; the gaps stay untouched.
-                let stride = 40;
-                let mut strided = vec![f32::NAN; (want.len() / 16 - 1) * stride + 16];
-                assert!(dequantize_blocks(
-                    kernel,
-                    &data,
-                    dtype,
-                    &mut strided,
-                    stride
-                ));
-                for (i, w) in want.iter().enumerate() {
-                    let at = (i / 16) * stride + i % 16;
-                    assert_eq!(strided[at].to_bits(), w.to_bits(), "{dtype:?}: {i}");
-                }
-                assert!(strided[16..stride].iter().all(|v| v.is_nan()));
+                assert_same_as_candles(&w, dtype, &format!("{dtype:?}, {kernel:?}"), |b, d, s| {
+                    dequantize_blocks(kernel, b, dtype, d, s)
+                });
             }
         }
         let q8 = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();

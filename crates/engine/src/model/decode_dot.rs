@@ -356,15 +356,28 @@ macro_rules! register_kernel_entry_points {
             dots: &mut [f32],
         ) {
             let n = dots.len() / rows;
-            macro_rules! by_count {
-                ($format:expr) => {
-                    for (k, dots) in dots.chunks_mut(n).enumerate() {
-                        let r = r + k;
+            // Each row on its own, through `$call` with the const N set to the input rows.
+            macro_rules! each_row {
+                (|$row:ident, $dots:ident| $call:expr) => {
+                    for (k, $dots) in dots.chunks_mut(n).enumerate() {
+                        let $row = r + k;
                         match n {
-                            1 => row_dots_n::<1, { $format }>(bytes, r, cols, x, block_sums, dots),
-                            2 => row_dots_n::<2, { $format }>(bytes, r, cols, x, block_sums, dots),
-                            3 => row_dots_n::<3, { $format }>(bytes, r, cols, x, block_sums, dots),
-                            _ => row_dots_n::<4, { $format }>(bytes, r, cols, x, block_sums, dots),
+                            1 => {
+                                const N: usize = 1;
+                                $call
+                            }
+                            2 => {
+                                const N: usize = 2;
+                                $call
+                            }
+                            3 => {
+                                const N: usize = 3;
+                                $call
+                            }
+                            _ => {
+                                const N: usize = 4;
+                                $call
+                            }
                         }
                     }
                 };
@@ -382,7 +395,9 @@ macro_rules! register_kernel_entry_points {
                             row_dots_n::<1, { $format }>(bytes, r, cols, x, block_sums, dots);
                         }
                     } else {
-                        by_count!($format)
+                        each_row!(|r, dots| row_dots_n::<N, { $format }>(
+                            bytes, r, cols, x, block_sums, dots
+                        ))
                     }
                 };
             }
@@ -393,36 +408,14 @@ macro_rules! register_kernel_entry_points {
                     GgmlDType::Q4_1 => by_rows!(Q4_1),
                     GgmlDType::Q8_0 => by_rows!(Q8_0),
                     GgmlDType::Q5_0 => by_rows!(Q5_0),
-                    GgmlDType::Q4K | GgmlDType::Q5K => {
-                        macro_rules! k_rows {
-                            ($five:expr) => {
-                                for (k, dots) in dots.chunks_mut(n).enumerate() {
-                                    let (r, (x, s)) = (r + k, (x, block_sums));
-                                    match n {
-                                        1 => k_row_dots::<1, $five>(bytes, r, cols, x, s, dots),
-                                        2 => k_row_dots::<2, $five>(bytes, r, cols, x, s, dots),
-                                        3 => k_row_dots::<3, $five>(bytes, r, cols, x, s, dots),
-                                        _ => k_row_dots::<4, $five>(bytes, r, cols, x, s, dots),
-                                    }
-                                }
-                            };
-                        }
-                        if dtype == GgmlDType::Q5K {
-                            k_rows!(true)
-                        } else {
-                            k_rows!(false)
-                        }
-                    }
+                    GgmlDType::Q4K => each_row!(|r, dots| k_row_dots::<N, false>(
+                        bytes, r, cols, x, block_sums, dots
+                    )),
+                    GgmlDType::Q5K => each_row!(|r, dots| k_row_dots::<N, true>(
+                        bytes, r, cols, x, block_sums, dots
+                    )),
                     GgmlDType::Q6K => {
-                        for (k, dots) in dots.chunks_mut(n).enumerate() {
-                            let r = r + k;
-                            match n {
-                                1 => q6k_row_dots::<1>(bytes, r, cols, x, dots),
-                                2 => q6k_row_dots::<2>(bytes, r, cols, x, dots),
-                                3 => q6k_row_dots::<3>(bytes, r, cols, x, dots),
-                                _ => q6k_row_dots::<4>(bytes, r, cols, x, dots),
-                            }
-                        }
+                        each_row!(|r, dots| q6k_row_dots::<N>(bytes, r, cols, x, dots))
                     }
                     _ => unreachable!("no register kernel for {dtype:?}"),
                 }

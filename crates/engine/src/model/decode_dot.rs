@@ -112,16 +112,18 @@ pub fn has_fast_dequantization(dtype: GgmlDType) -> bool {
     has_register_kernel(dtype) || super::dequantize::has_fast_dequantization(dtype)
 }
 
-/// Block types whose decoding dots run in registers: those with a register kernel, Q5_0
-/// (Gemma 3's and other Q4_K_M files' q, k, gate and up matrices), Q4_K and Q5_K (most
-/// matrices of a Q4_K_M or Q5_K_M file) and Q6_K (their down projections), whose
-/// dequantization is `super::dequantize`'s.
-pub fn has_register_dots(dtype: GgmlDType) -> bool {
+/// Storage types whose decoding dots run in registers for rows of `cols` values: those with
+/// a register kernel, Q5_0 (Gemma 3's and other Q4_K_M files' q, k, gate and up matrices),
+/// Q4_K and Q5_K (most matrices of a Q4_K_M or Q5_K_M file) and Q6_K (their down
+/// projections), whose dequantization is `super::dequantize`'s; and f16 and bf16 (Hugging Face
+/// checkpoints, f16 GGUF files) where rows are whole runs of 32 values.
+pub fn has_register_dots(dtype: GgmlDType, cols: usize) -> bool {
     has_register_kernel(dtype)
         || matches!(
             dtype,
             GgmlDType::Q5_0 | GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K
         )
+        || (matches!(dtype, GgmlDType::F16 | GgmlDType::BF16) && cols.is_multiple_of(BLOCK))
 }
 
 /// One stored matrix of a product: its bytes where a register kernel reads them, its number of
@@ -170,7 +172,7 @@ pub fn product(parts: &[Part], cols: usize, x: &[f32], kernel: Kernel) -> Vec<f3
                 match (kernel, part.blocks) {
                     #[cfg(target_arch = "x86_64")]
                     (kernel, Some((bytes, dtype)))
-                        if kernel.has_avx2() && has_register_dots(dtype) =>
+                        if kernel.has_avx2() && has_register_dots(dtype, cols) =>
                     {
                         let row_dots = if kernel == Kernel::Avx512 {
                             avx512::row_dots
@@ -416,6 +418,12 @@ macro_rules! register_kernel_entry_points {
                     )),
                     GgmlDType::Q6K => {
                         each_row!(|r, dots| q6k_row_dots::<N>(bytes, r, cols, x, dots))
+                    }
+                    GgmlDType::F16 => {
+                        each_row!(|r, dots| half_row_dots::<N, false>(bytes, r, cols, x, dots))
+                    }
+                    GgmlDType::BF16 => {
+                        each_row!(|r, dots| half_row_dots::<N, true>(bytes, r, cols, x, dots))
                     }
                     _ => unreachable!("no register kernel for {dtype:?}"),
                 }
@@ -774,6 +782,78 @@ mod avx2 {
         (&bytes[r * blocks * size..(r + 1) * blocks * size], blocks)
     }
 
+    /// Row `r` of f16 or bf16 `bytes` (`cols` values per row), after checking that the row
+    /// is whole chunks of 32 values and that N input rows and N dots fit the slices.
+    pub(super) fn half_row_for<'a, const N: usize>(
+        bytes: &'a [u8],
+        r: usize,
+        cols: usize,
+        (x, dots): (&[f32], &[f32]),
+    ) -> &'a [u8] {
+        assert!(
+            cols.is_multiple_of(BLOCK),
+            "half rows are taken 32 values at a time"
+        );
+        assert!(x.len() >= N * cols && dots.len() >= N);
+        &bytes[r * cols * 2..(r + 1) * cols * 2]
+    }
+
+    /// Eight f16 (or, with BF, bf16) values at `at` as f32: exact either way.
+    ///
+    /// # Safety
+    /// 16 bytes at `at` may be read.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn half8<const BF: bool>(at: *const u8) -> __m256 {
+        // SAFETY: the caller's bound.
+        let v = unsafe { _mm_loadu_si128(at as *const __m128i) };
+        if BF {
+            // A bf16 is the high half of the f32 with the same bits.
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(v)))
+        } else {
+            _mm256_cvtph_ps(v)
+        }
+    }
+
+    /// `row_dots_n` for f16 (bf16 with BF) weights: 32 values a step, two chains of
+    /// multiply-adds per input row.
+    ///
+    /// # Safety
+    /// As for `row_dots`, with `bytes` f16 or bf16 values.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn half_row_dots<const N: usize, const BF: bool>(
+        bytes: &[u8],
+        r: usize,
+        cols: usize,
+        x: &[f32],
+        dots: &mut [f32],
+    ) {
+        let row = half_row_for::<N>(bytes, r, cols, (x, dots));
+        let mut even = [_mm256_setzero_ps(); N];
+        let mut odd = [_mm256_setzero_ps(); N];
+        for c in (0..cols).step_by(BLOCK) {
+            // SAFETY: values c..c + 32 of the row (64 bytes) and of each x_i lie inside the
+            // slices checked above.
+            unsafe {
+                let at = row.as_ptr().add(2 * c);
+                prefetch_ahead(at);
+                let w = [0, 16, 32, 48].map(|b| half8::<BF>(at.add(b)));
+                for i in 0..N {
+                    let xc = x.as_ptr().add(i * cols + c);
+                    even[i] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xc), even[i]);
+                    odd[i] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xc.add(8)), odd[i]);
+                    even[i] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xc.add(16)), even[i]);
+                    odd[i] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xc.add(24)), odd[i]);
+                }
+            }
+        }
+        let both: [__m256; N] = std::array::from_fn(|i| _mm256_add_ps(even[i], odd[i]));
+        for (i, sum) in sums4(&both).into_iter().take(N).enumerate() {
+            dots[i] = sum;
+        }
+    }
+
     /// A Q4 block's 32 values as bytes: elements 0..16 (the low nibbles) and 16..32 (the high
     /// ones); Q4_0's stored q + 8 becomes the signed q, as the plain path computes it.
     ///
@@ -1103,8 +1183,8 @@ mod avx2 {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::avx2::{
-        block_bytes, block_scales, k_bytes, k_row_for, nibbles, q4k_scales, q6k_row_for,
-        q6k_scales, row_for, row_group_for, scales, Q4_0, Q4_1, Q5_0, Q6K_BYTES, Q8_0,
+        block_bytes, block_scales, half_row_for, k_bytes, k_row_for, nibbles, q4k_scales,
+        q6k_row_for, q6k_scales, row_for, row_group_for, scales, Q4_0, Q4_1, Q5_0, Q6K_BYTES, Q8_0,
     };
     use super::*;
 
@@ -1459,6 +1539,58 @@ mod avx512 {
                             }
                         }
                     }
+                }
+            }
+        }
+        let both: [__m512; N] = std::array::from_fn(|i| _mm512_add_ps(even[i], odd[i]));
+        for (i, sum) in sums4(&both).into_iter().take(N).enumerate() {
+            dots[i] = sum;
+        }
+    }
+
+    /// Sixteen f16 (or, with BF, bf16) values at `at` as f32.
+    ///
+    /// # Safety
+    /// 32 bytes at `at` may be read.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn half16<const BF: bool>(at: *const u8) -> __m512 {
+        // SAFETY: the caller's bound.
+        let v = unsafe { _mm256_loadu_si256(at as *const __m256i) };
+        if BF {
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(v)))
+        } else {
+            _mm512_cvtph_ps(v)
+        }
+    }
+
+    /// `avx2::half_row_dots` with 512-bit registers.
+    ///
+    /// # Safety
+    /// As for `row_dots`, with `bytes` f16 or bf16 values.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn half_row_dots<const N: usize, const BF: bool>(
+        bytes: &[u8],
+        r: usize,
+        cols: usize,
+        x: &[f32],
+        dots: &mut [f32],
+    ) {
+        let row = half_row_for::<N>(bytes, r, cols, (x, dots));
+        let mut even = [_mm512_setzero_ps(); N];
+        let mut odd = [_mm512_setzero_ps(); N];
+        for c in (0..cols).step_by(BLOCK) {
+            // SAFETY: values c..c + 32 of the row (64 bytes) and of each x_i lie inside the
+            // slices checked above.
+            unsafe {
+                let at = row.as_ptr().add(2 * c);
+                prefetch_ahead(at);
+                let (lo, hi) = (half16::<BF>(at), half16::<BF>(at.add(32)));
+                for i in 0..N {
+                    let xc = x.as_ptr().add(i * cols + c);
+                    even[i] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xc), even[i]);
+                    odd[i] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xc.add(16)), odd[i]);
                 }
             }
         }

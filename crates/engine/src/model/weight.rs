@@ -48,6 +48,18 @@ pub struct Weight {
     cols: usize,
 }
 
+/// Numbers without padding or invalid bit patterns, which may be viewed as bytes.
+trait Plain: Copy {}
+impl Plain for f32 {}
+impl Plain for f16 {}
+impl Plain for bf16 {}
+
+/// The bytes of a slice of plain numbers (little-endian on every CPU this runs on).
+fn bytes_of<T: Plain>(v: &[T]) -> &[u8] {
+    // SAFETY: `Plain` types have no padding, and every byte of them is initialized.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+}
+
 /// The stored values of one matrix, borrowed for the duration of a product.
 enum Values<'a> {
     F32(&'a [f32]),
@@ -452,7 +464,9 @@ impl Matrix {
             self.with_values(|values| {
                 let blocks = match values {
                     Values::Blocks(bytes, dtype) => Some((bytes, dtype)),
-                    _ => None,
+                    Values::F16(v) => Some((bytes_of(v), GgmlDType::F16)),
+                    Values::BF16(v) => Some((bytes_of(v), GgmlDType::BF16)),
+                    Values::F32(_) => None,
                 };
                 let row = |r: usize, dst: &mut [f32]| dequantize(&values, cols, r, 0, cols, dst);
                 let part = decode_dot::Part {
@@ -650,10 +664,6 @@ impl Values<'_> {
 
     /// Starts loading the stored bytes of columns c0..c1 (on block boundaries) of `rows`.
     fn prefetch(&self, cols: usize, rows: std::ops::Range<usize>, c0: usize, c1: usize) {
-        fn bytes_of<T>(v: &[T]) -> &[u8] {
-            // SAFETY: plain numbers viewed as bytes, only to prefetch them.
-            unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
-        }
         let (bytes, per_block, block) = match self {
             Values::F32(v) => (bytes_of(v), 4, 1),
             Values::F16(v) => (bytes_of(v), 2, 1),

@@ -172,6 +172,8 @@ pub fn parse(spec: &str) -> Result<(Shape, GgmlDType), EngineError> {
         "q5_0" => GgmlDType::Q5_0,
         "q5_1" => GgmlDType::Q5_1,
         "q8_0" => GgmlDType::Q8_0,
+        "q2_k" => GgmlDType::Q2K,
+        "q3_k" => GgmlDType::Q3K,
         "q4_k" => GgmlDType::Q4K,
         "q5_k" => GgmlDType::Q5K,
         "q6_k" => GgmlDType::Q6K,
@@ -179,7 +181,7 @@ pub fn parse(spec: &str) -> Result<(Shape, GgmlDType), EngineError> {
         "bf16" => GgmlDType::BF16,
         other => {
             return Err(EngineError::InvalidInput(format!(
-                "unknown weight type `{other}` (q4_0, q4_1, q5_0, q5_1, q8_0, q4_k, q5_k, q6_k, f16, bf16)"
+                "unknown weight type `{other}` (q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k, f16, bf16)"
             )))
         }
     };

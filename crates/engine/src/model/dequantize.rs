@@ -1,5 +1,6 @@
 //! Dequantization of the GGUF block types that have no register kernel in `decode_dot`: Q5_0,
-//! Q4_K, Q5_K and Q6_K (the types of Q4_K_M and Q5_K_M files, Gemma 3's among them).
+//! Q4_K, Q5_K and Q6_K (the types of Q4_K_M and Q5_K_M files, Gemma 3's among them), Q2_K and
+//! Q3_K (Q2_K and Q3_K_* files) and Q5_1.
 //!
 //! candle's `to_float` for these is scalar code that allocates per call; decoding Gemma 3 270M
 //! spent most of each token there (10 tokens/s against llama.cpp's 41). These loops compute
@@ -20,7 +21,13 @@ const SUPER: usize = 256;
 pub fn has_fast_dequantization(dtype: GgmlDType) -> bool {
     matches!(
         dtype,
-        GgmlDType::Q5_0 | GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K
+        GgmlDType::Q5_0
+            | GgmlDType::Q5_1
+            | GgmlDType::Q2K
+            | GgmlDType::Q3K
+            | GgmlDType::Q4K
+            | GgmlDType::Q5K
+            | GgmlDType::Q6K
     )
 }
 
@@ -93,6 +100,9 @@ fn dequantize_with(blocks: &[u8], dtype: GgmlDType, dst: &mut [f32], stride: usi
     }
     match dtype {
         GgmlDType::Q5_0 => each_block!(SMALL, 22, q5_0),
+        GgmlDType::Q5_1 => each_block!(SMALL, 24, q5_1),
+        GgmlDType::Q2K => each_block!(SUPER, 84, q2k),
+        GgmlDType::Q3K => each_block!(SUPER, 110, q3k),
         GgmlDType::Q4K => each_block!(SUPER, 144, q4k),
         GgmlDType::Q5K => each_block!(SUPER, 176, q5k),
         GgmlDType::Q6K => each_block!(SUPER, 210, q6k),
@@ -119,6 +129,94 @@ fn q5_0(b: &[u8], out: &mut [f32; SMALL]) {
         out[j] = x0 as f32 * d;
         out[j + 16] = x1 as f32 * d;
     }
+}
+
+/// ggml's `block_q5_1`: d, m (f16), the 32 high bits, 16 bytes of low nibbles; x = q·d + m.
+#[inline(always)]
+fn q5_1(b: &[u8], out: &mut [f32; SMALL]) {
+    let (d, m) = (half_at(b, 0), half_at(b, 2));
+    let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+    let qs: &[u8; 16] = b[8..24].try_into().expect("a whole block");
+    for j in 0..16 {
+        let high_0 = (((qh >> j) << 4) & 0x10) as u8;
+        let high_1 = ((qh >> (j + 12)) & 0x10) as u8;
+        let x0 = (qs[j] & 0x0F) | high_0;
+        let x1 = (qs[j] >> 4) | high_1;
+        out[j] = x0 as f32 * d + m;
+        out[j + 16] = x1 as f32 * d + m;
+    }
+}
+
+/// ggml's `block_q2_K`: 16 bytes of 4-bit scale and min pairs (one per 16 values), 64 bytes
+/// of 2-bit values, d, dmin (f16); x = d·sc·q - dmin·m.
+#[inline(always)]
+fn q2k(b: &[u8], out: &mut [f32; SUPER]) {
+    let (d, min) = (half_at(b, 80), half_at(b, 82));
+    for half in 0..2 {
+        let qs: &[u8; 32] = b[16 + 32 * half..48 + 32 * half]
+            .try_into()
+            .expect("a whole block");
+        for step in 0..4 {
+            let shift = 2 * step;
+            for part in 0..2 {
+                let sc = b[8 * half + 2 * step + part];
+                let dl = d * (sc & 0xF) as f32;
+                let ml = min * (sc >> 4) as f32;
+                let o = &mut out[128 * half + 32 * step + 16 * part..][..16];
+                for (y, q) in o.iter_mut().zip(&qs[16 * part..16 * part + 16]) {
+                    *y = dl * ((q >> shift) & 3) as f32 - ml;
+                }
+            }
+        }
+    }
+}
+
+/// ggml's `block_q3_K`: 32 bytes of high bits, 64 bytes of 2-bit low values, 12 bytes of
+/// 6-bit scales (one per 16 values), d (f16); x = d·(sc - 32)·(q - 4 where the high bit is
+/// clear).
+#[inline(always)]
+fn q3k(b: &[u8], out: &mut [f32; SUPER]) {
+    let hmask: &[u8; 32] = b[..32].try_into().expect("a whole block");
+    let d = half_at(b, 108);
+    let scales = q3k_scales(b[96..108].try_into().expect("a whole block"));
+    for half in 0..2 {
+        let qs: &[u8; 32] = b[32 + 32 * half..64 + 32 * half]
+            .try_into()
+            .expect("a whole block");
+        for step in 0..4 {
+            let (shift, bit) = (2 * step, 1u8 << (4 * half + step));
+            for part in 0..2 {
+                let dl = d * (scales[8 * half + 2 * step + part] as f32 - 32.0);
+                let o = &mut out[128 * half + 32 * step + 16 * part..][..16];
+                for (i, y) in o.iter_mut().enumerate() {
+                    let at = 16 * part + i;
+                    let low = ((qs[at] >> shift) & 3) as i8;
+                    let q = low - if hmask[at] & bit == 0 { 4 } else { 0 };
+                    *y = dl * q as f32;
+                }
+            }
+        }
+    }
+}
+
+/// Q3_K's sixteen 6-bit scales (stored + 32), unpacked from their 12 bytes as ggml does.
+#[inline(always)]
+fn q3k_scales(packed: &[u8; 12]) -> [u8; 16] {
+    const LOW: u32 = 0x0f0f0f0f;
+    const HIGH: u32 = 0x03030303;
+    let word = |i: usize| u32::from_le_bytes(packed[4 * i..4 * i + 4].try_into().expect("4"));
+    let (a, b, t) = (word(0), word(1), word(2));
+    let words = [
+        (a & LOW) | ((t & HIGH) << 4),
+        (b & LOW) | (((t >> 2) & HIGH) << 4),
+        ((a >> 4) & LOW) | (((t >> 4) & HIGH) << 4),
+        ((b >> 4) & LOW) | (((t >> 6) & HIGH) << 4),
+    ];
+    let mut out = [0u8; 16];
+    for (o, w) in out.chunks_exact_mut(4).zip(words) {
+        o.copy_from_slice(&w.to_le_bytes());
+    }
+    out
 }
 
 /// Scale and min of sub-block j of a K super-block's 12 packed bytes (6 bits each).
@@ -269,6 +367,9 @@ pub(super) mod tests {
             .unwrap();
         for dtype in [
             GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q2K,
+            GgmlDType::Q3K,
             GgmlDType::Q4K,
             GgmlDType::Q5K,
             GgmlDType::Q6K,

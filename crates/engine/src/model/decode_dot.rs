@@ -121,7 +121,7 @@ pub fn has_register_dots(dtype: GgmlDType, cols: usize) -> bool {
     has_register_kernel(dtype)
         || matches!(
             dtype,
-            GgmlDType::Q5_0 | GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K
+            GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K
         )
         || (matches!(dtype, GgmlDType::F16 | GgmlDType::BF16) && cols.is_multiple_of(BLOCK))
 }
@@ -410,6 +410,7 @@ macro_rules! register_kernel_entry_points {
                     GgmlDType::Q4_1 => by_rows!(Q4_1),
                     GgmlDType::Q8_0 => by_rows!(Q8_0),
                     GgmlDType::Q5_0 => by_rows!(Q5_0),
+                    GgmlDType::Q5_1 => by_rows!(Q5_1),
                     GgmlDType::Q4K => each_row!(|r, dots| k_row_dots::<N, false>(
                         bytes, r, cols, x, block_sums, dots
                     )),
@@ -466,8 +467,9 @@ mod avx2 {
     pub(super) const Q4_0: u8 = 0;
     pub(super) const Q4_1: u8 = 1;
     pub(super) const Q8_0: u8 = 2;
-    /// Dots only (its dequantization is `super::super::dequantize`'s).
+    /// Dots only (their dequantization is `super::super::dequantize`'s).
     pub(super) const Q5_0: u8 = 3;
+    pub(super) const Q5_1: u8 = 4;
 
     /// Bytes per block of 32 weights.
     pub(super) const fn block_bytes(format: u8) -> usize {
@@ -475,7 +477,28 @@ mod avx2 {
             Q4_0 => 18,
             Q4_1 => 20,
             Q5_0 => 22,
+            Q5_1 => 24,
             _ => 34,
+        }
+    }
+
+    /// Where a block's value bytes start (Q8_0's 32 signed bytes, the other formats' 16 bytes
+    /// of nibbles).
+    pub(super) const fn values_at(format: u8) -> usize {
+        match format {
+            Q4_1 => 4,
+            Q5_0 => 6,
+            Q5_1 => 8,
+            _ => 2,
+        }
+    }
+
+    /// Where the u32 of fifth bits of a Q5 block lies (bit j belongs to element j).
+    pub(super) const fn fifth_bits_at(format: u8) -> Option<usize> {
+        match format {
+            Q5_0 => Some(2),
+            Q5_1 => Some(4),
+            _ => None,
         }
     }
 
@@ -519,7 +542,7 @@ mod avx2 {
         let bits = |at: usize| unsafe { std::ptr::read_unaligned(block.add(at) as *const u16) };
         let d = f16_values[bits(0) as usize];
         let m = match FORMAT {
-            Q4_1 => f16_values[bits(2) as usize],
+            Q4_1 | Q5_1 => f16_values[bits(2) as usize],
             Q4_0 => -8.0 * d,
             Q5_0 => -16.0 * d,
             _ => 0.0,
@@ -944,11 +967,7 @@ mod avx2 {
                 return [2, 10, 18, 26]
                     .map(|at| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(eight(at))));
             }
-            let at = match FORMAT {
-                Q4_1 => 4,
-                Q5_0 => 6,
-                _ => 2,
-            };
+            let at = values_at(FORMAT);
             let (a, b) = (
                 _mm256_cvtepu8_epi32(eight(at)),
                 _mm256_cvtepu8_epi32(eight(at + 8)),
@@ -960,11 +979,10 @@ mod avx2 {
                 _mm256_srli_epi32::<4>(a),
                 _mm256_srli_epi32::<4>(b),
             ];
-            if FORMAT != Q5_0 {
+            let Some(high_at) = fifth_bits_at(FORMAT) else {
                 return q.map(|v| _mm256_cvtepi32_ps(v));
-            }
-            // Q5_0's fifth bits: bit j of the u32 after d belongs to element j.
-            let high = std::ptr::read_unaligned(block.add(2) as *const u32) as i32;
+            };
+            let high = std::ptr::read_unaligned(block.add(high_at) as *const u32) as i32;
             let lanes = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
             let sixteen = _mm256_set1_epi32(16);
             let mut out = [_mm256_setzero_ps(); 4];
@@ -1183,8 +1201,9 @@ mod avx2 {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::avx2::{
-        block_bytes, block_scales, half_row_for, k_bytes, k_row_for, nibbles, q4k_scales,
-        q6k_row_for, q6k_scales, row_for, row_group_for, scales, Q4_0, Q4_1, Q5_0, Q6K_BYTES, Q8_0,
+        block_bytes, block_scales, fifth_bits_at, half_row_for, k_bytes, k_row_for, nibbles,
+        q4k_scales, q6k_row_for, q6k_scales, row_for, row_group_for, scales, values_at, Q4_0, Q4_1,
+        Q5_0, Q5_1, Q6K_BYTES, Q8_0,
     };
     use super::*;
 
@@ -1267,21 +1286,15 @@ mod avx512 {
             if FORMAT == Q8_0 {
                 return [2, 18].map(|at| _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sixteen(at))));
             }
-            let at = match FORMAT {
-                Q4_1 => 4,
-                Q5_0 => 6,
-                _ => 2,
-            };
-            let bytes = _mm512_cvtepu8_epi32(sixteen(at));
+            let bytes = _mm512_cvtepu8_epi32(sixteen(values_at(FORMAT)));
             let (lo, hi) = (
                 _mm512_and_si512(bytes, _mm512_set1_epi32(0x0f)),
                 _mm512_srli_epi32::<4>(bytes),
             );
-            if FORMAT != Q5_0 {
+            let Some(high_at) = fifth_bits_at(FORMAT) else {
                 return [lo, hi].map(|v| _mm512_cvtepi32_ps(v));
-            }
-            // Q5_0's fifth bits: bit j of the u32 after d belongs to element j.
-            let high = std::ptr::read_unaligned(block.add(2) as *const u32);
+            };
+            let high = std::ptr::read_unaligned(block.add(high_at) as *const u32);
             let sixteen = _mm512_set1_epi32(16);
             [
                 _mm512_mask_or_epi32(lo, high as u16, lo, sixteen),
@@ -1661,6 +1674,7 @@ mod tests {
             GgmlDType::Q4_0,
             GgmlDType::Q4_1,
             GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
             GgmlDType::Q8_0,
         ] {
             let w = Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).unwrap();

@@ -908,6 +908,7 @@ mod tests {
             GgmlDType::Q4_0,
             GgmlDType::Q4_1,
             GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
             GgmlDType::Q8_0,
         ] {
             let weight = Weight::from_qtensor(QTensor::quantize(&w, dtype).unwrap()).unwrap();
@@ -958,6 +959,7 @@ mod tests {
             (33, GgmlDType::Q4_0),
             (20, GgmlDType::Q4K),
             (13, GgmlDType::Q5_0),
+            (11, GgmlDType::Q5_1),
             (7, GgmlDType::Q6K),
             (5, GgmlDType::Q5K),
         ]

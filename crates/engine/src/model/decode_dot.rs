@@ -121,7 +121,13 @@ pub fn has_register_dots(dtype: GgmlDType, cols: usize) -> bool {
     has_register_kernel(dtype)
         || matches!(
             dtype,
-            GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K
+            GgmlDType::Q5_0
+                | GgmlDType::Q5_1
+                | GgmlDType::Q2K
+                | GgmlDType::Q3K
+                | GgmlDType::Q4K
+                | GgmlDType::Q5K
+                | GgmlDType::Q6K
         )
         || (matches!(dtype, GgmlDType::F16 | GgmlDType::BF16) && cols.is_multiple_of(BLOCK))
 }
@@ -420,6 +426,12 @@ macro_rules! register_kernel_entry_points {
                     GgmlDType::Q6K => {
                         each_row!(|r, dots| q6k_row_dots::<N>(bytes, r, cols, x, dots))
                     }
+                    GgmlDType::Q2K => {
+                        each_row!(|r, dots| q2k_row_dots::<N>(bytes, r, cols, x, dots))
+                    }
+                    GgmlDType::Q3K => {
+                        each_row!(|r, dots| q3k_row_dots::<N>(bytes, r, cols, x, dots))
+                    }
                     GgmlDType::F16 => {
                         each_row!(|r, dots| half_row_dots::<N, false>(bytes, r, cols, x, dots))
                     }
@@ -686,22 +698,197 @@ mod avx2 {
     /// nibbles, 64 of 2-bit highs, 16 signed scales, d as f16).
     pub(super) const Q6K_BYTES: usize = 210;
 
-    /// Row `r` of Q6_K `bytes` and its number of super-blocks, after checking that N input
-    /// rows and N dots fit the slices; with each super-block's sixteen scales d·sc (one per
-    /// 16 values, in order).
-    pub(super) fn q6k_row_for<'a, const N: usize>(
+    /// Bytes per Q2_K super-block (ggml's `block_q2_K`: 16 bytes of 4-bit scale and min
+    /// pairs, 64 of 2-bit values, d and dmin as f16) and per Q3_K one (`block_q3_K`: 32 bytes
+    /// of high bits, 64 of 2-bit low values, 12 of 6-bit scales, d as f16).
+    pub(super) const Q2K_BYTES: usize = 84;
+    pub(super) const Q3K_BYTES: usize = 110;
+
+    /// Row `r` of `bytes` (super-blocks of 256 values, `size` bytes each) and its number of
+    /// super-blocks, after checking that N input rows and N dots fit the slices.
+    pub(super) fn super_row_for<'a, const N: usize>(
         bytes: &'a [u8],
         r: usize,
         cols: usize,
+        size: usize,
         (x, dots): (&[f32], &[f32]),
     ) -> (&'a [u8], usize) {
         let supers = cols / 256;
-        assert!(cols.is_multiple_of(256), "Q6_K rows are whole super-blocks");
+        assert!(cols.is_multiple_of(256), "K rows are whole super-blocks");
         assert!(x.len() >= N * cols && dots.len() >= N);
+        (&bytes[r * supers * size..(r + 1) * supers * size], supers)
+    }
+
+    /// A Q2_K super-block's sixteen multipliers d·sc and offsets dmin·m, one pair per run of
+    /// 16 values (x = d·sc·q - dmin·m).
+    ///
+    /// # Safety
+    /// `block` points at a whole Q2_K super-block.
+    #[inline(always)]
+    pub(super) unsafe fn q2k_scales(
+        block: *const u8,
+        f16_values: &[f32; 1 << 16],
+    ) -> ([f32; 16], [f32; 16]) {
+        // SAFETY: the scales are the first 16 bytes, d and dmin the last four.
+        let (packed, d, min) = unsafe {
+            (
+                std::ptr::read_unaligned(block as *const [u8; 16]),
+                std::ptr::read_unaligned(block.add(80) as *const u16),
+                std::ptr::read_unaligned(block.add(82) as *const u16),
+            )
+        };
+        let (d, min) = (f16_values[d as usize], f16_values[min as usize]);
         (
-            &bytes[r * supers * Q6K_BYTES..(r + 1) * supers * Q6K_BYTES],
-            supers,
+            packed.map(|sc| d * (sc & 0xF) as f32),
+            packed.map(|sc| min * (sc >> 4) as f32),
         )
+    }
+
+    /// A Q3_K super-block's sixteen multipliers d·(sc - 32), one per run of 16 values.
+    ///
+    /// # Safety
+    /// `block` points at a whole Q3_K super-block.
+    #[inline(always)]
+    pub(super) unsafe fn q3k_scales(block: *const u8, f16_values: &[f32; 1 << 16]) -> [f32; 16] {
+        // SAFETY: the packed scales are bytes 96..108, d the last two.
+        let (packed, d) = unsafe {
+            (
+                std::ptr::read_unaligned(block.add(96) as *const [u8; 12]),
+                std::ptr::read_unaligned(block.add(108) as *const u16),
+            )
+        };
+        let d = f16_values[d as usize];
+        super::super::dequantize::q3k_scales(&packed).map(|sc| d * (sc as f32 - 32.0))
+    }
+
+    /// `row_dots` for N input rows of Q2_K. In each half of a super-block, byte i of its 32
+    /// holds values i, i + 32, i + 64 and i + 96 in its four bit pairs (ggml's layout); each
+    /// run of 16 has its own multiplier and offset, applied to the values in registers.
+    ///
+    /// # Safety
+    /// As for `row_dots`, with `bytes` in Q2_K.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn q2k_row_dots<const N: usize>(
+        bytes: &[u8],
+        r: usize,
+        cols: usize,
+        x: &[f32],
+        dots: &mut [f32],
+    ) {
+        let (row, supers) = super_row_for::<N>(bytes, r, cols, Q2K_BYTES, (x, dots));
+        let f16_values = f16_values();
+        // Two chains per input row (even and odd bit pairs), so that one multiply-add does not
+        // wait on the one before.
+        let mut sums = [[_mm256_setzero_ps(); N]; 2];
+        let three = _mm256_set1_epi32(3);
+        for sb in 0..supers {
+            // SAFETY: super-block sb of the row, and 256 values of each x_i from sb·256, lie
+            // inside the slices checked above.
+            unsafe {
+                let at = row.as_ptr().add(sb * Q2K_BYTES);
+                prefetch_ahead(at);
+                prefetch_ahead(at.add(64));
+                let (scales, offsets) = q2k_scales(at, f16_values);
+                for half in 0..2 {
+                    let qs = at.add(16 + 32 * half);
+                    for l in (0..32).step_by(8) {
+                        let q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(qs.add(l) as *const __m128i));
+                        for step in 0..4 {
+                            let v = _mm256_and_si256(
+                                _mm256_srlv_epi32(q, _mm256_set1_epi32(2 * step as i32)),
+                                three,
+                            );
+                            let e = 128 * half + 32 * step + l;
+                            let run = e / 16;
+                            let w = _mm256_fmsub_ps(
+                                _mm256_cvtepi32_ps(v),
+                                _mm256_set1_ps(scales[run]),
+                                _mm256_set1_ps(offsets[run]),
+                            );
+                            for (i, acc) in sums[step % 2].iter_mut().enumerate() {
+                                let xv = _mm256_loadu_ps(x.as_ptr().add(i * cols + sb * 256 + e));
+                                *acc = _mm256_fmadd_ps(w, xv, *acc);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let both: [__m256; N] = std::array::from_fn(|i| _mm256_add_ps(sums[0][i], sums[1][i]));
+        for (i, sum) in sums4(&both).into_iter().take(N).enumerate() {
+            dots[i] = sum;
+        }
+    }
+
+    /// `row_dots` for N input rows of Q3_K: Q2_K's layout of the low bit pairs, a third bit
+    /// per value (set: q as is; clear: q - 4) in 32 bytes whose bit 4·half + step belongs to
+    /// the bit pair `step` of that half; a multiplier per run of 16.
+    ///
+    /// # Safety
+    /// As for `row_dots`, with `bytes` in Q3_K.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn q3k_row_dots<const N: usize>(
+        bytes: &[u8],
+        r: usize,
+        cols: usize,
+        x: &[f32],
+        dots: &mut [f32],
+    ) {
+        let (row, supers) = super_row_for::<N>(bytes, r, cols, Q3K_BYTES, (x, dots));
+        let f16_values = f16_values();
+        let mut sums = [[_mm256_setzero_ps(); N]; 2];
+        let (three, four) = (_mm256_set1_epi32(3), _mm256_set1_epi32(4));
+        for sb in 0..supers {
+            // SAFETY: super-block sb of the row, and 256 values of each x_i from sb·256, lie
+            // inside the slices checked above.
+            unsafe {
+                let at = row.as_ptr().add(sb * Q3K_BYTES);
+                prefetch_ahead(at);
+                prefetch_ahead(at.add(64));
+                let scales = q3k_scales(at, f16_values);
+                for half in 0..2 {
+                    let qs = at.add(32 + 32 * half);
+                    for l in (0..32).step_by(8) {
+                        let eight = |p: *const u8| {
+                            _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i))
+                        };
+                        let (q, h) = (eight(qs.add(l)), eight(at.add(l)));
+                        for step in 0..4 {
+                            let low = _mm256_and_si256(
+                                _mm256_srlv_epi32(q, _mm256_set1_epi32(2 * step as i32)),
+                                three,
+                            );
+                            // The third bit moved to bit 2: q = low | bit·4, less 4.
+                            let shift = 4 * half as i32 + step as i32 - 2;
+                            let bit = if shift >= 0 {
+                                _mm256_srlv_epi32(h, _mm256_set1_epi32(shift))
+                            } else {
+                                _mm256_sllv_epi32(h, _mm256_set1_epi32(-shift))
+                            };
+                            let v = _mm256_sub_epi32(
+                                _mm256_or_si256(low, _mm256_and_si256(bit, four)),
+                                four,
+                            );
+                            let e = 128 * half + 32 * step + l;
+                            let w = _mm256_mul_ps(
+                                _mm256_cvtepi32_ps(v),
+                                _mm256_set1_ps(scales[e / 16]),
+                            );
+                            for (i, acc) in sums[step % 2].iter_mut().enumerate() {
+                                let xv = _mm256_loadu_ps(x.as_ptr().add(i * cols + sb * 256 + e));
+                                *acc = _mm256_fmadd_ps(w, xv, *acc);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let both: [__m256; N] = std::array::from_fn(|i| _mm256_add_ps(sums[0][i], sums[1][i]));
+        for (i, sum) in sums4(&both).into_iter().take(N).enumerate() {
+            dots[i] = sum;
+        }
     }
 
     /// A Q6_K super-block's sixteen scales d·sc, one per run of 16 values.
@@ -736,7 +923,7 @@ mod avx2 {
         x: &[f32],
         dots: &mut [f32],
     ) {
-        let (row, supers) = q6k_row_for::<N>(bytes, r, cols, (x, dots));
+        let (row, supers) = super_row_for::<N>(bytes, r, cols, Q6K_BYTES, (x, dots));
         let f16_values = f16_values();
         let mut scaled = [_mm256_setzero_ps(); N];
         let (low, two, bias) = (
@@ -1202,8 +1389,8 @@ mod avx2 {
 mod avx512 {
     use super::avx2::{
         block_bytes, block_scales, fifth_bits_at, half_row_for, k_bytes, k_row_for, nibbles,
-        q4k_scales, q6k_row_for, q6k_scales, row_for, row_group_for, scales, values_at, Q4_0, Q4_1,
-        Q5_0, Q5_1, Q6K_BYTES, Q8_0,
+        q2k_scales, q3k_scales, q4k_scales, q6k_scales, row_for, row_group_for, scales,
+        super_row_for, values_at, Q2K_BYTES, Q3K_BYTES, Q4_0, Q4_1, Q5_0, Q5_1, Q6K_BYTES, Q8_0,
     };
     use super::*;
 
@@ -1499,7 +1686,7 @@ mod avx512 {
         x: &[f32],
         dots: &mut [f32],
     ) {
-        let (row, supers) = q6k_row_for::<N>(bytes, r, cols, (x, dots));
+        let (row, supers) = super_row_for::<N>(bytes, r, cols, Q6K_BYTES, (x, dots));
         let f16_values = f16_values();
         let mut even = [_mm512_setzero_ps(); N];
         let mut odd = [_mm512_setzero_ps(); N];
@@ -1556,6 +1743,123 @@ mod avx512 {
             }
         }
         let both: [__m512; N] = std::array::from_fn(|i| _mm512_add_ps(even[i], odd[i]));
+        for (i, sum) in sums4(&both).into_iter().take(N).enumerate() {
+            dots[i] = sum;
+        }
+    }
+
+    /// `avx2::q2k_row_dots` with 512-bit registers: each run of 16 values is one vector.
+    ///
+    /// # Safety
+    /// As for `row_dots`, with `bytes` in Q2_K.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn q2k_row_dots<const N: usize>(
+        bytes: &[u8],
+        r: usize,
+        cols: usize,
+        x: &[f32],
+        dots: &mut [f32],
+    ) {
+        let (row, supers) = super_row_for::<N>(bytes, r, cols, Q2K_BYTES, (x, dots));
+        let f16_values = f16_values();
+        let mut sums = [[_mm512_setzero_ps(); N]; 2];
+        let three = _mm512_set1_epi32(3);
+        for sb in 0..supers {
+            // SAFETY: super-block sb of the row, and 256 values of each x_i from sb·256, lie
+            // inside the slices checked above.
+            unsafe {
+                let at = row.as_ptr().add(sb * Q2K_BYTES);
+                prefetch_ahead(at);
+                prefetch_ahead(at.add(64));
+                let (scales, offsets) = q2k_scales(at, f16_values);
+                for half in 0..2 {
+                    for part in 0..2 {
+                        let q = _mm512_cvtepu8_epi32(_mm_loadu_si128(
+                            at.add(16 + 32 * half + 16 * part) as *const __m128i,
+                        ));
+                        for step in 0..4 {
+                            let v = _mm512_and_si512(
+                                _mm512_srl_epi32(q, _mm_cvtsi32_si128(2 * step as i32)),
+                                three,
+                            );
+                            let e = 128 * half + 32 * step + 16 * part;
+                            let w = _mm512_fmsub_ps(
+                                _mm512_cvtepi32_ps(v),
+                                _mm512_set1_ps(scales[e / 16]),
+                                _mm512_set1_ps(offsets[e / 16]),
+                            );
+                            for (i, acc) in sums[step % 2].iter_mut().enumerate() {
+                                let xv = _mm512_loadu_ps(x.as_ptr().add(i * cols + sb * 256 + e));
+                                *acc = _mm512_fmadd_ps(w, xv, *acc);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let both: [__m512; N] = std::array::from_fn(|i| _mm512_add_ps(sums[0][i], sums[1][i]));
+        for (i, sum) in sums4(&both).into_iter().take(N).enumerate() {
+            dots[i] = sum;
+        }
+    }
+
+    /// `avx2::q3k_row_dots` with 512-bit registers; the third bits by mask.
+    ///
+    /// # Safety
+    /// As for `row_dots`, with `bytes` in Q3_K.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn q3k_row_dots<const N: usize>(
+        bytes: &[u8],
+        r: usize,
+        cols: usize,
+        x: &[f32],
+        dots: &mut [f32],
+    ) {
+        let (row, supers) = super_row_for::<N>(bytes, r, cols, Q3K_BYTES, (x, dots));
+        let f16_values = f16_values();
+        let mut sums = [[_mm512_setzero_ps(); N]; 2];
+        let (three, four) = (_mm512_set1_epi32(3), _mm512_set1_epi32(4));
+        for sb in 0..supers {
+            // SAFETY: super-block sb of the row, and 256 values of each x_i from sb·256, lie
+            // inside the slices checked above.
+            unsafe {
+                let at = row.as_ptr().add(sb * Q3K_BYTES);
+                prefetch_ahead(at);
+                prefetch_ahead(at.add(64));
+                let scales = q3k_scales(at, f16_values);
+                for half in 0..2 {
+                    for part in 0..2 {
+                        let sixteen = |p: *const u8| {
+                            _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i))
+                        };
+                        let q = sixteen(at.add(32 + 32 * half + 16 * part));
+                        let h = sixteen(at.add(16 * part));
+                        for step in 0..4 {
+                            let low = _mm512_and_si512(
+                                _mm512_srl_epi32(q, _mm_cvtsi32_si128(2 * step as i32)),
+                                three,
+                            );
+                            // Lanes whose third bit is clear lose 4.
+                            let bit = _mm512_set1_epi32(1 << (4 * half + step));
+                            let clear = _mm512_testn_epi32_mask(h, bit);
+                            let v = _mm512_mask_sub_epi32(low, clear, low, four);
+                            let e = 128 * half + 32 * step + 16 * part;
+                            let w = _mm512_mul_ps(
+                                _mm512_cvtepi32_ps(v),
+                                _mm512_set1_ps(scales[e / 16]),
+                            );
+                            for (i, acc) in sums[step % 2].iter_mut().enumerate() {
+                                let xv = _mm512_loadu_ps(x.as_ptr().add(i * cols + sb * 256 + e));
+                                *acc = _mm512_fmadd_ps(w, xv, *acc);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let both: [__m512; N] = std::array::from_fn(|i| _mm512_add_ps(sums[0][i], sums[1][i]));
         for (i, sum) in sums4(&both).into_iter().take(N).enumerate() {
             dots[i] = sum;
         }

@@ -201,7 +201,7 @@ fn q3k(b: &[u8], out: &mut [f32; SUPER]) {
 
 /// Q3_K's sixteen 6-bit scales (stored + 32), unpacked from their 12 bytes as ggml does.
 #[inline(always)]
-fn q3k_scales(packed: &[u8; 12]) -> [u8; 16] {
+pub(super) fn q3k_scales(packed: &[u8; 12]) -> [u8; 16] {
     const LOW: u32 = 0x0f0f0f0f;
     const HIGH: u32 = 0x03030303;
     let word = |i: usize| u32::from_le_bytes(packed[4 * i..4 * i + 4].try_into().expect("4"));

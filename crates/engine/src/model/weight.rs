@@ -960,6 +960,8 @@ mod tests {
             (20, GgmlDType::Q4K),
             (13, GgmlDType::Q5_0),
             (11, GgmlDType::Q5_1),
+            (6, GgmlDType::Q2K),
+            (10, GgmlDType::Q3K),
             (7, GgmlDType::Q6K),
             (5, GgmlDType::Q5K),
         ]

@@ -319,6 +319,12 @@ pub fn write_gguf(shape: &Shape, dtype: GgmlDType, path: &Path) -> Result<(), En
 
     let mut tokens = byte_tokens();
     tokens.extend((tokens.len()..s.vocab).map(|i| format!("<synthetic {i}>")));
+    // One merge, of the bytes 0 and 1 (never in a prompt), so that the merges are a list of
+    // strings: llama.cpp refuses the file when they are not (an empty list is written as
+    // one of u32), and the same file then runs in both for same-run ratios.
+    let merged = format!("{}{}", tokens[0], tokens[1]);
+    let merges = vec![Value::String(format!("{} {}", tokens[0], tokens[1]))];
+    tokens[258] = merged;
     let key = |k: &str| format!("{arch}.{k}");
     let u32v = |x: usize| Value::U32(x as u32);
     let metadata: Vec<(String, Value)> = vec![
@@ -342,7 +348,7 @@ pub fn write_gguf(shape: &Shape, dtype: GgmlDType, path: &Path) -> Result<(), En
             "tokenizer.ggml.tokens".into(),
             Value::Array(tokens.into_iter().map(Value::String).collect()),
         ),
-        ("tokenizer.ggml.merges".into(), Value::Array(Vec::new())),
+        ("tokenizer.ggml.merges".into(), Value::Array(merges)),
         ("tokenizer.ggml.bos_token_id".into(), u32v(256)),
         ("tokenizer.ggml.eos_token_id".into(), u32v(257)),
         ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
@@ -378,7 +384,7 @@ mod tests {
         assert_eq!(
             ids.len(),
             "hello world".len(),
-            "one token per byte without merges"
+            "one token per byte: the only merge joins bytes 0 and 1"
         );
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(parse("llama-8b-q4_k").is_ok());

@@ -574,28 +574,42 @@ mod avx2 {
     }
 
     /// The eight sub-blocks' scales d·sc and offsets -dmin·m of a Q4_K or Q5_K super-block: its
-    /// values are d·sc·q - dmin·m, so a sub-block's dot is d·sc·Σ q·x - dmin·m·Σ x.
+    /// values are d·sc·q - dmin·m, so a sub-block's dot is d·sc·Σ q·x - dmin·m·Σ x. The six-bit
+    /// fields are unpacked all at once, as ggml does, and converted and scaled as one vector
+    /// each (one field at a time, they were most of the work per super-block besides the
+    /// products); the offsets stay a vector, for one multiply-add with the sub-blocks' Σ x.
     ///
     /// # Safety
     /// `block` points at a whole Q4_K super-block.
-    #[inline(always)]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn q4k_scales(
         block: *const u8,
         f16_values: &[f32; 1 << 16],
-    ) -> ([f32; 8], [f32; 8]) {
+    ) -> ([f32; 8], __m256) {
+        const LOW6: u32 = 0x3f3f_3f3f;
+        const LOW4: u32 = 0x0f0f_0f0f;
+        const TOP2: u32 = 0x0303_0303;
         // SAFETY: the super-block's first 16 bytes are d, dmin and the packed scales.
         let bits = |at: usize| unsafe { std::ptr::read_unaligned(block.add(at) as *const u16) };
         // SAFETY: as above.
-        let q = unsafe { std::ptr::read_unaligned(block.add(4) as *const [u8; 12]) };
+        let u = unsafe { std::ptr::read_unaligned(block.add(4) as *const [u32; 3]) };
+        let u = u.map(u32::from_le);
         let (d, min) = (f16_values[bits(0) as usize], f16_values[bits(2) as usize]);
+        // Byte j is sc_j (m_j) of `scale_min_k4`: sub-blocks 4..8 take their low four bits from
+        // bytes 8..12 and their top two from the top of bytes 0..4 (4..8).
+        let wide = |lo: u32, hi: u32| lo as u64 | (hi as u64) << 32;
+        let sc = wide(u[0] & LOW6, (u[2] & LOW4) | (((u[0] >> 6) & TOP2) << 4));
+        let m = wide(
+            u[1] & LOW6,
+            ((u[2] >> 4) & LOW4) | (((u[1] >> 6) & TOP2) << 4),
+        );
+        let to_f32 = |v: u64| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(v as i64)));
         let mut scales = [0f32; 8];
-        let mut offsets = [0f32; 8];
-        for j in 0..8 {
-            let (sc, m) = super::super::dequantize::scale_min_k4(j, &q);
-            scales[j] = d * sc as f32;
-            offsets[j] = -(min * m as f32);
-        }
-        (scales, offsets)
+        let scaled = _mm256_mul_ps(_mm256_set1_ps(d), to_f32(sc));
+        // SAFETY: `scales` holds eight f32.
+        unsafe { _mm256_storeu_ps(scales.as_mut_ptr(), scaled) };
+        (scales, _mm256_mul_ps(_mm256_set1_ps(-min), to_f32(m)))
     }
 
     /// The Q4_K or Q5_K rows' checks: N input rows, their block sums and N dots fit the
@@ -633,7 +647,7 @@ mod avx2 {
         let blocks = cols / BLOCK;
         let f16_values = f16_values();
         let mut scaled = [_mm256_setzero_ps(); N];
-        let mut offsets = [0f32; N];
+        let mut offsets = [_mm256_setzero_ps(); N];
         let (low, sixteen) = (_mm256_set1_epi32(0x0f), _mm256_set1_epi32(16));
         let nibbles_at = if FIVE { 48 } else { 16 };
         for sb in 0..supers {
@@ -645,6 +659,10 @@ mod avx2 {
                     prefetch_ahead(at.add(ahead));
                 }
                 let (scales, m) = q4k_scales(at, f16_values);
+                for (i, offset) in offsets.iter_mut().enumerate() {
+                    let sums = _mm256_loadu_ps(block_sums.as_ptr().add(i * blocks + sb * 8));
+                    *offset = _mm256_fmadd_ps(m, sums, *offset);
+                }
                 let widen = |p: *const u8| -> [__m256i; 4] {
                     [0, 8, 16, 24]
                         .map(|o| _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(o) as *const __m128i)))
@@ -683,12 +701,12 @@ mod avx2 {
                                 _mm256_mul_ps(values[2], _mm256_loadu_ps(xb.add(16))),
                             );
                             scaled[i] = _mm256_fmadd_ps(_mm256_add_ps(a, b), d, scaled[i]);
-                            offsets[i] += m[j] * *block_sums.get_unchecked(i * blocks + sb * 8 + j);
                         }
                     }
                 }
             }
         }
+        let offsets = sums4(&offsets);
         for (i, sum) in sums4(&scaled).into_iter().take(N).enumerate() {
             dots[i] = sum + offsets[i];
         }
@@ -1617,7 +1635,7 @@ mod avx512 {
         let f16_values = f16_values();
         let mut even = [_mm512_setzero_ps(); N];
         let mut odd = [_mm512_setzero_ps(); N];
-        let mut offsets = [0f32; N];
+        let mut offsets = [_mm256_setzero_ps(); N];
         let (low, sixteen) = (_mm512_set1_epi32(0x0f), _mm512_set1_epi32(16));
         let nibbles_at = if FIVE { 48 } else { 16 };
         for sb in 0..supers {
@@ -1629,6 +1647,10 @@ mod avx512 {
                     prefetch_ahead(at.add(ahead));
                 }
                 let (scales, m) = q4k_scales(at, f16_values);
+                for (i, offset) in offsets.iter_mut().enumerate() {
+                    let sums = _mm256_loadu_ps(block_sums.as_ptr().add(i * blocks + sb * 8));
+                    *offset = _mm256_fmadd_ps(m, sums, *offset);
+                }
                 let widen = |p: *const u8| -> [__m512i; 2] {
                     [0, 16]
                         .map(|o| _mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(o) as *const __m128i)))
@@ -1661,13 +1683,13 @@ mod avx512 {
                                 _mm512_mul_ps(values[0], _mm512_loadu_ps(xb)),
                             );
                             acc[i] = _mm512_fmadd_ps(sum, d, acc[i]);
-                            offsets[i] += m[j] * *block_sums.get_unchecked(i * blocks + sb * 8 + j);
                         }
                     }
                 }
             }
         }
         let both: [__m512; N] = std::array::from_fn(|i| _mm512_add_ps(even[i], odd[i]));
+        let offsets = super::avx2::sums4(&offsets);
         for (i, sum) in sums4(&both).into_iter().take(N).enumerate() {
             dots[i] = sum + offsets[i];
         }

@@ -688,7 +688,7 @@ mod avx2 {
                     for (half, values) in [lo, hi].iter().enumerate() {
                         let j = 2 * pair + half;
                         let d = _mm256_set1_ps(scales[j]);
-                        for i in 0..N {
+                        for (i, scaled) in scaled.iter_mut().enumerate() {
                             let xb = x.as_ptr().add(i * cols + sb * 256 + j * BLOCK);
                             let a = _mm256_fmadd_ps(
                                 values[1],
@@ -700,7 +700,7 @@ mod avx2 {
                                 _mm256_loadu_ps(xb.add(24)),
                                 _mm256_mul_ps(values[2], _mm256_loadu_ps(xb.add(16))),
                             );
-                            scaled[i] = _mm256_fmadd_ps(_mm256_add_ps(a, b), d, scaled[i]);
+                            *scaled = _mm256_fmadd_ps(_mm256_add_ps(a, b), d, *scaled);
                         }
                     }
                 }
@@ -1675,14 +1675,14 @@ mod avx512 {
                         let j = 2 * pair + half;
                         let d = _mm512_set1_ps(scales[j]);
                         let acc = if half == 0 { &mut even } else { &mut odd };
-                        for i in 0..N {
+                        for (i, acc) in acc.iter_mut().enumerate() {
                             let xb = x.as_ptr().add(i * cols + sb * 256 + j * BLOCK);
                             let sum = _mm512_fmadd_ps(
                                 values[1],
                                 _mm512_loadu_ps(xb.add(16)),
                                 _mm512_mul_ps(values[0], _mm512_loadu_ps(xb)),
                             );
-                            acc[i] = _mm512_fmadd_ps(sum, d, acc[i]);
+                            *acc = _mm512_fmadd_ps(sum, d, *acc);
                         }
                     }
                 }

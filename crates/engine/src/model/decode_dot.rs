@@ -1712,9 +1712,9 @@ mod avx512 {
         let f16_values = f16_values();
         let mut even = [_mm512_setzero_ps(); N];
         let mut odd = [_mm512_setzero_ps(); N];
-        let (low, two, bias) = (
+        let (low, top, bias) = (
             _mm512_set1_epi32(0x0f),
-            _mm512_set1_epi32(3),
+            _mm512_set1_epi32(0x30),
             _mm512_set1_epi32(32),
         );
         for sb in 0..supers {
@@ -1737,18 +1737,17 @@ mod avx512 {
                             sixteen(ql.add(32 + l)),
                             sixteen(qh.add(l)),
                         );
-                        let high = |shift: u32| {
-                            let bits = _mm512_and_si512(
-                                _mm512_srl_epi32(h, _mm_cvtsi32_si128(shift as i32)),
-                                two,
-                            );
-                            _mm512_slli_epi32::<4>(bits)
+                        // Bit pair k of h moved to bits 4..6: one shift (none for k = 2),
+                        // then masked and merged with the low bits in one ternary operation
+                        // (0xF8: low | (high & 0x30)); two ports run all of these.
+                        let merge = |low: __m512i, high: __m512i| {
+                            _mm512_ternarylogic_epi32::<0xF8>(low, high, top)
                         };
                         let values = [
-                            _mm512_or_si512(_mm512_and_si512(a, low), high(0)),
-                            _mm512_or_si512(_mm512_and_si512(b, low), high(2)),
-                            _mm512_or_si512(_mm512_srli_epi32::<4>(a), high(4)),
-                            _mm512_or_si512(_mm512_srli_epi32::<4>(b), high(6)),
+                            merge(_mm512_and_si512(a, low), _mm512_slli_epi32::<4>(h)),
+                            merge(_mm512_and_si512(b, low), _mm512_slli_epi32::<2>(h)),
+                            merge(_mm512_srli_epi32::<4>(a), h),
+                            merge(_mm512_srli_epi32::<4>(b), _mm512_srli_epi32::<2>(h)),
                         ]
                         .map(|v| _mm512_cvtepi32_ps(_mm512_sub_epi32(v, bias)));
                         for (k, v) in values.iter().enumerate() {

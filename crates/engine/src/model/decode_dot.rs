@@ -118,17 +118,8 @@ pub fn has_fast_dequantization(dtype: GgmlDType) -> bool {
 /// projections), whose dequantization is `super::dequantize`'s; and f16 and bf16 (Hugging Face
 /// checkpoints, f16 GGUF files) where rows are whole runs of 32 values.
 pub fn has_register_dots(dtype: GgmlDType, cols: usize) -> bool {
-    has_register_kernel(dtype)
-        || matches!(
-            dtype,
-            GgmlDType::Q5_0
-                | GgmlDType::Q5_1
-                | GgmlDType::Q2K
-                | GgmlDType::Q3K
-                | GgmlDType::Q4K
-                | GgmlDType::Q5K
-                | GgmlDType::Q6K
-        )
+    // Every block type with a fast dequantization has its dots too.
+    has_fast_dequantization(dtype)
         || (matches!(dtype, GgmlDType::F16 | GgmlDType::BF16) && cols.is_multiple_of(BLOCK))
 }
 
@@ -833,10 +824,7 @@ mod avx2 {
                 }
             }
         }
-        let both: [__m256; N] = std::array::from_fn(|i| _mm256_add_ps(sums[0][i], sums[1][i]));
-        for (i, sum) in sums4(&both).into_iter().take(N).enumerate() {
-            dots[i] = sum;
-        }
+        two_chain_dots(&sums, dots);
     }
 
     /// `row_dots` for N input rows of Q3_K: Q2_K's layout of the low bit pairs, a third bit
@@ -903,10 +891,7 @@ mod avx2 {
                 }
             }
         }
-        let both: [__m256; N] = std::array::from_fn(|i| _mm256_add_ps(sums[0][i], sums[1][i]));
-        for (i, sum) in sums4(&both).into_iter().take(N).enumerate() {
-            dots[i] = sum;
-        }
+        two_chain_dots(&sums, dots);
     }
 
     /// A Q6_K super-block's sixteen scales d·sc, one per run of 16 values.
@@ -1058,8 +1043,7 @@ mod avx2 {
         dots: &mut [f32],
     ) {
         let row = half_row_for::<N>(bytes, r, cols, (x, dots));
-        let mut even = [_mm256_setzero_ps(); N];
-        let mut odd = [_mm256_setzero_ps(); N];
+        let mut sums = [[_mm256_setzero_ps(); N]; 2];
         for c in (0..cols).step_by(BLOCK) {
             // SAFETY: values c..c + 32 of the row (64 bytes) and of each x_i lie inside the
             // slices checked above.
@@ -1069,17 +1053,14 @@ mod avx2 {
                 let w = [0, 16, 32, 48].map(|b| half8::<BF>(at.add(b)));
                 for i in 0..N {
                     let xc = x.as_ptr().add(i * cols + c);
-                    even[i] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xc), even[i]);
-                    odd[i] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xc.add(8)), odd[i]);
-                    even[i] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xc.add(16)), even[i]);
-                    odd[i] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xc.add(24)), odd[i]);
+                    for (k, w) in w.iter().enumerate() {
+                        let xv = _mm256_loadu_ps(xc.add(8 * k));
+                        sums[k % 2][i] = _mm256_fmadd_ps(*w, xv, sums[k % 2][i]);
+                    }
                 }
             }
         }
-        let both: [__m256; N] = std::array::from_fn(|i| _mm256_add_ps(even[i], odd[i]));
-        for (i, sum) in sums4(&both).into_iter().take(N).enumerate() {
-            dots[i] = sum;
-        }
+        two_chain_dots(&sums, dots);
     }
 
     /// A Q4 block's 32 values as bytes: elements 0..16 (the low nibbles) and 16..32 (the high
@@ -1364,6 +1345,16 @@ mod avx2 {
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
         _mm_cvtss_f32(s)
+    }
+
+    /// dots[i] = the lane sum of input row i's two chains of multiply-adds.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn two_chain_dots<const N: usize>(sums: &[[__m256; N]; 2], dots: &mut [f32]) {
+        let both: [__m256; N] = std::array::from_fn(|i| _mm256_add_ps(sums[0][i], sums[1][i]));
+        for (d, sum) in dots.iter_mut().zip(sums4(&both).into_iter().take(N)) {
+            *d = sum;
+        }
     }
 
     /// The lane sums of up to four vectors (missing ones count as zero), reduced together.
@@ -1819,10 +1810,7 @@ mod avx512 {
                 }
             }
         }
-        let both: [__m512; N] = std::array::from_fn(|i| _mm512_add_ps(sums[0][i], sums[1][i]));
-        for (i, sum) in sums4(&both).into_iter().take(N).enumerate() {
-            dots[i] = sum;
-        }
+        two_chain_dots(&sums, dots);
     }
 
     /// `avx2::q3k_row_dots` with 512-bit registers; the third bits by mask.
@@ -1880,10 +1868,7 @@ mod avx512 {
                 }
             }
         }
-        let both: [__m512; N] = std::array::from_fn(|i| _mm512_add_ps(sums[0][i], sums[1][i]));
-        for (i, sum) in sums4(&both).into_iter().take(N).enumerate() {
-            dots[i] = sum;
-        }
+        two_chain_dots(&sums, dots);
     }
 
     /// Sixteen f16 (or, with BF, bf16) values at `at` as f32.
@@ -1916,8 +1901,7 @@ mod avx512 {
         dots: &mut [f32],
     ) {
         let row = half_row_for::<N>(bytes, r, cols, (x, dots));
-        let mut even = [_mm512_setzero_ps(); N];
-        let mut odd = [_mm512_setzero_ps(); N];
+        let mut sums = [[_mm512_setzero_ps(); N]; 2];
         for c in (0..cols).step_by(BLOCK) {
             // SAFETY: values c..c + 32 of the row (64 bytes) and of each x_i lie inside the
             // slices checked above.
@@ -1927,14 +1911,21 @@ mod avx512 {
                 let (lo, hi) = (half16::<BF>(at), half16::<BF>(at.add(32)));
                 for i in 0..N {
                     let xc = x.as_ptr().add(i * cols + c);
-                    even[i] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xc), even[i]);
-                    odd[i] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xc.add(16)), odd[i]);
+                    sums[0][i] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xc), sums[0][i]);
+                    sums[1][i] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xc.add(16)), sums[1][i]);
                 }
             }
         }
-        let both: [__m512; N] = std::array::from_fn(|i| _mm512_add_ps(even[i], odd[i]));
-        for (i, sum) in sums4(&both).into_iter().take(N).enumerate() {
-            dots[i] = sum;
+        two_chain_dots(&sums, dots);
+    }
+
+    /// `avx2::two_chain_dots` with 512-bit registers.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    fn two_chain_dots<const N: usize>(sums: &[[__m512; N]; 2], dots: &mut [f32]) {
+        let both: [__m512; N] = std::array::from_fn(|i| _mm512_add_ps(sums[0][i], sums[1][i]));
+        for (d, sum) in dots.iter_mut().zip(sums4(&both).into_iter().take(N)) {
+            *d = sum;
         }
     }
 

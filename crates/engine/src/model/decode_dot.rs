@@ -789,7 +789,7 @@ mod avx2 {
         let f16_values = f16_values();
         // Two chains per input row (even and odd bit pairs), so that one multiply-add does not
         // wait on the one before.
-        let mut sums = [[_mm256_setzero_ps(); N]; 2];
+        let mut sums = [[_mm256_setzero_ps(); 2]; N];
         let three = _mm256_set1_epi32(3);
         for sb in 0..supers {
             // SAFETY: super-block sb of the row, and 256 values of each x_i from sb·256, lie
@@ -815,9 +815,9 @@ mod avx2 {
                                 _mm256_set1_ps(scales[run]),
                                 _mm256_set1_ps(offsets[run]),
                             );
-                            for (i, acc) in sums[step % 2].iter_mut().enumerate() {
+                            for (i, chains) in sums.iter_mut().enumerate() {
                                 let xv = _mm256_loadu_ps(x.as_ptr().add(i * cols + sb * 256 + e));
-                                *acc = _mm256_fmadd_ps(w, xv, *acc);
+                                chains[step % 2] = _mm256_fmadd_ps(w, xv, chains[step % 2]);
                             }
                         }
                     }
@@ -844,7 +844,7 @@ mod avx2 {
     ) {
         let (row, supers) = super_row_for::<N>(bytes, r, cols, Q3K_BYTES, (x, dots));
         let f16_values = f16_values();
-        let mut sums = [[_mm256_setzero_ps(); N]; 2];
+        let mut sums = [[_mm256_setzero_ps(); 2]; N];
         let (three, four) = (_mm256_set1_epi32(3), _mm256_set1_epi32(4));
         for sb in 0..supers {
             // SAFETY: super-block sb of the row, and 256 values of each x_i from sb·256, lie
@@ -882,9 +882,9 @@ mod avx2 {
                                 _mm256_cvtepi32_ps(v),
                                 _mm256_set1_ps(scales[e / 16]),
                             );
-                            for (i, acc) in sums[step % 2].iter_mut().enumerate() {
+                            for (i, chains) in sums.iter_mut().enumerate() {
                                 let xv = _mm256_loadu_ps(x.as_ptr().add(i * cols + sb * 256 + e));
-                                *acc = _mm256_fmadd_ps(w, xv, *acc);
+                                chains[step % 2] = _mm256_fmadd_ps(w, xv, chains[step % 2]);
                             }
                         }
                     }
@@ -1043,7 +1043,7 @@ mod avx2 {
         dots: &mut [f32],
     ) {
         let row = half_row_for::<N>(bytes, r, cols, (x, dots));
-        let mut sums = [[_mm256_setzero_ps(); N]; 2];
+        let mut sums = [[_mm256_setzero_ps(); 2]; N];
         for c in (0..cols).step_by(BLOCK) {
             // SAFETY: values c..c + 32 of the row (64 bytes) and of each x_i lie inside the
             // slices checked above.
@@ -1051,11 +1051,11 @@ mod avx2 {
                 let at = row.as_ptr().add(2 * c);
                 prefetch_ahead(at);
                 let w = [0, 16, 32, 48].map(|b| half8::<BF>(at.add(b)));
-                for i in 0..N {
+                for (i, chains) in sums.iter_mut().enumerate() {
                     let xc = x.as_ptr().add(i * cols + c);
                     for (k, w) in w.iter().enumerate() {
                         let xv = _mm256_loadu_ps(xc.add(8 * k));
-                        sums[k % 2][i] = _mm256_fmadd_ps(*w, xv, sums[k % 2][i]);
+                        chains[k % 2] = _mm256_fmadd_ps(*w, xv, chains[k % 2]);
                     }
                 }
             }
@@ -1350,8 +1350,8 @@ mod avx2 {
     /// dots[i] = the lane sum of input row i's two chains of multiply-adds.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn two_chain_dots<const N: usize>(sums: &[[__m256; N]; 2], dots: &mut [f32]) {
-        let both: [__m256; N] = std::array::from_fn(|i| _mm256_add_ps(sums[0][i], sums[1][i]));
+    pub(super) fn two_chain_dots<const N: usize>(sums: &[[__m256; 2]; N], dots: &mut [f32]) {
+        let both = sums.map(|[even, odd]| _mm256_add_ps(even, odd));
         for (d, sum) in dots.iter_mut().zip(sums4(&both).into_iter().take(N)) {
             *d = sum;
         }
@@ -1775,7 +1775,7 @@ mod avx512 {
     ) {
         let (row, supers) = super_row_for::<N>(bytes, r, cols, Q2K_BYTES, (x, dots));
         let f16_values = f16_values();
-        let mut sums = [[_mm512_setzero_ps(); N]; 2];
+        let mut sums = [[_mm512_setzero_ps(); 2]; N];
         let three = _mm512_set1_epi32(3);
         for sb in 0..supers {
             // SAFETY: super-block sb of the row, and 256 values of each x_i from sb·256, lie
@@ -1801,9 +1801,9 @@ mod avx512 {
                                 _mm512_set1_ps(scales[e / 16]),
                                 _mm512_set1_ps(offsets[e / 16]),
                             );
-                            for (i, acc) in sums[step % 2].iter_mut().enumerate() {
+                            for (i, chains) in sums.iter_mut().enumerate() {
                                 let xv = _mm512_loadu_ps(x.as_ptr().add(i * cols + sb * 256 + e));
-                                *acc = _mm512_fmadd_ps(w, xv, *acc);
+                                chains[step % 2] = _mm512_fmadd_ps(w, xv, chains[step % 2]);
                             }
                         }
                     }
@@ -1828,7 +1828,7 @@ mod avx512 {
     ) {
         let (row, supers) = super_row_for::<N>(bytes, r, cols, Q3K_BYTES, (x, dots));
         let f16_values = f16_values();
-        let mut sums = [[_mm512_setzero_ps(); N]; 2];
+        let mut sums = [[_mm512_setzero_ps(); 2]; N];
         let (three, four) = (_mm512_set1_epi32(3), _mm512_set1_epi32(4));
         for sb in 0..supers {
             // SAFETY: super-block sb of the row, and 256 values of each x_i from sb·256, lie
@@ -1859,9 +1859,9 @@ mod avx512 {
                                 _mm512_cvtepi32_ps(v),
                                 _mm512_set1_ps(scales[e / 16]),
                             );
-                            for (i, acc) in sums[step % 2].iter_mut().enumerate() {
+                            for (i, chains) in sums.iter_mut().enumerate() {
                                 let xv = _mm512_loadu_ps(x.as_ptr().add(i * cols + sb * 256 + e));
-                                *acc = _mm512_fmadd_ps(w, xv, *acc);
+                                chains[step % 2] = _mm512_fmadd_ps(w, xv, chains[step % 2]);
                             }
                         }
                     }
@@ -1901,7 +1901,7 @@ mod avx512 {
         dots: &mut [f32],
     ) {
         let row = half_row_for::<N>(bytes, r, cols, (x, dots));
-        let mut sums = [[_mm512_setzero_ps(); N]; 2];
+        let mut sums = [[_mm512_setzero_ps(); 2]; N];
         for c in (0..cols).step_by(BLOCK) {
             // SAFETY: values c..c + 32 of the row (64 bytes) and of each x_i lie inside the
             // slices checked above.
@@ -1909,10 +1909,10 @@ mod avx512 {
                 let at = row.as_ptr().add(2 * c);
                 prefetch_ahead(at);
                 let (lo, hi) = (half16::<BF>(at), half16::<BF>(at.add(32)));
-                for i in 0..N {
+                for (i, [even, odd]) in sums.iter_mut().enumerate() {
                     let xc = x.as_ptr().add(i * cols + c);
-                    sums[0][i] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xc), sums[0][i]);
-                    sums[1][i] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xc.add(16)), sums[1][i]);
+                    *even = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xc), *even);
+                    *odd = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xc.add(16)), *odd);
                 }
             }
         }
@@ -1922,8 +1922,8 @@ mod avx512 {
     /// `avx2::two_chain_dots` with 512-bit registers.
     #[inline]
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-    fn two_chain_dots<const N: usize>(sums: &[[__m512; N]; 2], dots: &mut [f32]) {
-        let both: [__m512; N] = std::array::from_fn(|i| _mm512_add_ps(sums[0][i], sums[1][i]));
+    fn two_chain_dots<const N: usize>(sums: &[[__m512; 2]; N], dots: &mut [f32]) {
+        let both = sums.map(|[even, odd]| _mm512_add_ps(even, odd));
         for (d, sum) in dots.iter_mut().zip(sums4(&both).into_iter().take(N)) {
             *d = sum;
         }

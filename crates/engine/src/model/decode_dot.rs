@@ -1398,8 +1398,8 @@ mod avx2 {
 mod avx512 {
     use super::avx2::{
         block_bytes, block_scales, fifth_bits_at, half_row_for, k_bytes, k_row_for, nibbles,
-        q2k_scales, q3k_scales, q4k_scales, q6k_scales, row_for, row_group_for, scales,
-        super_row_for, values_at, Q2K_BYTES, Q3K_BYTES, Q4_0, Q4_1, Q5_0, Q5_1, Q6K_BYTES, Q8_0,
+        q4k_scales, q6k_scales, row_for, row_group_for, scales, super_row_for, values_at,
+        Q2K_BYTES, Q3K_BYTES, Q4_0, Q4_1, Q5_0, Q5_1, Q6K_BYTES, Q8_0,
     };
     use super::*;
 
@@ -1760,6 +1760,54 @@ mod avx512 {
         }
     }
 
+    /// A Q2_K super-block's sixteen multipliers d·sc and offsets dmin·m as one vector each:
+    /// a run's pair is then broadcast by one permute (from arrays, the compiler moved each
+    /// value out through general registers, three operations or more apiece).
+    ///
+    /// # Safety
+    /// `block` points at a whole Q2_K super-block.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn q2k_scale_vectors(block: *const u8, f16_values: &[f32; 1 << 16]) -> (__m512, __m512) {
+        // SAFETY: the scales are the first 16 bytes, d and dmin the last four.
+        let (packed, d, min) = unsafe {
+            (
+                _mm512_cvtepu8_epi32(_mm_loadu_si128(block as *const __m128i)),
+                std::ptr::read_unaligned(block.add(80) as *const u16),
+                std::ptr::read_unaligned(block.add(82) as *const u16),
+            )
+        };
+        let (d, min) = (f16_values[d as usize], f16_values[min as usize]);
+        let sc = _mm512_and_si512(packed, _mm512_set1_epi32(0xF));
+        let m = _mm512_srli_epi32::<4>(packed);
+        (
+            _mm512_mul_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(sc)),
+            _mm512_mul_ps(_mm512_set1_ps(min), _mm512_cvtepi32_ps(m)),
+        )
+    }
+
+    /// A Q3_K super-block's sixteen multipliers d·(sc - 32) as one vector (see
+    /// `q2k_scale_vectors`).
+    ///
+    /// # Safety
+    /// `block` points at a whole Q3_K super-block.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn q3k_scale_vector(block: *const u8, f16_values: &[f32; 1 << 16]) -> __m512 {
+        // SAFETY: the packed scales are bytes 96..108, d the last two.
+        let (packed, d) = unsafe {
+            (
+                std::ptr::read_unaligned(block.add(96) as *const [u8; 12]),
+                std::ptr::read_unaligned(block.add(108) as *const u16),
+            )
+        };
+        let sc = super::super::dequantize::q3k_scales(&packed);
+        // SAFETY: `sc` holds 16 bytes.
+        let sc = unsafe { _mm512_cvtepu8_epi32(_mm_loadu_si128(sc.as_ptr() as *const __m128i)) };
+        let sc = _mm512_cvtepi32_ps(_mm512_sub_epi32(sc, _mm512_set1_epi32(32)));
+        _mm512_mul_ps(_mm512_set1_ps(f16_values[d as usize]), sc)
+    }
+
     /// `avx2::q2k_row_dots` with 512-bit registers: each run of 16 values is one vector.
     ///
     /// # Safety
@@ -1784,7 +1832,7 @@ mod avx512 {
                 let at = row.as_ptr().add(sb * Q2K_BYTES);
                 prefetch_ahead(at);
                 prefetch_ahead(at.add(64));
-                let (scales, offsets) = q2k_scales(at, f16_values);
+                let (scales, offsets) = q2k_scale_vectors(at, f16_values);
                 for half in 0..2 {
                     for part in 0..2 {
                         let q = _mm512_cvtepu8_epi32(_mm_loadu_si128(
@@ -1796,10 +1844,11 @@ mod avx512 {
                                 three,
                             );
                             let e = 128 * half + 32 * step + 16 * part;
+                            let run = _mm512_set1_epi32((e / 16) as i32);
                             let w = _mm512_fmsub_ps(
                                 _mm512_cvtepi32_ps(v),
-                                _mm512_set1_ps(scales[e / 16]),
-                                _mm512_set1_ps(offsets[e / 16]),
+                                _mm512_permutexvar_ps(run, scales),
+                                _mm512_permutexvar_ps(run, offsets),
                             );
                             for (i, chains) in sums.iter_mut().enumerate() {
                                 let xv = _mm512_loadu_ps(x.as_ptr().add(i * cols + sb * 256 + e));
@@ -1837,7 +1886,7 @@ mod avx512 {
                 let at = row.as_ptr().add(sb * Q3K_BYTES);
                 prefetch_ahead(at);
                 prefetch_ahead(at.add(64));
-                let scales = q3k_scales(at, f16_values);
+                let scales = q3k_scale_vector(at, f16_values);
                 for half in 0..2 {
                     for part in 0..2 {
                         let sixteen = |p: *const u8| {
@@ -1855,9 +1904,10 @@ mod avx512 {
                             let clear = _mm512_testn_epi32_mask(h, bit);
                             let v = _mm512_mask_sub_epi32(low, clear, low, four);
                             let e = 128 * half + 32 * step + 16 * part;
+                            let run = _mm512_set1_epi32((e / 16) as i32);
                             let w = _mm512_mul_ps(
                                 _mm512_cvtepi32_ps(v),
-                                _mm512_set1_ps(scales[e / 16]),
+                                _mm512_permutexvar_ps(run, scales),
                             );
                             for (i, chains) in sums.iter_mut().enumerate() {
                                 let xv = _mm512_loadu_ps(x.as_ptr().add(i * cols + sb * 256 + e));

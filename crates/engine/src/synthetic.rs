@@ -151,6 +151,22 @@ pub const SHAPES: &[Shape] = &[
     ),
 ];
 
+/// The weight types a synthetic model can be written in, by the names `parse` takes.
+const WEIGHT_TYPES: [(&str, GgmlDType); 12] = [
+    ("q4_0", GgmlDType::Q4_0),
+    ("q4_1", GgmlDType::Q4_1),
+    ("q5_0", GgmlDType::Q5_0),
+    ("q5_1", GgmlDType::Q5_1),
+    ("q8_0", GgmlDType::Q8_0),
+    ("q2_k", GgmlDType::Q2K),
+    ("q3_k", GgmlDType::Q3K),
+    ("q4_k", GgmlDType::Q4K),
+    ("q5_k", GgmlDType::Q5K),
+    ("q6_k", GgmlDType::Q6K),
+    ("f16", GgmlDType::F16),
+    ("bf16", GgmlDType::BF16),
+];
+
 /// Parses `ARCH-SIZE-TYPE`, e.g. `llama-8b-q4_k`, `qwen2-1.5b-q8_0`.
 pub fn parse(spec: &str) -> Result<(Shape, GgmlDType), EngineError> {
     let known = || SHAPES.iter().map(|s| s.name).collect::<Vec<_>>().join(", ");
@@ -166,25 +182,17 @@ pub fn parse(spec: &str) -> Result<(Shape, GgmlDType), EngineError> {
             known()
         ))
     })?;
-    let dtype = match dtype {
-        "q4_0" => GgmlDType::Q4_0,
-        "q4_1" => GgmlDType::Q4_1,
-        "q5_0" => GgmlDType::Q5_0,
-        "q5_1" => GgmlDType::Q5_1,
-        "q8_0" => GgmlDType::Q8_0,
-        "q2_k" => GgmlDType::Q2K,
-        "q3_k" => GgmlDType::Q3K,
-        "q4_k" => GgmlDType::Q4K,
-        "q5_k" => GgmlDType::Q5K,
-        "q6_k" => GgmlDType::Q6K,
-        "f16" => GgmlDType::F16,
-        "bf16" => GgmlDType::BF16,
-        other => {
-            return Err(EngineError::InvalidInput(format!(
-                "unknown weight type `{other}` (q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k, f16, bf16)"
-            )))
-        }
-    };
+    let dtype = WEIGHT_TYPES
+        .iter()
+        .find(|(name, _)| *name == dtype)
+        .map(|&(_, t)| t)
+        .ok_or_else(|| {
+            let known: Vec<&str> = WEIGHT_TYPES.iter().map(|(name, _)| *name).collect();
+            EngineError::InvalidInput(format!(
+                "unknown weight type `{dtype}` ({})",
+                known.join(", ")
+            ))
+        })?;
     Ok((*shape, dtype))
 }
 
@@ -324,6 +332,7 @@ pub fn write_gguf(shape: &Shape, dtype: GgmlDType, path: &Path) -> Result<(), En
     // one of u32), and the same file then runs in both for same-run ratios.
     let merged = format!("{}{}", tokens[0], tokens[1]);
     let merges = vec![Value::String(format!("{} {}", tokens[0], tokens[1]))];
+    // Ids 256 and 257 are BOS and EOS; 258 is the first free one.
     tokens[258] = merged;
     let key = |k: &str| format!("{arch}.{k}");
     let u32v = |x: usize| Value::U32(x as u32);

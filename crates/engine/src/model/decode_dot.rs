@@ -308,11 +308,7 @@ fn dequantize_blocks_with(
     #[cfg(target_arch = "x86_64")]
     if has_register_kernel(dtype) && kernel.has_avx2() {
         let n = blocks.len() / dtype.type_size();
-        assert!(stride >= HALF, "runs of 16 values would overlap");
-        assert!(
-            n == 0 || dst.len() >= (2 * n - 1) * stride + HALF,
-            "destination too short for {n} blocks"
-        );
+        super::dequantize::assert_runs_fit(n, dtype, dst.len(), stride);
         let dequantize = if kernel == Kernel::Avx512 {
             avx512::dequantize
         } else {
@@ -603,6 +599,27 @@ mod avx2 {
         (scales, _mm256_mul_ps(_mm256_set1_ps(-min), to_f32(m)))
     }
 
+    /// offsets[i] += Σ_j m_j · Σx over sub-block j, for a super-block's offsets `m` (from
+    /// `q4k_scales`) and `block_sums` from its first sub-block, input rows `blocks` apart.
+    ///
+    /// # Safety
+    /// `block_sums` holds 8 values at each of the N rows' starts.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn add_min_offsets<const N: usize>(
+        m: __m256,
+        block_sums: &[f32],
+        blocks: usize,
+        offsets: &mut [__m256; N],
+    ) {
+        for (i, offset) in offsets.iter_mut().enumerate() {
+            let sums = &block_sums[i * blocks..i * blocks + 8];
+            // SAFETY: eight values.
+            let sums = unsafe { _mm256_loadu_ps(sums.as_ptr()) };
+            *offset = _mm256_fmadd_ps(m, sums, *offset);
+        }
+    }
+
     /// The Q4_K or Q5_K rows' checks: N input rows, their block sums and N dots fit the
     /// slices; returns row `r` and its number of super-blocks.
     pub(super) fn k_row_for<'a, const N: usize, const FIVE: bool>(
@@ -650,10 +667,7 @@ mod avx2 {
                     prefetch_ahead(at.add(ahead));
                 }
                 let (scales, m) = q4k_scales(at, f16_values);
-                for (i, offset) in offsets.iter_mut().enumerate() {
-                    let sums = _mm256_loadu_ps(block_sums.as_ptr().add(i * blocks + sb * 8));
-                    *offset = _mm256_fmadd_ps(m, sums, *offset);
-                }
+                add_min_offsets(m, &block_sums[sb * 8..], blocks, &mut offsets);
                 let widen = |p: *const u8| -> [__m256i; 4] {
                     [0, 8, 16, 24]
                         .map(|o| _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(o) as *const __m128i)))
@@ -1397,9 +1411,9 @@ mod avx2 {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::avx2::{
-        block_bytes, block_scales, fifth_bits_at, half_row_for, k_bytes, k_row_for, nibbles,
-        q4k_scales, q6k_scales, row_for, row_group_for, scales, super_row_for, values_at,
-        Q2K_BYTES, Q3K_BYTES, Q4_0, Q4_1, Q5_0, Q5_1, Q6K_BYTES, Q8_0,
+        add_min_offsets, block_bytes, block_scales, fifth_bits_at, half_row_for, k_bytes,
+        k_row_for, nibbles, q4k_scales, q6k_scales, row_for, row_group_for, scales, super_row_for,
+        values_at, Q2K_BYTES, Q3K_BYTES, Q4_0, Q4_1, Q5_0, Q5_1, Q6K_BYTES, Q8_0,
     };
     use super::*;
 
@@ -1638,10 +1652,7 @@ mod avx512 {
                     prefetch_ahead(at.add(ahead));
                 }
                 let (scales, m) = q4k_scales(at, f16_values);
-                for (i, offset) in offsets.iter_mut().enumerate() {
-                    let sums = _mm256_loadu_ps(block_sums.as_ptr().add(i * blocks + sb * 8));
-                    *offset = _mm256_fmadd_ps(m, sums, *offset);
-                }
+                add_min_offsets(m, &block_sums[sb * 8..], blocks, &mut offsets);
                 let widen = |p: *const u8| -> [__m512i; 2] {
                     [0, 16]
                         .map(|o| _mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(o) as *const __m128i)))
@@ -1998,11 +2009,21 @@ mod avx512 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::super::dequantize::tests::assert_same_as_candles;
     use super::*;
     use candle_core::quantized::QTensor;
     use candle_core::{Device, Tensor};
+
+    /// The block types of 32 values with register dots (the AVX-512 kernels take their blocks
+    /// in pairs, so the tests give them an odd number per row).
+    pub(in crate::model) const BLOCKS_OF_32_WITH_DOTS: [GgmlDType; 5] = [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q8_0,
+    ];
 
     #[test]
     fn register_dequantization_is_bit_identical_to_candles() {
@@ -2036,13 +2057,7 @@ mod tests {
             .filter(|k| k.has_avx2())
             .collect();
         let no_plain_path = |_: usize, _: &mut [f32]| unreachable!("every row has a kernel");
-        for dtype in [
-            GgmlDType::Q4_0,
-            GgmlDType::Q4_1,
-            GgmlDType::Q5_0,
-            GgmlDType::Q5_1,
-            GgmlDType::Q8_0,
-        ] {
+        for dtype in BLOCKS_OF_32_WITH_DOTS {
             let w = Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).unwrap();
             let data = QTensor::quantize(&w, dtype)
                 .unwrap()

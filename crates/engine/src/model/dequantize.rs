@@ -31,6 +31,17 @@ pub fn has_fast_dequantization(dtype: GgmlDType) -> bool {
     )
 }
 
+/// Checks that `n` blocks of `dtype`, written in runs of 16 values `stride` apart, fit a
+/// destination of `len` values without overlapping.
+pub(super) fn assert_runs_fit(n: usize, dtype: GgmlDType, len: usize, stride: usize) {
+    let runs = n * dtype.block_size() / 16;
+    assert!(stride >= 16, "runs of 16 values would overlap");
+    assert!(
+        runs == 0 || len >= (runs - 1) * stride + 16,
+        "destination too short for {n} blocks"
+    );
+}
+
 /// Writes the values of the whole blocks in `blocks` (of `dtype`) into `dst` in runs of 16:
 /// value `i` goes to `dst[(i / 16) * stride + i % 16]`. False, writing nothing, for a type
 /// this module does not cover.
@@ -45,12 +56,7 @@ pub fn dequantize_blocks(
         return false;
     }
     let n = blocks.len() / dtype.type_size();
-    let runs = n * dtype.block_size() / 16;
-    assert!(stride >= 16, "runs of 16 values would overlap");
-    assert!(
-        runs == 0 || dst.len() >= (runs - 1) * stride + 16,
-        "destination too short for {n} blocks"
-    );
+    assert_runs_fit(n, dtype, dst.len(), stride);
     #[cfg(target_arch = "x86_64")]
     if kernel.has_avx2() {
         // SAFETY: the CPU has AVX2, FMA and F16C (`Kernel::available`).

@@ -904,13 +904,7 @@ mod tests {
         }
         // An odd number of blocks per row (the AVX-512 kernel takes blocks in pairs).
         let w = random((37, 17 * 32), 6);
-        for dtype in [
-            GgmlDType::Q4_0,
-            GgmlDType::Q4_1,
-            GgmlDType::Q5_0,
-            GgmlDType::Q5_1,
-            GgmlDType::Q8_0,
-        ] {
+        for dtype in decode_dot::tests::BLOCKS_OF_32_WITH_DOTS {
             let weight = Weight::from_qtensor(QTensor::quantize(&w, dtype).unwrap()).unwrap();
             let m = &weight.parts[0];
             for n in 1..=decode_dot::MAX_INPUT_ROWS {

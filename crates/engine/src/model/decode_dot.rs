@@ -25,6 +25,10 @@ use std::arch::x86_64::*;
 use candle_core::quantized::GgmlDType;
 use rayon::prelude::*;
 
+mod integer;
+pub use integer::has_integer_dots;
+use integer::RoundedRows;
+
 /// Up to this many activation rows go through these kernels; more share tiles better.
 pub const MAX_INPUT_ROWS: usize = 4;
 
@@ -123,6 +127,35 @@ pub fn has_register_dots(dtype: GgmlDType, cols: usize) -> bool {
         || (matches!(dtype, GgmlDType::F16 | GgmlDType::BF16) && cols.is_multiple_of(BLOCK))
 }
 
+/// How the decoding dots of the types with integer dots (`integer`: Q2_K, Q3_K, Q6_K) take
+/// the activations, on CPUs with AVX2; every other type and CPU takes them as f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activations {
+    /// As f32 (`PROMPT_SALIENCE_EXACT_DECODING=1`).
+    Exact,
+    /// Rounded to 15 bits for integer multiply-adds (see `integer`).
+    Rounded,
+}
+
+impl Activations {
+    /// Rounded, unless `PROMPT_SALIENCE_EXACT_DECODING` is set to 1 (read once).
+    pub fn best() -> Activations {
+        static BEST: std::sync::OnceLock<Activations> = std::sync::OnceLock::new();
+        *BEST.get_or_init(
+            || match std::env::var("PROMPT_SALIENCE_EXACT_DECODING").as_deref() {
+                Ok("1") => Activations::Exact,
+                Ok("0") | Err(_) => Activations::Rounded,
+                Ok(other) => {
+                    tracing::warn!(
+                        "PROMPT_SALIENCE_EXACT_DECODING={other} is neither 1 nor 0: ignored"
+                    );
+                    Activations::Rounded
+                }
+            },
+        )
+    }
+}
+
 /// One stored matrix of a product: its bytes where a register kernel reads them, its number of
 /// rows, and the plain path's dequantization of row r as f32 (the portable kernel and every
 /// other storage).
@@ -136,7 +169,15 @@ pub struct Part<'a> {
 /// rows: out[i * R + o_p + r] = Σ_c W_p[r, c] · x[i * cols + c], where part p's rows start at
 /// o_p and R is their total. Stacked matrices (q, k and v; gate and up) share one parallel
 /// loop, so a decoding step waits for its threads once per input instead of once per matrix.
-pub fn product(parts: &[Part], cols: usize, x: &[f32], kernel: Kernel) -> Vec<f32> {
+/// Q2_K, Q3_K and Q6_K parts take the activations as `activations` says (`Activations::best()`
+/// outside tests).
+pub fn product(
+    parts: &[Part],
+    cols: usize,
+    x: &[f32],
+    kernel: Kernel,
+    activations: Activations,
+) -> Vec<f32> {
     let n = x.len() / cols;
     assert!(n <= MAX_INPUT_ROWS && n * cols == x.len());
     let rows: usize = parts.iter().map(|p| p.rows).sum();
@@ -151,6 +192,17 @@ pub fn product(parts: &[Part], cols: usize, x: &[f32], kernel: Kernel) -> Vec<f3
     let chunk = (rows / (8 * rayon::current_num_threads().max(1))).clamp(8, 256);
     // Σ x_j over each block of each input row, for the m·Σ x_j term of Q4_1.
     let block_sums: Vec<f32> = x.chunks(BLOCK).map(|b| b.iter().sum()).collect();
+    // Rounded once for every part that takes them.
+    let integer = |dtype: GgmlDType| {
+        cfg!(target_arch = "x86_64")
+            && activations == Activations::Rounded
+            && kernel.has_avx2()
+            && has_integer_dots(dtype)
+    };
+    let rounded = parts
+        .iter()
+        .any(|p| p.blocks.is_some_and(|(_, dtype)| integer(dtype)))
+        .then(|| RoundedRows::new(x, cols));
     let mut by_row = vec![0f32; rows * n];
     by_row.par_chunks_mut(chunk * n).enumerate().for_each_init(
         || vec![0f32; cols],
@@ -167,6 +219,13 @@ pub fn product(parts: &[Part], cols: usize, x: &[f32], kernel: Kernel) -> Vec<f3
                 let rows = (starts[p + 1] - row).min(last - row);
                 let dots = &mut out[(row - first) * n..(row - first + rows) * n];
                 match (kernel, part.blocks) {
+                    #[cfg(target_arch = "x86_64")]
+                    (_, Some((bytes, dtype))) if integer(dtype) => {
+                        let x = rounded.as_ref().expect("rounded for this part");
+                        // SAFETY: `integer` holds only where the CPU has AVX2, FMA and F16C;
+                        // the rows lie inside `bytes`.
+                        unsafe { integer::avx2::row_dots(bytes, dtype, (r, rows), cols, x, dots) }
+                    }
                     #[cfg(target_arch = "x86_64")]
                     (kernel, Some((bytes, dtype)))
                         if kernel.has_avx2() && has_register_dots(dtype, cols) =>
@@ -2075,10 +2134,10 @@ pub(super) mod tests {
                     rows,
                     dequantize_row: &no_plain_path,
                 };
-                let together = product(&[part(&data, rows)], cols, &x, kernel);
+                let together = product(&[part(&data, rows)], cols, &x, kernel, Activations::Exact);
                 for (r, dot) in together.iter().enumerate() {
                     let bytes = &data[r * row_bytes..(r + 1) * row_bytes];
-                    let alone = product(&[part(bytes, 1)], cols, &x, kernel)[0];
+                    let alone = product(&[part(bytes, 1)], cols, &x, kernel, Activations::Exact)[0];
                     assert_eq!(
                         dot.to_bits(),
                         alone.to_bits(),

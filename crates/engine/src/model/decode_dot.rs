@@ -127,7 +127,7 @@ pub fn has_register_dots(dtype: GgmlDType, cols: usize) -> bool {
         || (matches!(dtype, GgmlDType::F16 | GgmlDType::BF16) && cols.is_multiple_of(BLOCK))
 }
 
-/// How the decoding dots of the types with integer dots (`integer`: Q2_K, Q3_K, Q6_K) take
+/// How the decoding dots of the types with integer dots (`integer`: the K types) take
 /// the activations, on CPUs with AVX2; every other type and CPU takes them as f32.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activations {
@@ -169,7 +169,7 @@ pub struct Part<'a> {
 /// rows: out[i * R + o_p + r] = Σ_c W_p[r, c] · x[i * cols + c], where part p's rows start at
 /// o_p and R is their total. Stacked matrices (q, k and v; gate and up) share one parallel
 /// loop, so a decoding step waits for its threads once per input instead of once per matrix.
-/// Q2_K, Q3_K and Q6_K parts take the activations as `activations` says (`Activations::best()`
+/// K-type parts take the activations as `activations` says (`Activations::best()`
 /// outside tests).
 pub fn product(
     parts: &[Part],
@@ -220,11 +220,17 @@ pub fn product(
                 let dots = &mut out[(row - first) * n..(row - first + rows) * n];
                 match (kernel, part.blocks) {
                     #[cfg(target_arch = "x86_64")]
-                    (_, Some((bytes, dtype))) if integer(dtype) => {
+                    (kernel, Some((bytes, dtype))) if integer(dtype) => {
                         let x = rounded.as_ref().expect("rounded for this part");
-                        // SAFETY: `integer` holds only where the CPU has AVX2, FMA and F16C;
-                        // the rows lie inside `bytes`.
-                        unsafe { integer::avx2::row_dots(bytes, dtype, (r, rows), cols, x, dots) }
+                        let row_dots = if kernel == Kernel::Avx512 && integer::avx512::available() {
+                            integer::avx512::row_dots
+                        } else {
+                            integer::avx2::row_dots
+                        };
+                        // SAFETY: `integer` holds only where the CPU has AVX2, FMA and F16C,
+                        // and the 512-bit kernels are taken where it has AVX-512F and BW; the
+                        // rows lie inside `bytes`.
+                        unsafe { row_dots(bytes, dtype, (r, rows), cols, x, dots) }
                     }
                     #[cfg(target_arch = "x86_64")]
                     (kernel, Some((bytes, dtype)))
@@ -633,29 +639,40 @@ mod avx2 {
         block: *const u8,
         f16_values: &[f32; 1 << 16],
     ) -> ([f32; 8], __m256) {
-        const LOW6: u32 = 0x3f3f_3f3f;
-        const LOW4: u32 = 0x0f0f_0f0f;
-        const TOP2: u32 = 0x0303_0303;
         // SAFETY: the super-block's first 16 bytes are d, dmin and the packed scales.
         let bits = |at: usize| unsafe { std::ptr::read_unaligned(block.add(at) as *const u16) };
-        // SAFETY: as above.
-        let u = unsafe { std::ptr::read_unaligned(block.add(4) as *const [u32; 3]) };
-        let u = u.map(u32::from_le);
         let (d, min) = (f16_values[bits(0) as usize], f16_values[bits(2) as usize]);
-        // Byte j is sc_j (m_j) of `scale_min_k4`: sub-blocks 4..8 take their low four bits from
-        // bytes 8..12 and their top two from the top of bytes 0..4 (4..8).
-        let wide = |lo: u32, hi: u32| lo as u64 | (hi as u64) << 32;
-        let sc = wide(u[0] & LOW6, (u[2] & LOW4) | (((u[0] >> 6) & TOP2) << 4));
-        let m = wide(
-            u[1] & LOW6,
-            ((u[2] >> 4) & LOW4) | (((u[1] >> 6) & TOP2) << 4),
-        );
+        // SAFETY: as above.
+        let (sc, m) = unsafe { q4k_fields(block) };
         let to_f32 = |v: u64| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(v as i64)));
         let mut scales = [0f32; 8];
         let scaled = _mm256_mul_ps(_mm256_set1_ps(d), to_f32(sc));
         // SAFETY: `scales` holds eight f32.
         unsafe { _mm256_storeu_ps(scales.as_mut_ptr(), scaled) };
         (scales, _mm256_mul_ps(_mm256_set1_ps(-min), to_f32(m)))
+    }
+
+    /// A Q4_K or Q5_K super-block's eight six-bit scales sc_j and mins m_j, byte j of each
+    /// (those of `scale_min_k4`), unpacked all at once as ggml does: sub-blocks 4..8 take their
+    /// low four bits from bytes 8..12 and their top two from the top of bytes 0..4 (4..8).
+    ///
+    /// # Safety
+    /// `block` points at a whole Q4_K or Q5_K super-block.
+    #[inline(always)]
+    pub(super) unsafe fn q4k_fields(block: *const u8) -> (u64, u64) {
+        const LOW6: u32 = 0x3f3f_3f3f;
+        const LOW4: u32 = 0x0f0f_0f0f;
+        const TOP2: u32 = 0x0303_0303;
+        // SAFETY: bytes 4..16 of the super-block are the packed fields.
+        let u = unsafe { std::ptr::read_unaligned(block.add(4) as *const [u32; 3]) };
+        let u = u.map(u32::from_le);
+        let wide = |lo: u32, hi: u32| lo as u64 | (hi as u64) << 32;
+        let sc = wide(u[0] & LOW6, (u[2] & LOW4) | (((u[0] >> 6) & TOP2) << 4));
+        let m = wide(
+            u[1] & LOW6,
+            ((u[2] >> 4) & LOW4) | (((u[1] >> 6) & TOP2) << 4),
+        );
+        (sc, m)
     }
 
     /// offsets[i] += Σ_j m_j · Σx over sub-block j, for a super-block's offsets `m` (from

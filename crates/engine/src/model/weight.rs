@@ -279,7 +279,7 @@ impl Weight {
     }
 
     /// x Wᵀ for x of shape (.., cols): (.., rows), exact up to f32 rounding; for up to
-    /// `decode_dot::MAX_INPUT_ROWS` rows of Q2_K, Q3_K or Q6_K matrices, the activations are
+    /// `decode_dot::MAX_INPUT_ROWS` rows of K-type (Q2_K..Q6_K) matrices, the activations are
     /// rounded to 15 bits unless `PROMPT_SALIENCE_EXACT_DECODING=1` (`decode_dot::integer`).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
@@ -1016,7 +1016,7 @@ mod tests {
                     .expect("every part is GGUF blocks");
                 assert_eq!(got.dims(), want.dims());
                 let d = max_diff(&got, &want);
-                // The rounded activations move the Q2_K, Q3_K and Q6_K parts' rows.
+                // The rounded activations move the K-type parts' rows.
                 let tolerance = match dots.1 {
                     Activations::Exact => 2e-6,
                     Activations::Rounded => 1e-4,

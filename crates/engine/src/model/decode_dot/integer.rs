@@ -1,20 +1,25 @@
-//! Decoding dots of the 2-, 3- and 6-bit K types (Q2_K, Q3_K, Q6_K) with integer
-//! multiply-adds, against activations rounded to 15 bits.
+//! Decoding dots of the K types (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) with integer multiply-adds,
+//! against activations rounded to 15 bits.
 //!
 //! Why: with f32 activations every weight is widened to a 32-bit lane, converted and
-//! multiplied, and for these types that costs more than reading it. On Llama 1B shapes
-//! (Xeon, 2 threads) the f32 kernels decoded Q2_K at 0.50× llama.cpp's speed, Q3_K at
-//! 0.55×, Q6_K at 0.76×, with 73 % of the time in the dots. Byte multiply-adds take 32
-//! weights per instruction.
+//! multiplied, and for the 2-, 3- and 6-bit types that costs more than reading it. On Llama
+//! 1B shapes (Xeon, 2 threads) the f32 kernels decoded Q2_K at 0.50× llama.cpp's speed, Q3_K
+//! at 0.55×, Q6_K at 0.76×, with 73 % of the time in the dots. Byte multiply-adds take 32
+//! weights per AVX2 instruction, 64 per AVX-512BW one. One thread, a 256 × 2048 matrix in
+//! cache, ns per super-block of 256 (f32 AVX-512 kernel → these with AVX-512BW; AVX2 →
+//! AVX2): Q2_K 43 → 26 (69 → 33), Q3_K 48 → 37 (110 → 48), Q4_K 35 → 33 (46 → 39), Q5_K
+//! 46 → 34 (84 → 46), Q6_K 58 → 30 (70 → 40).
 //!
 //! Precision: llama.cpp rounds activations to 8 bits. Here each super-block of 256 values
 //! of an activation row gets a scale s = max |x| / 16256 and integers v = round(x / s),
 //! stored as two signed bytes v = 128·hi + lo (|hi| ≤ 127, |lo| ≤ 64), so that byte
 //! multiply-adds take them. Each value is off by at most s / 2, 2⁻¹⁵ of the largest in its
-//! block: 128 times closer than 8 bits. The formats' offsets (Q2_K's mins, the −32 of Q6_K
-//! and the −4 of Q3_K) are taken in f32 against the exact sums of x over each run of 16
-//! values, so only the d·sc·u part of a weight meets the rounding. With
-//! `PROMPT_SALIENCE_EXACT_DECODING=1` these types take the f32 kernels instead.
+//! block: 128 times closer than 8 bits. The formats' offsets (the mins of Q2_K, Q4_K and
+//! Q5_K, the −32 of Q6_K, the −4 of Q3_K) are taken in f32 against the exact sums of x over
+//! each run of 16 values, so only the d·sc·u part of a weight meets the rounding. Gemma 3
+//! 270M's Q4_K_M file (Q4_K and Q6_K matrices among others) gives the same 64-token greedy
+//! continuations of ten prompts either way. With `PROMPT_SALIENCE_EXACT_DECODING=1` these
+//! types take the f32 kernels instead.
 
 use candle_core::quantized::GgmlDType;
 
@@ -35,7 +40,10 @@ fn to_integer(y: f32) -> f32 {
 
 /// The storage types whose decoding dots are integer ones.
 pub fn has_integer_dots(dtype: GgmlDType) -> bool {
-    matches!(dtype, GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::Q6K)
+    matches!(
+        dtype,
+        GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K
+    )
 }
 
 /// Activation rows rounded for the integer dots (see the module's comment).
@@ -108,20 +116,24 @@ impl RoundedRows {
 
 #[cfg(target_arch = "x86_64")]
 pub(super) mod avx2 {
-    use super::super::avx2::{Q2K_BYTES, Q3K_BYTES, Q6K_BYTES};
+    use super::super::avx2::{k_bytes, q4k_fields, Q2K_BYTES, Q3K_BYTES, Q6K_BYTES};
     use super::super::{f16_values, prefetch_ahead};
     use super::{RoundedRows, RUN, SUPER};
     use candle_core::quantized::GgmlDType;
     use std::arch::x86_64::*;
 
-    const Q2K: u8 = 0;
-    const Q3K: u8 = 1;
-    const Q6K: u8 = 2;
+    pub(super) const Q2K: u8 = 0;
+    pub(super) const Q3K: u8 = 1;
+    pub(super) const Q6K: u8 = 2;
+    pub(super) const Q4K: u8 = 3;
+    pub(super) const Q5K: u8 = 4;
 
-    const fn super_bytes(format: u8) -> usize {
+    pub(super) const fn super_bytes(format: u8) -> usize {
         match format {
             Q2K => Q2K_BYTES,
             Q3K => Q3K_BYTES,
+            Q4K => k_bytes(false),
+            Q5K => k_bytes(true),
             _ => Q6K_BYTES,
         }
     }
@@ -161,6 +173,8 @@ pub(super) mod avx2 {
         match dtype {
             GgmlDType::Q2K => each_row!(Q2K),
             GgmlDType::Q3K => each_row!(Q3K),
+            GgmlDType::Q4K => each_row!(Q4K),
+            GgmlDType::Q5K => each_row!(Q5K),
             GgmlDType::Q6K => each_row!(Q6K),
             _ => unreachable!("no integer dots for {dtype:?}"),
         }
@@ -175,20 +189,25 @@ pub(super) mod avx2 {
         d: f32,
     }
 
+    /// A super-block's sixteen multipliers sc (one per run of 16) as signed bytes, the integer
+    /// parts of the runs' offsets likewise, d, and the offsets' factor: run k's offset is
+    /// factor · offset_k, taken against the run's Σ x.
+    ///
     /// # Safety
     /// `at` points at a whole super-block of `FORMAT`.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn scales<const FORMAT: u8>(at: *const u8, f16_values: &[f32; 1 << 16]) -> Scales {
+    pub(super) unsafe fn scale_bytes<const FORMAT: u8>(
+        at: *const u8,
+        f16_values: &[f32; 1 << 16],
+    ) -> (__m128i, __m128i, f32, f32) {
         let f16 = |at: *const u8| {
             // SAFETY: the caller's bound; d and dmin lie inside the super-block.
             f16_values[unsafe { std::ptr::read_unaligned(at as *const u16) } as usize]
         };
         let low4 = _mm_set1_epi8(0x0F);
-        // The sixteen multipliers as signed bytes, the offsets' integer parts likewise, and
-        // the offsets' factor.
         // SAFETY (loads): each lies inside the super-block.
-        let (sc, offset_ints, d, offset_d) = match FORMAT {
+        match FORMAT {
             Q2K => {
                 let packed = unsafe { _mm_loadu_si128(at as *const __m128i) };
                 let m = _mm_and_si128(_mm_srli_epi16::<4>(packed), low4);
@@ -205,12 +224,31 @@ pub(super) mod avx2 {
                 let d = f16(unsafe { at.add(108) });
                 (sc, sc, d, -4.0 * d)
             }
+            Q4K | Q5K => {
+                // Eight sub-blocks of 32: each field twice, once per run of 16.
+                let (sc, m) = unsafe { q4k_fields(at) };
+                let twice = |v: u64| {
+                    let v = _mm_cvtsi64_si128(v as i64);
+                    _mm_unpacklo_epi8(v, v)
+                };
+                let (d, dmin) = (f16(at), f16(unsafe { at.add(2) }));
+                (twice(sc), twice(m), d, -dmin)
+            }
             _ => {
                 let sc = unsafe { _mm_loadu_si128(at.add(192) as *const __m128i) };
                 let d = f16(unsafe { at.add(208) });
                 (sc, sc, d, -32.0 * d)
             }
-        };
+        }
+    }
+
+    /// # Safety
+    /// `at` points at a whole super-block of `FORMAT`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn scales<const FORMAT: u8>(at: *const u8, f16_values: &[f32; 1 << 16]) -> Scales {
+        // SAFETY: the caller's bound.
+        let (sc, offset_ints, d, offset_d) = unsafe { scale_bytes::<FORMAT>(at, f16_values) };
         let words_twice = _mm256_setr_epi8(
             0, 1, 0, 1, 4, 5, 4, 5, 8, 9, 8, 9, 12, 13, 12, 13, 0, 1, 0, 1, 4, 5, 4, 5, 8, 9, 8, 9,
             12, 13, 12, 13,
@@ -251,9 +289,22 @@ pub(super) mod avx2 {
                 let (q, high) = (load(32 + 32 * half), load(0));
                 let shift = _mm_cvtsi32_si128(2 * step as i32);
                 let low = _mm256_and_si256(_mm256_srl_epi16(q, shift), _mm256_set1_epi8(3));
-                let bit = _mm256_set1_epi8((1u8 << (4 * half + step)) as i8);
-                let set = _mm256_cmpeq_epi8(_mm256_and_si256(high, bit), bit);
-                _mm256_or_si256(low, _mm256_and_si256(set, _mm256_set1_epi8(4)))
+                _mm256_or_si256(low, bit_to(high, 4 * half + step, 2))
+            }
+            Q4K | Q5K => {
+                // Sub-block pair c / 2 shares 32 bytes: low nibbles first, then high ones.
+                let q = load(if FORMAT == Q5K { 48 } else { 16 } + 32 * (c / 2));
+                let q = if c.is_multiple_of(2) {
+                    q
+                } else {
+                    _mm256_srli_epi16::<4>(q)
+                };
+                let nibbles = _mm256_and_si256(q, _mm256_set1_epi8(0x0F));
+                if FORMAT == Q5K {
+                    _mm256_or_si256(nibbles, bit_to(load(16), c, 4))
+                } else {
+                    nibbles
+                }
             }
             _ => {
                 // ggml's block_q6_K: per half, 64 bytes of low nibbles and 32 of bit pairs.
@@ -270,6 +321,21 @@ pub(super) mod avx2 {
                 };
                 _mm256_or_si256(nibbles, _mm256_and_si256(pairs, top))
             }
+        }
+    }
+
+    /// Bit `from` of every byte of `v`, moved to bit `to` (the others clear): one 16-bit shift
+    /// (bits that cross into the next byte of a pair are masked off) and one mask.
+    #[inline(always)]
+    fn bit_to(v: __m256i, from: usize, to: usize) -> __m256i {
+        // SAFETY: only called from the kernels, which run where AVX2 is present.
+        unsafe {
+            let moved = if from <= to {
+                _mm256_sll_epi16(v, _mm_cvtsi32_si128((to - from) as i32))
+            } else {
+                _mm256_srl_epi16(v, _mm_cvtsi32_si128((from - to) as i32))
+            };
+            _mm256_and_si256(moved, _mm256_set1_epi8(1 << to))
         }
     }
 
@@ -347,6 +413,262 @@ pub(super) mod avx2 {
     }
 }
 
+/// The kernels of `avx2` with 512-bit registers (AVX-512BW for bytes and words): each
+/// instruction takes 64 values, two of the AVX2 kernels' chunks, whose stored bytes are
+/// broadcast to both halves and shifted by different counts where the two chunks share them.
+#[cfg(target_arch = "x86_64")]
+pub(super) mod avx512 {
+    use super::super::{f16_values, prefetch_ahead};
+    use super::avx2::{scale_bytes, super_bytes, Q2K, Q3K, Q4K, Q5K, Q6K};
+    use super::{RoundedRows, RUN, SUPER};
+    use candle_core::quantized::GgmlDType;
+    use std::arch::x86_64::*;
+
+    /// The CPU has AVX-512BW besides AVX-512F (read once).
+    pub(in super::super) fn available() -> bool {
+        static BW: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *BW.get_or_init(|| is_x86_feature_detected!("avx512bw"))
+    }
+
+    /// As `avx2::row_dots`.
+    ///
+    /// # Safety
+    /// As for `avx2::row_dots`, and the CPU has AVX-512F and AVX-512BW.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    pub(in super::super) unsafe fn row_dots(
+        bytes: &[u8],
+        dtype: GgmlDType,
+        (r, rows): (usize, usize),
+        cols: usize,
+        x: &RoundedRows,
+        dots: &mut [f32],
+    ) {
+        let n = dots.len() / rows;
+        assert!(x.cols == cols && x.rows() >= n);
+        macro_rules! each_row {
+            ($format:expr) => {
+                for (k, dots) in dots.chunks_mut(n).enumerate() {
+                    // SAFETY: as for this function.
+                    unsafe {
+                        match n {
+                            1 => row_dots_n::<1, { $format }>(bytes, r + k, cols, x, dots),
+                            2 => row_dots_n::<2, { $format }>(bytes, r + k, cols, x, dots),
+                            3 => row_dots_n::<3, { $format }>(bytes, r + k, cols, x, dots),
+                            _ => row_dots_n::<4, { $format }>(bytes, r + k, cols, x, dots),
+                        }
+                    }
+                }
+            };
+        }
+        match dtype {
+            GgmlDType::Q2K => each_row!(Q2K),
+            GgmlDType::Q3K => each_row!(Q3K),
+            GgmlDType::Q4K => each_row!(Q4K),
+            GgmlDType::Q5K => each_row!(Q5K),
+            GgmlDType::Q6K => each_row!(Q6K),
+            _ => unreachable!("no integer dots for {dtype:?}"),
+        }
+    }
+
+    /// 32 bytes at `at` in both halves.
+    ///
+    /// # Safety
+    /// 32 bytes at `at` may be read.
+    #[inline(always)]
+    unsafe fn twice(at: *const u8) -> __m512i {
+        // SAFETY: the caller's bound; AVX-512F is present where the kernels run.
+        unsafe { _mm512_broadcast_i64x4(_mm256_loadu_si256(at as *const __m256i)) }
+    }
+
+    /// Sixteen 16-bit counts of `a` then sixteen of `b`, for the per-word shifts.
+    #[inline(always)]
+    fn counts(a: u16, b: u16) -> __m512i {
+        let word = |v: u16| v as i64 * 0x0001_0001_0001_0001;
+        // SAFETY: AVX-512F is present where the kernels run.
+        unsafe {
+            _mm512_set_epi64(
+                word(b),
+                word(b),
+                word(b),
+                word(b),
+                word(a),
+                word(a),
+                word(a),
+                word(a),
+            )
+        }
+    }
+
+    /// Bytes of `v` whose bit `a` (low half) or `b` (high half) is set, as a mask.
+    #[inline(always)]
+    fn bits_set(v: __m512i, a: usize, b: usize) -> __mmask64 {
+        let bit = |k: usize| i64::from(0x0101_0101u32 << k) | i64::from(0x0101_0101u32 << k) << 32;
+        // SAFETY: AVX-512F and BW are present where the kernels run.
+        unsafe {
+            let bits = _mm512_set_epi64(
+                bit(b),
+                bit(b),
+                bit(b),
+                bit(b),
+                bit(a),
+                bit(a),
+                bit(a),
+                bit(a),
+            );
+            _mm512_test_epi8_mask(v, bits)
+        }
+    }
+
+    /// The unsigned integer parts u of values 64p..64p + 64 of a super-block, one per byte
+    /// (the AVX2 kernels' chunks 2p and 2p + 1).
+    ///
+    /// # Safety
+    /// `at` points at a whole super-block of `FORMAT`; p < 4.
+    #[inline(always)]
+    unsafe fn pair<const FORMAT: u8>(at: *const u8, p: usize) -> __m512i {
+        // SAFETY (whole function): every read lies inside the super-block.
+        unsafe {
+            let (half, step) = (p / 2, 2 * (p % 2));
+            match FORMAT {
+                Q2K | Q3K => {
+                    let q = twice(at.add(if FORMAT == Q2K { 16 } else { 32 } + 32 * half));
+                    let shift = counts(2 * step as u16, 2 * step as u16 + 2);
+                    let low = _mm512_and_si512(_mm512_srlv_epi16(q, shift), _mm512_set1_epi8(3));
+                    if FORMAT == Q2K {
+                        low
+                    } else {
+                        let set = bits_set(twice(at), 4 * half + step, 4 * half + step + 1);
+                        _mm512_mask_add_epi8(low, set, low, _mm512_set1_epi8(4))
+                    }
+                }
+                Q4K | Q5K => {
+                    let q = twice(at.add(if FORMAT == Q5K { 48 } else { 16 } + 32 * p));
+                    let q = _mm512_srlv_epi16(q, counts(0, 4));
+                    let nibbles = _mm512_and_si512(q, _mm512_set1_epi8(0x0F));
+                    if FORMAT == Q5K {
+                        let set = bits_set(twice(at.add(16)), 2 * p, 2 * p + 1);
+                        _mm512_mask_add_epi8(nibbles, set, nibbles, _mm512_set1_epi8(16))
+                    } else {
+                        nibbles
+                    }
+                }
+                _ => {
+                    // Low nibbles [A, B] for steps 0 and 1, high ones for 2 and 3; the bit
+                    // pairs of H moved to bits 4..6 by <<4, <<2 (steps 0, 1) or 0, >>2 (2, 3);
+                    // then 0xF8: h | (ab & 0x0F).
+                    let ab = _mm512_loadu_si512(at.add(64 * half) as *const _);
+                    let ab = if step == 0 {
+                        ab
+                    } else {
+                        _mm512_srli_epi16::<4>(ab)
+                    };
+                    let h = twice(at.add(128 + 32 * half));
+                    let h = if step == 0 {
+                        _mm512_sllv_epi16(h, counts(4, 2))
+                    } else {
+                        _mm512_srlv_epi16(h, counts(0, 2))
+                    };
+                    _mm512_ternarylogic_epi32::<0xF8>(
+                        _mm512_and_si512(h, _mm512_set1_epi8(0x30)),
+                        ab,
+                        _mm512_set1_epi8(0x0F),
+                    )
+                }
+            }
+        }
+    }
+
+    /// Row r's dots with N rounded input rows.
+    ///
+    /// # Safety
+    /// As for `row_dots`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    unsafe fn row_dots_n<const N: usize, const FORMAT: u8>(
+        bytes: &[u8],
+        r: usize,
+        cols: usize,
+        x: &RoundedRows,
+        dots: &mut [f32],
+    ) {
+        let size = super_bytes(FORMAT);
+        let supers = cols / SUPER;
+        assert!(cols.is_multiple_of(SUPER), "K rows are whole super-blocks");
+        assert!(x.rows() >= N && x.cols == cols && dots.len() >= N);
+        let row = &bytes[r * supers * size..(r + 1) * supers * size];
+        let f16_values = f16_values();
+        let words_twice = _mm512_set4_epi32(0x0d0c_0d0c, 0x0908_0908, 0x0504_0504, 0x0100_0100);
+        // The lanes of pair p's multipliers: runs 4p..4p + 4, four lanes each.
+        let pick: [__m512i; 4] = std::array::from_fn(|p| {
+            let p = 4 * p as i32;
+            _mm512_setr_epi32(
+                p,
+                p,
+                p,
+                p,
+                p + 1,
+                p + 1,
+                p + 1,
+                p + 1,
+                p + 2,
+                p + 2,
+                p + 2,
+                p + 2,
+                p + 3,
+                p + 3,
+                p + 3,
+                p + 3,
+            )
+        });
+        let mut totals = [_mm512_setzero_ps(); N];
+        for sb in 0..supers {
+            // SAFETY: super-block sb of the row lies inside it; 256 rounded values of each x_i
+            // from sb·256, and its 16 run sums, lie inside the slices checked above.
+            unsafe {
+                let at = row.as_ptr().add(sb * size);
+                for ahead in (0..size).step_by(64) {
+                    prefetch_ahead(at.add(ahead));
+                }
+                let (sc, offset_ints, d, offset_d) = scale_bytes::<FORMAT>(at, f16_values);
+                let multipliers = _mm512_shuffle_epi8(_mm512_cvtepi8_epi32(sc), words_twice);
+                let offsets = _mm512_mul_ps(
+                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(offset_ints)),
+                    _mm512_set1_ps(offset_d),
+                );
+                let mut high = [_mm512_setzero_si512(); N];
+                let mut low = [_mm512_setzero_si512(); N];
+                for (p, pick) in pick.iter().enumerate() {
+                    let u = pair::<FORMAT>(at, p);
+                    let sc = _mm512_permutexvar_epi32(*pick, multipliers);
+                    for i in 0..N {
+                        let o = i * cols + sb * SUPER + 64 * p;
+                        let hi = _mm512_loadu_si512(x.hi.as_ptr().add(o) as *const _);
+                        let lo = _mm512_loadu_si512(x.lo.as_ptr().add(o) as *const _);
+                        let pairs_hi = _mm512_maddubs_epi16(u, hi);
+                        let pairs_lo = _mm512_maddubs_epi16(u, lo);
+                        high[i] = _mm512_add_epi32(high[i], _mm512_madd_epi16(sc, pairs_hi));
+                        low[i] = _mm512_add_epi32(low[i], _mm512_madd_epi16(sc, pairs_lo));
+                    }
+                }
+                for i in 0..N {
+                    let v = _mm512_fmadd_ps(
+                        _mm512_cvtepi32_ps(high[i]),
+                        _mm512_set1_ps(128.0),
+                        _mm512_cvtepi32_ps(low[i]),
+                    );
+                    let factor = d * x.scales[i * supers + sb];
+                    totals[i] = _mm512_fmadd_ps(v, _mm512_set1_ps(factor), totals[i]);
+                    let sums = x.run_sums.as_ptr().add((i * cols + sb * SUPER) / RUN);
+                    totals[i] = _mm512_fmadd_ps(offsets, _mm512_loadu_ps(sums), totals[i]);
+                }
+            }
+        }
+        for (d, total) in dots.iter_mut().zip(totals) {
+            *d = _mm512_reduce_add_ps(total);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::{product, Activations, Kernel, Part};
@@ -354,7 +676,13 @@ mod tests {
     use candle_core::quantized::QTensor;
     use candle_core::{Device, Tensor};
 
-    const TYPES: [GgmlDType; 3] = [GgmlDType::Q2K, GgmlDType::Q3K, GgmlDType::Q6K];
+    const TYPES: [GgmlDType; 5] = [
+        GgmlDType::Q2K,
+        GgmlDType::Q3K,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+    ];
 
     fn random(len: usize, seed: u64) -> Vec<f32> {
         // A small xorshift: the values only need to be spread and repeatable.

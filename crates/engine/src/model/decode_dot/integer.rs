@@ -114,6 +114,56 @@ impl RoundedRows {
     }
 }
 
+/// An integer kernel module's entry point for the CPU features `$features`: `row_dots` picks
+/// the module's `row_dots_n` for the storage type and the number of input rows, so that each
+/// loop is compiled without a branch per super-block.
+#[cfg(target_arch = "x86_64")]
+macro_rules! integer_entry_point {
+    ($features:literal) => {
+        /// dots[k·n + i] = W[r + k] · x_i for the `rows` rows from r and the n = dots.len() /
+        /// rows rounded input rows x_i.
+        ///
+        /// # Safety
+        /// The CPU has `$features`; `bytes` holds rows of `cols / 256` super-blocks of `dtype`,
+        /// one with integer dots.
+        #[target_feature(enable = $features)]
+        pub(in super::super) unsafe fn row_dots(
+            bytes: &[u8],
+            dtype: GgmlDType,
+            (r, rows): (usize, usize),
+            cols: usize,
+            x: &RoundedRows,
+            dots: &mut [f32],
+        ) {
+            let n = dots.len() / rows;
+            assert!(x.cols == cols && x.rows() >= n);
+            macro_rules! each_row {
+                ($format:expr) => {
+                    for (k, dots) in dots.chunks_mut(n).enumerate() {
+                        // SAFETY: as for this function.
+                        unsafe {
+                            match n {
+                                1 => row_dots_n::<1, { $format }>(bytes, r + k, cols, x, dots),
+                                2 => row_dots_n::<2, { $format }>(bytes, r + k, cols, x, dots),
+                                3 => row_dots_n::<3, { $format }>(bytes, r + k, cols, x, dots),
+                                _ => row_dots_n::<4, { $format }>(bytes, r + k, cols, x, dots),
+                            }
+                        }
+                    }
+                };
+            }
+            match dtype {
+                GgmlDType::Q2K => each_row!(Q2K),
+                GgmlDType::Q3K => each_row!(Q3K),
+                GgmlDType::Q4K => each_row!(Q4K),
+                GgmlDType::Q5K => each_row!(Q5K),
+                GgmlDType::Q6K => each_row!(Q6K),
+                _ => unreachable!("no integer dots for {dtype:?}"),
+            }
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 pub(super) mod avx2 {
     use super::super::avx2::{k_bytes, q4k_fields, Q2K_BYTES, Q3K_BYTES, Q6K_BYTES};
@@ -138,47 +188,7 @@ pub(super) mod avx2 {
         }
     }
 
-    /// dots[k·n + i] = W[r + k] · x_i for the `rows` rows from r and the n = dots.len() / rows
-    /// rounded input rows x_i.
-    ///
-    /// # Safety
-    /// The CPU has AVX2, FMA and F16C; `bytes` holds rows of `cols / 256` super-blocks of
-    /// `dtype`, one with integer dots.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(in super::super) unsafe fn row_dots(
-        bytes: &[u8],
-        dtype: GgmlDType,
-        (r, rows): (usize, usize),
-        cols: usize,
-        x: &RoundedRows,
-        dots: &mut [f32],
-    ) {
-        let n = dots.len() / rows;
-        assert!(x.cols == cols && x.rows() >= n);
-        macro_rules! each_row {
-            ($format:expr) => {
-                for (k, dots) in dots.chunks_mut(n).enumerate() {
-                    // SAFETY: as for this function.
-                    unsafe {
-                        match n {
-                            1 => row_dots_n::<1, { $format }>(bytes, r + k, cols, x, dots),
-                            2 => row_dots_n::<2, { $format }>(bytes, r + k, cols, x, dots),
-                            3 => row_dots_n::<3, { $format }>(bytes, r + k, cols, x, dots),
-                            _ => row_dots_n::<4, { $format }>(bytes, r + k, cols, x, dots),
-                        }
-                    }
-                }
-            };
-        }
-        match dtype {
-            GgmlDType::Q2K => each_row!(Q2K),
-            GgmlDType::Q3K => each_row!(Q3K),
-            GgmlDType::Q4K => each_row!(Q4K),
-            GgmlDType::Q5K => each_row!(Q5K),
-            GgmlDType::Q6K => each_row!(Q6K),
-            _ => unreachable!("no integer dots for {dtype:?}"),
-        }
-    }
+    integer_entry_point!("avx2,fma,f16c");
 
     /// What a super-block's weights share: per run of 16 the integer multiplier (each as
     /// a pair of equal 16-bit words in a 32-bit lane, runs 0..8 and 8..16) and the offset
@@ -430,45 +440,7 @@ pub(super) mod avx512 {
         *BW.get_or_init(|| is_x86_feature_detected!("avx512bw"))
     }
 
-    /// As `avx2::row_dots`.
-    ///
-    /// # Safety
-    /// As for `avx2::row_dots`, and the CPU has AVX-512F and AVX-512BW.
-    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
-    pub(in super::super) unsafe fn row_dots(
-        bytes: &[u8],
-        dtype: GgmlDType,
-        (r, rows): (usize, usize),
-        cols: usize,
-        x: &RoundedRows,
-        dots: &mut [f32],
-    ) {
-        let n = dots.len() / rows;
-        assert!(x.cols == cols && x.rows() >= n);
-        macro_rules! each_row {
-            ($format:expr) => {
-                for (k, dots) in dots.chunks_mut(n).enumerate() {
-                    // SAFETY: as for this function.
-                    unsafe {
-                        match n {
-                            1 => row_dots_n::<1, { $format }>(bytes, r + k, cols, x, dots),
-                            2 => row_dots_n::<2, { $format }>(bytes, r + k, cols, x, dots),
-                            3 => row_dots_n::<3, { $format }>(bytes, r + k, cols, x, dots),
-                            _ => row_dots_n::<4, { $format }>(bytes, r + k, cols, x, dots),
-                        }
-                    }
-                }
-            };
-        }
-        match dtype {
-            GgmlDType::Q2K => each_row!(Q2K),
-            GgmlDType::Q3K => each_row!(Q3K),
-            GgmlDType::Q4K => each_row!(Q4K),
-            GgmlDType::Q5K => each_row!(Q5K),
-            GgmlDType::Q6K => each_row!(Q6K),
-            _ => unreachable!("no integer dots for {dtype:?}"),
-        }
-    }
+    integer_entry_point!("avx512f,avx512bw,avx2,fma,f16c");
 
     /// 32 bytes at `at` in both halves.
     ///

@@ -26,6 +26,8 @@ use candle_core::quantized::GgmlDType;
 use rayon::prelude::*;
 
 mod integer;
+#[cfg(target_arch = "x86_64")]
+pub(super) use integer::avx512::{available as has_avx512bw, dequantize as avx512bw_dequantize};
 pub use integer::has_integer_dots;
 use integer::RoundedRows;
 

@@ -435,7 +435,7 @@ pub(super) mod avx512 {
     use std::arch::x86_64::*;
 
     /// The CPU has AVX-512BW besides AVX-512F (read once).
-    pub(in super::super) fn available() -> bool {
+    pub(in crate::model) fn available() -> bool {
         static BW: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *BW.get_or_init(|| is_x86_feature_detected!("avx512bw"))
     }
@@ -545,6 +545,86 @@ pub(super) mod avx512 {
                         ab,
                         _mm512_set1_epi8(0x0F),
                     )
+                }
+            }
+        }
+    }
+
+    /// Writes the values of the whole K super-blocks in `blocks` into `dst` in runs of 16,
+    /// `stride` apart (as `dequantize::dequantize_blocks`), with the same bits as candle's
+    /// dequantization: the integer parts come from the dots' unpacking, the multipliers d·sc
+    /// and offsets −dmin·m are rounded to f32 as candle rounds them, and each value is
+    /// (d·sc)·q − dmin·m with q = u − 4 (Q3_K) or u − 32 (Q6_K), a multiply then an add.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F and AVX-512BW; `dtype` is a K type; the runs fit `dst`
+    /// (`dequantize::assert_runs_fit`).
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    pub(in crate::model) unsafe fn dequantize(
+        blocks: &[u8],
+        dtype: GgmlDType,
+        dst: &mut [f32],
+        stride: usize,
+    ) {
+        // SAFETY: as for this function.
+        unsafe {
+            match dtype {
+                GgmlDType::Q2K => dequantize_as::<Q2K>(blocks, dst, stride),
+                GgmlDType::Q3K => dequantize_as::<Q3K>(blocks, dst, stride),
+                GgmlDType::Q4K => dequantize_as::<Q4K>(blocks, dst, stride),
+                GgmlDType::Q5K => dequantize_as::<Q5K>(blocks, dst, stride),
+                GgmlDType::Q6K => dequantize_as::<Q6K>(blocks, dst, stride),
+                _ => unreachable!("not a K type: {dtype:?}"),
+            }
+        }
+    }
+
+    /// # Safety
+    /// As for `dequantize`, with `blocks` in `FORMAT`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    unsafe fn dequantize_as<const FORMAT: u8>(blocks: &[u8], dst: &mut [f32], stride: usize) {
+        let size = super_bytes(FORMAT);
+        let f16_values = f16_values();
+        let bias = _mm512_set1_epi32(match FORMAT {
+            Q3K => 4,
+            Q6K => 32,
+            _ => 0,
+        });
+        let (mut multipliers, mut offsets) = ([0f32; 16], [0f32; 16]);
+        let mut u = [0u8; SUPER];
+        for (b, block) in blocks.chunks_exact(size).enumerate() {
+            let at = block.as_ptr();
+            // SAFETY: `block` is a whole super-block; the arrays hold 16 f32 and 256 bytes;
+            // run b·16 + k starts (b·16 + k)·stride into `dst`, which the caller checked.
+            unsafe {
+                let (sc, offset_ints, d, offset_d) = scale_bytes::<FORMAT>(at, f16_values);
+                let to_f32 = |v: __m128i| _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v));
+                _mm512_storeu_ps(
+                    multipliers.as_mut_ptr(),
+                    _mm512_mul_ps(_mm512_set1_ps(d), to_f32(sc)),
+                );
+                _mm512_storeu_ps(
+                    offsets.as_mut_ptr(),
+                    _mm512_mul_ps(_mm512_set1_ps(offset_d), to_f32(offset_ints)),
+                );
+                for p in 0..4 {
+                    _mm512_storeu_si512(
+                        u.as_mut_ptr().add(64 * p) as *mut _,
+                        pair::<FORMAT>(at, p),
+                    );
+                }
+                for run in 0..SUPER / RUN {
+                    let q = _mm512_cvtepu8_epi32(_mm_loadu_si128(
+                        u.as_ptr().add(RUN * run) as *const __m128i
+                    ));
+                    let q = _mm512_cvtepi32_ps(_mm512_sub_epi32(q, bias));
+                    let y = _mm512_mul_ps(_mm512_set1_ps(multipliers[run]), q);
+                    let y = match FORMAT {
+                        Q2K | Q4K | Q5K => _mm512_add_ps(y, _mm512_set1_ps(offsets[run])),
+                        _ => y,
+                    };
+                    _mm512_storeu_ps(dst.as_mut_ptr().add((b * SUPER / RUN + run) * stride), y);
                 }
             }
         }

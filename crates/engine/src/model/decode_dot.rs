@@ -112,6 +112,11 @@ pub fn has_register_kernel(dtype: GgmlDType) -> bool {
     matches!(dtype, GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0)
 }
 
+/// Block types that the register kernels dequantize (the five blocks of 32 values).
+fn has_register_dequantization(dtype: GgmlDType) -> bool {
+    has_register_kernel(dtype) || matches!(dtype, GgmlDType::Q5_0 | GgmlDType::Q5_1)
+}
+
 /// Block types that `dequantize_blocks` writes itself: those with a register kernel, and
 /// those of `super::dequantize` (on every CPU).
 pub fn has_fast_dequantization(dtype: GgmlDType) -> bool {
@@ -373,7 +378,7 @@ fn dequantize_blocks_with(
     stride: usize,
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if has_register_kernel(dtype) && kernel.has_avx2() {
+    if has_register_dequantization(dtype) && kernel.has_avx2() {
         let n = blocks.len() / dtype.type_size();
         super::dequantize::assert_runs_fit(n, dtype, dst.len(), stride);
         let dequantize = if kernel == Kernel::Avx512 {
@@ -500,7 +505,7 @@ macro_rules! register_kernel_entry_points {
         /// See `super::dequantize_blocks_strided`.
         ///
         /// # Safety
-        /// The CPU has `$features`; `dtype` has a register kernel; `blocks` holds whole
+        /// The CPU has `$features`; `dtype` has a register dequantization; `blocks` holds whole
         /// blocks and `dst` has room for them at `stride`.
         #[target_feature(enable = $features)]
         pub(super) unsafe fn dequantize(
@@ -515,7 +520,9 @@ macro_rules! register_kernel_entry_points {
                     GgmlDType::Q4_0 => dequantize_as::<Q4_0>(blocks, dst, stride),
                     GgmlDType::Q4_1 => dequantize_as::<Q4_1>(blocks, dst, stride),
                     GgmlDType::Q8_0 => dequantize_as::<Q8_0>(blocks, dst, stride),
-                    _ => unreachable!("no register kernel for {dtype:?}"),
+                    GgmlDType::Q5_0 => dequantize_as::<Q5_0>(blocks, dst, stride),
+                    GgmlDType::Q5_1 => dequantize_as::<Q5_1>(blocks, dst, stride),
+                    _ => unreachable!("no register dequantization for {dtype:?}"),
                 }
             }
         }
@@ -1387,11 +1394,25 @@ mod avx2 {
             // SAFETY: block b lies inside `blocks`; its runs of 16 values at 2b and 2b + 1
             // are inside `dst` (the caller's bound).
             unsafe {
-                let (q, d, m) = block_values::<FORMAT>(blocks.as_ptr().add(b * size));
+                let block = blocks.as_ptr().add(b * size);
+                let (q, d, m) = match FORMAT {
+                    // As in `avx512::dequantize_as`.
+                    Q5_0 | Q5_1 => {
+                        let (d, m) = block_scales::<FORMAT>(block, f16_values());
+                        let q = stored_values::<FORMAT>(block);
+                        let q = if FORMAT == Q5_0 {
+                            q.map(|v| _mm256_sub_ps(v, _mm256_set1_ps(16.0)))
+                        } else {
+                            q
+                        };
+                        (q, _mm256_set1_ps(d), m)
+                    }
+                    _ => block_values::<FORMAT>(block),
+                };
                 for (k, v) in q.iter().enumerate() {
                     let w = _mm256_mul_ps(*v, d);
                     // d·q + m in two roundings, as candle's plain path computes it.
-                    let w = if FORMAT == Q4_1 {
+                    let w = if FORMAT == Q4_1 || FORMAT == Q5_1 {
                         _mm256_add_ps(w, m_of(m))
                     } else {
                         w
@@ -1544,12 +1565,27 @@ mod avx512 {
             // SAFETY: block b lies inside `blocks`; its runs of 16 values at 2b and 2b + 1
             // are inside `dst` (the caller's bound).
             unsafe {
-                let (q, d, m) = block_values::<FORMAT>(blocks.as_ptr().add(b * size));
+                let block = blocks.as_ptr().add(b * size);
+                let (q, d, m) = match FORMAT {
+                    // The stored five-bit values; Q5_0's are then centred exactly as candle's
+                    // integer q - 16 (small integers: the f32 subtraction is exact).
+                    Q5_0 | Q5_1 => {
+                        let (d, m) = block_scales::<FORMAT>(block, f16_values());
+                        let q = stored_values::<FORMAT>(block);
+                        let q = if FORMAT == Q5_0 {
+                            q.map(|v| _mm512_sub_ps(v, _mm512_set1_ps(16.0)))
+                        } else {
+                            q
+                        };
+                        (q, d, m)
+                    }
+                    _ => block_values::<FORMAT>(block),
+                };
                 let (d, m) = (_mm512_set1_ps(d), _mm512_set1_ps(m));
                 for (k, v) in q.iter().enumerate() {
                     let w = _mm512_mul_ps(*v, d);
                     // d·q + m in two roundings, as candle's plain path computes it.
-                    let w = if FORMAT == Q4_1 {
+                    let w = if FORMAT == Q4_1 || FORMAT == Q5_1 {
                         _mm512_add_ps(w, m)
                     } else {
                         w
@@ -2114,9 +2150,10 @@ pub(super) mod tests {
             return;
         }
         let w = Tensor::randn(0f32, 1.0, (16, 256), &Device::Cpu).unwrap();
-        for (kernel, dtype) in kernels.iter().flat_map(|&k| {
-            [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0].map(|dtype| (k, dtype))
-        }) {
+        for (kernel, dtype) in kernels
+            .iter()
+            .flat_map(|&k| BLOCKS_OF_32_WITH_DOTS.map(|dtype| (k, dtype)))
+        {
             let label = format!("{kernel:?} {dtype:?}, register dequantization");
             assert_same_as_candles(&w, dtype, &label, |blocks, dst, stride| {
                 dequantize_blocks_with(kernel, blocks, dtype, dst, stride)

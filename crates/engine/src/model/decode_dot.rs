@@ -27,7 +27,11 @@ use rayon::prelude::*;
 
 mod integer;
 #[cfg(target_arch = "x86_64")]
-pub(super) use integer::avx512::{available as has_avx512bw, dequantize as avx512bw_dequantize};
+pub(super) use integer::avx2::dequantize as avx2_k_dequantization;
+#[cfg(target_arch = "x86_64")]
+pub(super) use integer::avx512::{
+    available as has_avx512bw, dequantize as avx512bw_k_dequantization,
+};
 pub use integer::has_integer_dots;
 use integer::RoundedRows;
 

@@ -1,16 +1,16 @@
-//! Dequantization of the GGUF block types that have no register kernel in `decode_dot`: Q5_0,
-//! Q4_K, Q5_K and Q6_K (the types of Q4_K_M and Q5_K_M files, Gemma 3's among them), Q2_K and
-//! Q3_K (Q2_K and Q3_K_* files) and Q5_1.
+//! Dequantization of the GGUF block types that candle dequantizes with scalar code that
+//! allocates per call: Q5_0 and Q5_1, and the K types Q2_K–Q6_K (those of Q4_K_M and Q5_K_M
+//! files, Gemma 3's among them). Decoding Gemma 3 270M once spent most of each token there (10
+//! tokens/s against llama.cpp's 41).
 //!
-//! candle's `to_float` for these is scalar code that allocates per call; decoding Gemma 3 270M
-//! spent most of each token there (10 tokens/s against llama.cpp's 41). These loops compute
-//! every value with the same operations in the same order as candle's, so the values are
-//! bit-identical (a test compares them), and are compiled once more for AVX2, where the
-//! compiler vectorizes them. On CPUs with AVX-512BW the K types take
-//! `decode_dot::integer::avx512::dequantize` instead (the integer dots' unpacking, one run of
-//! 16 values per register, the same bits): one thread, ns per super-block written in runs,
-//! 66–86 → 40–43, and prefill of 100 tokens on Llama 1B shapes 7–12 % faster (Q3_K, Q4_K,
-//! Q5_K, Q6_K, alternating binaries).
+//! The loops here compute every value with the same operations in the same order as candle's,
+//! so the values are bit-identical (a test compares them); they serve CPUs without AVX2. With
+//! AVX2 the K types take the integer dots' unpacking (`decode_dot::integer`: one run of 16
+//! values per AVX-512BW register, two per AVX2 pair, the same bits) and Q5_0/Q5_1 the register
+//! kernels of `decode_dot`. One thread, ns per super-block written in runs, against these loops
+//! compiled for AVX2 (which the compiler vectorized): 43–71 → 36–38 with AVX2, 40–43 with
+//! AVX-512BW; prefill of 100 tokens on Llama 1B shapes 7–12 % faster with AVX-512BW (Q3_K,
+//! Q4_K, Q5_K, Q6_K, alternating binaries).
 
 use candle_core::quantized::GgmlDType;
 use half::f16;
@@ -62,17 +62,16 @@ pub fn dequantize_blocks(
     let n = blocks.len() / dtype.type_size();
     assert_runs_fit(n, dtype, dst.len(), stride);
     #[cfg(target_arch = "x86_64")]
-    if kernel == Kernel::Avx512 && dtype.block_size() == SUPER && super::decode_dot::has_avx512bw()
-    {
-        // SAFETY: the CPU has AVX-512F (the kernel) and BW (checked); the runs fit `dst`
-        // (checked above); the type is a K type (256 values per block).
-        unsafe { super::decode_dot::avx512bw_dequantize(blocks, dtype, dst, stride) };
-        return true;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if kernel.has_avx2() {
-        // SAFETY: the CPU has AVX2, FMA and F16C (`Kernel::available`).
-        unsafe { avx2::dequantize(blocks, dtype, dst, stride) };
+    if kernel.has_avx2() && dtype.block_size() == SUPER {
+        let dequantize = if kernel == Kernel::Avx512 && super::decode_dot::has_avx512bw() {
+            super::decode_dot::avx512bw_k_dequantization
+        } else {
+            super::decode_dot::avx2_k_dequantization
+        };
+        // SAFETY: the CPU has AVX2, FMA and F16C (the kernel), and AVX-512F and BW where
+        // those are taken; the runs fit `dst` (checked above); the type is a K type (256
+        // values per block).
+        unsafe { dequantize(blocks, dtype, dst, stride) };
         return true;
     }
     let _ = kernel;
@@ -80,30 +79,9 @@ pub fn dequantize_blocks(
     true
 }
 
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::*;
-
-    /// `dequantize_with`, compiled for AVX2.
-    ///
-    /// # Safety
-    /// The CPU has AVX2, FMA and F16C.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dequantize(
-        blocks: &[u8],
-        dtype: GgmlDType,
-        dst: &mut [f32],
-        stride: usize,
-    ) {
-        dequantize_with(blocks, dtype, dst, stride)
-    }
-}
-
-#[inline(always)]
 fn dequantize_with(blocks: &[u8], dtype: GgmlDType, dst: &mut [f32], stride: usize) {
     // Each block's values, then written out in runs of 16. The block functions are called
-    // directly, not through a function value, so that they are compiled inside the caller
-    // (with its target features).
+    // directly, not through a function value, so that they are compiled inside this loop.
     macro_rules! each_block {
         ($n:expr, $size:expr, $block:ident) => {{
             let mut values = [0f32; $n];

@@ -334,6 +334,84 @@ pub(super) mod avx2 {
         }
     }
 
+    /// As `avx512::dequantize`, with 8 values per register.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; `dtype` is a K type; the runs fit `dst`
+    /// (`dequantize::assert_runs_fit`).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(in crate::model) unsafe fn dequantize(
+        blocks: &[u8],
+        dtype: GgmlDType,
+        dst: &mut [f32],
+        stride: usize,
+    ) {
+        // SAFETY: as for this function.
+        unsafe {
+            match dtype {
+                GgmlDType::Q2K => dequantize_as::<Q2K>(blocks, dst, stride),
+                GgmlDType::Q3K => dequantize_as::<Q3K>(blocks, dst, stride),
+                GgmlDType::Q4K => dequantize_as::<Q4K>(blocks, dst, stride),
+                GgmlDType::Q5K => dequantize_as::<Q5K>(blocks, dst, stride),
+                GgmlDType::Q6K => dequantize_as::<Q6K>(blocks, dst, stride),
+                _ => unreachable!("not a K type: {dtype:?}"),
+            }
+        }
+    }
+
+    /// # Safety
+    /// As for `dequantize`, with `blocks` in `FORMAT`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dequantize_as<const FORMAT: u8>(blocks: &[u8], dst: &mut [f32], stride: usize) {
+        let size = super_bytes(FORMAT);
+        let f16_values = f16_values();
+        let bias = _mm256_set1_epi32(match FORMAT {
+            Q3K => 4,
+            Q6K => 32,
+            _ => 0,
+        });
+        let (mut multipliers, mut offsets) = ([0f32; 16], [0f32; 16]);
+        let mut u = [0u8; SUPER];
+        for (b, block) in blocks.chunks_exact(size).enumerate() {
+            let at = block.as_ptr();
+            // SAFETY: `block` is a whole super-block; the arrays hold 16 f32 and 256 bytes;
+            // run b·16 + k starts (b·16 + k)·stride into `dst`, which the caller checked.
+            unsafe {
+                let (sc, offset_ints, d, offset_d) = scale_bytes::<FORMAT>(at, f16_values);
+                for (out, (ints, factor)) in [&mut multipliers, &mut offsets]
+                    .into_iter()
+                    .zip([(sc, d), (offset_ints, offset_d)])
+                {
+                    for (k, ints) in [ints, _mm_srli_si128::<8>(ints)].into_iter().enumerate() {
+                        let v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(ints));
+                        let v = _mm256_mul_ps(_mm256_set1_ps(factor), v);
+                        _mm256_storeu_ps(out.as_mut_ptr().add(8 * k), v);
+                    }
+                }
+                for c in 0..SUPER / 32 {
+                    let chunk = chunk::<FORMAT>(at, c);
+                    _mm256_storeu_si256(u.as_mut_ptr().add(32 * c) as *mut __m256i, chunk);
+                }
+                for run in 0..SUPER / RUN {
+                    for k in 0..2 {
+                        let q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                            u.as_ptr().add(RUN * run + 8 * k) as *const __m128i,
+                        ));
+                        let q = _mm256_cvtepi32_ps(_mm256_sub_epi32(q, bias));
+                        let y = _mm256_mul_ps(_mm256_set1_ps(multipliers[run]), q);
+                        let y = match FORMAT {
+                            Q2K | Q4K | Q5K => _mm256_add_ps(y, _mm256_set1_ps(offsets[run])),
+                            _ => y,
+                        };
+                        let to = (b * SUPER / RUN + run) * stride + 8 * k;
+                        _mm256_storeu_ps(dst.as_mut_ptr().add(to), y);
+                    }
+                }
+            }
+        }
+    }
+
     /// Bit `from` of every byte of `v`, moved to bit `to` (the others clear): one 16-bit shift
     /// (bits that cross into the next byte of a pair are masked off) and one mask.
     #[inline(always)]

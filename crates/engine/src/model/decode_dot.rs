@@ -152,18 +152,23 @@ impl Activations {
     /// Rounded, unless `PROMPT_SALIENCE_EXACT_DECODING` is set to 1 (read once).
     pub fn best() -> Activations {
         static BEST: std::sync::OnceLock<Activations> = std::sync::OnceLock::new();
-        *BEST.get_or_init(
-            || match std::env::var("PROMPT_SALIENCE_EXACT_DECODING").as_deref() {
-                Ok("1") => Activations::Exact,
-                Ok("0") | Err(_) => Activations::Rounded,
-                Ok(other) => {
-                    tracing::warn!(
-                        "PROMPT_SALIENCE_EXACT_DECODING={other} is neither 1 nor 0: ignored"
-                    );
-                    Activations::Rounded
-                }
-            },
-        )
+        *BEST.get_or_init(|| {
+            Activations::from_setting(std::env::var("PROMPT_SALIENCE_EXACT_DECODING").ok())
+        })
+    }
+
+    /// The choice for a value of `PROMPT_SALIENCE_EXACT_DECODING` (None: unset).
+    fn from_setting(value: Option<String>) -> Activations {
+        match value.as_deref() {
+            Some("1") => Activations::Exact,
+            Some("0") | None => Activations::Rounded,
+            Some(other) => {
+                tracing::warn!(
+                    "PROMPT_SALIENCE_EXACT_DECODING={other} is neither 1 nor 0: ignored"
+                );
+                Activations::Rounded
+            }
+        }
     }
 }
 
@@ -2163,6 +2168,15 @@ pub(super) mod tests {
                 dequantize_blocks_with(kernel, blocks, dtype, dst, stride)
             });
         }
+    }
+
+    #[test]
+    fn exact_decoding_is_chosen_by_one() {
+        let choose = |v: Option<&str>| Activations::from_setting(v.map(String::from));
+        assert_eq!(choose(Some("1")), Activations::Exact);
+        assert_eq!(choose(Some("0")), Activations::Rounded);
+        assert_eq!(choose(None), Activations::Rounded);
+        assert_eq!(choose(Some("yes")), Activations::Rounded);
     }
 
     #[test]

@@ -115,11 +115,12 @@ impl RoundedRows {
     }
 }
 
-/// An integer kernel module's entry point for the CPU features `$features`: `row_dots` picks
-/// the module's `row_dots_n` for the storage type and the number of input rows, so that each
-/// loop is compiled without a branch per super-block.
+/// An integer kernel module's entry points for the CPU features `$features`: `row_dots` picks
+/// the module's `row_dots_n` for the storage type and the number of input rows, and
+/// `dequantize` its `dequantize_as`, so that each loop is compiled without a branch per
+/// super-block.
 #[cfg(target_arch = "x86_64")]
-macro_rules! integer_entry_point {
+macro_rules! integer_entry_points {
     ($features:literal) => {
         /// dots[k·n + i] = W[r + k] · x_i for the `rows` rows from r and the n = dots.len() /
         /// rows rounded input rows x_i.
@@ -162,6 +163,33 @@ macro_rules! integer_entry_point {
                 _ => unreachable!("no integer dots for {dtype:?}"),
             }
         }
+
+        /// Writes the values of the whole K super-blocks in `blocks` into `dst` in runs of 16,
+        /// `stride` apart (as `dequantize::dequantize_blocks`), with the same bits as candle's
+        /// dequantization.
+        ///
+        /// # Safety
+        /// The CPU has `$features`; `dtype` is a K type; the runs fit `dst`
+        /// (`dequantize::assert_runs_fit`).
+        #[target_feature(enable = $features)]
+        pub(in crate::model) unsafe fn dequantize(
+            blocks: &[u8],
+            dtype: GgmlDType,
+            dst: &mut [f32],
+            stride: usize,
+        ) {
+            // SAFETY: as for this function.
+            unsafe {
+                match dtype {
+                    GgmlDType::Q2K => dequantize_as::<Q2K>(blocks, dst, stride),
+                    GgmlDType::Q3K => dequantize_as::<Q3K>(blocks, dst, stride),
+                    GgmlDType::Q4K => dequantize_as::<Q4K>(blocks, dst, stride),
+                    GgmlDType::Q5K => dequantize_as::<Q5K>(blocks, dst, stride),
+                    GgmlDType::Q6K => dequantize_as::<Q6K>(blocks, dst, stride),
+                    _ => unreachable!("not a K type: {dtype:?}"),
+                }
+            }
+        }
     };
 }
 
@@ -189,7 +217,7 @@ pub(super) mod avx2 {
         }
     }
 
-    integer_entry_point!("avx2,fma,f16c");
+    integer_entry_points!("avx2,fma,f16c");
 
     /// What a super-block's weights share: per run of 16 the integer multiplier (each as
     /// a pair of equal 16-bit words in a 32-bit lane, runs 0..8 and 8..16) and the offset
@@ -335,31 +363,8 @@ pub(super) mod avx2 {
         }
     }
 
-    /// As `avx512::dequantize`, with 8 values per register.
+    /// `dequantize` for one format, 8 values per register (as the AVX-512BW one).
     ///
-    /// # Safety
-    /// The CPU has AVX2, FMA and F16C; `dtype` is a K type; the runs fit `dst`
-    /// (`dequantize::assert_runs_fit`).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(in crate::model) unsafe fn dequantize(
-        blocks: &[u8],
-        dtype: GgmlDType,
-        dst: &mut [f32],
-        stride: usize,
-    ) {
-        // SAFETY: as for this function.
-        unsafe {
-            match dtype {
-                GgmlDType::Q2K => dequantize_as::<Q2K>(blocks, dst, stride),
-                GgmlDType::Q3K => dequantize_as::<Q3K>(blocks, dst, stride),
-                GgmlDType::Q4K => dequantize_as::<Q4K>(blocks, dst, stride),
-                GgmlDType::Q5K => dequantize_as::<Q5K>(blocks, dst, stride),
-                GgmlDType::Q6K => dequantize_as::<Q6K>(blocks, dst, stride),
-                _ => unreachable!("not a K type: {dtype:?}"),
-            }
-        }
-    }
-
     /// # Safety
     /// As for `dequantize`, with `blocks` in `FORMAT`.
     #[inline]
@@ -519,7 +524,7 @@ pub(super) mod avx512 {
         *BW.get_or_init(|| is_x86_feature_detected!("avx512bw"))
     }
 
-    integer_entry_point!("avx512f,avx512bw,avx2,fma,f16c");
+    integer_entry_points!("avx512f,avx512bw,avx2,fma,f16c");
 
     /// 32 bytes at `at` in both halves.
     ///
@@ -629,35 +634,11 @@ pub(super) mod avx512 {
         }
     }
 
-    /// Writes the values of the whole K super-blocks in `blocks` into `dst` in runs of 16,
-    /// `stride` apart (as `dequantize::dequantize_blocks`), with the same bits as candle's
-    /// dequantization: the integer parts come from the dots' unpacking, the multipliers d·sc
-    /// and offsets −dmin·m are rounded to f32 as candle rounds them, and each value is
-    /// (d·sc)·q − dmin·m with q = u − 4 (Q3_K) or u − 32 (Q6_K), a multiply then an add.
+    /// `dequantize` for one format: the integer parts come from the dots' unpacking, the
+    /// multipliers d·sc and offsets −dmin·m are rounded to f32 as candle rounds them, and each
+    /// value is (d·sc)·q − dmin·m with q = u − 4 (Q3_K) or u − 32 (Q6_K), a multiply then an
+    /// add: candle's bits.
     ///
-    /// # Safety
-    /// The CPU has AVX-512F and AVX-512BW; `dtype` is a K type; the runs fit `dst`
-    /// (`dequantize::assert_runs_fit`).
-    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
-    pub(in crate::model) unsafe fn dequantize(
-        blocks: &[u8],
-        dtype: GgmlDType,
-        dst: &mut [f32],
-        stride: usize,
-    ) {
-        // SAFETY: as for this function.
-        unsafe {
-            match dtype {
-                GgmlDType::Q2K => dequantize_as::<Q2K>(blocks, dst, stride),
-                GgmlDType::Q3K => dequantize_as::<Q3K>(blocks, dst, stride),
-                GgmlDType::Q4K => dequantize_as::<Q4K>(blocks, dst, stride),
-                GgmlDType::Q5K => dequantize_as::<Q5K>(blocks, dst, stride),
-                GgmlDType::Q6K => dequantize_as::<Q6K>(blocks, dst, stride),
-                _ => unreachable!("not a K type: {dtype:?}"),
-            }
-        }
-    }
-
     /// # Safety
     /// As for `dequantize`, with `blocks` in `FORMAT`.
     #[inline]

@@ -26,12 +26,6 @@ use candle_core::quantized::GgmlDType;
 use rayon::prelude::*;
 
 mod integer;
-#[cfg(target_arch = "x86_64")]
-pub(super) use integer::avx2::dequantize as avx2_k_dequantization;
-#[cfg(target_arch = "x86_64")]
-pub(super) use integer::avx512::{
-    available as has_avx512bw, dequantize as avx512bw_k_dequantization,
-};
 pub use integer::has_integer_dots;
 use integer::RoundedRows;
 
@@ -238,7 +232,7 @@ pub fn product(
                     #[cfg(target_arch = "x86_64")]
                     (kernel, Some((bytes, dtype))) if integer(dtype) => {
                         let x = rounded.as_ref().expect("rounded for this part");
-                        let row_dots = if kernel == Kernel::Avx512 && integer::avx512::available() {
+                        let row_dots = if integer::takes_avx512(kernel) {
                             integer::avx512::row_dots
                         } else {
                             integer::avx2::row_dots
@@ -379,7 +373,7 @@ pub fn dequantize_blocks_strided(
 }
 
 /// `dequantize_blocks_strided` with the given kernel (the tests run each).
-fn dequantize_blocks_with(
+pub(super) fn dequantize_blocks_with(
     kernel: Kernel,
     blocks: &[u8],
     dtype: GgmlDType,
@@ -387,27 +381,31 @@ fn dequantize_blocks_with(
     stride: usize,
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if has_register_dequantization(dtype) && kernel.has_avx2() {
+    if kernel.has_avx2() && (has_register_dequantization(dtype) || has_integer_dots(dtype)) {
         let n = blocks.len() / dtype.type_size();
         super::dequantize::assert_runs_fit(n, dtype, dst.len(), stride);
-        let dequantize = if kernel == Kernel::Avx512 {
-            avx512::dequantize
+        let blocks = &blocks[..n * dtype.type_size()];
+        // SAFETY (both): the CPU has the kernel's features (and AVX-512BW where the integer
+        // module's 512-bit loops are taken); the destination was checked above and the blocks
+        // are whole.
+        if has_integer_dots(dtype) {
+            let dequantize = if integer::takes_avx512(kernel) {
+                integer::avx512::dequantize
+            } else {
+                integer::avx2::dequantize
+            };
+            unsafe { dequantize(blocks, dtype, dst, stride) };
         } else {
-            avx2::dequantize
-        };
-        // SAFETY: the CPU has the kernel's features; the destination was checked above and the
-        // blocks are whole.
-        unsafe {
-            dequantize(
-                &blocks[..n * dtype.type_size()],
-                dtype,
-                dst.as_mut_ptr(),
-                stride,
-            )
-        };
+            let dequantize = if kernel == Kernel::Avx512 {
+                avx512::dequantize
+            } else {
+                avx2::dequantize
+            };
+            unsafe { dequantize(blocks, dtype, dst.as_mut_ptr(), stride) };
+        }
         return true;
     }
-    super::dequantize::dequantize_blocks(kernel, blocks, dtype, dst, stride)
+    super::dequantize::dequantize_blocks(blocks, dtype, dst, stride)
 }
 
 /// A register kernel module's entry points, for the CPU features `$features`: `row_dots` and

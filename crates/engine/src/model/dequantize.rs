@@ -5,7 +5,7 @@
 //!
 //! The loops here compute every value with the same operations in the same order as candle's,
 //! so the values are bit-identical (a test compares them); they serve CPUs without AVX2. With
-//! AVX2 the K types take the integer dots' unpacking (`decode_dot::integer`: one run of 16
+//! AVX2 (`decode_dot::dequantize_blocks` picks) the K types take the integer dots' unpacking (`decode_dot::integer`: one run of 16
 //! values per AVX-512BW register, two per AVX2 pair, the same bits) and Q5_0/Q5_1 the register
 //! kernels of `decode_dot`. One thread, ns per super-block written in runs, against these loops
 //! compiled for AVX2 (which the compiler vectorized): 43–71 → 36–38 with AVX2, 40–43 with
@@ -14,8 +14,6 @@
 
 use candle_core::quantized::GgmlDType;
 use half::f16;
-
-use super::decode_dot::Kernel;
 
 /// Values per block of Q5_0 and per super-block of the K types.
 const SMALL: usize = 32;
@@ -49,37 +47,12 @@ pub(super) fn assert_runs_fit(n: usize, dtype: GgmlDType, len: usize, stride: us
 /// Writes the values of the whole blocks in `blocks` (of `dtype`) into `dst` in runs of 16:
 /// value `i` goes to `dst[(i / 16) * stride + i % 16]`. False, writing nothing, for a type
 /// this module does not cover.
-pub fn dequantize_blocks(
-    kernel: Kernel,
-    blocks: &[u8],
-    dtype: GgmlDType,
-    dst: &mut [f32],
-    stride: usize,
-) -> bool {
+pub fn dequantize_blocks(blocks: &[u8], dtype: GgmlDType, dst: &mut [f32], stride: usize) -> bool {
     if !has_fast_dequantization(dtype) {
         return false;
     }
     let n = blocks.len() / dtype.type_size();
     assert_runs_fit(n, dtype, dst.len(), stride);
-    #[cfg(target_arch = "x86_64")]
-    if kernel.has_avx2() && dtype.block_size() == SUPER {
-        let dequantize = if kernel == Kernel::Avx512 && super::decode_dot::has_avx512bw() {
-            super::decode_dot::avx512bw_k_dequantization
-        } else {
-            super::decode_dot::avx2_k_dequantization
-        };
-        // SAFETY: the CPU has AVX2, FMA and F16C (the kernel), and AVX-512F and BW where
-        // those are taken; the runs fit `dst` (checked above); the type is a K type (256
-        // values per block).
-        unsafe { dequantize(blocks, dtype, dst, stride) };
-        return true;
-    }
-    let _ = kernel;
-    dequantize_with(blocks, dtype, dst, stride);
-    true
-}
-
-fn dequantize_with(blocks: &[u8], dtype: GgmlDType, dst: &mut [f32], stride: usize) {
     // Each block's values, then written out in runs of 16. The block functions are called
     // directly, not through a function value, so that they are compiled inside this loop.
     macro_rules! each_block {
@@ -102,8 +75,9 @@ fn dequantize_with(blocks: &[u8], dtype: GgmlDType, dst: &mut [f32], stride: usi
         GgmlDType::Q4K => each_block!(SUPER, 144, q4k),
         GgmlDType::Q5K => each_block!(SUPER, 176, q5k),
         GgmlDType::Q6K => each_block!(SUPER, 210, q6k),
-        _ => unreachable!("checked by the caller"),
+        _ => unreachable!("checked above"),
     }
+    true
 }
 
 #[inline(always)]
@@ -309,6 +283,7 @@ fn q6k(b: &[u8], out: &mut [f32; SUPER]) {
 
 #[cfg(test)]
 pub(super) mod tests {
+    use super::super::decode_dot::{dequantize_blocks_with, Kernel};
     use super::*;
     use candle_core::quantized::QTensor;
     use candle_core::{Device, Tensor};
@@ -370,16 +345,17 @@ pub(super) mod tests {
             GgmlDType::Q5K,
             GgmlDType::Q6K,
         ] {
+            // Through the dispatch of `decode_dot` on every kernel: these loops on the portable
+            // one, the register and integer modules' on the others.
             for kernel in Kernel::available() {
                 assert_same_as_candles(&w, dtype, &format!("{dtype:?}, {kernel:?}"), |b, d, s| {
-                    dequantize_blocks(kernel, b, dtype, d, s)
+                    dequantize_blocks_with(kernel, b, dtype, d, s)
                 });
             }
         }
         let q8 = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
         let mut out = vec![0f32; 2048];
         assert!(!dequantize_blocks(
-            Kernel::best(),
             &q8.data().unwrap(),
             GgmlDType::Q8_0,
             &mut out,

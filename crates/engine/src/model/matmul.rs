@@ -1068,7 +1068,7 @@ pub(super) fn small_product(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
 
@@ -1089,7 +1089,8 @@ mod tests {
         }
     }
 
-    fn random(len: usize, seed: u64) -> Vec<f32> {
+    /// `len` values spread over [-1, 1), the same for the same seed.
+    pub(in crate::model) fn random(len: usize, seed: u64) -> Vec<f32> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
     }

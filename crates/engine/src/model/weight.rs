@@ -836,7 +836,6 @@ mod tests {
         Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
     }
 
-    /// Every storage the engine keeps, for a (rows, 512) matrix.
     /// Every kernel with f32 and with rounded activations.
     fn each_way(kernels: &[Kernel]) -> Vec<(Kernel, Activations)> {
         let ways = [Activations::Exact, Activations::Rounded];
@@ -856,6 +855,7 @@ mod tests {
         }
     }
 
+    /// Every storage the engine keeps, for a (rows, 512) matrix.
     fn stored_kinds(w: &Tensor) -> Vec<(String, Weight)> {
         let mut out = vec![
             (

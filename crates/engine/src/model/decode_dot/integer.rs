@@ -46,6 +46,13 @@ pub fn has_integer_dots(dtype: GgmlDType) -> bool {
     )
 }
 
+/// The 512-bit loops run for the AVX-512 kernel where the CPU also has AVX-512BW; the AVX2
+/// ones otherwise.
+#[cfg(target_arch = "x86_64")]
+pub(super) fn takes_avx512(kernel: super::Kernel) -> bool {
+    kernel == super::Kernel::Avx512 && avx512::available()
+}
+
 /// Activation rows rounded for the integer dots (see the module's comment).
 pub struct RoundedRows {
     cols: usize,
@@ -172,7 +179,7 @@ macro_rules! integer_entry_points {
         /// The CPU has `$features`; `dtype` is a K type; the runs fit `dst`
         /// (`dequantize::assert_runs_fit`).
         #[target_feature(enable = $features)]
-        pub(in crate::model) unsafe fn dequantize(
+        pub(in super::super) unsafe fn dequantize(
             blocks: &[u8],
             dtype: GgmlDType,
             dst: &mut [f32],
@@ -519,7 +526,7 @@ pub(super) mod avx512 {
     use std::arch::x86_64::*;
 
     /// The CPU has AVX-512BW besides AVX-512F (read once).
-    pub(in crate::model) fn available() -> bool {
+    pub(super) fn available() -> bool {
         static BW: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *BW.get_or_init(|| is_x86_feature_detected!("avx512bw"))
     }
@@ -783,6 +790,7 @@ pub(super) mod avx512 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::super::matmul::tests::random;
     use super::super::{product, Activations, Kernel, Part};
     use super::*;
     use candle_core::quantized::QTensor;
@@ -795,19 +803,6 @@ mod tests {
         GgmlDType::Q5K,
         GgmlDType::Q6K,
     ];
-
-    fn random(len: usize, seed: u64) -> Vec<f32> {
-        // A small xorshift: the values only need to be spread and repeatable.
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
 
     /// Rows whose values lie on the rounding grid, s = 2⁻⁷ in every super-block (one value
     /// at ±16256·s), so that rounding leaves them as they are.

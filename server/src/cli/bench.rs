@@ -48,6 +48,11 @@ pub struct BenchArgs {
     /// there (`docs/bench/*_baseline.py`) after this bench and prints the ratios.
     #[arg(long, value_name = "PYTHON")]
     baseline_python: Option<std::path::PathBuf>,
+    /// Measure this many times, alternating which side runs first (odd rounds prompt-salience,
+    /// even rounds the baselines), and print each ratio's median over the rounds: a shared
+    /// machine whose speed drifts moves both sides alike.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
     /// Write the synthetic GGUF and exit (used by --synthetic).
     #[arg(long, hide = true)]
     write_synthetic_only: bool,
@@ -101,11 +106,47 @@ pub fn run(args: BenchArgs) -> Result<(), EngineError> {
         },
         None => args.model.load()?,
     };
-    let mut measured = Measured::default();
     println!(
         "peak RSS after loading: {:.0} MiB",
         peak_rss_mib().unwrap_or(f64::NAN)
     );
+    let baseline = args.baseline_python.as_ref().map(|python| BaselineArgs {
+        python,
+        gguf: &engine.path,
+        lengths: &args.lengths,
+        ig_lengths: &args.ig_lengths,
+        ig_steps: args.ig_steps,
+        target_tokens: args.target_tokens,
+        generate_tokens: args.generate_tokens,
+        repeat: args.repeat,
+        threads: rayon::current_num_threads(),
+    });
+    let mut rounds = Vec::new();
+    for round in 1..=args.rounds {
+        if args.rounds > 1 {
+            println!("\n## round {round} of {}", args.rounds);
+        }
+        let baselines_first = round % 2 == 0;
+        let before = match &baseline {
+            Some(b) if baselines_first => Some(bench_baselines::run_baselines(b)),
+            _ => None,
+        };
+        let measured = measure(&engine, &args, round)?;
+        let Some(b) = &baseline else { continue };
+        let results = before.unwrap_or_else(|| bench_baselines::run_baselines(b));
+        let rows = bench_baselines::compare(args.ig_steps, &results, &measured);
+        bench_baselines::print_round(&rows, b.threads);
+        rounds.push(rows);
+    }
+    if rounds.len() > 1 {
+        bench_baselines::print_summary(&rounds);
+    }
+    Ok(())
+}
+
+/// One round of every measurement on `engine`, printed as it goes.
+fn measure(engine: &Engine, args: &BenchArgs, round: u32) -> Result<Measured, EngineError> {
+    let mut measured = Measured::default();
     let text = "The quick brown fox jumps over the lazy dog while the committee reviews \
                 the quarterly budget, and every number must add up before Friday. ";
     let pool: Vec<u32> = engine
@@ -265,9 +306,18 @@ pub fn run(args: BenchArgs) -> Result<(), EngineError> {
     let mut best: Option<salience_engine::generate::Generation> = None;
     measured.prefill_seconds = f64::INFINITY;
     for attempt in 0..args.repeat.max(1) {
+        // Alternating first tokens: no run, in this round or the next, starts where the last
+        // one ended.
+        let run = (round as usize - 1) * args.repeat.max(1) + attempt;
         let mut prompt_variant = prompt.clone();
-        prompt_variant[0] = prompt_variant[1 + attempt % 2];
+        prompt_variant[0] = prompt_variant[1 + run % 2];
         let g = engine.generate(&prompt_variant, &opts, &no_progress, &cancel)?;
+        if g.reused_prefix > 0 {
+            return Err(EngineError::Compute(format!(
+                "bench: the prefill reused {} cached tokens; its time would not be a prefill's",
+                g.reused_prefix
+            )));
+        }
         measured.prefill_seconds = measured.prefill_seconds.min(g.prefill_seconds);
         if best
             .as_ref()
@@ -286,19 +336,5 @@ pub fn run(args: BenchArgs) -> Result<(), EngineError> {
         args.repeat.max(1)
     );
     println!("peak RSS: {:.0} MiB", peak_rss_mib().unwrap_or(f64::NAN));
-    if let Some(python) = &args.baseline_python {
-        let baseline = BaselineArgs {
-            python,
-            gguf: &engine.path,
-            lengths: &args.lengths,
-            ig_lengths: &args.ig_lengths,
-            ig_steps: args.ig_steps,
-            target_tokens: args.target_tokens,
-            generate_tokens: args.generate_tokens,
-            repeat: args.repeat,
-            threads: rayon::current_num_threads(),
-        };
-        bench_baselines::compare(&baseline, &measured);
-    }
-    Ok(())
+    Ok(measured)
 }

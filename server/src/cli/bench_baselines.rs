@@ -33,13 +33,33 @@ pub struct BaselineArgs<'a> {
     pub threads: usize,
 }
 
-/// Runs the baselines that `python` can import and prints the ratios; says which could not run
-/// and why (the user asked for them).
-pub fn compare(args: &BaselineArgs, ours: &Measured) {
+/// One row of the comparison: a piece of work, both sides' figures, and the ratio of our
+/// time to the baseline's (None where the baseline could not run).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub work: String,
+    pub ours: String,
+    pub theirs: String,
+    pub ratio: Option<f64>,
+    /// Decoding: the ratio is also printed as a speed, baseline time over ours.
+    pub speed: bool,
+}
+
+/// What the two baseline scripts printed in one round, or why they did not run.
+pub struct BaselineResults {
+    torch: Result<Value, String>,
+    llama: Result<Value, String>,
+}
+
+/// Runs the baseline scripts that `python` can import, one after the other.
+pub fn run_baselines(args: &BaselineArgs) -> BaselineResults {
     let dir = std::env::temp_dir().join(format!("prompt-salience-bench-{}", std::process::id()));
     if let Err(e) = std::fs::create_dir_all(&dir) {
-        println!("baselines: cannot create {}: {e}", dir.display());
-        return;
+        let why = format!("cannot create {}: {e}", dir.display());
+        return BaselineResults {
+            torch: Err(why.clone()),
+            llama: Err(why),
+        };
     }
     let list = |v: &[usize]| {
         v.iter()
@@ -53,12 +73,6 @@ pub fn compare(args: &BaselineArgs, ours: &Measured) {
         "--threads".to_string(),
         args.threads.to_string(),
     ];
-    println!(
-        "\nbaselines, same machine, same run, {} threads:",
-        args.threads
-    );
-    println!("| work | prompt-salience | baseline | ratio (ours / baseline time) |");
-    println!("|---|---|---|---|");
     let torch = run_script(
         args.python,
         &dir,
@@ -81,37 +95,6 @@ pub fn compare(args: &BaselineArgs, ours: &Measured) {
         ]
         .concat(),
     );
-    match torch {
-        Ok(v) => {
-            let version = v["version"].as_str().unwrap_or("?").to_string();
-            for r in v["results"].as_array().into_iter().flatten() {
-                let (Some(method), Some(n), Some(theirs)) = (
-                    r["method"].as_str(),
-                    r["prompt_tokens"].as_u64(),
-                    r["seconds"].as_f64(),
-                ) else {
-                    continue;
-                };
-                let Some(&(_, _, mine)) = ours
-                    .salience
-                    .iter()
-                    .find(|(m, len, _)| *m == method && *len == n as usize)
-                else {
-                    continue;
-                };
-                let label = if method == "integrated_gradients" {
-                    format!("integrated gradients ({} steps), {n} tokens", args.ig_steps)
-                } else {
-                    format!("gradient salience, {n} tokens")
-                };
-                println!(
-                    "| {label} | {mine:.3} s | PyTorch {version}: {theirs:.3} s | {:.2} |",
-                    mine / theirs
-                );
-            }
-        }
-        Err(why) => println!("| gradient salience | — | PyTorch not run: {why} | — |"),
-    }
     let llama = run_script(
         args.python,
         &dir,
@@ -130,28 +113,161 @@ pub fn compare(args: &BaselineArgs, ours: &Measured) {
         ]
         .concat(),
     );
-    match llama {
+    let _ = std::fs::remove_dir_all(&dir);
+    BaselineResults { torch, llama }
+}
+
+/// Sets what the baselines measured against what prompt-salience measured in the same round.
+pub fn compare(ig_steps: usize, results: &BaselineResults, ours: &Measured) -> Vec<Row> {
+    let mut rows = Vec::new();
+    match &results.torch {
+        Ok(v) => {
+            let version = v["version"].as_str().unwrap_or("?");
+            for r in v["results"].as_array().into_iter().flatten() {
+                let (Some(method), Some(n), Some(theirs)) = (
+                    r["method"].as_str(),
+                    r["prompt_tokens"].as_u64(),
+                    r["seconds"].as_f64(),
+                ) else {
+                    continue;
+                };
+                let Some(&(_, _, mine)) = ours
+                    .salience
+                    .iter()
+                    .find(|(m, len, _)| *m == method && *len == n as usize)
+                else {
+                    continue;
+                };
+                let work = if method == "integrated_gradients" {
+                    format!("integrated gradients ({ig_steps} steps), {n} tokens")
+                } else {
+                    format!("gradient salience, {n} tokens")
+                };
+                rows.push(Row {
+                    work,
+                    ours: format!("{mine:.3} s"),
+                    theirs: format!("PyTorch {version}: {theirs:.3} s"),
+                    ratio: Some(mine / theirs),
+                    speed: false,
+                });
+            }
+        }
+        Err(why) => rows.push(Row {
+            work: "gradient salience".into(),
+            ours: "—".into(),
+            theirs: format!("PyTorch not run: {why}"),
+            ratio: None,
+            speed: false,
+        }),
+    }
+    match &results.llama {
         Ok(v) => {
             let version = v["version"].as_str().unwrap_or("?");
             let (prefill, rate) = (
                 v["prefill_seconds"].as_f64().unwrap_or(f64::NAN),
                 v["decode_tokens_per_second"].as_f64().unwrap_or(f64::NAN),
             );
-            println!(
-                "| prefill, 100 tokens | {:.3} s | llama.cpp {version}: {prefill:.3} s | {:.2} |",
-                ours.prefill_seconds,
-                ours.prefill_seconds / prefill
-            );
-            println!(
-                "| greedy decoding | {:.1} tokens/s | llama.cpp {version}: {rate:.1} tokens/s | {:.2} (speed: {:.2}×) |",
-                ours.decode_tokens_per_second,
-                rate / ours.decode_tokens_per_second,
-                ours.decode_tokens_per_second / rate
-            );
+            rows.push(Row {
+                work: "prefill, 100 tokens".into(),
+                ours: format!("{:.3} s", ours.prefill_seconds),
+                theirs: format!("llama.cpp {version}: {prefill:.3} s"),
+                ratio: Some(ours.prefill_seconds / prefill),
+                speed: false,
+            });
+            rows.push(Row {
+                work: "greedy decoding".into(),
+                ours: format!("{:.1} tokens/s", ours.decode_tokens_per_second),
+                theirs: format!("llama.cpp {version}: {rate:.1} tokens/s"),
+                ratio: Some(rate / ours.decode_tokens_per_second),
+                speed: true,
+            });
         }
-        Err(why) => println!("| decoding | — | llama.cpp not run: {why} | — |"),
+        Err(why) => rows.push(Row {
+            work: "decoding".into(),
+            ours: "—".into(),
+            theirs: format!("llama.cpp not run: {why}"),
+            ratio: None,
+            speed: false,
+        }),
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    rows
+}
+
+/// Prints one round's comparison.
+pub fn print_round(rows: &[Row], threads: usize) {
+    println!("\nbaselines, same machine, same run, {threads} threads:");
+    println!("| work | prompt-salience | baseline | ratio (ours / baseline time) |");
+    println!("|---|---|---|---|");
+    for row in rows {
+        let ratio = match row.ratio {
+            Some(r) if row.speed => format!("{r:.2} (speed: {:.2}×)", 1.0 / r),
+            Some(r) => format!("{r:.2}"),
+            None => "—".into(),
+        };
+        println!("| {} | {} | {} | {ratio} |", row.work, row.ours, row.theirs);
+    }
+}
+
+/// Each piece of work's ratios over the rounds, in the order of the first round: (work,
+/// ratios, whether it is decoding). Work that some round could not measure keeps the
+/// rounds that did.
+pub fn ratios_by_work(rounds: &[Vec<Row>]) -> Vec<(String, Vec<f64>, bool)> {
+    let mut out: Vec<(String, Vec<f64>, bool)> = Vec::new();
+    for row in rounds.iter().flatten() {
+        let Some(r) = row.ratio else { continue };
+        match out.iter_mut().find(|(work, _, _)| *work == row.work) {
+            Some((_, list, _)) => list.push(r),
+            None => out.push((row.work.clone(), vec![r], row.speed)),
+        }
+    }
+    out
+}
+
+/// The middle value (the mean of the two middle ones for an even count).
+pub fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => v[n / 2],
+        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Prints the median ratio of each piece of work over alternating rounds.
+pub fn print_summary(rounds: &[Vec<Row>]) {
+    println!(
+        "\nratios over {} alternating rounds (ours / baseline time; odd rounds ran prompt-salience first, even rounds the baselines first):",
+        rounds.len()
+    );
+    println!("| work | median | lowest – highest | each round |");
+    println!("|---|---|---|---|");
+    for (work, list, speed) in ratios_by_work(rounds) {
+        let show = |r: f64| {
+            if speed {
+                format!("{:.2}×", 1.0 / r)
+            } else {
+                format!("{r:.2}")
+            }
+        };
+        let (lo, hi) = list
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &r| {
+                (lo.min(r), hi.max(r))
+            });
+        // For decoding the lowest speed is the highest time ratio.
+        let (first, last) = if speed { (hi, lo) } else { (lo, hi) };
+        let each: Vec<String> = list.iter().map(|&r| show(r)).collect();
+        println!(
+            "| {work} | {}{} | {} – {} | {} |",
+            if speed { "speed " } else { "" },
+            show(median(&list)),
+            show(first),
+            show(last),
+            each.join(" / ")
+        );
+    }
 }
 
 /// Runs one script with the model and arguments; returns its last stdout line as JSON.
@@ -189,4 +305,87 @@ fn run_script(
     }
     let last = stdout.lines().last().unwrap_or_default();
     serde_json::from_str(last).map_err(|e| format!("{name} printed no result ({e})"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn measured() -> Measured {
+        Measured {
+            salience: vec![
+                ("grad_dot_input", 100, 0.3),
+                ("integrated_gradients", 100, 2.0),
+            ],
+            prefill_seconds: 0.1,
+            decode_tokens_per_second: 150.0,
+        }
+    }
+
+    fn results(torch_seconds: f64, llama_rate: f64) -> BaselineResults {
+        BaselineResults {
+            torch: Ok(serde_json::json!({
+                "version": "2.x",
+                "results": [
+                    {"method": "grad_dot_input", "prompt_tokens": 100, "seconds": torch_seconds},
+                    {"method": "grad_dot_input", "prompt_tokens": 300, "seconds": 1.0},
+                    {"method": "integrated_gradients", "prompt_tokens": 100, "seconds": 4.0},
+                ]
+            })),
+            llama: Ok(serde_json::json!({
+                "version": "0.3",
+                "prefill_seconds": 0.4,
+                "decode_tokens_per_second": llama_rate,
+            })),
+        }
+    }
+
+    #[test]
+    fn rows_pair_each_measurement_with_its_baseline() {
+        let rows = compare(8, &results(0.5, 100.0), &measured());
+        let pairs: Vec<(&str, Option<f64>)> =
+            rows.iter().map(|r| (r.work.as_str(), r.ratio)).collect();
+        // The 300-token baseline has no measurement of ours: no row.
+        assert_eq!(pairs.len(), 4, "{pairs:?}");
+        assert_eq!(pairs[0].0, "gradient salience, 100 tokens");
+        assert!((pairs[0].1.unwrap() - 0.6).abs() < 1e-12);
+        assert_eq!(pairs[1].0, "integrated gradients (8 steps), 100 tokens");
+        assert!((pairs[1].1.unwrap() - 0.5).abs() < 1e-12);
+        assert!((pairs[2].1.unwrap() - 0.25).abs() < 1e-12);
+        // Decoding: baseline time per token over ours, 100 against 150 tokens/s.
+        assert!(rows[3].speed);
+        assert!((pairs[3].1.unwrap() - 100.0 / 150.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_baseline_that_did_not_run_gives_a_row_without_ratio() {
+        let r = BaselineResults {
+            torch: Err("no torch".into()),
+            llama: results(1.0, 1.0).llama,
+        };
+        let rows = compare(8, &r, &measured());
+        assert_eq!(rows[0].ratio, None);
+        assert!(rows[0].theirs.contains("no torch"));
+        assert_eq!(rows.len(), 3);
+    }
+
+    #[test]
+    fn summaries_take_each_works_median_over_the_rounds() {
+        let rounds: Vec<Vec<Row>> = [(0.5, 100.0), (0.3, 300.0), (0.6, 150.0)]
+            .iter()
+            .map(|&(t, rate)| compare(8, &results(t, rate), &measured()))
+            .collect();
+        let by_work = ratios_by_work(&rounds);
+        assert_eq!(by_work.len(), 4);
+        let (work, list, speed) = &by_work[0];
+        assert_eq!(work, "gradient salience, 100 tokens");
+        assert!(!speed);
+        assert_eq!(list.len(), 3);
+        assert!((median(list) - 0.6).abs() < 1e-12, "{list:?}");
+        let (_, decoding, speed) = &by_work[3];
+        assert!(speed);
+        assert!((median(decoding) - 1.0).abs() < 1e-12, "{decoding:?}");
+        assert_eq!(median(&[3.0, 1.0, 2.0, 10.0]), 2.5);
+        assert!(median(&[]).is_nan());
+    }
 }

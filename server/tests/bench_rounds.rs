@@ -1,0 +1,120 @@
+//! `bench --rounds N --baseline-python PY`: the rounds alternate which side runs first, and the
+//! summary's medians are those of the ratios each round printed. The baselines are a stand-in
+//! Python that answers with a different time each call, so the test knows every ratio.
+
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+
+/// A "python" that imports anything and whose PyTorch script takes 0.01, 0.02, 0.03, ...
+/// seconds, 0.01 more each call, and whose llama.cpp script decodes 1000 tokens/s.
+fn stand_in_python(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("python");
+    let script = format!(
+        r#"#!/bin/sh
+[ "$1" = "-c" ] && exit 0
+count={dir}/torch-calls
+case "$1" in
+  *pytorch_baseline.py)
+    n=$(( $(cat "$count" 2>/dev/null || echo 0) + 1 )); echo $n > "$count"
+    echo '{{"version": "stand-in", "results": [{{"method": "grad_dot_input", "prompt_tokens": 8, "seconds": 0.0'$n'}}]}}' ;;
+  *llama_cpp_baseline.py)
+    echo '{{"version": "stand-in", "prefill_seconds": 2.0, "decode_tokens_per_second": 1000.0}}' ;;
+esac
+"#,
+        dir = dir.display()
+    );
+    std::fs::write(&path, script).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// The cells of the markdown rows whose first cell is `work`.
+fn rows<'a>(out: &'a str, work: &str) -> Vec<Vec<&'a str>> {
+    out.lines()
+        .filter_map(|l| l.strip_prefix("| ")?.strip_suffix(" |"))
+        .map(|l| l.split(" | ").collect::<Vec<_>>())
+        .filter(|cells| cells[0] == work)
+        .collect()
+}
+
+#[test]
+fn rounds_alternate_and_report_median_ratios() {
+    let dir = std::env::temp_dir().join(format!("bench-rounds-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let python = stand_in_python(&dir);
+    // One file for stdout and stderr keeps their order: which side ran first shows.
+    let log = dir.join("log");
+    let file = std::fs::File::create(&log).unwrap();
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_prompt-salience"))
+        .env("PROMPT_SALIENCE_ALLOW_NETWORK", "1")
+        .args([
+            "bench",
+            "--model",
+            "smollm2-135m-instruct",
+            "--lengths",
+            "8",
+        ])
+        .args([
+            "--ig-lengths",
+            "--perturbation-lengths",
+            "--generate-tokens",
+            "2",
+        ])
+        .args(["--repeat", "1", "--rounds", "3", "--baseline-python"])
+        .arg(&python)
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .status()
+        .unwrap();
+    let mut out = String::new();
+    std::fs::File::open(&log)
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(status.success(), "{out}");
+
+    // Round 1: ours first; round 2: the baselines first; round 3: ours first.
+    let rounds: Vec<&str> = out.split("## round ").skip(1).collect();
+    assert_eq!(rounds.len(), 3, "{out}");
+    for (i, round) in rounds.iter().enumerate() {
+        let ours = round.find("| 8 | grad_dot_input").expect("our timing");
+        let theirs = round
+            .find("running the pytorch_baseline.py")
+            .expect("baseline");
+        assert_eq!(theirs < ours, i == 1, "round {}:\n{round}", i + 1);
+    }
+
+    // Each round's ratio is our time over the stand-in's 0.01, 0.02, 0.03 seconds.
+    let ours: Vec<f64> = rows(&out, "8")
+        .iter()
+        .map(|cells| cells[2].parse().unwrap())
+        .collect();
+    let printed = rows(&out, "gradient salience, 8 tokens");
+    assert_eq!((ours.len(), printed.len()), (3, 4), "{out}");
+    let mut ratios = Vec::new();
+    for (k, (cells, mine)) in printed.iter().zip(&ours).enumerate() {
+        let ratio: f64 = cells[3].parse().unwrap();
+        let expected = mine / (0.01 * (k + 1) as f64);
+        // Our time is printed to a thousandth of a second, the ratio to a hundredth.
+        let tolerance = 0.0005 / mine * expected + 0.006;
+        assert!(
+            (ratio - expected).abs() < tolerance,
+            "round {k}: {ratio} vs {expected}"
+        );
+        ratios.push(ratio);
+    }
+    // The summary row: the median of the three, the lowest and highest, each round's.
+    let summary = &printed[3];
+    ratios.sort_by(f64::total_cmp);
+    assert_eq!(summary[1], format!("{:.2}", ratios[1]), "{summary:?}");
+    assert_eq!(
+        summary[2],
+        format!("{:.2} – {:.2}", ratios[0], ratios[2]),
+        "{summary:?}"
+    );
+    assert_eq!(summary[3].split(" / ").count(), 3, "{summary:?}");
+    // Decoding is summarized as a speed against the stand-in's 1000 tokens/s.
+    let decoding = rows(&out, "greedy decoding");
+    assert!(decoding[3][1].starts_with("speed "), "{decoding:?}");
+}

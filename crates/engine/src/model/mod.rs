@@ -20,6 +20,7 @@ mod matmul;
 pub mod ops;
 pub mod rope;
 mod simd;
+mod table_products;
 pub mod weight;
 
 use candle_core::{Device, Tensor};

@@ -127,6 +127,22 @@ pub fn add_weighted_rows(
     }
 }
 
+/// Calls `f::<R>(args)` with R the given count of scored rows (1 to 5, else `TR`): the tile
+/// functions take their row count as a constant, so that their accumulators stay in registers.
+#[cfg(target_arch = "x86_64")]
+macro_rules! with_rows {
+    ($count:expr, $f:ident($($arg:expr),*)) => {
+        match $count {
+            1 => $f::<1>($($arg),*),
+            2 => $f::<2>($($arg),*),
+            3 => $f::<3>($($arg),*),
+            4 => $f::<4>($($arg),*),
+            5 => $f::<5>($($arg),*),
+            _ => $f::<TR>($($arg),*),
+        }
+    };
+}
+
 /// Writes one tile's loops for both register widths: `$vec` lanes per register, loads and
 /// fused multiply-adds named by the width.
 #[cfg(target_arch = "x86_64")]
@@ -240,14 +256,7 @@ macro_rules! tiles {
             let mut r = 0;
             while r < n {
                 let (z, x) = (z.add(r * zs), x.add(r * h));
-                match (n - r).min(TR) {
-                    1 => dots_rows::<1>(z, zs, x, t, rows, h),
-                    2 => dots_rows::<2>(z, zs, x, t, rows, h),
-                    3 => dots_rows::<3>(z, zs, x, t, rows, h),
-                    4 => dots_rows::<4>(z, zs, x, t, rows, h),
-                    5 => dots_rows::<5>(z, zs, x, t, rows, h),
-                    _ => dots_rows::<TR>(z, zs, x, t, rows, h),
-                }
+                with_rows!((n - r).min(TR), dots_rows(z, zs, x, t, rows, h));
                 r += TR;
             }
         }
@@ -333,14 +342,7 @@ macro_rules! tiles {
             let mut r = 0;
             while r < n {
                 let (acc, p) = (acc.add(r * h), p.add(r * ps));
-                match (n - r).min(TR) {
-                    1 => weighted_rows::<1>(acc, p, ps, t, rows, h),
-                    2 => weighted_rows::<2>(acc, p, ps, t, rows, h),
-                    3 => weighted_rows::<3>(acc, p, ps, t, rows, h),
-                    4 => weighted_rows::<4>(acc, p, ps, t, rows, h),
-                    5 => weighted_rows::<5>(acc, p, ps, t, rows, h),
-                    _ => weighted_rows::<TR>(acc, p, ps, t, rows, h),
-                }
+                with_rows!((n - r).min(TR), weighted_rows(acc, p, ps, t, rows, h));
                 r += TR;
             }
         }

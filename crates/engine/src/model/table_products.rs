@@ -19,6 +19,21 @@ use std::arch::x86_64::*;
 
 use super::decode_dot::Kernel;
 
+/// The register kernel for this CPU, if any: AVX-512F, else AVX2 with FMA.
+#[cfg(target_arch = "x86_64")]
+fn pick<F>(kernel: Kernel, avx512: F, avx2: F) -> Option<F> {
+    match kernel {
+        Kernel::Avx512 => Some(avx512),
+        k if k.has_avx2() => Some(avx2),
+        _ => None,
+    }
+}
+
+/// A register kernel: the output, a row stride (`dots`: the output's, `add_weighted_rows`:
+/// p's), the scored rows, the table, then n, rows and h.
+#[cfg(target_arch = "x86_64")]
+type Tiles = unsafe fn(*mut f32, usize, *const f32, *const f32, usize, usize, usize);
+
 /// z[r · z_stride + v] = Σ_k x[r · h + k] · table[v · h + k] for the `n` rows of x (n × h) and
 /// the `rows` rows of `table` (rows × h).
 pub fn dots(
@@ -32,34 +47,11 @@ pub fn dots(
     assert!(x.len() >= n * h && table.len() >= rows * h && rows <= z_stride);
     assert!(n == 0 || z.len() >= (n - 1) * z_stride + rows);
     #[cfg(target_arch = "x86_64")]
-    if kernel == Kernel::Avx512 {
-        // SAFETY: AVX-512F is there (Kernel::Avx512); the asserts keep every access inside
+    if let Some(tiles) = pick::<Tiles>(kernel, avx512::dots, avx2::dots) {
+        // SAFETY: `pick` chose a kernel the CPU has; the asserts keep every access inside
         // the slices.
-        unsafe {
-            avx512::dots(
-                z.as_mut_ptr(),
-                z_stride,
-                x.as_ptr(),
-                table.as_ptr(),
-                n,
-                rows,
-                h,
-            )
-        };
-        return;
-    } else if kernel.has_avx2() {
-        // SAFETY: AVX2 and FMA are there; the asserts keep every access inside the slices.
-        unsafe {
-            avx2::dots(
-                z.as_mut_ptr(),
-                z_stride,
-                x.as_ptr(),
-                table.as_ptr(),
-                n,
-                rows,
-                h,
-            )
-        };
+        let (z, x, t) = (z.as_mut_ptr(), x.as_ptr(), table.as_ptr());
+        unsafe { tiles(z, z_stride, x, t, n, rows, h) };
         return;
     }
     let _ = kernel;
@@ -85,34 +77,11 @@ pub fn add_weighted_rows(
     assert!(acc.len() >= n * h && table.len() >= rows * h && rows <= p_stride);
     assert!(n == 0 || p.len() >= (n - 1) * p_stride + rows);
     #[cfg(target_arch = "x86_64")]
-    if kernel == Kernel::Avx512 {
-        // SAFETY: AVX-512F is there (Kernel::Avx512); the asserts keep every access inside
+    if let Some(tiles) = pick::<Tiles>(kernel, avx512::add_weighted_rows, avx2::add_weighted_rows) {
+        // SAFETY: `pick` chose a kernel the CPU has; the asserts keep every access inside
         // the slices.
-        unsafe {
-            avx512::add_weighted_rows(
-                acc.as_mut_ptr(),
-                p.as_ptr(),
-                p_stride,
-                table.as_ptr(),
-                n,
-                rows,
-                h,
-            )
-        };
-        return;
-    } else if kernel.has_avx2() {
-        // SAFETY: AVX2 and FMA are there; the asserts keep every access inside the slices.
-        unsafe {
-            avx2::add_weighted_rows(
-                acc.as_mut_ptr(),
-                p.as_ptr(),
-                p_stride,
-                table.as_ptr(),
-                n,
-                rows,
-                h,
-            )
-        };
+        let (acc, p, t) = (acc.as_mut_ptr(), p.as_ptr(), table.as_ptr());
+        unsafe { tiles(acc, p_stride, p, t, n, rows, h) };
         return;
     }
     let _ = kernel;
@@ -332,8 +301,8 @@ macro_rules! tiles {
         #[target_feature(enable = $feature)]
         pub unsafe fn add_weighted_rows(
             acc: *mut f32,
-            p: *const f32,
             ps: usize,
+            p: *const f32,
             t: *const f32,
             n: usize,
             rows: usize,

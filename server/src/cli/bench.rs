@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use clap::Args;
 
-use super::bench_baselines::{self, BaselineArgs, Measured};
+use super::bench_baselines::{self, BaselineArgs, Baselines, Measured};
 use super::ModelArgs;
 use salience_engine::generate::GenerateOptions;
 use salience_engine::perturbation::{self, DeletionScorer, SurrogateOptions, TargetTerm};
@@ -124,17 +124,26 @@ pub fn run(args: BenchArgs) -> Result<(), EngineError> {
         "peak RSS after loading: {:.0} MiB",
         peak_rss_mib().unwrap_or(f64::NAN)
     );
-    let baseline = args.baseline_python.as_ref().map(|python| BaselineArgs {
-        python,
-        gguf: &engine.path,
-        lengths: &args.lengths,
-        ig_lengths: &args.ig_lengths,
-        ig_steps: args.ig_steps,
-        target_tokens: args.target_tokens,
-        generate_tokens: args.generate_tokens,
-        repeat: args.repeat,
-        threads: rayon::current_num_threads(),
+    let baseline = args.baseline_python.as_ref().map(|python| {
+        Baselines::prepare(&BaselineArgs {
+            python,
+            gguf: &engine.path,
+            lengths: &args.lengths,
+            ig_lengths: &args.ig_lengths,
+            ig_steps: args.ig_steps,
+            target_tokens: args.target_tokens,
+            generate_tokens: args.generate_tokens,
+            repeat: args.repeat,
+            threads: rayon::current_num_threads(),
+        })
     });
+    let text = "The quick brown fox jumps over the lazy dog while the committee reviews \
+                the quarterly budget, and every number must add up before Friday. ";
+    let pool: Vec<u32> = engine
+        .tokenize_target(&text.repeat(200))?
+        .iter()
+        .map(|t| t.0)
+        .collect();
     let mut rounds = Vec::new();
     for round in 1..=args.rounds {
         if args.rounds > 1 {
@@ -142,12 +151,12 @@ pub fn run(args: BenchArgs) -> Result<(), EngineError> {
         }
         let baselines_first = round % 2 == 0;
         let before = match &baseline {
-            Some(b) if baselines_first => Some(bench_baselines::run_baselines(b)),
+            Some(b) if baselines_first => Some(b.run()),
             _ => None,
         };
-        let measured = measure(&engine, &args, round)?;
+        let measured = measure(&engine, &args, &pool, round)?;
         let Some(b) = &baseline else { continue };
-        let results = before.unwrap_or_else(|| bench_baselines::run_baselines(b));
+        let results = before.unwrap_or_else(|| b.run());
         let rows = bench_baselines::compare(args.ig_steps, &results, &measured);
         bench_baselines::print_round(&rows, b.threads);
         rounds.push(rows);
@@ -158,16 +167,15 @@ pub fn run(args: BenchArgs) -> Result<(), EngineError> {
     Ok(())
 }
 
-/// One round of every measurement on `engine`, printed as it goes.
-fn measure(engine: &Engine, args: &BenchArgs, round: u32) -> Result<Measured, EngineError> {
+/// One round of every measurement on `engine`, printed as it goes; prompts are cut from the
+/// tokens of `pool`.
+fn measure(
+    engine: &Engine,
+    args: &BenchArgs,
+    pool: &[u32],
+    round: u32,
+) -> Result<Measured, EngineError> {
     let mut measured = Measured::default();
-    let text = "The quick brown fox jumps over the lazy dog while the committee reviews \
-                the quarterly budget, and every number must add up before Friday. ";
-    let pool: Vec<u32> = engine
-        .tokenize_target(&text.repeat(200))?
-        .iter()
-        .map(|t| t.0)
-        .collect();
     let cancel = CancelToken::new();
     println!(
         "model: {}  threads: {}",

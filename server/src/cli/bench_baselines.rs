@@ -51,36 +51,52 @@ pub struct BaselineResults {
     llama: Result<Value, String>,
 }
 
-/// Runs the baseline scripts that `python` can import, one after the other.
-pub fn run_baselines(args: &BaselineArgs) -> BaselineResults {
-    let dir = std::env::temp_dir().join(format!("prompt-salience-bench-{}", std::process::id()));
-    if let Err(e) = std::fs::create_dir_all(&dir) {
-        let why = format!("cannot create {}: {e}", dir.display());
-        return BaselineResults {
-            torch: Err(why.clone()),
-            llama: Err(why),
+/// A baseline script ready to run: its path and its arguments (the model first).
+type Script = (PathBuf, Vec<String>);
+
+/// The baseline scripts, checked against `python` and written to a temporary folder once for
+/// every round (importing torch to check for it takes seconds); the folder goes with this.
+pub struct Baselines<'a> {
+    python: &'a Path,
+    dir: PathBuf,
+    torch: Result<Script, String>,
+    llama: Result<Script, String>,
+    pub threads: usize,
+}
+
+impl<'a> Baselines<'a> {
+    pub fn prepare(args: &BaselineArgs<'a>) -> Baselines<'a> {
+        let dir =
+            std::env::temp_dir().join(format!("prompt-salience-bench-{}", std::process::id()));
+        let created = std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()));
+        let list = |v: &[usize]| {
+            v.iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
         };
-    }
-    let list = |v: &[usize]| {
-        v.iter()
-            .map(|n| n.to_string())
-            .collect::<Vec<_>>()
-            .join(",")
-    };
-    let common = [
-        "--repeat".to_string(),
-        args.repeat.max(1).to_string(),
-        "--threads".to_string(),
-        args.threads.to_string(),
-    ];
-    let torch = run_script(
-        args.python,
-        &dir,
-        "pytorch_baseline.py",
-        PYTORCH_SCRIPT,
-        "import torch, transformers, gguf, accelerate",
-        args.gguf,
-        &[
+        let with_common = |own: Vec<String>| {
+            let mut all = vec![args.gguf.display().to_string()];
+            all.extend(own);
+            all.extend([
+                "--repeat".to_string(),
+                args.repeat.max(1).to_string(),
+                "--threads".to_string(),
+                args.threads.to_string(),
+            ]);
+            all
+        };
+        let prepare = |name: &str, source: &str, imports: &str, own: Vec<String>| {
+            created.clone().and_then(|()| {
+                let script = prepare_script(args.python, &dir, name, source, imports)?;
+                Ok((script, with_common(own)))
+            })
+        };
+        let torch = prepare(
+            "pytorch_baseline.py",
+            PYTORCH_SCRIPT,
+            "import torch, transformers, gguf, accelerate",
             vec![
                 "--lengths".to_string(),
                 list(args.lengths),
@@ -91,30 +107,57 @@ pub fn run_baselines(args: &BaselineArgs) -> BaselineResults {
                 "--target-tokens".to_string(),
                 args.target_tokens.to_string(),
             ],
-            common.to_vec(),
-        ]
-        .concat(),
-    );
-    let llama = run_script(
-        args.python,
-        &dir,
-        "llama_cpp_baseline.py",
-        LLAMA_CPP_SCRIPT,
-        "import llama_cpp, numpy",
-        args.gguf,
-        &[
+        );
+        let llama = prepare(
+            "llama_cpp_baseline.py",
+            LLAMA_CPP_SCRIPT,
+            "import llama_cpp, numpy",
             vec![
                 "--prompt-tokens".to_string(),
                 "100".to_string(),
                 "--generate-tokens".to_string(),
                 args.generate_tokens.to_string(),
             ],
-            common.to_vec(),
-        ]
-        .concat(),
-    );
-    let _ = std::fs::remove_dir_all(&dir);
-    BaselineResults { torch, llama }
+        );
+        Baselines {
+            python: args.python,
+            dir,
+            torch,
+            llama,
+            threads: args.threads,
+        }
+    }
+
+    /// Runs the scripts that could be prepared, one after the other.
+    pub fn run(&self) -> BaselineResults {
+        let run = |script: &Result<Script, String>| {
+            let (path, args) = script.as_ref().map_err(Clone::clone)?;
+            run_script(self.python, path, args)
+        };
+        BaselineResults {
+            torch: run(&self.torch),
+            llama: run(&self.llama),
+        }
+    }
+}
+
+impl Drop for Baselines<'_> {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Row {
+    /// The row of a baseline that could not run, and why.
+    fn not_run(work: &str, baseline: &str, why: &str) -> Row {
+        Row {
+            work: work.into(),
+            ours: "—".into(),
+            theirs: format!("{baseline} not run: {why}"),
+            ratio: None,
+            speed: false,
+        }
+    }
 }
 
 /// Sets what the baselines measured against what prompt-salience measured in the same round.
@@ -152,13 +195,7 @@ pub fn compare(ig_steps: usize, results: &BaselineResults, ours: &Measured) -> V
                 });
             }
         }
-        Err(why) => rows.push(Row {
-            work: "gradient salience".into(),
-            ours: "—".into(),
-            theirs: format!("PyTorch not run: {why}"),
-            ratio: None,
-            speed: false,
-        }),
+        Err(why) => rows.push(Row::not_run("gradient salience", "PyTorch", why)),
     }
     match &results.llama {
         Ok(v) => {
@@ -182,13 +219,7 @@ pub fn compare(ig_steps: usize, results: &BaselineResults, ours: &Measured) -> V
                 speed: true,
             });
         }
-        Err(why) => rows.push(Row {
-            work: "decoding".into(),
-            ours: "—".into(),
-            theirs: format!("llama.cpp not run: {why}"),
-            ratio: None,
-            speed: false,
-        }),
+        Err(why) => rows.push(Row::not_run("decoding", "llama.cpp", why)),
     }
     rows
 }
@@ -270,16 +301,14 @@ pub fn print_summary(rounds: &[Vec<Row>]) {
     }
 }
 
-/// Runs one script with the model and arguments; returns its last stdout line as JSON.
-fn run_script(
+/// Checks that `python` can import what the script needs, then writes the script to `dir`.
+fn prepare_script(
     python: &Path,
     dir: &Path,
     name: &str,
     source: &str,
     imports: &str,
-    gguf: &Path,
-    args: &[String],
-) -> Result<Value, String> {
+) -> Result<PathBuf, String> {
     let probe = Command::new(python)
         .args(["-c", imports])
         .output()
@@ -287,11 +316,19 @@ fn run_script(
     if !probe.status.success() {
         return Err(format!("`{}` cannot `{imports}`", python.display()));
     }
-    let script: PathBuf = dir.join(name);
+    let script = dir.join(name);
     std::fs::write(&script, source).map_err(|e| format!("cannot write {name}: {e}"))?;
+    Ok(script)
+}
+
+/// Runs one script with its arguments; returns its last stdout line as JSON.
+fn run_script(python: &Path, script: &Path, args: &[String]) -> Result<Value, String> {
+    let name = script
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
     eprintln!("running the {name} baseline ...");
     let mut command = Command::new(python);
-    command.arg(&script).arg(gguf).args(args);
+    command.arg(script).args(args);
     // The baselines run with the system's page policy, not the one this process chose.
     crate::memory_pages::system_pages_for(&mut command);
     let out = command

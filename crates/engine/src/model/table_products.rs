@@ -117,7 +117,7 @@ macro_rules! with_rows {
     };
 }
 
-/// Writes one tile's loops for both register widths: `$vec` lanes per register, loads and
+/// Writes one tile's loops for both register widths: `$lanes` lanes per register, loads and
 /// fused multiply-adds named by the width.
 #[cfg(target_arch = "x86_64")]
 macro_rules! tiles {

@@ -118,3 +118,19 @@ fn rounds_alternate_and_report_median_ratios() {
     let decoding = rows(&out, "greedy decoding");
     assert!(decoding[3][1].starts_with("speed "), "{decoding:?}");
 }
+
+#[test]
+fn a_decoding_run_of_fewer_than_two_tokens_is_refused_before_any_work() {
+    for n in ["0", "1"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_prompt-salience"))
+            .args(["bench", "--model", "no-such-model", "--generate-tokens", n])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{n}: {stderr}");
+        assert!(
+            stderr.contains("give no decoding speed") && stderr.contains("use 2 or more"),
+            "{n}: {stderr}"
+        );
+    }
+}

@@ -29,8 +29,9 @@ pub struct BenchArgs {
     /// Prompt lengths for integrated gradients (slow).
     #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "100,300")]
     ig_lengths: Vec<usize>,
-    /// Tokens to generate in the decoding benchmark.
-    #[arg(long, default_value_t = 64)]
+    /// Tokens to generate in the decoding benchmark (at least 2: the speed counts the tokens
+    /// after the first, which the prefill produces).
+    #[arg(long, default_value_t = 64, value_parser = at_least_two)]
     generate_tokens: usize,
     /// Prompt lengths for leave-one-out over 10 equal segments.
     #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "100,300")]
@@ -370,4 +371,15 @@ fn measure(
         println!("peak RSS: {last:.0} MiB");
     }
     Ok(measured)
+}
+
+/// `--generate-tokens`: a decoding speed needs a token after the first.
+fn at_least_two(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 2 => Ok(n),
+        Ok(n) => Err(format!(
+            "{n} tokens give no decoding speed (it counts the tokens after the first): use 2 or more"
+        )),
+        Err(e) => Err(e.to_string()),
+    }
 }

@@ -664,57 +664,71 @@ mod avx512 {
         }
     }
 
+    /// Pair streams in step order: unpacklo holds steps 4L, 4L + 1 of 128-bit lane L as its
+    /// qwords 2L, 2L + 1, unpackhi (indices 8..) steps 4L + 2, 4L + 3. Row h: steps 8h.. 8h + 8.
+    const STEP_ORDER: [[i64; 8]; 2] = {
+        let mut out = [[0; 8]; 2];
+        let mut s = 0;
+        while s < 16 {
+            let (lane, j) = (s as i64 / 4, s as i64 % 4);
+            out[s / 8][s % 8] = if j < 2 {
+                2 * lane + j
+            } else {
+                8 + 2 * lane + j - 2
+            };
+            s += 1;
+        }
+        out
+    };
+
+    /// Output register o of a half (8 steps, 24 pairs) holds pairs q = 8o..8o + 8, pair q being
+    /// step q / 3 of stream q % 3: streams 0 and 1 by one two-source permute (`FIRST_TWO`),
+    /// stream 2 (`STEP_OF`, in the lanes of `THIRD`) merged over it.
+    const FIRST_TWO: [[i64; 8]; 3] = pair_table(true);
+    const STEP_OF: [[i64; 8]; 3] = pair_table(false);
+    const THIRD: [u8; 3] = {
+        let mut out = [0u8; 3];
+        let mut q = 0;
+        while q < 24 {
+            if q % 3 == 2 {
+                out[q / 8] |= 1 << (q % 8);
+            }
+            q += 1;
+        }
+        out
+    };
+
+    const fn pair_table(first_two: bool) -> [[i64; 8]; 3] {
+        let mut out = [[0; 8]; 3];
+        let mut q = 0;
+        while q < 24 {
+            let step = (q / 3) as i64;
+            out[q / 8][q % 8] = match (first_two, q % 3) {
+                (false, _) => step,
+                (true, 0) => step,
+                (true, 1) => 8 + step,
+                (true, _) => 0,
+            };
+            q += 1;
+        }
+        out
+    }
+
     /// `interleave_rows` sixteen steps at a time: each row pair interleaved into 64-bit pairs,
     /// each pair stream put in step order, then every output register picks its pairs from the
-    /// three streams. It packed A at 1 value per cycle when compiled from the plain loop
-    /// (128-bit shuffles; 3 % of a salience pass at 300 tokens). Returns the steps written
-    /// (a multiple of 16); the caller writes the rest.
+    /// three streams. The plain loop compiled to 128-bit shuffles: 3.0 % of a salience pass at
+    /// 300 tokens in `perf`, against 2.3 % this way, where the rows' loads take most of it (A
+    /// mostly comes from L3). Returns the steps written (a multiple of 16); the caller writes
+    /// the rest.
     ///
     /// # Safety
     /// AVX-512F; the six rows have one length k, `panel` room for MR * k values.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn interleave_six(rows: &[&[f32]; MR], panel: *mut f32) -> usize {
-        // Pair streams in step order: unpacklo holds steps 4L, 4L + 1 of 128-bit lane L as
-        // its qwords 2L, 2L + 1, unpackhi steps 4L + 2, 4L + 3.
-        let step_order = |first: i64| {
-            let at = |s: i64| {
-                let (lane, j) = (s / 4, s % 4);
-                if j < 2 {
-                    2 * lane + j
-                } else {
-                    8 + 2 * lane + j - 2
-                }
-            };
-            _mm512_set_epi64(
-                at(first + 7),
-                at(first + 6),
-                at(first + 5),
-                at(first + 4),
-                at(first + 3),
-                at(first + 2),
-                at(first + 1),
-                at(first),
-            )
-        };
-        let (early, late) = (step_order(0), step_order(8));
-        // Output register o of a half (8 steps, 24 pairs) holds pairs q = 8o..8o + 8, pair q
-        // being step q / 3 of stream q % 3: streams 0 and 1 by one two-source permute, stream
-        // 2 merged over it.
-        let pick: [(__m512i, __m512i, __mmask8); 3] = std::array::from_fn(|o| {
-            let q = |l: usize| 8 * o + l;
-            let from_first_two: [i64; 8] = std::array::from_fn(|l| match q(l) % 3 {
-                0 => (q(l) / 3) as i64,
-                1 => 8 + (q(l) / 3) as i64,
-                _ => 0,
-            });
-            let step: [i64; 8] = std::array::from_fn(|l| (q(l) / 3) as i64);
-            let third = (0..8).fold(0u8, |m, l| m | (u8::from(q(l) % 3 == 2) << l));
-            (
-                _mm512_loadu_si512(from_first_two.as_ptr().cast()),
-                _mm512_loadu_si512(step.as_ptr().cast()),
-                third,
-            )
-        });
+        let load = |v: &[i64; 8]| _mm512_loadu_si512(v.as_ptr().cast());
+        let (early, late) = (load(&STEP_ORDER[0]), load(&STEP_ORDER[1]));
+        let pick: [(__m512i, __m512i, __mmask8); 3] =
+            std::array::from_fn(|o| (load(&FIRST_TWO[o]), load(&STEP_OF[o]), THIRD[o]));
         let k = rows[0].len();
         let whole = k / 16 * 16;
         for p in (0..whole).step_by(16) {

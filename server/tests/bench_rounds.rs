@@ -6,7 +6,8 @@ use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 
 /// A "python" that imports anything and whose PyTorch script takes 0.01, 0.02, 0.03, ...
-/// seconds, 0.01 more each call, and whose llama.cpp script decodes 1000 tokens/s.
+/// seconds, 0.01 more each call, and whose llama.cpp script decodes 1000 tokens/s. Each script
+/// appends the instruction-set caps it was given to `torch-env` or `llama-env`.
 fn stand_in_python(dir: &std::path::Path) -> std::path::PathBuf {
     let path = dir.join("python");
     let script = format!(
@@ -16,8 +17,10 @@ count={dir}/torch-calls
 case "$1" in
   *pytorch_baseline.py)
     n=$(( $(cat "$count" 2>/dev/null || echo 0) + 1 )); echo $n > "$count"
+    echo "$MKL_ENABLE_INSTRUCTIONS/$ONEDNN_MAX_CPU_ISA/$ATEN_CPU_CAPABILITY" >> {dir}/torch-env
     echo '{{"version": "stand-in", "results": [{{"method": "grad_dot_input", "prompt_tokens": 8, "seconds": 0.0'$n'}}]}}' ;;
   *llama_cpp_baseline.py)
+    echo "$MKL_ENABLE_INSTRUCTIONS/$ONEDNN_MAX_CPU_ISA/$ATEN_CPU_CAPABILITY" >> {dir}/llama-env
     echo '{{"version": "stand-in", "prefill_seconds": 2.0, "decode_tokens_per_second": 1000.0}}' ;;
 esac
 "#,
@@ -133,4 +136,50 @@ fn a_decoding_run_of_fewer_than_two_tokens_is_refused_before_any_work() {
             "{n}: {stderr}"
         );
     }
+}
+
+/// `PROMPT_SALIENCE_KERNEL=avx2` caps the PyTorch baseline to AVX2 as well (MKL, oneDNN and
+/// ATen), and not llama.cpp, whose kernels its build fixed; a cap the user set for PyTorch
+/// stays.
+#[test]
+fn a_capped_kernel_caps_the_pytorch_baseline_alike() {
+    let dir = std::env::temp_dir().join(format!("bench-caps-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let python = stand_in_python(&dir);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_prompt-salience"))
+        .env("PROMPT_SALIENCE_ALLOW_NETWORK", "1")
+        .env("PROMPT_SALIENCE_KERNEL", "avx2")
+        .env("ATEN_CPU_CAPABILITY", "mine")
+        .env_remove("MKL_ENABLE_INSTRUCTIONS")
+        .env_remove("ONEDNN_MAX_CPU_ISA")
+        .args([
+            "bench",
+            "--model",
+            "smollm2-135m-instruct",
+            "--lengths",
+            "8",
+        ])
+        .args([
+            "--ig-lengths",
+            "--perturbation-lengths",
+            "--generate-tokens",
+            "2",
+        ])
+        .args(["--repeat", "1", "--baseline-python"])
+        .arg(&python)
+        .output()
+        .unwrap();
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+    let (torch, llama) = (read("torch-env"), read("llama-env"));
+    let _ = std::fs::remove_dir_all(&dir);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert_eq!(torch.trim(), "AVX2/AVX2/mine", "{stdout}");
+    assert_eq!(llama.trim(), "//mine", "{stdout}");
+    assert!(
+        stdout.contains(
+            "PyTorch baseline runs with MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2;"
+        ),
+        "{stdout}"
+    );
 }

@@ -61,7 +61,29 @@ pub struct Baselines<'a> {
     dir: PathBuf,
     torch: Result<Script, String>,
     llama: Result<Script, String>,
+    /// Variables set for the PyTorch script only (see `torch_isa_caps`).
+    torch_env: Vec<(&'static str, &'static str)>,
     pub threads: usize,
+}
+
+/// The PyTorch baseline's instruction sets, capped as `PROMPT_SALIENCE_KERNEL` (its value
+/// given) caps ours, so that a capped comparison is one instruction set against the same:
+/// MKL's and oneDNN's matrix kernels and ATen's own (attention, element-wise). llama.cpp's
+/// kernels are fixed when pip builds it, so it is never capped.
+pub fn torch_isa_caps(kernel_cap: Option<&str>) -> &'static [(&'static str, &'static str)] {
+    match kernel_cap {
+        Some("avx2") => &[
+            ("MKL_ENABLE_INSTRUCTIONS", "AVX2"),
+            ("ONEDNN_MAX_CPU_ISA", "AVX2"),
+            ("ATEN_CPU_CAPABILITY", "avx2"),
+        ],
+        Some("portable") => &[
+            ("MKL_ENABLE_INSTRUCTIONS", "SSE4_2"),
+            ("ONEDNN_MAX_CPU_ISA", "SSE41"),
+            ("ATEN_CPU_CAPABILITY", "default"),
+        ],
+        _ => &[],
+    }
 }
 
 impl<'a> Baselines<'a> {
@@ -119,24 +141,40 @@ impl<'a> Baselines<'a> {
                 args.generate_tokens.to_string(),
             ],
         );
+        // Caps the user set for PyTorch stay as they are.
+        let cap = std::env::var("PROMPT_SALIENCE_KERNEL").ok();
+        let torch_env: Vec<_> = torch_isa_caps(cap.as_deref())
+            .iter()
+            .copied()
+            .filter(|(name, _)| std::env::var_os(name).is_none())
+            .collect();
+        if let Some(cap) = cap.filter(|_| !torch_env.is_empty()) {
+            let set: Vec<String> = torch_env.iter().map(|(n, v)| format!("{n}={v}")).collect();
+            println!(
+                "PROMPT_SALIENCE_KERNEL={cap}: the PyTorch baseline runs with {}; llama.cpp keeps \
+                 the instructions pip built it for",
+                set.join(" ")
+            );
+        }
         Baselines {
             python: args.python,
             dir,
             torch,
             llama,
+            torch_env,
             threads: args.threads,
         }
     }
 
     /// Runs the scripts that could be prepared, one after the other.
     pub fn run(&self) -> BaselineResults {
-        let run = |script: &Result<Script, String>| {
+        let run = |script: &Result<Script, String>, env: &[(&str, &str)]| {
             let (path, args) = script.as_ref().map_err(Clone::clone)?;
-            run_script(self.python, path, args)
+            run_script(self.python, path, args, env)
         };
         BaselineResults {
-            torch: run(&self.torch),
-            llama: run(&self.llama),
+            torch: run(&self.torch, &self.torch_env),
+            llama: run(&self.llama, &[]),
         }
     }
 }
@@ -322,13 +360,18 @@ fn prepare_script(
 }
 
 /// Runs one script with its arguments; returns its last stdout line as JSON.
-fn run_script(python: &Path, script: &Path, args: &[String]) -> Result<Value, String> {
+fn run_script(
+    python: &Path,
+    script: &Path,
+    args: &[String],
+    env: &[(&str, &str)],
+) -> Result<Value, String> {
     let name = script
         .file_name()
         .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
     eprintln!("running the {name} baseline ...");
     let mut command = Command::new(python);
-    command.arg(script).args(args);
+    command.arg(script).args(args).envs(env.iter().copied());
     // The baselines run with the system's page policy, not the one this process chose.
     crate::memory_pages::system_pages_for(&mut command);
     let out = command
@@ -347,6 +390,25 @@ fn run_script(python: &Path, script: &Path, args: &[String]) -> Result<Value, St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pytorch_is_capped_only_where_our_kernels_are() {
+        assert!(torch_isa_caps(None).is_empty());
+        assert!(torch_isa_caps(Some("avx512")).is_empty());
+        for (cap, mkl, onednn, aten) in [
+            ("avx2", "AVX2", "AVX2", "avx2"),
+            ("portable", "SSE4_2", "SSE41", "default"),
+        ] {
+            assert_eq!(
+                torch_isa_caps(Some(cap)),
+                [
+                    ("MKL_ENABLE_INSTRUCTIONS", mkl),
+                    ("ONEDNN_MAX_CPU_ISA", onednn),
+                    ("ATEN_CPU_CAPABILITY", aten)
+                ]
+            );
+        }
+    }
 
     fn measured() -> Measured {
         Measured {

@@ -31,6 +31,29 @@ esac
     path
 }
 
+/// `bench` on SmolLM2 with 8-token prompts and 2 decoded tokens, once, against `python`.
+fn short_bench(python: &std::path::Path) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_prompt-salience"));
+    command
+        .env("PROMPT_SALIENCE_ALLOW_NETWORK", "1")
+        .args([
+            "bench",
+            "--model",
+            "smollm2-135m-instruct",
+            "--lengths",
+            "8",
+        ])
+        .args([
+            "--ig-lengths",
+            "--perturbation-lengths",
+            "--generate-tokens",
+            "2",
+        ])
+        .args(["--repeat", "1", "--baseline-python"])
+        .arg(python);
+    command
+}
+
 /// The cells of the markdown rows whose first cell is `work`.
 fn rows<'a>(out: &'a str, work: &str) -> Vec<Vec<&'a str>> {
     out.lines()
@@ -48,23 +71,8 @@ fn rounds_alternate_and_report_median_ratios() {
     // One file for stdout and stderr keeps their order: which side ran first shows.
     let log = dir.join("log");
     let file = std::fs::File::create(&log).unwrap();
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_prompt-salience"))
-        .env("PROMPT_SALIENCE_ALLOW_NETWORK", "1")
-        .args([
-            "bench",
-            "--model",
-            "smollm2-135m-instruct",
-            "--lengths",
-            "8",
-        ])
-        .args([
-            "--ig-lengths",
-            "--perturbation-lengths",
-            "--generate-tokens",
-            "2",
-        ])
-        .args(["--repeat", "1", "--rounds", "3", "--baseline-python"])
-        .arg(&python)
+    let status = short_bench(&python)
+        .args(["--rounds", "3"])
         .stdout(file.try_clone().unwrap())
         .stderr(file)
         .status()
@@ -146,27 +154,11 @@ fn a_capped_kernel_caps_the_pytorch_baseline_alike() {
     let dir = std::env::temp_dir().join(format!("bench-caps-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let python = stand_in_python(&dir);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_prompt-salience"))
-        .env("PROMPT_SALIENCE_ALLOW_NETWORK", "1")
+    let out = short_bench(&python)
         .env("PROMPT_SALIENCE_KERNEL", "avx2")
         .env("ATEN_CPU_CAPABILITY", "mine")
         .env_remove("MKL_ENABLE_INSTRUCTIONS")
         .env_remove("ONEDNN_MAX_CPU_ISA")
-        .args([
-            "bench",
-            "--model",
-            "smollm2-135m-instruct",
-            "--lengths",
-            "8",
-        ])
-        .args([
-            "--ig-lengths",
-            "--perturbation-lengths",
-            "--generate-tokens",
-            "2",
-        ])
-        .args(["--repeat", "1", "--baseline-python"])
-        .arg(&python)
         .output()
         .unwrap();
     let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();

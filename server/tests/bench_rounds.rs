@@ -146,9 +146,9 @@ fn a_decoding_run_of_fewer_than_two_tokens_is_refused_before_any_work() {
     }
 }
 
-/// `PROMPT_SALIENCE_KERNEL=avx2` caps the PyTorch baseline to AVX2 as well (MKL, oneDNN and
-/// ATen), and not llama.cpp, whose kernels its build fixed; a cap the user set for PyTorch
-/// stays.
+/// `PROMPT_SALIENCE_KERNEL=avx2` (on a CPU with AVX2, as this project's machines have) caps the
+/// PyTorch baseline to AVX2 as well (MKL, oneDNN and ATen), and not llama.cpp, whose kernels
+/// its build fixed; a cap the user set for PyTorch stays.
 #[test]
 fn a_capped_kernel_caps_the_pytorch_baseline_alike() {
     let dir = std::env::temp_dir().join(format!("bench-caps-{}", std::process::id()));

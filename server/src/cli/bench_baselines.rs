@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use salience_engine::model::Kernel;
 use serde_json::Value;
 
 const PYTORCH_SCRIPT: &str = include_str!("../../../docs/bench/pytorch_baseline.py");
@@ -66,23 +67,24 @@ pub struct Baselines<'a> {
     pub threads: usize,
 }
 
-/// The PyTorch baseline's instruction sets, capped as `PROMPT_SALIENCE_KERNEL` (its value
-/// given) caps ours, so that a capped comparison is one instruction set against the same:
-/// MKL's and oneDNN's matrix kernels and ATen's own (attention, element-wise). llama.cpp's
-/// kernels are fixed when pip builds it, so it is never capped.
-pub fn torch_isa_caps(kernel_cap: Option<&str>) -> &'static [(&'static str, &'static str)] {
-    match kernel_cap {
-        Some("avx2") => &[
+/// The PyTorch baseline's instruction sets, capped to those of the kernels this process runs
+/// (`PROMPT_SALIENCE_KERNEL` caps them, or the CPU lacks AVX-512), so that the comparison is
+/// one instruction set against the same: MKL's and oneDNN's matrix kernels and ATen's own
+/// (attention, element-wise). llama.cpp's kernels are fixed when pip builds it, so it is
+/// never capped.
+pub fn torch_isa_caps(ours: Kernel) -> &'static [(&'static str, &'static str)] {
+    match ours {
+        Kernel::Avx512 => &[],
+        Kernel::Avx2 => &[
             ("MKL_ENABLE_INSTRUCTIONS", "AVX2"),
             ("ONEDNN_MAX_CPU_ISA", "AVX2"),
             ("ATEN_CPU_CAPABILITY", "avx2"),
         ],
-        Some("portable") => &[
+        Kernel::Portable => &[
             ("MKL_ENABLE_INSTRUCTIONS", "SSE4_2"),
             ("ONEDNN_MAX_CPU_ISA", "SSE41"),
             ("ATEN_CPU_CAPABILITY", "default"),
         ],
-        _ => &[],
     }
 }
 
@@ -142,17 +144,17 @@ impl<'a> Baselines<'a> {
             ],
         );
         // Caps the user set for PyTorch stay as they are.
-        let cap = std::env::var("PROMPT_SALIENCE_KERNEL").ok();
-        let torch_env: Vec<_> = torch_isa_caps(cap.as_deref())
+        let ours = Kernel::best();
+        let torch_env: Vec<_> = torch_isa_caps(ours)
             .iter()
             .copied()
             .filter(|(name, _)| std::env::var_os(name).is_none())
             .collect();
-        if let Some(cap) = cap.filter(|_| !torch_env.is_empty()) {
+        if !torch_env.is_empty() {
             let set: Vec<String> = torch_env.iter().map(|(n, v)| format!("{n}={v}")).collect();
             println!(
-                "PROMPT_SALIENCE_KERNEL={cap}: the PyTorch baseline runs with {}; llama.cpp keeps \
-                 the instructions pip built it for",
+                "prompt-salience runs its {ours:?} kernels: the PyTorch baseline runs with {}; \
+                 llama.cpp keeps the instructions pip built it for",
                 set.join(" ")
             );
         }
@@ -393,14 +395,13 @@ mod tests {
 
     #[test]
     fn pytorch_is_capped_only_where_our_kernels_are() {
-        assert!(torch_isa_caps(None).is_empty());
-        assert!(torch_isa_caps(Some("avx512")).is_empty());
-        for (cap, mkl, onednn, aten) in [
-            ("avx2", "AVX2", "AVX2", "avx2"),
-            ("portable", "SSE4_2", "SSE41", "default"),
+        assert!(torch_isa_caps(Kernel::Avx512).is_empty());
+        for (ours, mkl, onednn, aten) in [
+            (Kernel::Avx2, "AVX2", "AVX2", "avx2"),
+            (Kernel::Portable, "SSE4_2", "SSE41", "default"),
         ] {
             assert_eq!(
-                torch_isa_caps(Some(cap)),
+                torch_isa_caps(ours),
                 [
                     ("MKL_ENABLE_INSTRUCTIONS", mkl),
                     ("ONEDNN_MAX_CPU_ISA", onednn),

@@ -26,6 +26,7 @@ pub mod weight;
 use candle_core::{Device, Tensor};
 
 pub use arch::{Arch, SUPPORTED_ARCHITECTURES};
+pub use decode_dot::Kernel;
 pub use forward::{KvCache, Tape, TAPE_BUDGET_BYTES};
 pub use load_hf::HfDirectory;
 use ops::Activation;

@@ -4,7 +4,8 @@ use candle_core::{Result, Tensor};
 
 use super::forward::{LayerRecord, LayerTape, Past, Tape};
 use super::kernels::{
-    gated_backward, merge_heads, rms_norm, rms_norm_backward, rms_norm_backward_plus, split_heads,
+    gated_backward, merge_heads, rms_norm_backward, rms_norm_backward_plus, rms_norm_into,
+    split_heads,
 };
 use super::ops::Activation;
 use super::{Layer, Model};
@@ -69,8 +70,8 @@ impl Model {
         let g_gate_up = match &lt.gate_up {
             Some(gate_up) => gated_backward(gate_up, &g_act, gelu)?,
             None => {
-                let m = rms_norm(&lt.h2, &layer.ffn_norm, c.eps)?;
-                gated_backward(&layer.w_gate_up.forward(&m)?, &g_act, gelu)?
+                let gate_up = rms_norm_into(&lt.h2, &layer.ffn_norm, c.eps, &layer.w_gate_up)?;
+                gated_backward(&gate_up, &g_act, gelu)?
             }
         };
         let g_m = layer.w_gate_up.backward(&g_gate_up)?;

@@ -4,7 +4,9 @@
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::attention::Attention;
-use super::kernels::{gated, merge_heads, rms_norm, rms_norm_backward, split_heads};
+use super::kernels::{
+    gated_into, merge_heads_into, rms_norm, rms_norm_backward, rms_norm_into, split_heads,
+};
 use super::ops::Activation;
 use super::{Layer, Model};
 
@@ -446,8 +448,7 @@ impl Model {
     ) -> Result<LayerOutput> {
         let c = &self.cfg;
         let (nh, nkv, hd, g) = (c.n_head, c.n_kv_head, c.head_dim, self.group());
-        let a = rms_norm(h, &layer.attn_norm, c.eps)?;
-        let mut qkv = layer.w_qkv.forward(&a)?;
+        let mut qkv = rms_norm_into(h, &layer.attn_norm, c.eps, &layer.w_qkv)?;
         if let Some(bias) = &layer.qkv_bias {
             qkv = qkv.broadcast_add(bias)?;
         }
@@ -500,8 +501,7 @@ impl Model {
         let mut attention = self.attention(layer, b, tq, keys);
         attention.key_rows = k_all.dim(2)?;
         let (o, lse) = attention.forward(&q, &k_all, &v_all)?;
-        let o = merge_heads(&[&o], (b, tq, hd))?;
-        let mut attn = layer.wo.forward(&o)?;
+        let mut attn = merge_heads_into(&o, (b, tq, hd), &layer.wo)?;
         let mut attn_pre_norm = None;
         if let Some(n) = &layer.post_attn_norm {
             let normed = rms_norm(&attn, n, c.eps)?;
@@ -515,10 +515,9 @@ impl Model {
             h.clone()
         };
         let h2 = (h_out + attn)?;
-        let m = rms_norm(&h2, &layer.ffn_norm, c.eps)?;
-        let gate_up = layer.w_gate_up.forward(&m)?;
-        let act = gated(&gate_up, c.activation == Activation::GeluTanh)?;
-        let mut down = layer.w_down.forward(&act)?;
+        let gate_up = rms_norm_into(&h2, &layer.ffn_norm, c.eps, &layer.w_gate_up)?;
+        let gelu = c.activation == Activation::GeluTanh;
+        let mut down = gated_into(&gate_up, gelu, &layer.w_down)?;
         let mut down_pre_norm = None;
         if let Some(n) = &layer.post_ffn_norm {
             let normed = rms_norm(&down, n, c.eps)?;

@@ -6,7 +6,9 @@ use std::mem::MaybeUninit;
 use candle_core::{bail, Device, Result, Storage, Tensor};
 use rayon::prelude::*;
 
+use super::matmul::RowMaker;
 use super::simd;
+use super::Weight;
 
 /// Runs `f` on the contiguous f32 data of `t`.
 pub(super) fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
@@ -170,6 +172,32 @@ pub fn merge_heads(parts: &[&Tensor], (b, t, hd): (usize, usize, usize)) -> Resu
     Tensor::from_vec(out, (b * t, width), &Device::Cpu)
 }
 
+/// `weight.forward(&merge_heads(&[o], (b, t, hd)))`, the same values: each position's heads
+/// are copied straight into the product's packed operand.
+pub fn merge_heads_into(
+    o: &Tensor,
+    (b, t, hd): (usize, usize, usize),
+    weight: &Weight,
+) -> Result<Tensor> {
+    let heads = o.elem_count() / (b * t * hd).max(1);
+    if o.elem_count() != b * heads * t * hd || weight.cols() != heads * hd {
+        bail!(
+            "merge_heads_into: {:?} is not ({b}, heads, {t}, {hd}) for {:?}",
+            o.shape(),
+            weight.dims()
+        )
+    }
+    with_slice(o, |o| {
+        weight.forward_rows(b * t, &|position, row| {
+            let (bi, r) = (position / t, position % t);
+            for (head, dst) in row.chunks_exact_mut(hd).enumerate() {
+                let src = ((bi * heads + head) * t + r) * hd;
+                copy_short(dst, &o[src..src + hd]);
+            }
+        })
+    })
+}
+
 /// dst = src for a short run (a head's row, 64 values in most models): whole blocks of 16
 /// values as fixed-size copies, which compile to vector moves, where a copy of unknown length
 /// is a call to memmove (4,500 of them per layer at 300 tokens).
@@ -193,8 +221,9 @@ fn rows_of(t: &Tensor) -> Result<(usize, usize)> {
     Ok((t.elem_count() / n.max(1), n))
 }
 
-/// y = x / rms(x) * w over the last dimension, as candle's `rms_norm` computes it (same
-/// operations in the same order: the same values), without its serial zeroing of the output.
+/// y = x / rms(x) * w over the last dimension, as candle's `rms_norm` computes it but for the
+/// order of the sum of squares (sixteen running sums: `simd::sum_of_squares`), without its
+/// serial zeroing of the output.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
     let (rows, n) = rows_of(x)?;
     if w.elem_count() != n {
@@ -202,17 +231,66 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
     }
     let out = with_slice(x, |x| {
         with_slice(w, |w| {
-            Ok(par_filled(rows * n, n, |i, o| {
-                let x = &x[i * n..(i + 1) * n];
-                let sum2: f32 = x.iter().map(|v| v * v).sum();
-                let m = (sum2 / n as f32 + eps).sqrt();
-                for ((o, &x), &w) in o.iter_mut().zip(x).zip(w) {
-                    *o = x / m * w;
-                }
-            }))
+            // SAFETY: `rms_norm_row` writes the whole row.
+            Ok(unsafe { par_written(rows * n, n, |i, o| rms_norm_row(x, w, eps, i, o)) })
         })
     })?;
     Tensor::from_vec(out, x.shape(), &Device::Cpu)
+}
+
+/// Row `i` of `rms_norm` of the rows `x` (each `w.len()` values) into `o`, every value.
+fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, i: usize, o: &mut [MaybeUninit<f32>]) {
+    let n = w.len();
+    let x = &x[i * n..(i + 1) * n];
+    let m = (simd::sum_of_squares(x) / n as f32 + eps).sqrt();
+    for ((o, &x), &w) in o.iter_mut().zip(x).zip(w) {
+        o.write(x / m * w);
+    }
+}
+
+/// `weight.forward(&rms_norm(x, w, eps))` for x (rows, cols), the same values: each row is
+/// normalized straight into the product's packed operand instead of into a matrix that the
+/// product then reads back.
+pub fn rms_norm_into(x: &Tensor, w: &Tensor, eps: f32, weight: &Weight) -> Result<Tensor> {
+    let (rows, n) = rows_of(x)?;
+    if w.elem_count() != n || weight.cols() != n {
+        bail!(
+            "rms_norm_into: shapes {:?} {:?} {:?}",
+            x.shape(),
+            w.shape(),
+            weight.dims()
+        )
+    }
+    let y = with_slice(x, |x| {
+        with_slice(w, |w| {
+            weight.forward_rows(rows, &|i, o| rms_norm_row(x, w, eps, i, o))
+        })
+    })?;
+    let mut dims = x.dims().to_vec();
+    *dims.last_mut().expect("x has a last dimension") = weight.rows();
+    y.reshape(dims)
+}
+
+/// `weight.forward(&gated(gate_up, gelu))` for gate_up (rows, 2 f), the same values, the
+/// activations made straight into the product's packed operand.
+pub fn gated_into(gate_up: &Tensor, gelu: bool, weight: &Weight) -> Result<Tensor> {
+    let (rows, two_f) = rows_of(gate_up)?;
+    if weight.cols() * 2 != two_f {
+        bail!(
+            "gated_into: shapes {:?} {:?}",
+            gate_up.shape(),
+            weight.dims()
+        )
+    }
+    with_slice(gate_up, |gu| {
+        weight.forward_rows(rows, &|i, o| gated_row(gu, gelu, i, o))
+    })
+}
+
+/// The rows that `make(i, row)` writes (every value of each), (rows × cols) row-major.
+pub(super) fn made_rows(rows: usize, cols: usize, make: &RowMaker<'_>) -> Vec<f32> {
+    // SAFETY: a row maker writes its whole row.
+    unsafe { par_written(rows * cols, cols, make) }
 }
 
 /// dx for y = x / rms(x) * w over the last dimension.
@@ -283,19 +361,22 @@ pub fn gated(gate_up: &Tensor, gelu: bool) -> Result<Tensor> {
     let (rows, two_f) = rows_of(gate_up)?;
     let f = two_f / 2;
     let out = with_slice(gate_up, |gu| {
-        let fill = |i: usize, o: &mut [MaybeUninit<f32>]| {
-            let (g, u) = gu[i * two_f..(i + 1) * two_f].split_at(f);
-            // Both activations are x * sigmoid(z): SiLU with z = x, GELU-tanh with
-            // z = 2 c (x + k x^3), since (1 + tanh(y)) / 2 = sigmoid(2 y).
-            let o = sigmoid_of_gate(g, o, gelu);
-            for ((o, &x), &u) in o.iter_mut().zip(g).zip(u) {
-                *o *= x * u;
-            }
-        };
-        // SAFETY: `sigmoid_of_gate` writes the whole row.
-        Ok(unsafe { par_written(rows * f, f, fill) })
+        // SAFETY: `gated_row` writes the whole row.
+        Ok(unsafe { par_written(rows * f, f, |i, o| gated_row(gu, gelu, i, o)) })
     })?;
     Tensor::from_vec(out, (rows, f), &Device::Cpu)
+}
+
+/// Row `i` of `gated` of the rows `gate_up` (each 2 × `o.len()` values) into `o`, every value.
+fn gated_row(gate_up: &[f32], gelu: bool, i: usize, o: &mut [MaybeUninit<f32>]) {
+    let f = o.len();
+    let (g, u) = gate_up[i * 2 * f..(i + 1) * 2 * f].split_at(f);
+    // Both activations are x * sigmoid(z): SiLU with z = x, GELU-tanh with
+    // z = 2 c (x + k x^3), since (1 + tanh(y)) / 2 = sigmoid(2 y).
+    let o = sigmoid_of_gate(g, o, gelu);
+    for ((o, &x), &u) in o.iter_mut().zip(g).zip(u) {
+        *o *= x * u;
+    }
 }
 
 /// Gradient of act(gate) * up with respect to [gate | up], given d out.
@@ -422,6 +503,7 @@ pub fn target_log_softmax(
 pub(super) mod tests {
     use super::*;
     use crate::model::ops;
+    use candle_core::DType;
 
     pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         max_abs(&(a - b).unwrap())
@@ -485,12 +567,74 @@ pub(super) mod tests {
 
     #[test]
     fn rms_norm_gives_candles_values() {
-        for (rows, n) in [(1, 8), (40, 576), (33, 20)] {
+        // The sum of squares is added in another order than candle's, so the values may
+        // differ in the last bits: both are held to the float64 norm instead (a wrong mean or
+        // a lost row would be off by far more than these few rounding errors).
+        for (rows, n) in [(1, 8), (40, 576), (33, 20), (3, 2048)] {
             let x = Tensor::randn(0f32, 1.0, (rows, n), &Device::Cpu).unwrap();
             let w = Tensor::randn(0f32, 1.0, n, &Device::Cpu).unwrap();
-            let want = candle_nn::ops::rms_norm(&x, &w, 1e-5).unwrap();
-            let got = rms_norm(&x, &w, 1e-5).unwrap();
-            assert_eq!(max_diff(&want, &got), 0.0, "{rows} × {n}");
+            let exact = {
+                let (x, w) = (
+                    x.to_dtype(DType::F64).unwrap(),
+                    w.to_dtype(DType::F64).unwrap(),
+                );
+                let mean = x.sqr().unwrap().mean_keepdim(1).unwrap();
+                let rms = (mean + 1e-5).unwrap().sqrt().unwrap();
+                x.broadcast_div(&rms).unwrap().broadcast_mul(&w).unwrap()
+            };
+            let largest = exact
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            let bound = 8.0 * f64::from(f32::EPSILON) * largest;
+            for (who, y) in [
+                ("candle", candle_nn::ops::rms_norm(&x, &w, 1e-5).unwrap()),
+                ("ours", rms_norm(&x, &w, 1e-5).unwrap()),
+            ] {
+                let y = y.to_dtype(DType::F64).unwrap();
+                let off = (y - &exact).unwrap().abs().unwrap().max_all().unwrap();
+                let off = off.to_scalar::<f64>().unwrap();
+                assert!(off <= bound, "{who}, {rows} × {n}: {off:e} > {bound:e}");
+            }
+        }
+    }
+
+    /// The normalized rows made straight into a product's packed operand give the product of
+    /// the normalized matrix, bit for bit; so do the gated activations. Enough rows for the
+    /// panel kernel, and a row count that leaves a partial panel.
+    #[test]
+    fn rows_made_into_a_product_give_the_product_of_the_rows() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let (rows, n, f) = (67, 96, 64);
+        let stored = |dims: (usize, usize), dtype: GgmlDType| {
+            let t = Tensor::randn(0f32, 1.0, dims, &Device::Cpu).unwrap();
+            Weight::from_qtensor(QTensor::quantize(&t, dtype).unwrap()).unwrap()
+        };
+        let x = Tensor::randn(0f32, 1.0, (rows, n), &Device::Cpu).unwrap();
+        let w = Tensor::randn(0f32, 1.0, n, &Device::Cpu).unwrap();
+        for dtype in [GgmlDType::Q4_1, GgmlDType::F16] {
+            let gate_up = stored((2 * f, n), dtype);
+            let want = gate_up.forward(&rms_norm(&x, &w, 1e-5).unwrap()).unwrap();
+            let got = rms_norm_into(&x, &w, 1e-5, &gate_up).unwrap();
+            assert_eq!(max_diff(&want, &got), 0.0, "{dtype:?}");
+            let down = stored((n, f), dtype);
+            for gelu in [false, true] {
+                let want = down.forward(&gated(&got, gelu).unwrap()).unwrap();
+                let fused = gated_into(&got, gelu, &down).unwrap();
+                assert_eq!(max_diff(&want, &fused), 0.0, "{dtype:?}, gelu {gelu}");
+            }
+            // Attention's output heads, (b, heads, t, hd), into the output projection.
+            let (b, t, hd) = (2, rows, 32);
+            let o = Tensor::randn(0f32, 1.0, (b, n / hd, t, hd), &Device::Cpu).unwrap();
+            let wo = stored((f, n), dtype);
+            let want = wo
+                .forward(&merge_heads(&[&o], (b, t, hd)).unwrap())
+                .unwrap();
+            let got = merge_heads_into(&o, (b, t, hd), &wo).unwrap();
+            assert_eq!(max_diff(&want, &got), 0.0, "{dtype:?}, heads");
         }
     }
 

@@ -165,10 +165,54 @@ impl PackedRows {
         PackedRows { data, m, k }
     }
 
+    /// Packs the m rows (k values each) that `row(i, dst)` makes, writing every value of
+    /// `dst`. Each task makes its panel's six rows in a buffer of its own, which is still in
+    /// L1 when they are interleaved: the rows are never stored as a matrix and read back, as
+    /// `new` would read a producer's output (from L3, most of `new`'s time).
+    pub fn from_rows(m: usize, k: usize, row: &RowMaker<'_>) -> PackedRows {
+        let len = m.div_ceil(MR) * MR * k;
+        let mut data: Vec<f32> = Vec::with_capacity(len);
+        if k > 0 {
+            let kernel = Kernel::best();
+            data.spare_capacity_mut()[..len]
+                .par_chunks_mut(MR * k)
+                .enumerate()
+                .for_each(|(i, panel)| {
+                    ROWS.with(|rows| {
+                        let mut rows = rows.borrow_mut();
+                        rows.resize(MR * k, 0.0);
+                        for (r, dst) in rows.chunks_exact_mut(k).enumerate() {
+                            match i * MR + r {
+                                // SAFETY: f32 and MaybeUninit<f32> share a layout, and the
+                                // maker writes only values.
+                                at if at < m => row(at, unsafe {
+                                    &mut *(dst as *mut [f32] as *mut [MaybeUninit<f32>])
+                                }),
+                                _ => dst.fill(0.0),
+                            }
+                        }
+                        let rows: [&[f32]; MR] = std::array::from_fn(|r| &rows[r * k..][..k]);
+                        interleave_rows(kernel, &rows, panel);
+                    })
+                });
+        }
+        // SAFETY: every one of the `len` values was written above (k > 0), or len is 0.
+        unsafe { data.set_len(len) };
+        PackedRows { data, m, k }
+    }
+
     /// Row panel `i`'s values for depth `k0..`.
     fn panel(&self, i: usize, k0: usize) -> &[f32] {
         &self.data[i * MR * self.k + k0 * MR..(i + 1) * MR * self.k]
     }
+}
+
+/// Makes row `i` of a matrix into `dst` (its whole row, every value written).
+pub type RowMaker<'a> = dyn Fn(usize, &mut [MaybeUninit<f32>]) + Sync + 'a;
+
+thread_local! {
+    /// `PackedRows::from_rows`'s six rows, made before they are interleaved.
+    static ROWS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// One panel of A: `panel[p * MR + r] = rows[r][p]` for every step `p` of the rows (each

@@ -20,7 +20,7 @@ use rayon::prelude::*;
 
 use super::decode_dot::{self, Activations, Kernel};
 use super::kernels::with_slice;
-use super::matmul::{self, PackedRows, PanelSource, Span, NR};
+use super::matmul::{self, PackedRows, PanelSource, RowMaker, Span, NR};
 
 /// How one stored matrix (rows = output features, cols = input features) is held.
 #[derive(Clone)]
@@ -308,6 +308,18 @@ impl Weight {
         y.reshape(out_dims)
     }
 
+    /// `forward` of the (n, cols) matrix whose rows `row(i, dst)` makes: on the panel kernel
+    /// they go straight into its packed layout, never stored as a matrix (a pass over memory
+    /// less per product); otherwise they are made into a matrix first. (n, rows).
+    pub fn forward_rows(&self, n: usize, row: &RowMaker<'_>) -> Result<Tensor> {
+        if n > decode_dot::MAX_INPUT_ROWS && !self.parts.iter().any(Matrix::is_f32) {
+            let packed = PackedRows::from_rows(n, self.cols, row);
+            return panel_forward_packed(&self.parts, &packed, n);
+        }
+        let x = super::kernels::made_rows(n, self.cols, row);
+        self.forward(&Tensor::from_vec(x, (n, self.cols), &Device::Cpu)?)
+    }
+
     /// dy W for dy of shape (n, rows): (n, cols). The input gradient of `forward`.
     pub fn backward(&self, dy: &Tensor) -> Result<Tensor> {
         let n = dy.elem_count() / self.rows;
@@ -544,17 +556,21 @@ impl Matrix {
 /// x Wᵀ for x (n, cols) and W the `parts` stacked by rows, none of them f32, on the panel
 /// kernel: x is packed once, and each part writes its columns of one output.
 fn panel_forward(parts: &[Matrix], x: &Tensor, n: usize) -> Result<Tensor> {
-    let (rows, cols) = (parts.iter().map(|p| p.rows).sum(), parts[0].cols);
-    let mut out = matmul::uninit(n * rows);
+    let cols = parts[0].cols;
     with_slice(x, |x| {
-        let packed = PackedRows::new(x, cols, n, cols);
-        let mut offset = 0;
-        for p in parts {
-            p.forward_into(&packed, &mut out[offset..], rows, Kernel::best())?;
-            offset += p.rows;
-        }
-        Ok(())
-    })?;
+        panel_forward_packed(parts, &PackedRows::new(x, cols, n, cols), n)
+    })
+}
+
+/// `panel_forward` of x already packed.
+fn panel_forward_packed(parts: &[Matrix], packed: &PackedRows, n: usize) -> Result<Tensor> {
+    let rows = parts.iter().map(|p| p.rows).sum();
+    let mut out = matmul::uninit(n * rows);
+    let mut offset = 0;
+    for p in parts {
+        p.forward_into(packed, &mut out[offset..], rows, Kernel::best())?;
+        offset += p.rows;
+    }
     // SAFETY: the parts' rows add up to `rows`: every column of `out` was written.
     let out = unsafe { matmul::assume_init(out) };
     Tensor::from_vec(out, (n, rows), &Device::Cpu)

@@ -4,8 +4,8 @@ use candle_core::{Result, Tensor};
 
 use super::forward::{LayerRecord, LayerTape, Past, Tape};
 use super::kernels::{
-    gated_backward, merge_heads, rms_norm_backward, rms_norm_backward_plus, rms_norm_into,
-    split_heads,
+    gated_backward_into, merge_heads_backward_into, rms_norm_backward, rms_norm_backward_plus,
+    rms_norm_into, split_heads,
 };
 use super::ops::Activation;
 use super::{Layer, Model};
@@ -67,14 +67,14 @@ impl Model {
         }
         let g_act = layer.w_down.backward(&g_down)?;
         let gelu = c.activation == Activation::GeluTanh;
-        let g_gate_up = match &lt.gate_up {
-            Some(gate_up) => gated_backward(gate_up, &g_act, gelu)?,
+        let w_gate_up = &layer.w_gate_up;
+        let g_m = match &lt.gate_up {
+            Some(gate_up) => gated_backward_into(gate_up, &g_act, gelu, w_gate_up)?,
             None => {
-                let gate_up = rms_norm_into(&lt.h2, &layer.ffn_norm, c.eps, &layer.w_gate_up)?;
-                gated_backward(&gate_up, &g_act, gelu)?
+                let gate_up = rms_norm_into(&lt.h2, &layer.ffn_norm, c.eps, w_gate_up)?;
+                gated_backward_into(&gate_up, &g_act, gelu, w_gate_up)?
             }
         };
-        let g_m = layer.w_gate_up.backward(&g_gate_up)?;
         let g_h2 = rms_norm_backward_plus(&lt.h2, &layer.ffn_norm, c.eps, &g_m, &g_out)?;
 
         // Attention block: h2 = h + norm?(wo(attention(q, k, v))).
@@ -113,8 +113,7 @@ impl Model {
         if let (Some(n), Some(pre)) = (&layer.k_norm, &lt.k_pre_norm) {
             g_k = rms_norm_backward(pre, n, c.eps, &g_k)?;
         }
-        let g_qkv = merge_heads(&[&g_q, &g_k, &g_v], (b, t, hd))?;
-        let g_a = layer.w_qkv.backward(&g_qkv)?;
+        let g_a = merge_heads_backward_into(&[&g_q, &g_k, &g_v], (b, t, hd), &layer.w_qkv)?;
         if from == 0 {
             return rms_norm_backward_plus(&lt.h, &layer.attn_norm, c.eps, &g_a, &g_h2);
         }

@@ -198,6 +198,45 @@ pub fn merge_heads_into(
     })
 }
 
+/// `weight.backward(&merge_heads(parts, (b, t, hd)))`, the same values: each position's
+/// heads go straight into the product's packed operands.
+pub fn merge_heads_backward_into(
+    parts: &[&Tensor],
+    (b, t, hd): (usize, usize, usize),
+    weight: &Weight,
+) -> Result<Tensor> {
+    let heads: Vec<usize> = parts
+        .iter()
+        .map(|p| p.elem_count() / (b * t * hd).max(1))
+        .collect();
+    for (p, h) in parts.iter().zip(&heads) {
+        if p.elem_count() != b * h * t * hd {
+            bail!(
+                "merge_heads_backward_into: {:?} is not ({b}, heads, {t}, {hd})",
+                p.shape()
+            )
+        }
+    }
+    if heads.iter().sum::<usize>() * hd != weight.rows() {
+        bail!(
+            "merge_heads_backward_into: {heads:?} heads for {:?}",
+            weight.dims()
+        )
+    }
+    with_slices(parts, |parts| {
+        weight.backward_rows(b * t, &|position, row| {
+            let (bi, r) = (position / t, position % t);
+            let mut dst = row.chunks_exact_mut(hd);
+            for (p, &h) in parts.iter().zip(&heads) {
+                for head in 0..h {
+                    let src = ((bi * h + head) * t + r) * hd;
+                    copy_short(dst.next().expect("a head per run"), &p[src..src + hd]);
+                }
+            }
+        })
+    })
+}
+
 /// dst = src for a short run (a head's row, 64 values in most models): whole blocks of 16
 /// values as fixed-size copies, which compile to vector moves, where a copy of unknown length
 /// is a call to memmove (4,500 of them per layer at 300 tokens).
@@ -392,29 +431,67 @@ pub fn gated_backward(gate_up: &Tensor, d_out: &Tensor, gelu: bool) -> Result<Te
     }
     let out = with_slice(gate_up, |gu| {
         with_slice(d_out, |d| {
-            let fill = |i: usize, o: &mut [MaybeUninit<f32>]| {
-                let (g, u) = gu[i * two_f..(i + 1) * two_f].split_at(f);
-                let d = &d[i * f..(i + 1) * f];
-                let (dg, du) = o.split_at_mut(f);
-                // The sigmoid goes into d gate first, then each entry is finished.
-                let dg = sigmoid_of_gate(g, dg, gelu);
-                for i in 0..f {
-                    let (x, s) = (g[i], dg[i]);
-                    // d/dx x s(z) = s + x s (1 - s) dz/dx.
-                    let dz = if gelu {
-                        2.0 * GELU_C * (1.0 + 3.0 * GELU_K * x * x)
-                    } else {
-                        1.0
-                    };
-                    dg[i] = d[i] * u[i] * (s + x * s * (1.0 - s) * dz);
-                    du[i].write(d[i] * x * s);
-                }
-            };
-            // SAFETY: `sigmoid_of_gate` writes d gate whole, and the loop every d up.
-            Ok(unsafe { par_written(rows * two_f, two_f, fill) })
+            // SAFETY: `gated_backward_row` writes the whole row.
+            Ok(unsafe {
+                par_written(rows * two_f, two_f, |i, o| {
+                    gated_backward_row(gu, d, gelu, i, o)
+                })
+            })
         })
     })?;
     Tensor::from_vec(out, (rows, two_f), &Device::Cpu)
+}
+
+/// `weight.backward(&gated_backward(gate_up, d_out, gelu))`, the same values: each row's
+/// gradient goes straight into the product's packed operands.
+pub fn gated_backward_into(
+    gate_up: &Tensor,
+    d_out: &Tensor,
+    gelu: bool,
+    weight: &Weight,
+) -> Result<Tensor> {
+    let (rows, two_f) = rows_of(gate_up)?;
+    if d_out.elem_count() * 2 != rows * two_f || weight.rows() != two_f {
+        bail!(
+            "gated_backward_into: shapes {:?} {:?} {:?}",
+            gate_up.shape(),
+            d_out.shape(),
+            weight.dims()
+        )
+    }
+    with_slice(gate_up, |gu| {
+        with_slice(d_out, |d| {
+            weight.backward_rows(rows, &|i, o| gated_backward_row(gu, d, gelu, i, o))
+        })
+    })
+}
+
+/// Row `i` of `gated_backward` (d gate, then d up: `o.len()` values) into `o`, every value.
+fn gated_backward_row(
+    gate_up: &[f32],
+    d_out: &[f32],
+    gelu: bool,
+    i: usize,
+    o: &mut [MaybeUninit<f32>],
+) {
+    let two_f = o.len();
+    let f = two_f / 2;
+    let (g, u) = gate_up[i * two_f..(i + 1) * two_f].split_at(f);
+    let d = &d_out[i * f..(i + 1) * f];
+    let (dg, du) = o.split_at_mut(f);
+    // The sigmoid goes into d gate first, then each entry is finished.
+    let dg = sigmoid_of_gate(g, dg, gelu);
+    for i in 0..f {
+        let (x, s) = (g[i], dg[i]);
+        // d/dx x s(z) = s + x s (1 - s) dz/dx.
+        let dz = if gelu {
+            2.0 * GELU_C * (1.0 + 3.0 * GELU_K * x * x)
+        } else {
+            1.0
+        };
+        dg[i] = d[i] * u[i] * (s + x * s * (1.0 - s) * dz);
+        du[i].write(d[i] * x * s);
+    }
 }
 
 const GELU_C: f32 = 0.797_884_6; // sqrt(2 / pi)
@@ -636,6 +713,55 @@ pub(super) mod tests {
             let got = merge_heads_into(&o, (b, t, hd), &wo).unwrap();
             assert_eq!(max_diff(&want, &got), 0.0, "{dtype:?}, heads");
         }
+    }
+
+    /// The backward products fed by their producers give the products of the materialized
+    /// gradients bit for bit: for weights stacked from parts of different storage (each part
+    /// packs its own columns of the made rows) and for f32 weights (rows made into a matrix).
+    #[test]
+    fn gradients_made_into_a_product_give_the_product_of_the_gradients() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let randn = |dims: (usize, usize)| Tensor::randn(0f32, 1.0, dims, &Device::Cpu).unwrap();
+        let stored = |dims: (usize, usize), dtype: GgmlDType| {
+            Weight::from_qtensor(QTensor::quantize(&randn(dims), dtype).unwrap()).unwrap()
+        };
+        let (rows, n, f) = (67, 96, 64);
+        let gate_up = randn((rows, 2 * f));
+        let d_out = randn((rows, f));
+        let stacked = Weight::stack(vec![
+            stored((f, n), GgmlDType::Q4_1),
+            stored((f, n), GgmlDType::F16),
+        ])
+        .unwrap();
+        let dense = Weight::dense(randn((2 * f, n))).unwrap();
+        for weight in [&stacked, &dense] {
+            for gelu in [false, true] {
+                let g = gated_backward(&gate_up, &d_out, gelu).unwrap();
+                let want = weight.backward(&g).unwrap();
+                let got = gated_backward_into(&gate_up, &d_out, gelu, weight).unwrap();
+                assert_eq!(max_diff(&want, &got), 0.0, "gelu {gelu}");
+            }
+        }
+
+        // q, k and v heads (b, heads, t, hd) into a q | k | v weight of three storages.
+        let (b, t, hd) = (2, 40, 32);
+        let heads = [3, 1, 1];
+        let grads: Vec<Tensor> = heads
+            .iter()
+            .map(|&h| Tensor::randn(0f32, 1.0, (b, h, t, hd), &Device::Cpu).unwrap())
+            .collect();
+        let grads: Vec<&Tensor> = grads.iter().collect();
+        let qkv = Weight::stack(vec![
+            stored((3 * hd, n), GgmlDType::Q8_0),
+            stored((hd, n), GgmlDType::Q4_1),
+            stored((hd, n), GgmlDType::F16),
+        ])
+        .unwrap();
+        let want = qkv
+            .backward(&merge_heads(&grads, (b, t, hd)).unwrap())
+            .unwrap();
+        let got = merge_heads_backward_into(&grads, (b, t, hd), &qkv).unwrap();
+        assert_eq!(max_diff(&want, &got), 0.0, "heads");
     }
 
     #[test]

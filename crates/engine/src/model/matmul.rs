@@ -170,35 +170,71 @@ impl PackedRows {
     /// L1 when they are interleaved: the rows are never stored as a matrix and read back, as
     /// `new` would read a producer's output (from L3, most of `new`'s time).
     pub fn from_rows(m: usize, k: usize, row: &RowMaker<'_>) -> PackedRows {
-        let len = m.div_ceil(MR) * MR * k;
-        let mut data: Vec<f32> = Vec::with_capacity(len);
+        let mut packed = PackedRows::from_rows_split(m, &[k], row);
+        packed.pop().expect("one part")
+    }
+
+    /// `from_rows` for rows made whole but multiplied in parts: part j packs columns
+    /// `widths[..j].sum()..` of each row, `widths[j]` of them (the rows of stacked weights,
+    /// such as gate and up, each against its own stored matrix).
+    pub fn from_rows_split(m: usize, widths: &[usize], row: &RowMaker<'_>) -> Vec<PackedRows> {
+        let k: usize = widths.iter().sum();
+        let panels = m.div_ceil(MR);
+        let mut parts: Vec<Vec<f32>> = widths
+            .iter()
+            .map(|w| Vec::with_capacity(panels * MR * w))
+            .collect();
         if k > 0 {
             let kernel = Kernel::best();
-            data.spare_capacity_mut()[..len]
-                .par_chunks_mut(MR * k)
-                .enumerate()
-                .for_each(|(i, panel)| {
-                    ROWS.with(|rows| {
-                        let mut rows = rows.borrow_mut();
-                        rows.resize(MR * k, 0.0);
-                        for (r, dst) in rows.chunks_exact_mut(k).enumerate() {
-                            match i * MR + r {
-                                // SAFETY: f32 and MaybeUninit<f32> share a layout, and the
-                                // maker writes only values.
-                                at if at < m => row(at, unsafe {
-                                    &mut *(dst as *mut [f32] as *mut [MaybeUninit<f32>])
-                                }),
-                                _ => dst.fill(0.0),
-                            }
+            let outs: Vec<SharedOut> = parts
+                .iter_mut()
+                .map(|p| SharedOut::of_uninit(p.spare_capacity_mut()))
+                .collect();
+            (0..panels).into_par_iter().for_each(|i| {
+                ROWS.with(|rows| {
+                    let mut rows = rows.borrow_mut();
+                    rows.resize(MR * k, 0.0);
+                    for (r, dst) in rows.chunks_exact_mut(k).enumerate() {
+                        match i * MR + r {
+                            // SAFETY: f32 and MaybeUninit<f32> share a layout, and the maker
+                            // writes only values.
+                            at if at < m => row(at, unsafe {
+                                &mut *(dst as *mut [f32] as *mut [MaybeUninit<f32>])
+                            }),
+                            _ => dst.fill(0.0),
                         }
-                        let rows: [&[f32]; MR] = std::array::from_fn(|r| &rows[r * k..][..k]);
-                        interleave_rows(kernel, &rows, panel);
-                    })
-                });
+                    }
+                    let mut c0 = 0;
+                    for (&w, out) in widths.iter().zip(&outs) {
+                        if w > 0 {
+                            let part: [&[f32]; MR] =
+                                std::array::from_fn(|r| &rows[r * k + c0..][..w]);
+                            assert!(out.len() >= (i + 1) * MR * w, "a part's panels fit it");
+                            // SAFETY: panel i of the part lies inside its buffer (asserted)
+                            // and only this task writes it.
+                            let panel = unsafe {
+                                std::slice::from_raw_parts_mut(
+                                    out.get().add(i * MR * w) as *mut MaybeUninit<f32>,
+                                    MR * w,
+                                )
+                            };
+                            interleave_rows(kernel, &part, panel);
+                        }
+                        c0 += w;
+                    }
+                })
+            });
         }
-        // SAFETY: every one of the `len` values was written above (k > 0), or len is 0.
-        unsafe { data.set_len(len) };
-        PackedRows { data, m, k }
+        parts
+            .into_iter()
+            .zip(widths)
+            .map(|(mut data, &w)| {
+                // SAFETY: every panel of every part was written above, or the part is 0
+                // values wide (every part is when k is 0).
+                unsafe { data.set_len(panels * MR * w) };
+                PackedRows { data, m, k: w }
+            })
+            .collect()
     }
 
     /// Row panel `i`'s values for depth `k0..`.

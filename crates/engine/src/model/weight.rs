@@ -345,6 +345,25 @@ impl Weight {
         total.ok_or_else(|| candle_core::Error::Msg("empty weight".into()))
     }
 
+    /// `backward` of the (n, rows) gradient whose rows `row(i, dst)` makes: on the panel
+    /// kernel they go straight into each stored part's packed operand, never stored as a
+    /// matrix; otherwise they are made into a matrix first. (n, cols).
+    pub fn backward_rows(&self, n: usize, row: &RowMaker<'_>) -> Result<Tensor> {
+        if self.parts.iter().any(Matrix::is_f32) {
+            let dy = super::kernels::made_rows(n, self.rows, row);
+            return self.backward(&Tensor::from_vec(dy, (n, self.rows), &Device::Cpu)?);
+        }
+        let widths: Vec<usize> = self.parts.iter().map(|p| p.rows).collect();
+        let packed = PackedRows::from_rows_split(n, &widths, row);
+        let mut out = matmul::uninit(n * self.cols);
+        for (i, (p, dy)) in self.parts.iter().zip(&packed).enumerate() {
+            p.backward_into(dy, &mut out, i > 0, Kernel::best())?;
+        }
+        // SAFETY: the first part wrote every value (a weight has at least one part).
+        let out = unsafe { matmul::assume_init(out) };
+        Tensor::from_vec(out, (n, self.cols), &Device::Cpu)
+    }
+
     /// Rows `r0..r1` as f32, one after another, into `dst` ((r1 - r0) * cols values).
     pub fn rows_into(&self, r0: usize, r1: usize, dst: &mut [f32]) -> Result<()> {
         let cols = self.cols;

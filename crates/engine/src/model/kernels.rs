@@ -136,18 +136,7 @@ pub fn split_heads(
 /// The inverse of `split_heads`: (b, heads_i, t, hd) tensors side by side as rows
 /// (b * t, sum of heads_i * hd).
 pub fn merge_heads(parts: &[&Tensor], (b, t, hd): (usize, usize, usize)) -> Result<Tensor> {
-    let heads: Vec<usize> = parts
-        .iter()
-        .map(|p| p.elem_count() / (b * t * hd).max(1))
-        .collect();
-    for (p, h) in parts.iter().zip(&heads) {
-        if p.elem_count() != b * h * t * hd {
-            bail!(
-                "merge_heads: {:?} is not ({b}, heads, {t}, {hd})",
-                p.shape()
-            )
-        }
-    }
+    let heads = head_counts(parts, (b, t, hd), "merge_heads")?;
     let width: usize = heads.iter().sum::<usize>() * hd;
     let out = with_slices(parts, |parts| {
         // SAFETY: each row's heads, hd values each, add up to its width: every value is
@@ -155,16 +144,7 @@ pub fn merge_heads(parts: &[&Tensor], (b, t, hd): (usize, usize, usize)) -> Resu
         Ok(unsafe {
             par_written(b * t * width, HEAD_ROWS_PER_TASK * width, |c, rows| {
                 for (i, row) in rows.chunks_mut(width).enumerate() {
-                    let position = c * HEAD_ROWS_PER_TASK + i;
-                    let (bi, r) = (position / t, position % t);
-                    let mut col = 0;
-                    for (p, &h) in parts.iter().zip(&heads) {
-                        for head in 0..h {
-                            let src = ((bi * h + head) * t + r) * hd;
-                            copy_short(&mut row[col..col + hd], &p[src..src + hd]);
-                            col += hd;
-                        }
-                    }
+                    merged_row(parts, &heads, (t, hd), c * HEAD_ROWS_PER_TASK + i, row);
                 }
             })
         })
@@ -179,22 +159,12 @@ pub fn merge_heads_into(
     (b, t, hd): (usize, usize, usize),
     weight: &Weight,
 ) -> Result<Tensor> {
-    let heads = o.elem_count() / (b * t * hd).max(1);
-    if o.elem_count() != b * heads * t * hd || weight.cols() != heads * hd {
-        bail!(
-            "merge_heads_into: {:?} is not ({b}, heads, {t}, {hd}) for {:?}",
-            o.shape(),
-            weight.dims()
-        )
+    let heads = head_counts(&[o], (b, t, hd), "merge_heads_into")?;
+    if heads[0] * hd != weight.cols() {
+        bail!("merge_heads_into: {heads:?} heads for {:?}", weight.dims())
     }
     with_slice(o, |o| {
-        weight.forward_rows(b * t, &|position, row| {
-            let (bi, r) = (position / t, position % t);
-            for (head, dst) in row.chunks_exact_mut(hd).enumerate() {
-                let src = ((bi * heads + head) * t + r) * hd;
-                copy_short(dst, &o[src..src + hd]);
-            }
-        })
+        weight.forward_rows(b * t, &|i, row| merged_row(&[o], &heads, (t, hd), i, row))
     })
 }
 
@@ -205,18 +175,7 @@ pub fn merge_heads_backward_into(
     (b, t, hd): (usize, usize, usize),
     weight: &Weight,
 ) -> Result<Tensor> {
-    let heads: Vec<usize> = parts
-        .iter()
-        .map(|p| p.elem_count() / (b * t * hd).max(1))
-        .collect();
-    for (p, h) in parts.iter().zip(&heads) {
-        if p.elem_count() != b * h * t * hd {
-            bail!(
-                "merge_heads_backward_into: {:?} is not ({b}, heads, {t}, {hd})",
-                p.shape()
-            )
-        }
-    }
+    let heads = head_counts(parts, (b, t, hd), "merge_heads_backward_into")?;
     if heads.iter().sum::<usize>() * hd != weight.rows() {
         bail!(
             "merge_heads_backward_into: {heads:?} heads for {:?}",
@@ -224,17 +183,45 @@ pub fn merge_heads_backward_into(
         )
     }
     with_slices(parts, |parts| {
-        weight.backward_rows(b * t, &|position, row| {
-            let (bi, r) = (position / t, position % t);
-            let mut dst = row.chunks_exact_mut(hd);
-            for (p, &h) in parts.iter().zip(&heads) {
-                for head in 0..h {
-                    let src = ((bi * h + head) * t + r) * hd;
-                    copy_short(dst.next().expect("a head per run"), &p[src..src + hd]);
-                }
-            }
-        })
+        weight.backward_rows(b * t, &|i, row| merged_row(parts, &heads, (t, hd), i, row))
     })
+}
+
+/// How many heads each of `parts`, (b, heads, t, hd) tensors, holds.
+fn head_counts(
+    parts: &[&Tensor],
+    (b, t, hd): (usize, usize, usize),
+    what: &str,
+) -> Result<Vec<usize>> {
+    let heads: Vec<usize> = parts
+        .iter()
+        .map(|p| p.elem_count() / (b * t * hd).max(1))
+        .collect();
+    for (p, h) in parts.iter().zip(&heads) {
+        if p.elem_count() != b * h * t * hd {
+            bail!("{what}: {:?} is not ({b}, heads, {t}, {hd})", p.shape())
+        }
+    }
+    Ok(heads)
+}
+
+/// Row `position` of the merged heads (sequence `position / t`, position `position % t` in
+/// it): each part's heads side by side, in order, into `row`, every value.
+fn merged_row(
+    parts: &[&[f32]],
+    heads: &[usize],
+    (t, hd): (usize, usize),
+    position: usize,
+    row: &mut [MaybeUninit<f32>],
+) {
+    let (bi, r) = (position / t, position % t);
+    let mut dst = row.chunks_exact_mut(hd);
+    for (p, &h) in parts.iter().zip(heads) {
+        for head in 0..h {
+            let src = ((bi * h + head) * t + r) * hd;
+            copy_short(dst.next().expect("a run per head"), &p[src..src + hd]);
+        }
+    }
 }
 
 /// dst = src for a short run (a head's row, 64 values in most models): whole blocks of 16

@@ -285,7 +285,7 @@ impl Weight {
         let dims = x.dims().to_vec();
         let n = x.elem_count() / self.cols;
         let x2 = x.reshape((n, self.cols))?;
-        let y = if n > decode_dot::MAX_INPUT_ROWS && !self.parts.iter().any(Matrix::is_f32) {
+        let y = if self.forward_on_panels(n) {
             panel_forward(&self.parts, &x2, n)?
         } else if let Some(y) =
             few_rows_forward(&self.parts, &x2, n, (Kernel::best(), Activations::best()))?
@@ -312,7 +312,7 @@ impl Weight {
     /// they go straight into its packed layout, never stored as a matrix (a pass over memory
     /// less per product); otherwise they are made into a matrix first. (n, rows).
     pub fn forward_rows(&self, n: usize, row: &RowMaker<'_>) -> Result<Tensor> {
-        if n > decode_dot::MAX_INPUT_ROWS && !self.parts.iter().any(Matrix::is_f32) {
+        if self.forward_on_panels(n) {
             let packed = PackedRows::from_rows(n, self.cols, row);
             return panel_forward_packed(&self.parts, &packed, n);
         }
@@ -324,7 +324,7 @@ impl Weight {
     pub fn backward(&self, dy: &Tensor) -> Result<Tensor> {
         let n = dy.elem_count() / self.rows;
         let dy = dy.reshape((n, self.rows))?;
-        if !self.parts.iter().any(Matrix::is_f32) {
+        if !self.has_f32_part() {
             return panel_backward(&self.parts, &dy, n);
         }
         let mut offset = 0;
@@ -349,19 +349,24 @@ impl Weight {
     /// kernel they go straight into each stored part's packed operand, never stored as a
     /// matrix; otherwise they are made into a matrix first. (n, cols).
     pub fn backward_rows(&self, n: usize, row: &RowMaker<'_>) -> Result<Tensor> {
-        if self.parts.iter().any(Matrix::is_f32) {
+        if self.has_f32_part() {
             let dy = super::kernels::made_rows(n, self.rows, row);
             return self.backward(&Tensor::from_vec(dy, (n, self.rows), &Device::Cpu)?);
         }
         let widths: Vec<usize> = self.parts.iter().map(|p| p.rows).collect();
         let packed = PackedRows::from_rows_split(n, &widths, row);
-        let mut out = matmul::uninit(n * self.cols);
-        for (i, (p, dy)) in self.parts.iter().zip(&packed).enumerate() {
-            p.backward_into(dy, &mut out, i > 0, Kernel::best())?;
-        }
-        // SAFETY: the first part wrote every value (a weight has at least one part).
-        let out = unsafe { matmul::assume_init(out) };
-        Tensor::from_vec(out, (n, self.cols), &Device::Cpu)
+        panel_backward_packed(&self.parts, packed, n)
+    }
+
+    /// Whether `forward` of n rows runs on the panel kernel (else on the few-rows kernels of
+    /// `decode_dot`, or on candle's for f32 parts).
+    fn forward_on_panels(&self, n: usize) -> bool {
+        n > decode_dot::MAX_INPUT_ROWS && !self.has_f32_part()
+    }
+
+    /// Whether a part is a plain f32 tensor (multiplied by candle, not the panel kernel).
+    fn has_f32_part(&self) -> bool {
+        self.parts.iter().any(Matrix::is_f32)
     }
 
     /// Rows `r0..r1` as f32, one after another, into `dst` ((r1 - r0) * cols values).
@@ -598,17 +603,30 @@ fn panel_forward_packed(parts: &[Matrix], packed: &PackedRows, n: usize) -> Resu
 /// dy W for dy (n, rows) and W the `parts` stacked by rows, none of them f32, on the panel
 /// kernel: each part reads its columns of dy in place and adds its share to one output.
 fn panel_backward(parts: &[Matrix], dy: &Tensor, n: usize) -> Result<Tensor> {
-    let (rows, cols) = (parts.iter().map(|p| p.rows).sum(), parts[0].cols);
-    let mut out = matmul::uninit(n * cols);
+    let rows = parts.iter().map(|p| p.rows).sum();
     with_slice(dy, |dy| {
+        // Packed one part at a time, as each is multiplied.
         let mut offset = 0;
-        for (i, p) in parts.iter().enumerate() {
-            let packed = PackedRows::new(&dy[offset..], rows, n, p.rows);
-            p.backward_into(&packed, &mut out, i > 0, Kernel::best())?;
+        let packed = parts.iter().map(|p| {
+            let part = PackedRows::new(&dy[offset..], rows, n, p.rows);
             offset += p.rows;
-        }
-        Ok(())
-    })?;
+            part
+        });
+        panel_backward_packed(parts, packed, n)
+    })
+}
+
+/// `panel_backward` of dy already packed, one operand per part (its columns of dy).
+fn panel_backward_packed(
+    parts: &[Matrix],
+    packed: impl IntoIterator<Item = PackedRows>,
+    n: usize,
+) -> Result<Tensor> {
+    let cols = parts[0].cols;
+    let mut out = matmul::uninit(n * cols);
+    for (i, (p, dy)) in parts.iter().zip(packed).enumerate() {
+        p.backward_into(&dy, &mut out, i > 0, Kernel::best())?;
+    }
     // SAFETY: the first part wrote every value (a weight has at least one part).
     let out = unsafe { matmul::assume_init(out) };
     Tensor::from_vec(out, (n, cols), &Device::Cpu)

@@ -5,7 +5,8 @@ use candle_core::{DType, Device, Result, Tensor};
 
 use super::attention::Attention;
 use super::kernels::{
-    gated_into, merge_heads_into, rms_norm, rms_norm_backward, rms_norm_into, split_heads,
+    gated_into, merge_heads, merge_heads_into, rms_norm, rms_norm_backward, rms_norm_into,
+    split_heads,
 };
 use super::ops::Activation;
 use super::{Layer, Model};
@@ -135,7 +136,7 @@ fn append_kv(
 pub(super) enum Past<'a> {
     /// None: the block sees only its new positions.
     Nothing,
-    /// Earlier positions (b, kv_heads, len, hd), contiguous, read only.
+    /// Earlier positions (b, kv_heads, len, hd), read only.
     Fixed(&'a (Tensor, Tensor)),
     /// A decoding cache's buffers for this layer and the positions they hold; the new keys
     /// and values are written after them.
@@ -144,6 +145,30 @@ pub(super) enum Past<'a> {
 
 /// A block's output and, when asked for, its tape (salience).
 type LayerOutput = (Tensor, Option<LayerTape>);
+
+/// Rows of a block's input that attend together: `b` sequences of `t` new positions each, at
+/// the positions of `rope`, after the earlier positions in `past`.
+pub(super) struct Run<'a> {
+    pub b: usize,
+    pub t: usize,
+    pub rope: &'a RopeTables,
+    pub past: Past<'a>,
+}
+
+/// One run's attention: its output heads (b, kv_heads, group * tq, hd) for its `tq` query
+/// positions per sequence, and what a tape keeps of it.
+struct Attended {
+    b: usize,
+    t: usize,
+    tq: usize,
+    o: Tensor,
+    lse: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_pre_norm: Option<Tensor>,
+    k_pre_norm: Option<Tensor>,
+}
 
 pub(super) struct RopeTables {
     pub global: (Tensor, Tensor),
@@ -320,48 +345,78 @@ impl Model {
         })
     }
 
-    /// Runs `b` rows of `t` ids each (`ids` row after row) after the same cached prefix,
-    /// leaving the cache as it is; returns every new position's hidden state (b * t, hidden),
-    /// before the final norm. Rows may end in padding: attention is causal, so padding never
-    /// changes the positions before it.
-    pub fn forward_after_prefix(
+    /// Sequences that each continue the cached context after some of its positions:
+    /// `(prefix, ids)` runs `ids` after the first `prefix` cached positions. The cache is read,
+    /// not extended. Returns the hidden states of the new positions, sequence after sequence
+    /// (total length, hidden), before the final norm.
+    ///
+    /// The products take every sequence's rows at once, so each weight is unpacked once for
+    /// all of them (perturbation's variants start at different positions); attention runs per
+    /// sequence, over its own prefix.
+    pub fn forward_continuations(
         &self,
-        ids: &[u32],
-        b: usize,
-        t: usize,
-        prefix: &KvCache,
+        sequences: &[(usize, Vec<u32>)],
+        cache: &KvCache,
     ) -> Result<Tensor> {
+        if let Some((prefix, ids)) = sequences
+            .iter()
+            .find(|(prefix, ids)| *prefix > cache.len || ids.is_empty())
+        {
+            candle_core::bail!(
+                "a continuation of {} tokens after {prefix} of {} cached positions",
+                ids.len(),
+                cache.len
+            )
+        }
         crate::threads::on_pool(|| {
-            let h = (self.embeddings(ids)? * self.cfg.embed_scale as f64)?;
-            self.layers_after_fixed(h, b, t, prefix.len, |i| {
-                let Some((k, v)) = prefix.layer(i)? else {
-                    return Ok(None);
-                };
-                let grow = |x: &Tensor| -> Result<Tensor> {
-                    let (_, heads, len, hd) = x.dims4()?;
-                    x.broadcast_as((b, heads, len, hd))?.contiguous()
-                };
-                Ok(Some((grow(&k)?, grow(&v)?)))
+            let ids: Vec<u32> = sequences.iter().flat_map(|(_, ids)| ids.clone()).collect();
+            let h = (self.embeddings(&ids)? * self.cfg.embed_scale as f64)?;
+            let runs: Vec<(usize, usize)> = sequences
+                .iter()
+                .map(|(prefix, ids)| (*prefix, ids.len()))
+                .collect();
+            self.layers_after_fixed(h, &runs, |i, run| {
+                let prefix = runs[run].0;
+                match cache.layer(i)? {
+                    Some((k, v)) if prefix > 0 => {
+                        Ok(Some((k.narrow(2, 0, prefix)?, v.narrow(2, 0, prefix)?)))
+                    }
+                    _ => Ok(None),
+                }
             })
         })
     }
 
-    /// Runs every layer on `h` (b * t, hidden), `t` new positions after `offset` earlier ones
-    /// whose keys and values (b, kv_heads, offset, head_dim) `past(i)` gives for layer `i`
-    /// (None: no earlier positions); they are read, not extended.
+    /// Runs every layer on `h`, whose rows are runs of one sequence each: run `r` has
+    /// `runs[r].1` new positions after `runs[r].0` earlier ones, whose keys and values
+    /// (1, kv_heads, runs[r].0, head_dim) `past(i, r)` gives for layer `i` (None: no earlier
+    /// positions); they are read, not extended.
     fn layers_after_fixed(
         &self,
         mut h: Tensor,
-        b: usize,
-        t: usize,
-        offset: usize,
-        past: impl Fn(usize) -> Result<Option<(Tensor, Tensor)>>,
+        runs: &[(usize, usize)],
+        past: impl Fn(usize, usize) -> Result<Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
-        let rope = self.rope_tables(offset, t)?;
+        let ropes = runs
+            .iter()
+            .map(|&(offset, t)| self.rope_tables(offset, t))
+            .collect::<Result<Vec<_>>>()?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let kv = past(i)?;
-            let past = kv.as_ref().map_or(Past::Nothing, Past::Fixed);
-            (h, _) = self.layer_forward(layer, &h, b, t, &rope, past, false, 0)?;
+            let kv = (0..runs.len())
+                .map(|r| past(i, r))
+                .collect::<Result<Vec<_>>>()?;
+            let layer_runs = runs
+                .iter()
+                .zip(&ropes)
+                .zip(&kv)
+                .map(|((&(_, t), rope), kv)| Run {
+                    b: 1,
+                    t,
+                    rope,
+                    past: kv.as_ref().map_or(Past::Nothing, Past::Fixed),
+                })
+                .collect();
+            (h, _) = self.layer_forward_runs(layer, &h, layer_runs, false, 0)?;
         }
         Ok(h)
     }
@@ -389,7 +444,7 @@ impl Model {
             let shape = (1, c.n_kv_head, zeros, c.head_dim);
             let nothing = Tensor::zeros(shape, DType::F32, &Device::Cpu)?;
             let past = (nothing.clone(), nothing);
-            self.layers_after_fixed(x.clone(), 1, t, zeros, |_| Ok(Some(past.clone())))
+            self.layers_after_fixed(x.clone(), &[(zeros, t)], |_, _| Ok(Some(past.clone())))
         })
     }
 
@@ -446,13 +501,113 @@ impl Model {
         want_tape: bool,
         outputs_from: usize,
     ) -> Result<LayerOutput> {
+        let run = Run { b, t, rope, past };
+        self.layer_forward_runs(layer, h, vec![run], want_tape, outputs_from)
+    }
+
+    /// `layer_forward` for rows of `h` that attend in separate runs, one run's rows after
+    /// another's: the products take every run's rows at once, attention runs per run. A tape
+    /// and outputs for some positions only need a single run.
+    fn layer_forward_runs(
+        &self,
+        layer: &Layer,
+        h: &Tensor,
+        runs: Vec<Run>,
+        want_tape: bool,
+        outputs_from: usize,
+    ) -> Result<LayerOutput> {
         let c = &self.cfg;
-        let (nh, nkv, hd, g) = (c.n_head, c.n_kv_head, c.head_dim, self.group());
+        let hd = c.head_dim;
+        let single = runs.len() == 1;
+        if !single && (want_tape || outputs_from > 0) {
+            candle_core::bail!("a tape, or outputs for some positions only, need one run")
+        }
         let mut qkv = rms_norm_into(h, &layer.attn_norm, c.eps, &layer.w_qkv)?;
         if let Some(bias) = &layer.qkv_bias {
             qkv = qkv.broadcast_add(bias)?;
         }
-        let [mut q, mut k, v]: [Tensor; 3] = split_heads(&qkv, (b, t, hd), &[nh, nkv, nkv])?
+        let mut row = 0;
+        let mut attended = Vec::with_capacity(runs.len());
+        for run in runs {
+            let rows = run.b * run.t;
+            let run_qkv = if single {
+                qkv.clone()
+            } else {
+                qkv.narrow(0, row, rows)?
+            };
+            row += rows;
+            attended.push(self.attend(layer, &run_qkv, run, outputs_from)?);
+        }
+        let mut attn = match &attended[..] {
+            [one] => merge_heads_into(&one.o, (one.b, one.tq, hd), &layer.wo)?,
+            runs => {
+                let merged = runs
+                    .iter()
+                    .map(|a| merge_heads(&[&a.o], (a.b, a.tq, hd)))
+                    .collect::<Result<Vec<_>>>()?;
+                layer.wo.forward(&Tensor::cat(&merged, 0)?)?
+            }
+        };
+        let mut attn_pre_norm = None;
+        if let Some(n) = &layer.post_attn_norm {
+            let normed = rms_norm(&attn, n, c.eps)?;
+            attn_pre_norm = Some(std::mem::replace(&mut attn, normed));
+        }
+        let h_out = match &attended[..] {
+            [one] if outputs_from > 0 => {
+                let hidden = h.dim(1)?;
+                let h = h.reshape((one.b, one.t, hidden))?;
+                let h = h.narrow(1, outputs_from, one.tq)?;
+                h.contiguous()?.reshape((one.b * one.tq, hidden))?
+            }
+            _ => h.clone(),
+        };
+        let h2 = (h_out + attn)?;
+        let gate_up = rms_norm_into(&h2, &layer.ffn_norm, c.eps, &layer.w_gate_up)?;
+        let gelu = c.activation == Activation::GeluTanh;
+        let mut down = gated_into(&gate_up, gelu, &layer.w_down)?;
+        let mut down_pre_norm = None;
+        if let Some(n) = &layer.post_ffn_norm {
+            let normed = rms_norm(&down, n, c.eps)?;
+            down_pre_norm = Some(std::mem::replace(&mut down, normed));
+        }
+        let out = (&h2 + down)?;
+        if !want_tape {
+            return Ok((out, None));
+        }
+        let one = attended.pop().expect("one run");
+        Ok((
+            out,
+            Some(LayerTape {
+                h: h.clone(),
+                q_pre_norm: one.q_pre_norm,
+                k_pre_norm: one.k_pre_norm,
+                q: one.q,
+                k: one.k,
+                v: one.v,
+                lse: one.lse,
+                attn_pre_norm,
+                h2,
+                gate_up: Some(gate_up),
+                down_pre_norm,
+                outputs_from,
+            }),
+        ))
+    }
+
+    /// The attention of one run: its heads from its rows of the q/k/v product, rotated to its
+    /// positions, over its earlier positions and its own.
+    fn attend(
+        &self,
+        layer: &Layer,
+        qkv: &Tensor,
+        run: Run,
+        outputs_from: usize,
+    ) -> Result<Attended> {
+        let c = &self.cfg;
+        let (nh, nkv, hd, g) = (c.n_head, c.n_kv_head, c.head_dim, self.group());
+        let Run { b, t, rope, past } = run;
+        let [mut q, mut k, v]: [Tensor; 3] = split_heads(qkv, (b, t, hd), &[nh, nkv, nkv])?
             .try_into()
             .expect("three groups of heads");
         let (mut q_pre_norm, mut k_pre_norm) = (None, None);
@@ -501,49 +656,18 @@ impl Model {
         let mut attention = self.attention(layer, b, tq, keys);
         attention.key_rows = k_all.dim(2)?;
         let (o, lse) = attention.forward(&q, &k_all, &v_all)?;
-        let mut attn = merge_heads_into(&o, (b, tq, hd), &layer.wo)?;
-        let mut attn_pre_norm = None;
-        if let Some(n) = &layer.post_attn_norm {
-            let normed = rms_norm(&attn, n, c.eps)?;
-            attn_pre_norm = Some(std::mem::replace(&mut attn, normed));
-        }
-        let h_out = if outputs_from > 0 {
-            let hidden = h.dim(1)?;
-            let h = h.reshape((b, t, hidden))?.narrow(1, outputs_from, tq)?;
-            h.contiguous()?.reshape((b * tq, hidden))?
-        } else {
-            h.clone()
-        };
-        let h2 = (h_out + attn)?;
-        let gate_up = rms_norm_into(&h2, &layer.ffn_norm, c.eps, &layer.w_gate_up)?;
-        let gelu = c.activation == Activation::GeluTanh;
-        let mut down = gated_into(&gate_up, gelu, &layer.w_down)?;
-        let mut down_pre_norm = None;
-        if let Some(n) = &layer.post_ffn_norm {
-            let normed = rms_norm(&down, n, c.eps)?;
-            down_pre_norm = Some(std::mem::replace(&mut down, normed));
-        }
-        let out = (&h2 + down)?;
-        if !want_tape {
-            return Ok((out, None));
-        }
-        Ok((
-            out,
-            Some(LayerTape {
-                h: h.clone(),
-                q_pre_norm,
-                k_pre_norm,
-                q,
-                k,
-                v,
-                lse,
-                attn_pre_norm,
-                h2,
-                gate_up: Some(gate_up),
-                down_pre_norm,
-                outputs_from,
-            }),
-        ))
+        Ok(Attended {
+            b,
+            t,
+            tq,
+            o,
+            lse,
+            q,
+            k,
+            v,
+            q_pre_norm,
+            k_pre_norm,
+        })
     }
 
     /// log p of each target token: rows of `hidden` (n, hidden), before the final norm,

@@ -149,12 +149,22 @@ impl<'a> DeletionScorer<'a> {
         (!kept.is_empty()).then_some((from, kept))
     }
 
-    /// F for each set of deleted positions. Variants whose first deletion is at the same place
-    /// run in batches on the cached prefix before it.
+    /// F for each set of deleted positions, in batches of up to `batch` variants, each on its
+    /// cached prefix.
     pub fn without_many(
         &mut self,
         variants: &[Vec<usize>],
         cancel: &CancelToken,
+    ) -> Result<Vec<f32>, EngineError> {
+        self.scored(variants, cancel, &mut |_| {})
+    }
+
+    /// `without_many`, telling `after_batch` how many variants are done after each batch.
+    fn scored(
+        &mut self,
+        variants: &[Vec<usize>],
+        cancel: &CancelToken,
+        after_batch: &mut dyn FnMut(usize),
     ) -> Result<Vec<f32>, EngineError> {
         let plans = variants
             .iter()
@@ -191,6 +201,7 @@ impl<'a> DeletionScorer<'a> {
             out.extend(fs);
             self.passes += (end - at) * self.terms.len();
             at = end;
+            after_batch(at);
         }
         Ok(out)
     }
@@ -262,28 +273,22 @@ pub fn leave_one_out(
     progress: ProgressFn,
     cancel: &CancelToken,
 ) -> Result<Vec<f32>, EngineError> {
-    let fs = scored_in_chunks(scorer, units, progress, cancel)?;
+    let fs = scored_with_progress(scorer, units, progress, cancel)?;
     Ok(fs.iter().map(|f| scorer.full - f).collect())
 }
 
-/// F for each deletion, a few batches at a time so progress keeps moving.
-fn scored_in_chunks(
+/// F for each deletion, reporting progress after every batch.
+fn scored_with_progress(
     scorer: &mut DeletionScorer,
     deletions: &[Vec<usize>],
     progress: ProgressFn,
     cancel: &CancelToken,
 ) -> Result<Vec<f32>, EngineError> {
     let total = deletions.len();
-    let mut out = Vec::with_capacity(total);
-    for chunk in deletions.chunks(scorer.batch.max(1) * 2) {
-        progress(Progress::Perturbation {
-            done: out.len(),
-            total,
-        });
-        out.extend(scorer.without_many(chunk, cancel)?);
-    }
-    progress(Progress::Perturbation { done: total, total });
-    Ok(out)
+    progress(Progress::Perturbation { done: 0, total });
+    scorer.scored(deletions, cancel, &mut |done| {
+        progress(Progress::Perturbation { done, total })
+    })
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -370,7 +375,7 @@ pub fn ablation_surrogate(
             deletions.push(deleted);
         }
     }
-    let ys = scored_in_chunks(scorer, &deletions, progress, cancel)?;
+    let ys = scored_with_progress(scorer, &deletions, progress, cancel)?;
     let SurrogateFit {
         weights,
         intercept,

@@ -151,6 +151,27 @@ fn the_first_token_is_deletable_but_not_every_token() {
     assert!(err.contains("more segments"), "{err}");
 }
 
+/// Progress moves after every batch, not only at the end (a batch of a long prompt on a big
+/// model takes seconds).
+#[test]
+fn leave_one_out_reports_progress_after_every_batch() {
+    let model = tiny(Arch::Llama);
+    let cancel = CancelToken::new();
+    let terms = TargetTerm::objective(&TARGET, None);
+    let mut scorer = DeletionScorer::new(&model, &CONTEXT, terms, &cancel).unwrap();
+    scorer.batch = 2;
+    let units: Vec<Vec<usize>> = (0..5).map(|u| vec![2 * u, 2 * u + 1]).collect();
+    let seen = std::sync::Mutex::new(Vec::new());
+    let progress = |p: salience_engine::Progress| {
+        if let salience_engine::Progress::Perturbation { done, total } = p {
+            seen.lock().unwrap().push((done, total));
+        }
+    };
+    perturbation::leave_one_out(&mut scorer, &units, &progress, &cancel).unwrap();
+    let seen = seen.into_inner().unwrap();
+    assert_eq!(seen, [(0, 5), (2, 5), (4, 5), (5, 5)]);
+}
+
 #[test]
 fn the_surrogate_is_reproducible_and_fits_a_model_it_can_see() {
     let model = tiny(Arch::Llama);

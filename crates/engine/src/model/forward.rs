@@ -5,8 +5,7 @@ use candle_core::{DType, Device, Result, Tensor};
 
 use super::attention::Attention;
 use super::kernels::{
-    gated_into, merge_heads, merge_heads_into, rms_norm, rms_norm_backward, rms_norm_into,
-    split_heads,
+    gated_into, merge_heads_into, rms_norm, rms_norm_backward, rms_norm_into, split_heads,
 };
 use super::ops::Activation;
 use super::{Layer, Model};
@@ -375,40 +374,39 @@ impl Model {
                 .iter()
                 .map(|(prefix, ids)| (*prefix, ids.len()))
                 .collect();
-            self.layers_after_fixed(h, &runs, |i, run| {
-                let prefix = runs[run].0;
-                match cache.layer(i)? {
-                    Some((k, v)) if prefix > 0 => {
-                        Ok(Some((k.narrow(2, 0, prefix)?, v.narrow(2, 0, prefix)?)))
-                    }
-                    _ => Ok(None),
-                }
-            })
+            self.layers_after_fixed(h, &runs, |i| cache.layer(i))
         })
     }
 
     /// Runs every layer on `h`, whose rows are runs of one sequence each: run `r` has
-    /// `runs[r].1` new positions after `runs[r].0` earlier ones, whose keys and values
-    /// (1, kv_heads, runs[r].0, head_dim) `past(i, r)` gives for layer `i` (None: no earlier
-    /// positions); they are read, not extended.
+    /// `runs[r].1` new positions after the first `runs[r].0` of the earlier positions whose
+    /// keys and values (1, kv_heads, len, head_dim) `past(i)` gives for layer `i` (None: no
+    /// earlier positions); they are read, not extended.
     fn layers_after_fixed(
         &self,
         mut h: Tensor,
         runs: &[(usize, usize)],
-        past: impl Fn(usize, usize) -> Result<Option<(Tensor, Tensor)>>,
+        past: impl Fn(usize) -> Result<Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
         let ropes = runs
             .iter()
             .map(|&(offset, t)| self.rope_tables(offset, t))
             .collect::<Result<Vec<_>>>()?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let kv = (0..runs.len())
-                .map(|r| past(i, r))
+            let layer_past = past(i)?;
+            let prefixes = runs
+                .iter()
+                .map(|&(prefix, _)| match &layer_past {
+                    Some((k, v)) if prefix > 0 => {
+                        Ok(Some((k.narrow(2, 0, prefix)?, v.narrow(2, 0, prefix)?)))
+                    }
+                    _ => Ok(None),
+                })
                 .collect::<Result<Vec<_>>>()?;
             let layer_runs = runs
                 .iter()
                 .zip(&ropes)
-                .zip(&kv)
+                .zip(&prefixes)
                 .map(|((&(_, t), rope), kv)| Run {
                     b: 1,
                     t,
@@ -444,7 +442,7 @@ impl Model {
             let shape = (1, c.n_kv_head, zeros, c.head_dim);
             let nothing = Tensor::zeros(shape, DType::F32, &Device::Cpu)?;
             let past = (nothing.clone(), nothing);
-            self.layers_after_fixed(x.clone(), &[(zeros, t)], |_, _| Ok(Some(past.clone())))
+            self.layers_after_fixed(x.clone(), &[(zeros, t)], |_| Ok(Some(past.clone())))
         })
     }
 
@@ -518,8 +516,7 @@ impl Model {
     ) -> Result<LayerOutput> {
         let c = &self.cfg;
         let hd = c.head_dim;
-        let single = runs.len() == 1;
-        if !single && (want_tape || outputs_from > 0) {
+        if runs.len() != 1 && (want_tape || outputs_from > 0) {
             candle_core::bail!("a tape, or outputs for some positions only, need one run")
         }
         let mut qkv = rms_norm_into(h, &layer.attn_norm, c.eps, &layer.w_qkv)?;
@@ -530,24 +527,12 @@ impl Model {
         let mut attended = Vec::with_capacity(runs.len());
         for run in runs {
             let rows = run.b * run.t;
-            let run_qkv = if single {
-                qkv.clone()
-            } else {
-                qkv.narrow(0, row, rows)?
-            };
+            let run_qkv = qkv.narrow(0, row, rows)?;
             row += rows;
             attended.push(self.attend(layer, &run_qkv, run, outputs_from)?);
         }
-        let mut attn = match &attended[..] {
-            [one] => merge_heads_into(&one.o, (one.b, one.tq, hd), &layer.wo)?,
-            runs => {
-                let merged = runs
-                    .iter()
-                    .map(|a| merge_heads(&[&a.o], (a.b, a.tq, hd)))
-                    .collect::<Result<Vec<_>>>()?;
-                layer.wo.forward(&Tensor::cat(&merged, 0)?)?
-            }
-        };
+        let outputs: Vec<_> = attended.iter().map(|a| (&a.o, a.b, a.tq)).collect();
+        let mut attn = merge_heads_into(&outputs, hd, &layer.wo)?;
         let mut attn_pre_norm = None;
         if let Some(n) = &layer.post_attn_norm {
             let normed = rms_norm(&attn, n, c.eps)?;

@@ -152,19 +152,33 @@ pub fn merge_heads(parts: &[&Tensor], (b, t, hd): (usize, usize, usize)) -> Resu
     Tensor::from_vec(out, (b * t, width), &Device::Cpu)
 }
 
-/// `weight.forward(&merge_heads(&[o], (b, t, hd)))`, the same values: each position's heads
-/// are copied straight into the product's packed operand.
+/// `weight.forward` of the merged heads of runs of rows, one run's rows after another's: run
+/// `(o, b, t)` holds `o` (b, heads, t, hd), and its rows are `merge_heads(&[o], (b, t, hd))`'s.
+/// The same values as merging and multiplying: each position's heads are copied straight into
+/// the product's packed operand.
 pub fn merge_heads_into(
-    o: &Tensor,
-    (b, t, hd): (usize, usize, usize),
+    runs: &[(&Tensor, usize, usize)],
+    hd: usize,
     weight: &Weight,
 ) -> Result<Tensor> {
-    let heads = head_counts(&[o], (b, t, hd), "merge_heads_into")?;
-    if heads[0] * hd != weight.cols() {
-        bail!("merge_heads_into: {heads:?} heads for {:?}", weight.dims())
+    let mut starts = Vec::with_capacity(runs.len());
+    let mut rows = 0;
+    for &(o, b, t) in runs {
+        let heads = head_counts(&[o], (b, t, hd), "merge_heads_into")?;
+        if heads[0] * hd != weight.cols() {
+            bail!("merge_heads_into: {heads:?} heads for {:?}", weight.dims())
+        }
+        starts.push(rows);
+        rows += b * t;
     }
-    with_slice(o, |o| {
-        weight.forward_rows(b * t, &|i, row| merged_row(&[o], &heads, (t, hd), i, row))
+    let heads = [weight.cols() / hd.max(1)];
+    let outputs: Vec<&Tensor> = runs.iter().map(|&(o, _, _)| o).collect();
+    with_slices(&outputs, |outputs| {
+        weight.forward_rows(rows, &|i, row| {
+            let r = starts.partition_point(|&start| start <= i) - 1;
+            let t = runs[r].2;
+            merged_row(&outputs[r..=r], &heads, (t, hd), i - starts[r], row)
+        })
     })
 }
 
@@ -382,7 +396,9 @@ fn rms_norm_backward_onto(
     Tensor::from_vec(out, x.shape(), &Device::Cpu)
 }
 
-/// act(gate) * up, from rows holding [gate | up].
+/// act(gate) * up, from rows holding [gate | up]. The passes fuse it into the down projection
+/// (`gated_into`); this is the plain composition that is tested against.
+#[cfg(test)]
 pub fn gated(gate_up: &Tensor, gelu: bool) -> Result<Tensor> {
     let (rows, two_f) = rows_of(gate_up)?;
     let f = two_f / 2;
@@ -405,7 +421,10 @@ fn gated_row(gate_up: &[f32], gelu: bool, i: usize, o: &mut [MaybeUninit<f32>]) 
     }
 }
 
-/// Gradient of act(gate) * up with respect to [gate | up], given d out.
+/// Gradient of act(gate) * up with respect to [gate | up], given d out. The backward pass fuses
+/// it into the gate/up product (`gated_backward_into`); this is the plain composition that is
+/// tested against.
+#[cfg(test)]
 pub fn gated_backward(gate_up: &Tensor, d_out: &Tensor, gelu: bool) -> Result<Tensor> {
     let (rows, two_f) = rows_of(gate_up)?;
     let f = two_f / 2;
@@ -697,8 +716,18 @@ pub(super) mod tests {
             let want = wo
                 .forward(&merge_heads(&[&o], (b, t, hd)).unwrap())
                 .unwrap();
-            let got = merge_heads_into(&o, (b, t, hd), &wo).unwrap();
+            let got = merge_heads_into(&[(&o, b, t)], hd, &wo).unwrap();
             assert_eq!(max_diff(&want, &got), 0.0, "{dtype:?}, heads");
+            // Runs of other lengths after it, as perturbation's batches have them.
+            let short = Tensor::randn(0f32, 1.0, (1, n / hd, 5, hd), &Device::Cpu).unwrap();
+            let runs = [(&o, b, t), (&short, 1, 5), (&o, b, t)];
+            let merged: Vec<Tensor> = runs
+                .iter()
+                .map(|&(o, b, t)| merge_heads(&[o], (b, t, hd)).unwrap())
+                .collect();
+            let want = wo.forward(&Tensor::cat(&merged, 0).unwrap()).unwrap();
+            let got = merge_heads_into(&runs, hd, &wo).unwrap();
+            assert_eq!(max_diff(&want, &got), 0.0, "{dtype:?}, runs of heads");
         }
     }
 

@@ -117,7 +117,7 @@ def main():
         ids = torch.tensor(pool[: n + t])
         target = ids[n:].unsqueeze(0)
         s = best_of(
-            1,
+            args.repeat,
             lambda: integrated_gradients(
                 model,
                 table,

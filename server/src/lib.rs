@@ -10,6 +10,7 @@
 //! - [`memory_pages`]: the process's page size (small pages, measured faster here).
 #![deny(clippy::print_stdout)]
 
+pub mod allocator;
 pub mod cli;
 pub mod lsp;
 pub mod memory_pages;

@@ -100,16 +100,16 @@ fn peak_rss_mib() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-/// Hands the memory that earlier work freed back to the kernel (mimalloc keeps it for 10 s,
-/// see `main.rs`) and starts the peak over (Linux's `clear_refs` 5): each row's figure is
+/// Hands the memory that earlier work freed back to the kernel (the allocators keep it for
+/// 10 s, see `allocator.rs`) and starts the peak over (Linux's `clear_refs` 5): each row's figure is
 /// then its own work's peak from the memory still in use, as in a fresh process, not the
 /// largest of everything before it (integrated gradients' batches, or an earlier round).
 /// Returns whether the peak could be restarted.
 fn restart_peak_rss() -> bool {
-    // Each thread's heap holds what that thread freed: the pool's workers run the passes.
-    // SAFETY: asks the allocator to free its empty pages; no pointer is involved.
-    rayon::broadcast(|_| unsafe { libmimalloc_sys::mi_collect(true) });
-    unsafe { libmimalloc_sys::mi_collect(true) };
+    // Each thread's mimalloc heap holds what that thread freed: the pool's workers run the
+    // passes.
+    rayon::broadcast(|_| crate::allocator::release_free_memory());
+    crate::allocator::release_free_memory();
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 

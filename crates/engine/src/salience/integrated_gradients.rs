@@ -69,6 +69,14 @@ fn batch_for(model: &Model, t: usize) -> usize {
     (crate::model::TAPE_BUDGET_BYTES / bytes.max(1)).clamp(1, 8)
 }
 
+/// The chunk size that splits `n` items into as few passes of at most `most` as possible,
+/// with sizes as even as they go: 8 steps with room for 6 run as 4 + 4, not 6 + 2, for the
+/// same passes at a lower memory peak.
+fn even_chunks(n: usize, most: usize) -> usize {
+    let most = most.max(1);
+    n.div_ceil(n.div_ceil(most).max(1)).max(1)
+}
+
 /// The straight path from the baseline to the input, for the scored positions.
 struct Path<'a> {
     model: &'a Model,
@@ -88,7 +96,7 @@ impl Path<'_> {
         Tensor::stack(&points, 0)
     }
 
-    /// F and dF/de (scored positions) at each alpha, `batch` alphas per pass.
+    /// F and dF/de (scored positions) at each alpha, at most `batch` alphas per pass.
     fn gradients(
         &self,
         alphas: &[f64],
@@ -96,7 +104,7 @@ impl Path<'_> {
         mut done: impl FnMut(usize),
     ) -> candle_core::Result<Vec<(f32, Tensor)>> {
         let mut out = Vec::with_capacity(alphas.len());
-        for chunk in alphas.chunks(self.batch) {
+        for chunk in alphas.chunks(even_chunks(alphas.len(), self.batch)) {
             let g = term_gradients(self.model, &self.inputs(chunk)?, &self.terms, true, cancel)?;
             let grad = g.grad.expect("gradient requested");
             for (i, f) in g.objective.iter().enumerate() {
@@ -110,7 +118,7 @@ impl Path<'_> {
     /// F only (forward passes), at each alpha.
     fn objectives(&self, alphas: &[f64], cancel: &CancelToken) -> candle_core::Result<Vec<f32>> {
         let mut out = Vec::with_capacity(alphas.len());
-        for chunk in alphas.chunks(self.batch) {
+        for chunk in alphas.chunks(even_chunks(alphas.len(), self.batch)) {
             let g = term_gradients(self.model, &self.inputs(chunk)?, &self.terms, false, cancel)?;
             out.extend(g.objective);
         }
@@ -315,4 +323,31 @@ pub(super) fn integrated_gradients(
         seconds: 0.0,
         also: Vec::new(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::even_chunks;
+
+    #[test]
+    fn passes_are_as_few_and_as_even_as_the_room_allows() {
+        for (n, most, chunk) in [
+            (8, 6, 4),
+            (8, 4, 4),
+            (8, 8, 8),
+            (8, 3, 3),
+            (7, 3, 3),
+            (1, 6, 1),
+        ] {
+            assert_eq!(even_chunks(n, most), chunk, "{n} items, room for {most}");
+        }
+        for n in 1..40 {
+            for most in 1..10 {
+                let chunk = even_chunks(n, most);
+                assert!(chunk <= most);
+                assert_eq!(n.div_ceil(chunk), n.div_ceil(most), "{n} {most}");
+            }
+        }
+        assert_eq!(even_chunks(0, 4), 1, "chunks(0) would panic");
+    }
 }

@@ -491,7 +491,7 @@ fn gated_backward_row(
         let (x, s) = (g[i], dg[i]);
         // d/dx x s(z) = s + x s (1 - s) dz/dx.
         let dz = if gelu {
-            2.0 * GELU_C * (1.0 + 3.0 * GELU_K * x * x)
+            2.0 * simd::GELU_C * (1.0 + 3.0 * simd::GELU_K * x * x)
         } else {
             1.0
         };
@@ -500,24 +500,12 @@ fn gated_backward_row(
     }
 }
 
-const GELU_C: f32 = 0.797_884_6; // sqrt(2 / pi)
-const GELU_K: f32 = 0.044715;
-
 /// out = sigmoid(z(x)) with z = x (SiLU) or 2 c (x + k x^3) (GELU-tanh), written whole;
 /// returns it as plain values.
 fn sigmoid_of_gate<'a>(x: &[f32], out: &'a mut [MaybeUninit<f32>], gelu: bool) -> &'a mut [f32] {
-    assert_eq!(x.len(), out.len(), "sigmoid_of_gate: lengths differ");
-    for (o, &x) in out.iter_mut().zip(x) {
-        o.write(if gelu {
-            2.0 * GELU_C * (x + GELU_K * x * x * x)
-        } else {
-            x
-        });
-    }
-    // SAFETY: every value was just written.
-    let out = unsafe { assume_written(out) };
-    simd::sigmoid(out);
-    out
+    simd::sigmoid_of(x, out, gelu);
+    // SAFETY: `sigmoid_of` writes every value.
+    unsafe { assume_written(out) }
 }
 
 /// ln softmax of each row of `logits` (rows, vocab) at `targets[row]`, and, with `want_grad`,

@@ -2,6 +2,9 @@
 //! summary's medians are those of the ratios each round printed. The baselines are a stand-in
 //! Python that answers with a different time each call, so the test knows every ratio.
 
+mod common;
+use common::rows;
+
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 
@@ -52,15 +55,6 @@ fn short_bench(python: &std::path::Path) -> std::process::Command {
         .args(["--repeat", "1", "--baseline-python"])
         .arg(python);
     command
-}
-
-/// The cells of the markdown rows whose first cell is `work`.
-fn rows<'a>(out: &'a str, work: &str) -> Vec<Vec<&'a str>> {
-    out.lines()
-        .filter_map(|l| l.strip_prefix("| ")?.strip_suffix(" |"))
-        .map(|l| l.split(" | ").collect::<Vec<_>>())
-        .filter(|cells| cells[0] == work)
-        .collect()
 }
 
 #[test]

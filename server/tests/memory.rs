@@ -3,14 +3,8 @@
 //! layer, also over repeated passes (where an allocator that places its blocks differently
 //! each time made the peak creep past it: `allocator.rs`).
 
-/// The cells of the markdown rows whose first cell is `first`.
-fn rows<'a>(out: &'a str, first: &str) -> Vec<Vec<&'a str>> {
-    out.lines()
-        .filter_map(|l| l.strip_prefix("| ")?.strip_suffix(" |"))
-        .map(|l| l.split(" | ").collect::<Vec<_>>())
-        .filter(|cells| cells[0] == first)
-        .collect()
-}
+mod common;
+use common::rows;
 
 #[test]
 fn repeated_600_token_passes_peak_under_600_mib() {

@@ -36,22 +36,8 @@ esac
 
 /// `bench` on SmolLM2 with 8-token prompts and 2 decoded tokens, once, against `python`.
 fn short_bench(python: &std::path::Path) -> std::process::Command {
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_prompt-salience"));
+    let mut command = common::gradient_bench("8");
     command
-        .env("PROMPT_SALIENCE_ALLOW_NETWORK", "1")
-        .args([
-            "bench",
-            "--model",
-            "smollm2-135m-instruct",
-            "--lengths",
-            "8",
-        ])
-        .args([
-            "--ig-lengths",
-            "--perturbation-lengths",
-            "--generate-tokens",
-            "2",
-        ])
         .args(["--repeat", "1", "--baseline-python"])
         .arg(python);
     command

@@ -8,21 +8,7 @@ use common::rows;
 
 #[test]
 fn repeated_600_token_passes_peak_under_600_mib() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_prompt-salience"))
-        .env("PROMPT_SALIENCE_ALLOW_NETWORK", "1")
-        .args([
-            "bench",
-            "--model",
-            "smollm2-135m-instruct",
-            "--lengths",
-            "600",
-        ])
-        .args([
-            "--ig-lengths",
-            "--perturbation-lengths",
-            "--generate-tokens",
-            "2",
-        ])
+    let out = common::gradient_bench("600")
         .args(["--repeat", "5"])
         .output()
         .unwrap();

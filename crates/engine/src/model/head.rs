@@ -28,6 +28,14 @@ const CHUNK: usize = 256;
 /// rows.
 const CHUNKS_PER_RUN: usize = 8;
 
+thread_local! {
+    /// Each thread's chunk scratch (`Partial::rows`, `logits`, `slopes`), kept from one run to
+    /// the next: a fresh one per run zeroed 0.6 MB for values that are all overwritten (128
+    /// runs for Gemma 3's vocabulary, 0.4 % of a 300-token salience pass in `perf`).
+    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+}
+
 /// What one run of chunks knows about each row.
 struct Partial {
     /// The largest logit seen (after the soft-cap).
@@ -126,10 +134,14 @@ pub fn target_log_probs(
         runs.into_par_iter()
             .map(|run| {
                 let mut part = Partial::new(n, hidden, grad);
+                (part.rows, part.logits, part.slopes) = SCRATCH.with_borrow_mut(std::mem::take);
                 for c in run {
                     let (v0, v1) = (c * CHUNK, ((c + 1) * CHUNK).min(vocab));
                     absorb(&mut part, head, x, targets, softcap, v0..v1)?;
                 }
+                let scratch = (part.rows, part.logits, part.slopes);
+                (part.rows, part.logits, part.slopes) = Default::default();
+                SCRATCH.set(scratch);
                 Ok(part)
             })
             .collect::<Result<Vec<Partial>>>()

@@ -50,6 +50,56 @@ fn stdio_server() -> std::process::Child {
 }
 
 #[test]
+fn a_server_on_stdio_exits_once_its_client_process_is_gone_though_its_input_stays_open() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+    // The "editor" is a shell that starts the server on the test's pipes and prints its id;
+    // killing the shell leaves the server's input open (the test holds it).
+    let mut editor = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            // An asynchronous command's input is /dev/null unless redirected from a copy.
+            "exec 3<&0; '{}' lsp <&3 3<&- & echo $!; wait",
+            env!("CARGO_BIN_EXE_prompt-salience")
+        ))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = editor.stdin.take().unwrap();
+    let mut stdout = BufReader::new(editor.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let server: u32 = line.trim().parse().expect("the server's process id");
+    let running = || std::path::Path::new(&format!("/proc/{server}")).exists();
+    for msg in [
+        json!({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+               "params": {"processId": editor.id(), "capabilities": {}}}),
+        json!({"jsonrpc": "2.0", "method": "initialized", "params": {}}),
+    ] {
+        let body = msg.to_string();
+        write!(stdin, "Content-Length: {}\r\n\r\n{}", body.len(), body).unwrap();
+    }
+    stdin.flush().unwrap();
+    // While the editor runs, so does the server.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(running(), "the server stopped early");
+    editor.kill().unwrap();
+    editor.wait().unwrap();
+    let start = Instant::now();
+    while running() {
+        if start.elapsed() > Duration::from_secs(15) {
+            // SAFETY: a plain kill of the process this test started.
+            unsafe { libc::kill(server as i32, libc::SIGKILL) };
+            panic!("the server kept running after its client exited");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop((stdin, stdout));
+}
+
+#[test]
 fn stdio_server_speaks_only_protocol_on_stdout() {
     use std::io::{Read, Write};
     let mut child = stdio_server();

@@ -4,6 +4,7 @@
 //! Handlers that change state (`did_open`, `did_change`, …) apply it synchronously under the
 //! lock before any `.await`; model work goes to the worker thread (`worker.rs`).
 
+mod client_process;
 mod code_lens;
 mod commands;
 pub mod convert;
@@ -97,6 +98,9 @@ impl LanguageServer for Backend {
             if let Some(opts) = params.initialization_options {
                 st.settings.merge_json(&opts);
             }
+        }
+        if let Some(pid) = params.process_id {
+            client_process::watch(pid);
         }
         Ok(InitializeResult {
             server_info: Some(ServerInfo {
@@ -344,6 +348,7 @@ where
 }
 
 pub fn run_stdio() {
+    client_process::exit_with_client();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -12,7 +12,7 @@
 //! layer of a 600-token pass within the 600 MiB goal (`TAPE_BUDGET_BYTES`).
 //!
 //! Large blocks go back to the kernel once none has been freed for 10 s (a thread started by
-//! `release_when_idle` checks each second), as mimalloc does with the small ones (`main.rs`).
+//! `release_when_idle` checks each second), as mimalloc does with the small ones (`configure`).
 //! Elsewhere than Linux with glibc every block goes to mimalloc.
 
 use std::alloc::{GlobalAlloc, Layout};
@@ -89,12 +89,28 @@ unsafe impl GlobalAlloc for Allocator {
     }
 }
 
-/// Sets glibc up for the large blocks: one arena for every thread (per-thread arenas hold
-/// their own free blocks, which is the creep this module avoids), blocks up to 32 MiB (glibc's
-/// largest threshold) from that arena rather than from fresh mappings, and no trimming but
-/// `release_free_memory`'s. Call it first thing in `main`, before any thread starts.
+/// mimalloc's `mi_option_purge_delay` (the same index in its v2 and v3 headers).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Sets both allocators up. Call it first thing in `main`, before any thread starts.
+///
+/// glibc, for the large blocks: one arena for every thread (per-thread arenas hold their own
+/// free blocks, which is the creep this module avoids), blocks up to 32 MiB (glibc's largest
+/// threshold) from that arena rather than from fresh mappings, and no trimming but
+/// `release_free_memory`'s.
+///
+/// mimalloc hands freed memory back to the kernel after 1 s by default. A salience pass frees
+/// and reallocates its buffers for several seconds, so pages were faulted back in and zeroed
+/// by the kernel over and over (16 % of an integrated-gradients run in `perf`, when its
+/// activations were mimalloc's too). It keeps them for `IDLE_BEFORE_RELEASE` instead, as the
+/// large blocks are kept (`MIMALLOC_PURGE_DELAY` set by the user wins).
 pub fn configure() {
     glibc::configure();
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        let ms = IDLE_BEFORE_RELEASE.as_millis() as std::ffi::c_long;
+        // SAFETY: sets a plain integer option; mimalloc reads it when it next purges.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, ms) };
+    }
 }
 
 /// Hands free memory back to the kernel: glibc's free large blocks, and the calling thread's

@@ -28,12 +28,19 @@ const CHUNK: usize = 256;
 /// rows.
 const CHUNKS_PER_RUN: usize = 8;
 
+/// A chunk's rows as f32, its logits, and their soft-cap slopes.
+#[derive(Default)]
+struct Scratch {
+    rows: Vec<f32>,
+    logits: Vec<f32>,
+    slopes: Vec<f32>,
+}
+
 thread_local! {
-    /// Each thread's chunk scratch (`Partial::rows`, `logits`, `slopes`), kept from one run to
-    /// the next: a fresh one per run zeroed 0.6 MB for values that are all overwritten (128
-    /// runs for Gemma 3's vocabulary, 0.4 % of a 300-token salience pass in `perf`).
-    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>, Vec<f32>)> =
-        const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+    /// Each thread's chunk scratch, kept from one run to the next: a fresh one per run zeroed
+    /// 0.6 MB for values that are all overwritten (128 runs for Gemma 3's vocabulary, 0.4 % of
+    /// a 300-token salience pass in `perf`).
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
 }
 
 /// What one run of chunks knows about each row.
@@ -46,10 +53,6 @@ struct Partial {
     acc: Vec<f32>,
     /// The target's logit and slope, once its chunk has been seen.
     target: Vec<Option<(f32, f32)>>,
-    /// Scratch: the chunk's rows as f32, its logits, and their soft-cap slopes.
-    rows: Vec<f32>,
-    logits: Vec<f32>,
-    slopes: Vec<f32>,
 }
 
 impl Partial {
@@ -59,9 +62,6 @@ impl Partial {
             sum: vec![0.0; n],
             acc: vec![0.0; if grad { n * hidden } else { 0 }],
             target: vec![None; n],
-            rows: Vec::new(),
-            logits: Vec::new(),
-            slopes: Vec::new(),
         }
     }
 
@@ -134,15 +134,13 @@ pub fn target_log_probs(
         runs.into_par_iter()
             .map(|run| {
                 let mut part = Partial::new(n, hidden, grad);
-                (part.rows, part.logits, part.slopes) = SCRATCH.with_borrow_mut(std::mem::take);
-                for c in run {
-                    let (v0, v1) = (c * CHUNK, ((c + 1) * CHUNK).min(vocab));
-                    absorb(&mut part, head, x, targets, softcap, v0..v1)?;
-                }
-                let scratch = (part.rows, part.logits, part.slopes);
-                (part.rows, part.logits, part.slopes) = Default::default();
-                SCRATCH.set(scratch);
-                Ok(part)
+                SCRATCH.with_borrow_mut(|scratch| {
+                    for c in run {
+                        let (v0, v1) = (c * CHUNK, ((c + 1) * CHUNK).min(vocab));
+                        absorb(&mut part, scratch, head, x, targets, softcap, v0..v1)?;
+                    }
+                    Ok(part)
+                })
             })
             .collect::<Result<Vec<Partial>>>()
     })?;
@@ -177,6 +175,7 @@ pub fn target_log_probs(
 /// Adds vocabulary rows `v0..v1` to `part`.
 fn absorb(
     part: &mut Partial,
+    scratch: &mut Scratch,
     head: &Weight,
     x: &[f32],
     targets: &[u32],
@@ -186,14 +185,17 @@ fn absorb(
     let hidden = head.cols();
     let (n, rows) = (targets.len(), v1 - v0);
     let grad = !part.acc.is_empty();
-    part.rows.resize(rows * hidden, 0.0);
-    part.logits.resize(n * rows, 0.0);
-    let mut w = std::mem::take(&mut part.rows);
-    let mut z = std::mem::take(&mut part.logits);
-    head.rows_into(v0, v1, &mut w)?;
+    scratch.rows.resize(rows * hidden, 0.0);
+    scratch.logits.resize(n * rows, 0.0);
+    let Scratch {
+        rows: w,
+        logits: z,
+        slopes,
+    } = scratch;
+    head.rows_into(v0, v1, w)?;
     // z (n × rows) = x (n × hidden) · wᵀ.
     let kernel = Kernel::best();
-    table_products::dots(&mut z, rows, x, &w, (n, rows, hidden), kernel);
+    table_products::dots(z, rows, x, w, (n, rows, hidden), kernel);
     // d capped / d z = 1 - (capped / cap)^2.
     let slope_of = |capped: f32, cap: f32| {
         let t = capped / cap;
@@ -206,8 +208,8 @@ fn absorb(
                 *v = cap * (*v / cap).tanh();
             }
             if grad {
-                part.slopes.clear();
-                part.slopes.extend(zr.iter().map(|&c| slope_of(c, cap)));
+                slopes.clear();
+                slopes.extend(zr.iter().map(|&c| slope_of(c, cap)));
             }
         }
         if (v0..v1).contains(&t) {
@@ -219,17 +221,15 @@ fn absorb(
         simd::exp_affine_sum(zr, 1.0, to);
         part.sum[r] += simd::sum_f64(zr);
         if softcap.is_some() && grad {
-            for (p, &s) in zr.iter_mut().zip(&part.slopes) {
+            for (p, &s) in zr.iter_mut().zip(slopes.iter()) {
                 *p *= s;
             }
         }
     }
     if grad {
         // acc (n × hidden) += p (n × rows) · w (rows × hidden).
-        table_products::add_weighted_rows(&mut part.acc, &z, rows, &w, (n, rows, hidden), kernel);
+        table_products::add_weighted_rows(&mut part.acc, z, rows, w, (n, rows, hidden), kernel);
     }
-    part.rows = w;
-    part.logits = z;
     Ok(())
 }
 

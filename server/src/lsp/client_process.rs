@@ -46,17 +46,13 @@ pub fn watch(pid: u32) {
 pub fn is_running(pid: u32) -> bool {
     #[cfg(unix)]
     {
-        let Ok(pid) = libc::pid_t::try_from(pid) else {
+        let Ok(id) = libc::pid_t::try_from(pid) else {
             return true; // not a process id this system has: nothing to watch
         };
         // SAFETY: signal 0 sends nothing; it only checks that the process exists.
-        let exists = unsafe { libc::kill(pid, 0) } == 0
+        let exists = unsafe { libc::kill(id, 0) } == 0
             || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
-        // `/proc/PID/stat`: "PID (NAME) STATE ...", NAME may hold spaces and parentheses.
-        let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| Some(s[s.rfind(')')? + 1..].trim_start().starts_with('Z')))
-            .unwrap_or(false);
+        let zombie = stat_after_name(pid).is_some_and(|s| s.starts_with('Z'));
         exists && !zombie
     }
     #[cfg(not(unix))]
@@ -89,15 +85,22 @@ fn is_ancestor(pid: u32) -> bool {
     }
 }
 
-/// The parent of process `pid`, from `/proc/PID/stat` ("PID (NAME) STATE PPID ...").
+/// The parent of process `pid`.
 #[cfg(unix)]
 fn parent_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat[stat.rfind(')')? + 1..]
+    stat_after_name(pid)?
         .split_whitespace()
         .nth(1)?
         .parse()
         .ok()
+}
+
+/// `/proc/PID/stat` after the process's name ("PID (NAME) STATE PPID ..." gives
+/// "STATE PPID ..."): the name may hold spaces and parentheses. None where there is none.
+#[cfg(unix)]
+fn stat_after_name(pid: u32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    Some(stat[stat.rfind(')')? + 1..].trim_start().to_owned())
 }
 
 #[cfg(test)]

@@ -11,12 +11,19 @@ right after the bench, so that the two are compared on the same load (`prompt-sa
 
     python3 -m pip install torch transformers gguf accelerate
     python3 docs/bench/pytorch_baseline.py PATH/TO/SmolLM2-135M-Instruct.Q4_1.gguf
+
+With `--serve` it loads the model, prints one JSON line, then times one piece of work for each
+JSON line it reads (`{"method": "grad_dot_input", "prompt_tokens": 300}`) and answers with one
+JSON line: the bench uses it to run each piece of work right before or after its own, so that
+the machine's drifting speed (up to 1.9x within an hour on shared machines) moves both sides of
+a ratio alike.
 """
 
 import argparse
 import json
 import os
 import resource
+import sys
 import time
 
 import torch
@@ -91,6 +98,11 @@ def main():
     ap.add_argument("--target-tokens", type=int, default=20)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--serve",
+        action="store_true",
+        help="time one piece of work per JSON line read from stdin (see above)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     folder, name = os.path.split(os.path.abspath(args.gguf))
@@ -102,37 +114,53 @@ def main():
         p.requires_grad_(False)
     table = model.get_input_embeddings().weight
     pool = tok(TEXT * 200, add_special_tokens=False)["input_ids"]
+    t = args.target_tokens
+
+    def measure(method, n):
+        ids = torch.tensor(pool[: n + t])
+        target = ids[n:].unsqueeze(0)
+        if method == "grad_dot_input":
+            s = best_of(args.repeat, lambda: grad_salience(model, table, ids, n, target))
+            return {"method": method, "prompt_tokens": n, "seconds": s}
+        if method == "integrated_gradients":
+            s = best_of(
+                args.repeat,
+                lambda: integrated_gradients(
+                    model,
+                    table,
+                    ids,
+                    n,
+                    target,
+                    args.ig_steps,
+                    args.ig_batch,
+                    not args.no_completeness,
+                ),
+            )
+            return {"method": method, "prompt_tokens": n, "steps": args.ig_steps, "seconds": s}
+        raise ValueError(f"unknown method {method!r}")
+
+    if args.serve:
+        print(json.dumps({"baseline": "pytorch", "version": torch.__version__}), flush=True)
+        for line in sys.stdin:
+            try:
+                work = json.loads(line)
+                answer = measure(work["method"], int(work["prompt_tokens"]))
+            except Exception as e:  # the bench shows why, and goes on with the next piece
+                answer = {"error": f"{type(e).__name__}: {e}"}
+            print(json.dumps(answer), flush=True)
+        return
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"| prompt tokens | method | seconds (best of {args.repeat}) |")
     print("|---|---|---|")
     results = []
-    t = args.target_tokens
     for n in [int(x) for x in args.lengths.split(",") if x]:
-        ids = torch.tensor(pool[: n + t])
-        target = ids[n:].unsqueeze(0)
-        s = best_of(args.repeat, lambda: grad_salience(model, table, ids, n, target))
-        print(f"| {n} | grad_dot_input | {s:.3f} |", flush=True)
-        results.append({"method": "grad_dot_input", "prompt_tokens": n, "seconds": s})
+        r = measure("grad_dot_input", n)
+        print(f"| {n} | grad_dot_input | {r['seconds']:.3f} |", flush=True)
+        results.append(r)
     for n in [int(x) for x in args.ig_lengths.split(",") if x]:
-        ids = torch.tensor(pool[: n + t])
-        target = ids[n:].unsqueeze(0)
-        s = best_of(
-            args.repeat,
-            lambda: integrated_gradients(
-                model,
-                table,
-                ids,
-                n,
-                target,
-                args.ig_steps,
-                args.ig_batch,
-                not args.no_completeness,
-            ),
-        )
-        print(f"| {n} | integrated_gradients ({args.ig_steps} steps) | {s:.3f} |", flush=True)
-        results.append(
-            {"method": "integrated_gradients", "prompt_tokens": n, "steps": args.ig_steps, "seconds": s}
-        )
+        r = measure("integrated_gradients", n)
+        print(f"| {n} | integrated_gradients ({args.ig_steps} steps) | {r['seconds']:.3f} |", flush=True)
+        results.append(r)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS: {rss:.0f} MiB")
     print(json.dumps({"baseline": "pytorch", "version": torch.__version__, "results": results}))

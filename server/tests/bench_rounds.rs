@@ -1,4 +1,5 @@
-//! `bench --rounds N --baseline-python PY`: the rounds alternate which side runs first, and the
+//! `bench --rounds N --baseline-python PY`: the rounds alternate which side runs first (PyTorch
+//! right before or after each piece of work of ours, from one process started once), and the
 //! summary's medians are those of the ratios each round printed. The baselines are a stand-in
 //! Python that answers with a different time each call, so the test knows every ratio.
 
@@ -8,9 +9,10 @@ use common::rows;
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 
-/// A "python" that imports anything and whose PyTorch script takes 0.01, 0.02, 0.03, ...
-/// seconds, 0.01 more each call, and whose llama.cpp script decodes 1000 tokens/s. Each script
-/// appends the instruction-set caps it was given to `torch-env` or `llama-env`.
+/// A "python" that imports anything and whose PyTorch script, a server (`--serve`), answers
+/// 0.01, 0.02, 0.03, ... seconds, 0.01 more each request, and whose llama.cpp script decodes
+/// 1000 tokens/s. Each script appends the instruction-set caps it was given to `torch-env` or
+/// `llama-env`; the server appends each request to `torch-requests`.
 fn stand_in_python(dir: &std::path::Path) -> std::path::PathBuf {
     let path = dir.join("python");
     let script = format!(
@@ -19,9 +21,15 @@ fn stand_in_python(dir: &std::path::Path) -> std::path::PathBuf {
 count={dir}/torch-calls
 case "$1" in
   *pytorch_baseline.py)
-    n=$(( $(cat "$count" 2>/dev/null || echo 0) + 1 )); echo $n > "$count"
+    case "$*" in *--serve*) ;; *) echo "not a server: $*" >&2; exit 1 ;; esac
     echo "$MKL_ENABLE_INSTRUCTIONS/$ONEDNN_MAX_CPU_ISA/$ATEN_CPU_CAPABILITY" >> {dir}/torch-env
-    echo '{{"version": "stand-in", "results": [{{"method": "grad_dot_input", "prompt_tokens": 8, "seconds": 0.0'$n'}}]}}' ;;
+    echo 'a notice on stdout'
+    echo '{{"baseline": "pytorch", "version": "stand-in"}}'
+    while read -r request; do
+      n=$(( $(cat "$count" 2>/dev/null || echo 0) + 1 )); echo $n > "$count"
+      echo "$request" >> {dir}/torch-requests
+      echo '{{"method": "grad_dot_input", "prompt_tokens": 8, "seconds": 0.0'$n'}}'
+    done ;;
   *llama_cpp_baseline.py)
     echo "$MKL_ENABLE_INSTRUCTIONS/$ONEDNN_MAX_CPU_ISA/$ATEN_CPU_CAPABILITY" >> {dir}/llama-env
     echo '{{"version": "stand-in", "prefill_seconds": 2.0, "decode_tokens_per_second": 1000.0}}' ;;
@@ -62,18 +70,38 @@ fn rounds_alternate_and_report_median_ratios() {
         .unwrap()
         .read_to_string(&mut out)
         .unwrap();
+    let requests = std::fs::read_to_string(dir.join("torch-requests")).unwrap_or_default();
     let _ = std::fs::remove_dir_all(&dir);
     assert!(status.success(), "{out}");
 
-    // Round 1: ours first; round 2: the baselines first; round 3: ours first.
+    // Round 1: ours first; round 2: the baselines first; round 3: ours first. PyTorch started
+    // once, before the first round, and timed the same work as ours, once a round.
+    assert_eq!(
+        out.matches("starting the pytorch_baseline.py").count(),
+        1,
+        "{out}"
+    );
     let rounds: Vec<&str> = out.split("## round ").skip(1).collect();
     assert_eq!(rounds.len(), 3, "{out}");
     for (i, round) in rounds.iter().enumerate() {
         let ours = round.find("| 8 | grad_dot_input").expect("our timing");
         let theirs = round
-            .find("running the pytorch_baseline.py")
+            .find("pytorch_baseline.py: grad_dot_input, 8 tokens: ")
             .expect("baseline");
         assert_eq!(theirs < ours, i == 1, "round {}:\n{round}", i + 1);
+        let llama = round
+            .find("running the llama_cpp_baseline.py")
+            .expect("llama.cpp");
+        assert_eq!(llama < ours, i == 1, "round {}:\n{round}", i + 1);
+    }
+    let requests: Vec<serde_json::Value> = requests
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(requests.len(), 3, "{requests:?}");
+    for r in &requests {
+        assert_eq!(r["method"], "grad_dot_input");
+        assert_eq!(r["prompt_tokens"], 8);
     }
 
     // Each round's ratio is our time over the stand-in's 0.01, 0.02, 0.03 seconds.

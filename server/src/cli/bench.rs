@@ -4,7 +4,9 @@ use std::time::Instant;
 
 use clap::Args;
 
-use super::bench_baselines::{self, BaselineArgs, Baselines, Measured};
+use super::bench_baselines::{
+    self, BaselineArgs, BaselineResults, Baselines, Measured, TorchServer,
+};
 use super::ModelArgs;
 use salience_engine::generate::GenerateOptions;
 use salience_engine::perturbation::{self, DeletionScorer, SurrogateOptions, TargetTerm};
@@ -50,8 +52,8 @@ pub struct BenchArgs {
     #[arg(long, value_name = "PYTHON")]
     baseline_python: Option<std::path::PathBuf>,
     /// Measure this many times, alternating which side runs first (odd rounds prompt-salience,
-    /// even rounds the baselines), and print each ratio's median over the rounds: a shared
-    /// machine whose speed drifts moves both sides alike.
+    /// even rounds the baselines; PyTorch right before or after each piece of work, llama.cpp
+    /// before or after the round), and print each ratio's median over the rounds.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     rounds: u32,
     /// Write the synthetic GGUF and exit (used by --synthetic).
@@ -145,19 +147,29 @@ pub fn run(args: BenchArgs) -> Result<(), EngineError> {
         .iter()
         .map(|t| t.0)
         .collect();
+    // PyTorch loads once and times each piece of work next to ours (see `bench_baselines`).
+    let mut torch = baseline.as_ref().map(Baselines::start_torch);
     let mut rounds = Vec::new();
     for round in 1..=args.rounds {
         if args.rounds > 1 {
             println!("\n## round {round} of {}", args.rounds);
         }
         let baselines_first = round % 2 == 0;
-        let before = match &baseline {
-            Some(b) if baselines_first => Some(b.run()),
+        let llama_before = match &baseline {
+            Some(b) if baselines_first => Some(b.run_llama()),
             _ => None,
         };
-        let measured = measure(&engine, &args, &pool, round)?;
+        let server = torch.as_mut().and_then(|t| t.as_mut().ok());
+        let measured = measure(&engine, &args, &pool, round, server)?;
         let Some(b) = &baseline else { continue };
-        let results = before.unwrap_or_else(|| b.run());
+        let results = BaselineResults {
+            torch: match &mut torch {
+                Some(Ok(server)) => Ok(server.take_round()),
+                Some(Err(why)) => Err(why.clone()),
+                None => Err("not started".into()),
+            },
+            llama: llama_before.unwrap_or_else(|| b.run_llama()),
+        };
         let rows = bench_baselines::compare(args.ig_steps, &results, &measured);
         bench_baselines::print_round(&rows, b.threads);
         rounds.push(rows);
@@ -169,12 +181,14 @@ pub fn run(args: BenchArgs) -> Result<(), EngineError> {
 }
 
 /// One round of every measurement on `engine`, printed as it goes; prompts are cut from the
-/// tokens of `pool`.
+/// tokens of `pool`. With `torch`, PyTorch times each salience case right after ours (odd
+/// rounds) or right before (even rounds).
 fn measure(
     engine: &Engine,
     args: &BenchArgs,
     pool: &[u32],
     round: u32,
+    mut torch: Option<&mut TorchServer>,
 ) -> Result<Measured, EngineError> {
     let mut measured = Measured::default();
     let cancel = CancelToken::new();
@@ -204,6 +218,20 @@ fn measure(
             pad_id: None,
             contrast: None,
         };
+        let theirs = |torch: &mut Option<&mut TorchServer>| {
+            if let Some(server) = torch {
+                match server.time(method.name(), len) {
+                    Ok(s) => eprintln!(
+                        "pytorch_baseline.py: {}, {len} tokens: {s:.3} s",
+                        method.name()
+                    ),
+                    Err(why) => eprintln!("{why}"),
+                }
+            }
+        };
+        if round % 2 == 0 {
+            theirs(&mut torch);
+        }
         // The first run also faults in fresh memory for the activations, as a one-shot
         // `compute` does; later runs reuse it, as the language server does.
         let mut best = f64::INFINITY;
@@ -225,6 +253,9 @@ fn measure(
         let peak = peak_rss_mib().unwrap_or(f64::NAN);
         highest = highest.max(peak);
         println!("| {len} | {label} | {best:.3} | {first:.3} | {peak:.0} |");
+        if round % 2 == 1 {
+            theirs(&mut torch);
+        }
         Ok(())
     };
     for &len in &args.lengths {

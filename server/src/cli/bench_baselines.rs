@@ -2,10 +2,15 @@
 //! so that every speed figure is a ratio measured on the same machine under the same load.
 //!
 //! The scripts are the ones in `docs/bench/`, built into the binary and written to a temporary
-//! folder; they print their results as one JSON line at the end.
+//! folder. llama.cpp's prints its results as one JSON line at the end, once per round. PyTorch's
+//! stays running (`--serve`) and times each piece of work right before or after ours: on these
+//! shared machines the speed drifts by up to 1.9× within an hour, and a ratio of two figures
+//! taken a minute apart carried that drift (one run's rounds gave 0.58, 1.00 and 0.64 at 600
+//! tokens).
 
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
 use salience_engine::model::Kernel;
 use serde_json::Value;
@@ -46,10 +51,11 @@ pub struct Row {
     pub speed: bool,
 }
 
-/// What the two baseline scripts printed in one round, or why they did not run.
+/// What the two baselines measured in one round, or why they did not run. `torch` has the
+/// shape of the PyTorch script's batch output: `{"version", "results": [...]}`.
 pub struct BaselineResults {
-    torch: Result<Value, String>,
-    llama: Result<Value, String>,
+    pub torch: Result<Value, String>,
+    pub llama: Result<Value, String>,
 }
 
 /// A baseline script ready to run: its path and its arguments (the model first).
@@ -168,16 +174,130 @@ impl<'a> Baselines<'a> {
         }
     }
 
-    /// Runs the scripts that could be prepared, one after the other.
-    pub fn run(&self) -> BaselineResults {
-        let run = |script: &Result<Script, String>, env: &[(&str, &str)]| {
-            let (path, args) = script.as_ref().map_err(Clone::clone)?;
-            run_script(self.python, path, args, env)
+    /// Runs the llama.cpp script, when it could be prepared.
+    pub fn run_llama(&self) -> Result<Value, String> {
+        let (path, args) = self.llama.as_ref().map_err(Clone::clone)?;
+        run_script(self.python, path, args, &[])
+    }
+
+    /// Starts the PyTorch script as a server that times one piece of work per request.
+    pub fn start_torch(&self) -> Result<TorchServer, String> {
+        let (path, args) = self.torch.as_ref().map_err(Clone::clone)?;
+        let log = self.dir.join("pytorch_baseline.stderr");
+        TorchServer::start(self.python, path, args, &self.torch_env, log)
+    }
+}
+
+/// The PyTorch baseline, loaded once and kept running (`pytorch_baseline.py --serve`).
+pub struct TorchServer {
+    child: Child,
+    input: Option<ChildStdin>,
+    output: BufReader<ChildStdout>,
+    /// Its stderr (a loading progress bar, warnings), shown when it fails.
+    log: PathBuf,
+    pub version: String,
+    /// What it measured: `{"method", "prompt_tokens", "seconds"}` per piece of work.
+    measured: Vec<Value>,
+}
+
+impl TorchServer {
+    fn start(
+        python: &Path,
+        script: &Path,
+        args: &[String],
+        env: &[(&str, &str)],
+        log: PathBuf,
+    ) -> Result<TorchServer, String> {
+        eprintln!("starting the pytorch_baseline.py baseline ...");
+        let stderr = std::fs::File::create(&log)
+            .map_err(|e| format!("cannot create {}: {e}", log.display()))?;
+        let mut command = Command::new(python);
+        command
+            .arg(script)
+            .args(args)
+            .arg("--serve")
+            .envs(env.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(stderr);
+        crate::memory_pages::system_pages_for(&mut command);
+        let mut child = command
+            .spawn()
+            .map_err(|e| format!("cannot run pytorch_baseline.py: {e}"))?;
+        let (input, output) = (child.stdin.take(), child.stdout.take());
+        let (Some(input), Some(output)) = (input, output) else {
+            return Err("pytorch_baseline.py: no pipes".into());
         };
-        BaselineResults {
-            torch: run(&self.torch, &self.torch_env),
-            llama: run(&self.llama, &[]),
+        let mut server = TorchServer {
+            child,
+            input: Some(input),
+            output: BufReader::new(output),
+            log,
+            version: String::new(),
+            measured: Vec::new(),
+        };
+        let ready = server.answer()?;
+        server.version = ready["version"].as_str().unwrap_or("?").to_string();
+        Ok(server)
+    }
+
+    /// The next JSON object the script prints; lines that are not one (a library's notice)
+    /// are passed on to stderr.
+    fn answer(&mut self) -> Result<Value, String> {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let read = self
+                .output
+                .read_line(&mut line)
+                .map_err(|e| format!("pytorch_baseline.py: {e}"))?;
+            if read == 0 {
+                let status = self.child.wait().map_err(|e| e.to_string())?;
+                let stderr = std::fs::read_to_string(&self.log).unwrap_or_default();
+                let tail: Vec<&str> = stderr.lines().rev().take(3).collect();
+                return Err(format!(
+                    "pytorch_baseline.py exited ({status}): {}",
+                    tail.join(" / ")
+                ));
+            }
+            match serde_json::from_str::<Value>(line.trim()) {
+                Ok(v) if v.is_object() => return Ok(v),
+                _ => eprint!("pytorch_baseline.py: {line}"),
+            }
         }
+    }
+
+    /// Times `method` on a `prompt_tokens`-token prompt (best of the script's `--repeat`,
+    /// after a warm-up run), and keeps the figure for this round's comparison.
+    pub fn time(&mut self, method: &str, prompt_tokens: usize) -> Result<f64, String> {
+        let request = serde_json::json!({"method": method, "prompt_tokens": prompt_tokens});
+        let input = self.input.as_mut().ok_or("pytorch_baseline.py: closed")?;
+        writeln!(input, "{request}")
+            .and_then(|()| input.flush())
+            .map_err(|e| format!("pytorch_baseline.py: {e}"))?;
+        let answer = self.answer()?;
+        if let Some(why) = answer["error"].as_str() {
+            return Err(format!("pytorch_baseline.py: {why}"));
+        }
+        let seconds = answer["seconds"]
+            .as_f64()
+            .ok_or_else(|| format!("pytorch_baseline.py answered {answer}"))?;
+        self.measured.push(answer);
+        Ok(seconds)
+    }
+
+    /// This round's figures in the shape `compare` reads; the next round starts empty.
+    pub fn take_round(&mut self) -> Value {
+        let results = std::mem::take(&mut self.measured);
+        serde_json::json!({"version": self.version, "results": results})
+    }
+}
+
+impl Drop for TorchServer {
+    fn drop(&mut self) {
+        // End of input ends the script's loop.
+        drop(self.input.take());
+        let _ = self.child.wait();
     }
 }
 
@@ -467,6 +587,74 @@ mod tests {
         assert_eq!(rows[0].ratio, None);
         assert!(rows[0].theirs.contains("no torch"));
         assert_eq!(rows.len(), 3);
+    }
+
+    /// A stand-in for `pytorch_baseline.py --serve` that needs no torch: it prints a notice and
+    /// its ready line, answers `prompt_tokens / 1000` seconds, an error for any other method
+    /// than the two, and exits at a request for 13 tokens.
+    const FAKE_SERVER: &str = r#"
+import json, sys
+print("a library's notice on stdout")
+print(json.dumps({"baseline": "pytorch", "version": "fake-1"}), flush=True)
+for line in sys.stdin:
+    work = json.loads(line)
+    n = work["prompt_tokens"]
+    if n == 13:
+        print("going away", file=sys.stderr, flush=True)
+        sys.exit(3)
+    if work["method"] not in ("grad_dot_input", "integrated_gradients"):
+        print(json.dumps({"error": "unknown method " + work["method"]}), flush=True)
+        continue
+    print(json.dumps({"method": work["method"], "prompt_tokens": n, "seconds": n / 1000}), flush=True)
+"#;
+
+    fn fake_server(dir: &Path) -> TorchServer {
+        let script = dir.join("fake_server.py");
+        std::fs::write(&script, FAKE_SERVER).unwrap();
+        let log = dir.join("fake.stderr");
+        TorchServer::start(Path::new("python3"), &script, &[], &[], log).expect("starts")
+    }
+
+    #[test]
+    fn the_pytorch_server_times_each_piece_of_work_and_keeps_the_rounds_figures() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut server = fake_server(dir.path());
+        assert_eq!(server.version, "fake-1");
+        assert_eq!(server.time("grad_dot_input", 300), Ok(0.3));
+        assert_eq!(server.time("integrated_gradients", 100), Ok(0.1));
+        let why = server.time("grad_l2", 100).unwrap_err();
+        assert!(why.contains("unknown method grad_l2"), "{why}");
+        let round = server.take_round();
+        assert_eq!(round["version"], "fake-1");
+        let results = round["results"].as_array().unwrap();
+        assert_eq!(results.len(), 2, "{round}");
+        assert_eq!(results[0]["prompt_tokens"], 300);
+        // The next round starts empty, and compare reads the round's shape.
+        assert_eq!(server.time("grad_dot_input", 100), Ok(0.1));
+        let next = server.take_round();
+        assert_eq!(next["results"].as_array().unwrap().len(), 1);
+        let rows = compare(
+            8,
+            &BaselineResults {
+                torch: Ok(next),
+                llama: Err("not here".into()),
+            },
+            &measured(),
+        );
+        assert!(
+            (rows[0].ratio.unwrap() - 3.0).abs() < 1e-12,
+            "{:?}",
+            rows[0]
+        );
+    }
+
+    #[test]
+    fn a_pytorch_server_that_exits_says_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut server = fake_server(dir.path());
+        let why = server.time("grad_dot_input", 13).unwrap_err();
+        assert!(why.contains("exited"), "{why}");
+        assert!(why.contains("going away"), "{why}");
     }
 
     #[test]

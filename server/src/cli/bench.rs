@@ -229,7 +229,8 @@ fn measure(
                 }
             }
         };
-        if round % 2 == 0 {
+        let theirs_first = round.is_multiple_of(2);
+        if theirs_first {
             theirs(&mut torch);
         }
         // The first run also faults in fresh memory for the activations, as a one-shot
@@ -253,7 +254,7 @@ fn measure(
         let peak = peak_rss_mib().unwrap_or(f64::NAN);
         highest = highest.max(peak);
         println!("| {len} | {label} | {best:.3} | {first:.3} | {peak:.0} |");
-        if round % 2 == 1 {
+        if !theirs_first {
             theirs(&mut torch);
         }
         Ok(())

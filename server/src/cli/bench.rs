@@ -4,9 +4,7 @@ use std::time::Instant;
 
 use clap::Args;
 
-use super::bench_baselines::{
-    self, BaselineArgs, BaselineResults, Baselines, Measured, TorchServer,
-};
+use super::bench_baselines::{self, BaselineArgs, Baselines, Measured, TorchServer};
 use super::ModelArgs;
 use salience_engine::generate::GenerateOptions;
 use salience_engine::perturbation::{self, DeletionScorer, SurrogateOptions, TargetTerm};
@@ -127,7 +125,7 @@ pub fn run(args: BenchArgs) -> Result<(), EngineError> {
         "peak RSS after loading: {:.0} MiB",
         peak_rss_mib().unwrap_or(f64::NAN)
     );
-    let baseline = args.baseline_python.as_ref().map(|python| {
+    let mut baseline = args.baseline_python.as_ref().map(|python| {
         Baselines::prepare(&BaselineArgs {
             python,
             gguf: &engine.path,
@@ -147,29 +145,20 @@ pub fn run(args: BenchArgs) -> Result<(), EngineError> {
         .iter()
         .map(|t| t.0)
         .collect();
-    // PyTorch loads once and times each piece of work next to ours (see `bench_baselines`).
-    let mut torch = baseline.as_ref().map(Baselines::start_torch);
     let mut rounds = Vec::new();
     for round in 1..=args.rounds {
         if args.rounds > 1 {
             println!("\n## round {round} of {}", args.rounds);
         }
-        let baselines_first = round % 2 == 0;
         let llama_before = match &baseline {
-            Some(b) if baselines_first => Some(b.run_llama()),
+            Some(b) if baselines_first(round) => Some(b.run_llama()),
             _ => None,
         };
-        let server = torch.as_mut().and_then(|t| t.as_mut().ok());
-        let measured = measure(&engine, &args, &pool, round, server)?;
-        let Some(b) = &baseline else { continue };
-        let results = BaselineResults {
-            torch: match &mut torch {
-                Some(Ok(server)) => Ok(server.take_round()),
-                Some(Err(why)) => Err(why.clone()),
-                None => Err("not started".into()),
-            },
-            llama: llama_before.unwrap_or_else(|| b.run_llama()),
-        };
+        // PyTorch times each piece of work next to ours (see `bench_baselines`).
+        let torch = baseline.as_mut().and_then(Baselines::torch);
+        let measured = measure(&engine, &args, &pool, round, torch)?;
+        let Some(b) = &mut baseline else { continue };
+        let results = b.round_results(llama_before);
         let rows = bench_baselines::compare(args.ig_steps, &results, &measured);
         bench_baselines::print_round(&rows, b.threads);
         rounds.push(rows);
@@ -178,6 +167,11 @@ pub fn run(args: BenchArgs) -> Result<(), EngineError> {
         bench_baselines::print_summary(&rounds);
     }
     Ok(())
+}
+
+/// Whether `round` runs the baselines first: the even ones, so that rounds alternate.
+fn baselines_first(round: u32) -> bool {
+    round.is_multiple_of(2)
 }
 
 /// One round of every measurement on `engine`, printed as it goes; prompts are cut from the
@@ -229,7 +223,7 @@ fn measure(
                 }
             }
         };
-        let theirs_first = round.is_multiple_of(2);
+        let theirs_first = baselines_first(round);
         if theirs_first {
             theirs(&mut torch);
         }

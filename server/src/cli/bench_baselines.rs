@@ -54,22 +54,21 @@ pub struct Row {
 /// What the two baselines measured in one round, or why they did not run. `torch` has the
 /// shape of the PyTorch script's batch output: `{"version", "results": [...]}`.
 pub struct BaselineResults {
-    pub torch: Result<Value, String>,
-    pub llama: Result<Value, String>,
+    torch: Result<Value, String>,
+    llama: Result<Value, String>,
 }
 
 /// A baseline script ready to run: its path and its arguments (the model first).
 type Script = (PathBuf, Vec<String>);
 
-/// The baseline scripts, checked against `python` and written to a temporary folder once for
-/// every round (importing torch to check for it takes seconds); the folder goes with this.
+/// The baselines, checked against `python` and written to a temporary folder once for every
+/// round (importing torch to check for it takes seconds); the folder goes with this. PyTorch's
+/// runs from the start as a server, llama.cpp's once per round.
 pub struct Baselines<'a> {
     python: &'a Path,
     dir: PathBuf,
-    torch: Result<Script, String>,
+    torch: Result<TorchServer, String>,
     llama: Result<Script, String>,
-    /// Variables set for the PyTorch script only (see `torch_isa_caps`).
-    torch_env: Vec<(&'static str, &'static str)>,
     pub threads: usize,
 }
 
@@ -164,12 +163,15 @@ impl<'a> Baselines<'a> {
                 set.join(" ")
             );
         }
+        let log = dir.join("pytorch_baseline.stderr");
+        let torch = torch.and_then(|(path, script_args)| {
+            TorchServer::start(args.python, &path, &script_args, &torch_env, log)
+        });
         Baselines {
             python: args.python,
             dir,
             torch,
             llama,
-            torch_env,
             threads: args.threads,
         }
     }
@@ -180,11 +182,24 @@ impl<'a> Baselines<'a> {
         run_script(self.python, path, args, &[])
     }
 
-    /// Starts the PyTorch script as a server that times one piece of work per request.
-    pub fn start_torch(&self) -> Result<TorchServer, String> {
-        let (path, args) = self.torch.as_ref().map_err(Clone::clone)?;
-        let log = self.dir.join("pytorch_baseline.stderr");
-        TorchServer::start(self.python, path, args, &self.torch_env, log)
+    /// The PyTorch server, when it started.
+    pub fn torch(&mut self) -> Option<&mut TorchServer> {
+        self.torch.as_mut().ok()
+    }
+
+    /// This round's results: PyTorch's figures so far (the next round starts empty), and
+    /// llama.cpp's, run now unless `llama_before` holds them already.
+    pub fn round_results(
+        &mut self,
+        llama_before: Option<Result<Value, String>>,
+    ) -> BaselineResults {
+        BaselineResults {
+            torch: match &mut self.torch {
+                Ok(server) => Ok(server.take_round()),
+                Err(why) => Err(why.clone()),
+            },
+            llama: llama_before.unwrap_or_else(|| self.run_llama()),
+        }
     }
 }
 
@@ -195,7 +210,7 @@ pub struct TorchServer {
     output: BufReader<ChildStdout>,
     /// Its stderr (a loading progress bar, warnings), shown when it fails.
     log: PathBuf,
-    pub version: String,
+    version: String,
     /// What it measured: `{"method", "prompt_tokens", "seconds"}` per piece of work.
     measured: Vec<Value>,
 }
@@ -254,10 +269,9 @@ impl TorchServer {
             if read == 0 {
                 let status = self.child.wait().map_err(|e| e.to_string())?;
                 let stderr = std::fs::read_to_string(&self.log).unwrap_or_default();
-                let tail: Vec<&str> = stderr.lines().rev().take(3).collect();
                 return Err(format!(
                     "pytorch_baseline.py exited ({status}): {}",
-                    tail.join(" / ")
+                    last_lines(&stderr)
                 ));
             }
             match serde_json::from_str::<Value>(line.trim()) {
@@ -481,6 +495,12 @@ fn prepare_script(
     Ok(script)
 }
 
+/// A failed script's last three lines of stderr, last first, on one line.
+fn last_lines(stderr: &str) -> String {
+    let tail: Vec<&str> = stderr.lines().rev().take(3).collect();
+    tail.join(" / ")
+}
+
 /// Runs one script with its arguments; returns its last stdout line as JSON.
 fn run_script(
     python: &Path,
@@ -502,8 +522,7 @@ fn run_script(
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
-        let tail: Vec<&str> = stderr.lines().rev().take(3).collect();
-        return Err(format!("{name} failed: {}", tail.join(" / ")));
+        return Err(format!("{name} failed: {}", last_lines(&stderr)));
     }
     let last = stdout.lines().last().unwrap_or_default();
     serde_json::from_str(last).map_err(|e| format!("{name} printed no result ({e})"))

@@ -3,12 +3,14 @@
 //!
 //!     rustc -O -C target-cpu=native docs/bench/contention_probe.rs -o /tmp/contention_probe && /tmp/contention_probe
 //!
-//! It times, on one thread and on two, three loops that each lean on one resource the host's
-//! other tenants may share with us: AVX-512 multiply-adds alone (the multiply-add units, which
-//! the salience passes' register tile keeps full), integer multiplies (the scalar units), and a
-//! sum over 256 MiB (memory bandwidth). Compare its figures between hours: the sixteenth round
-//! of `docs/performance-log.md` found a slow hour slowing gradient passes 2.1× while the
-//! multiply-add loop slowed 1.4–1.6×.
+//! It times, on one thread and on two, loops that each lean on one resource the host's other
+//! tenants may share with us: multiply-adds alone, 256-bit (AVX2 + FMA) and, where the CPU has
+//! it, 512-bit (AVX-512F) — the multiply-add units, which the salience passes' register tile
+//! keeps full —, integer multiplies (the scalar units), and a sum over 256 MiB (memory
+//! bandwidth). Compare its figures between hours: the sixteenth round of
+//! `docs/performance-log.md` found a slow hour slowing gradient passes 2.1× while the
+//! multiply-add loop slowed 1.4–1.6×. The 256-bit loop's figure is also the ceiling of the
+//! AVX2 register tile: 32 flops per cycle per core on CPUs with two 256-bit FMA units.
 
 use std::time::Instant;
 
@@ -25,6 +27,24 @@ unsafe fn multiply_adds(n: usize) -> f32 {
         }
     }
     acc.iter().map(|&v| _mm512_reduce_add_ps(v)).sum()
+}
+
+/// The same twelve chains in 256-bit registers (the AVX2 kernels' width).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn multiply_adds_256(n: usize) -> f32 {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm256_set1_ps(0.0); 12];
+    let (a, b) = (_mm256_set1_ps(1.000_000_1), _mm256_set1_ps(0.999_999_9));
+    for _ in 0..n {
+        for v in acc.iter_mut() {
+            *v = _mm256_fmadd_ps(*v, a, b);
+        }
+    }
+    let mut lanes = [0f32; 8];
+    let sum = acc.iter().fold(_mm256_setzero_ps(), |s, &v| _mm256_add_ps(s, v));
+    _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
+    lanes.iter().sum()
 }
 
 fn integer_multiplies(n: usize) -> u64 {
@@ -65,21 +85,36 @@ const MEMORY_PASSES: usize = 4;
 
 fn main() {
     #[cfg(target_arch = "x86_64")]
-    let has_avx512 = std::is_x86_feature_detected!("avx512f");
+    let (has_avx2, has_avx512) = (
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma"),
+        std::is_x86_feature_detected!("avx512f"),
+    );
     #[cfg(not(target_arch = "x86_64"))]
-    let has_avx512 = false;
-    println!("| threads | AVX-512 multiply-adds, GFLOP/s | integer loop, s | memory sum, GB/s |");
-    println!("|---|---|---|---|");
+    let (has_avx2, has_avx512) = (false, false);
+    println!("| threads | AVX2 multiply-adds, GFLOP/s | AVX-512 multiply-adds, GFLOP/s | integer loop, s | memory sum, GB/s |");
+    println!("|---|---|---|---|---|");
     for threads in [1, 2] {
+        // GFLOP/s of `threads` threads each running `steps` steps of twelve `lanes`-wide
+        // multiply-adds.
+        let rate = |lanes: usize, s: f64| {
+            format!("{:.0}", (threads * FMA_STEPS * 12 * lanes * 2) as f64 / s / 1e9)
+        };
+        let fma256 = if has_avx2 {
+            #[cfg(target_arch = "x86_64")]
+            {
+                // SAFETY: the CPU has AVX2 and FMA (checked above).
+                rate(8, timed(threads, || unsafe { multiply_adds_256(FMA_STEPS) }))
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            unreachable!()
+        } else {
+            "no AVX2".to_string()
+        };
         let fma = if has_avx512 {
             #[cfg(target_arch = "x86_64")]
             {
                 // SAFETY: the CPU has AVX-512F (checked above).
-                let s = timed(threads, || unsafe { multiply_adds(FMA_STEPS) });
-                format!(
-                    "{:.0}",
-                    (threads * FMA_STEPS * 12 * 16 * 2) as f64 / s / 1e9
-                )
+                rate(16, timed(threads, || unsafe { multiply_adds(FMA_STEPS) }))
             }
             #[cfg(not(target_arch = "x86_64"))]
             unreachable!()
@@ -106,6 +141,6 @@ fn main() {
                 .fold(0.0f64, f64::max)
         };
         let gbs = (threads * MEMORY_WORDS * 4 * MEMORY_PASSES) as f64 / slowest / 1e9;
-        println!("| {threads} | {fma} | {int:.2} | {gbs:.1} |");
+        println!("| {threads} | {fma256} | {fma} | {int:.2} | {gbs:.1} |");
     }
 }

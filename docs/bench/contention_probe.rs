@@ -42,7 +42,9 @@ unsafe fn multiply_adds_256(n: usize) -> f32 {
         }
     }
     let mut lanes = [0f32; 8];
-    let sum = acc.iter().fold(_mm256_setzero_ps(), |s, &v| _mm256_add_ps(s, v));
+    let sum = acc
+        .iter()
+        .fold(_mm256_setzero_ps(), |s, &v| _mm256_add_ps(s, v));
     _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
     lanes.iter().sum()
 }
@@ -83,44 +85,41 @@ const INT_STEPS: usize = 50_000_000;
 const MEMORY_WORDS: usize = 64 << 20;
 const MEMORY_PASSES: usize = 4;
 
+/// The multiply-add loops this CPU runs, as (lanes, loop): 256-bit, then 512-bit.
+#[cfg(target_arch = "x86_64")]
+fn multiply_add_loops() -> [Option<(usize, fn() -> f32)>; 2] {
+    let avx2 = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
+    let avx512 = std::is_x86_feature_detected!("avx512f");
+    // SAFETY (both loops): each is offered only where the CPU has its features.
+    let avx2_loop: fn() -> f32 = || unsafe { multiply_adds_256(FMA_STEPS) };
+    let avx512_loop: fn() -> f32 = || unsafe { multiply_adds(FMA_STEPS) };
+    [
+        avx2.then_some((8, avx2_loop)),
+        avx512.then_some((16, avx512_loop)),
+    ]
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn multiply_add_loops() -> [Option<(usize, fn() -> f32)>; 2] {
+    [None, None]
+}
+
 fn main() {
-    #[cfg(target_arch = "x86_64")]
-    let (has_avx2, has_avx512) = (
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma"),
-        std::is_x86_feature_detected!("avx512f"),
-    );
-    #[cfg(not(target_arch = "x86_64"))]
-    let (has_avx2, has_avx512) = (false, false);
     println!("| threads | AVX2 multiply-adds, GFLOP/s | AVX-512 multiply-adds, GFLOP/s | integer loop, s | memory sum, GB/s |");
     println!("|---|---|---|---|---|");
     for threads in [1, 2] {
-        // GFLOP/s of `threads` threads each running `steps` steps of twelve `lanes`-wide
-        // multiply-adds.
-        let rate = |lanes: usize, s: f64| {
-            format!("{:.0}", (threads * FMA_STEPS * 12 * lanes * 2) as f64 / s / 1e9)
-        };
-        let fma256 = if has_avx2 {
-            #[cfg(target_arch = "x86_64")]
-            {
-                // SAFETY: the CPU has AVX2 and FMA (checked above).
-                rate(8, timed(threads, || unsafe { multiply_adds_256(FMA_STEPS) }))
+        // GFLOP/s of `threads` threads each running FMA_STEPS steps of twelve multiply-adds
+        // `lanes` wide.
+        let [fma256, fma] = multiply_add_loops().map(|found| match found {
+            Some((lanes, work)) => {
+                let s = timed(threads, work);
+                format!(
+                    "{:.0}",
+                    (threads * FMA_STEPS * 12 * lanes * 2) as f64 / s / 1e9
+                )
             }
-            #[cfg(not(target_arch = "x86_64"))]
-            unreachable!()
-        } else {
-            "no AVX2".to_string()
-        };
-        let fma = if has_avx512 {
-            #[cfg(target_arch = "x86_64")]
-            {
-                // SAFETY: the CPU has AVX-512F (checked above).
-                rate(16, timed(threads, || unsafe { multiply_adds(FMA_STEPS) }))
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            unreachable!()
-        } else {
-            "no AVX-512".to_string()
-        };
+            None => "not on this CPU".to_string(),
+        });
         let int = timed(threads, || integer_multiplies(INT_STEPS));
         // Each thread times its own passes over its own 256 MiB, after faulting them in.
         let slowest = {

@@ -107,10 +107,11 @@ fn multiply_add_loops() -> [Option<(usize, fn() -> f32)>; 2] {
 fn main() {
     println!("| threads | AVX2 multiply-adds, GFLOP/s | AVX-512 multiply-adds, GFLOP/s | integer loop, s | memory sum, GB/s |");
     println!("|---|---|---|---|---|");
+    let loops = multiply_add_loops();
     for threads in [1, 2] {
         // GFLOP/s of `threads` threads each running FMA_STEPS steps of twelve multiply-adds
         // `lanes` wide.
-        let [fma256, fma] = multiply_add_loops().map(|found| match found {
+        let [fma256, fma] = loops.map(|found| match found {
             Some((lanes, work)) => {
                 let s = timed(threads, work);
                 format!(

@@ -1,6 +1,7 @@
-//! Decoding with the K types' integer dots (activations rounded to 15 bits) against the f32
-//! dots (`PROMPT_SALIENCE_EXACT_DECODING=1`), on the real Gemma 3 270M file, whose Q4_K and
-//! Q6_K matrices take the integer path: the greedy continuations are the same text.
+//! Decoding with the integer dots (activations rounded to 15 bits) against the f32 dots
+//! (`PROMPT_SALIENCE_EXACT_DECODING=1`), on the real Gemma 3 270M file, whose Q4_K and Q6_K
+//! matrices (and, on CPUs whose widest kernel is AVX2, its Q8_0 output head) take the integer
+//! path: the greedy continuations are the same text.
 
 fn generate(prompt: &str, exact: bool) -> String {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_prompt-salience"))

@@ -27,6 +27,8 @@ use rayon::prelude::*;
 
 mod integer;
 pub use integer::has_integer_dots;
+#[cfg(test)]
+pub(super) use integer::rounding_group;
 use integer::RoundedRows;
 
 /// Up to this many activation rows go through these kernels; more share tiles better.
@@ -132,8 +134,9 @@ pub fn has_register_dots(dtype: GgmlDType, cols: usize) -> bool {
         || (matches!(dtype, GgmlDType::F16 | GgmlDType::BF16) && cols.is_multiple_of(BLOCK))
 }
 
-/// How the decoding dots of the types with integer dots (`integer`: the K types) take
-/// the activations, on CPUs with AVX2; every other type and CPU takes them as f32.
+/// How the decoding dots of the types with integer dots (`integer`: the K types on CPUs with
+/// AVX2, Q8_0 where AVX2 is the widest kernel) take the activations; every other type and CPU
+/// takes them as f32.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activations {
     /// As f32 (`PROMPT_SALIENCE_EXACT_DECODING=1`).
@@ -179,8 +182,8 @@ pub struct Part<'a> {
 /// rows: out[i * R + o_p + r] = Σ_c W_p[r, c] · x[i * cols + c], where part p's rows start at
 /// o_p and R is their total. Stacked matrices (q, k and v; gate and up) share one parallel
 /// loop, so a decoding step waits for its threads once per input instead of once per matrix.
-/// K-type parts take the activations as `activations` says (`Activations::best()`
-/// outside tests).
+/// Parts with integer dots (`integer::rounding_group`) take the activations as `activations`
+/// says (`Activations::best()` outside tests).
 pub fn product(
     parts: &[Part],
     cols: usize,
@@ -202,17 +205,26 @@ pub fn product(
     let chunk = (rows / (8 * rayon::current_num_threads().max(1))).clamp(8, 256);
     // Σ x_j over each block of each input row, for the m·Σ x_j term of Q4_1.
     let block_sums: Vec<f32> = x.chunks(BLOCK).map(|b| b.iter().sum()).collect();
-    // Rounded once for every part that takes them.
-    let integer = |dtype: GgmlDType| {
-        cfg!(target_arch = "x86_64")
-            && activations == Activations::Rounded
-            && kernel.has_avx2()
-            && has_integer_dots(dtype)
+    // How many values share a scale where a part's dots are integer ones.
+    let rounding_group = |dtype: GgmlDType| match activations {
+        Activations::Rounded => integer::rounding_group(dtype, kernel),
+        Activations::Exact => None,
     };
-    let rounded = parts
-        .iter()
-        .any(|p| p.blocks.is_some_and(|(_, dtype)| integer(dtype)))
-        .then(|| RoundedRows::new(x, cols));
+    // Rounded once for each grouping that some part takes.
+    let rounded_by = |group: usize| {
+        parts
+            .iter()
+            .any(|p| p.blocks.and_then(|(_, dtype)| rounding_group(dtype)) == Some(group))
+            .then(|| RoundedRows::new(x, cols, group))
+    };
+    let rounded = [rounded_by(integer::SUPER), rounded_by(BLOCK)];
+    let rounded_for = |group: usize| {
+        rounded
+            .iter()
+            .flatten()
+            .find(|r| r.group() == group)
+            .expect("rounded for this part")
+    };
     let mut by_row = vec![0f32; rows * n];
     by_row.par_chunks_mut(chunk * n).enumerate().for_each_init(
         || vec![0f32; cols],
@@ -230,17 +242,23 @@ pub fn product(
                 let dots = &mut out[(row - first) * n..(row - first + rows) * n];
                 match (kernel, part.blocks) {
                     #[cfg(target_arch = "x86_64")]
-                    (kernel, Some((bytes, dtype))) if integer(dtype) => {
-                        let x = rounded.as_ref().expect("rounded for this part");
-                        let row_dots = if integer::takes_avx512(kernel) {
-                            integer::avx512::row_dots
+                    (kernel, Some((bytes, dtype))) if rounding_group(dtype).is_some() => {
+                        let group = rounding_group(dtype).expect("checked by the guard");
+                        let x = rounded_for(group);
+                        // SAFETY (all three): `rounding_group` is Some only where the CPU has
+                        // AVX2, FMA and F16C, and the 512-bit kernels are taken where it has
+                        // AVX-512F and BW; the rows lie inside `bytes`.
+                        if dtype == GgmlDType::Q8_0 {
+                            unsafe { integer::avx2::q8_0_row_dots(bytes, (r, rows), cols, x, dots) }
+                        } else if integer::takes_avx512(kernel) {
+                            unsafe {
+                                integer::avx512::row_dots(bytes, dtype, (r, rows), cols, x, dots)
+                            }
                         } else {
-                            integer::avx2::row_dots
-                        };
-                        // SAFETY: `integer` holds only where the CPU has AVX2, FMA and F16C,
-                        // and the 512-bit kernels are taken where it has AVX-512F and BW; the
-                        // rows lie inside `bytes`.
-                        unsafe { row_dots(bytes, dtype, (r, rows), cols, x, dots) }
+                            unsafe {
+                                integer::avx2::row_dots(bytes, dtype, (r, rows), cols, x, dots)
+                            }
+                        }
                     }
                     #[cfg(target_arch = "x86_64")]
                     (kernel, Some((bytes, dtype)))

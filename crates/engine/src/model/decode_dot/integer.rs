@@ -1,5 +1,6 @@
-//! Decoding dots of the K types (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) with integer multiply-adds,
-//! against activations rounded to 15 bits.
+//! Decoding dots with integer multiply-adds, against activations rounded to 15 bits: the K
+//! types (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) on every CPU with AVX2, and Q8_0 where AVX2 is the
+//! widest kernel.
 //!
 //! Why: with f32 activations every weight is widened to a 32-bit lane, converted and
 //! multiplied, and for the 2-, 3- and 6-bit types that costs more than reading it. On Llama
@@ -10,22 +11,36 @@
 //! AVX2): Q2_K 43 → 26 (69 → 33), Q3_K 48 → 37 (110 → 48), Q4_K 35 → 33 (46 → 39), Q5_K
 //! 46 → 34 (84 → 46), Q6_K 58 → 30 (70 → 40).
 //!
-//! Precision: llama.cpp rounds activations to 8 bits. Here each super-block of 256 values
-//! of an activation row gets a scale s = max |x| / 16256 and integers v = round(x / s),
-//! stored as two signed bytes v = 128·hi + lo (|hi| ≤ 127, |lo| ≤ 64), so that byte
-//! multiply-adds take them. Each value is off by at most s / 2, 2⁻¹⁵ of the largest in its
-//! block: 128 times closer than 8 bits. The formats' offsets (the mins of Q2_K, Q4_K and
-//! Q5_K, the −32 of Q6_K, the −4 of Q3_K) are taken in f32 against the exact sums of x over
-//! each run of 16 values, so only the d·sc·u part of a weight meets the rounding. Gemma 3
-//! 270M's Q4_K_M file (Q4_K and Q6_K matrices among others) gives the same 64-token greedy
-//! continuations of ten prompts either way. With `PROMPT_SALIENCE_EXACT_DECODING=1` these
-//! types take the f32 kernels instead.
+//! Q8_0 the same way on AVX2 (AMD Zen 3, where Gemma 3's Q8_0 embedding table, read as the
+//! output head, is 62 % of the bytes of a decoding step): the f32 kernel widens, converts and
+//! multiplies 32 weights in twelve vector operations and read 9.1–10.6 GB/s on one thread,
+//! 17–20 on two; these dots, with the magnitudes of the weights against the activations'
+//! bytes carrying the weights' signs, read 11.7–16.2 and 19–28, where a plain sum of the same
+//! 178 MB read 14–19 and 24–34 (`docs/bench/q8_0_stream.rs`, runs an hour apart). Gemma 3
+//! decoded 56.7–61.4 tokens/s against 45.7–51.9 (three alternating rounds). With AVX-512 the
+//! f32 kernel is kept (not measured against these).
+//!
+//! Precision: llama.cpp rounds activations to 8 bits. Here each group of values of an
+//! activation row (a super-block of 256 for the K types, a block of 32 for Q8_0) gets a scale
+//! s = max |x| / 16256 and integers v = round(x / s), stored as two signed bytes
+//! v = 128·hi + lo (|hi| ≤ 127, |lo| ≤ 64), so that byte multiply-adds take them. Each value
+//! is off by at most s / 2, 2⁻¹⁵ of the largest in its group: 128 times closer than 8 bits.
+//! The K formats' offsets (the mins of Q2_K, Q4_K and Q5_K, the −32 of Q6_K, the −4 of Q3_K)
+//! are taken in f32 against the exact sums of x over each run of 16 values, so only the
+//! d·sc·u part of a weight meets the rounding. Gemma 3 270M's Q4_K_M file (Q8_0, Q4_K and Q6_K
+//! matrices among others) gives the same greedy continuations either way
+//! (`server/tests/decoding.rs`). With `PROMPT_SALIENCE_EXACT_DECODING=1` these types take the
+//! f32 kernels instead.
 
 use candle_core::quantized::GgmlDType;
 
-/// Values per super-block (one activation scale), and per run (one weight scale).
-const SUPER: usize = 256;
+/// Values per super-block (one activation scale for the K types), and per run (one weight
+/// scale).
+pub(super) const SUPER: usize = 256;
 const RUN: usize = 16;
+
+/// Values per Q8_0 block (one activation scale for Q8_0).
+const BLOCK: usize = super::BLOCK;
 
 /// The largest |v|: 127 · 128, so that v = 128·hi + lo with |hi| ≤ 127 and |lo| ≤ 64.
 const STEPS: f32 = 16256.0;
@@ -38,7 +53,23 @@ fn to_integer(y: f32) -> f32 {
     (y + SHIFT) - SHIFT
 }
 
-/// The storage types whose decoding dots are integer ones.
+/// How many values of an activation row share a scale for the integer dots of `dtype` on
+/// `kernel`, or None where the dots take f32 activations.
+pub(in crate::model) fn rounding_group(dtype: GgmlDType, kernel: super::Kernel) -> Option<usize> {
+    if !cfg!(target_arch = "x86_64") || !kernel.has_avx2() {
+        return None;
+    }
+    if has_integer_dots(dtype) {
+        Some(SUPER)
+    } else if dtype == GgmlDType::Q8_0 && kernel == super::Kernel::Avx2 {
+        Some(BLOCK)
+    } else {
+        None
+    }
+}
+
+/// The K types: their decoding dots are integer ones on every CPU with AVX2, and their
+/// register dequantization lives here.
 pub fn has_integer_dots(dtype: GgmlDType) -> bool {
     matches!(
         dtype,
@@ -56,24 +87,28 @@ pub(super) fn takes_avx512(kernel: super::Kernel) -> bool {
 /// Activation rows rounded for the integer dots (see the module's comment).
 pub struct RoundedRows {
     cols: usize,
+    /// Values per scale: 256 (K types) or 32 (Q8_0).
+    group: usize,
     /// v = 128·hi + lo for every value, in the rows' order.
     hi: Vec<i8>,
     lo: Vec<i8>,
-    /// s for each super-block of each row: the value x stands for s·v.
+    /// s for each group of each row: the value x stands for s·v.
     scales: Vec<f32>,
     /// Σ x over each run of 16 values of each row, from the f32 values.
     run_sums: Vec<f32>,
 }
 
 impl RoundedRows {
-    /// Rounds rows of `cols` values (a multiple of 256). A super-block with a value that is
-    /// not finite gets a NaN scale, so its dots come out NaN as the f32 ones would.
-    pub fn new(x: &[f32], cols: usize) -> RoundedRows {
-        assert!(cols.is_multiple_of(SUPER) && x.len().is_multiple_of(cols));
+    /// Rounds rows of `cols` values (a multiple of `group`), with one scale per `group`
+    /// values. A group with a value that is not finite gets a NaN scale, so its dots come out
+    /// NaN as the f32 ones would.
+    pub fn new(x: &[f32], cols: usize, group: usize) -> RoundedRows {
+        assert!(group.is_multiple_of(RUN) && cols.is_multiple_of(group));
+        assert!(x.len().is_multiple_of(cols));
         let (mut hi, mut lo) = (vec![0i8; x.len()], vec![0i8; x.len()]);
         let scales = x
-            .chunks(SUPER)
-            .zip(hi.chunks_mut(SUPER).zip(lo.chunks_mut(SUPER)))
+            .chunks(group)
+            .zip(hi.chunks_mut(group).zip(lo.chunks_mut(group)))
             .map(|(block, (hi, lo))| {
                 // Written so that the compiler vectorizes it (no call to `round`, no early
                 // exit): it runs for every product of a decoding step.
@@ -102,6 +137,7 @@ impl RoundedRows {
         let run_sums = x.chunks(RUN).map(|run| run.iter().sum()).collect();
         RoundedRows {
             cols,
+            group,
             hi,
             lo,
             scales,
@@ -113,7 +149,12 @@ impl RoundedRows {
     #[cfg(test)]
     fn value(&self, i: usize) -> f32 {
         let v = 128.0 * f32::from(self.hi[i]) + f32::from(self.lo[i]);
-        self.scales[i / SUPER] * v
+        self.scales[i / self.group] * v
+    }
+
+    /// Values per scale.
+    pub fn group(&self) -> usize {
+        self.group
     }
 
     /// The number of rows.
@@ -204,7 +245,7 @@ macro_rules! integer_entry_points {
 pub(super) mod avx2 {
     use super::super::avx2::{k_bytes, q4k_fields, Q2K_BYTES, Q3K_BYTES, Q6K_BYTES};
     use super::super::{f16_values, prefetch_ahead};
-    use super::{RoundedRows, RUN, SUPER};
+    use super::{RoundedRows, BLOCK, RUN, SUPER};
     use candle_core::quantized::GgmlDType;
     use std::arch::x86_64::*;
 
@@ -456,7 +497,7 @@ pub(super) mod avx2 {
         let size = super_bytes(FORMAT);
         let supers = cols / SUPER;
         assert!(cols.is_multiple_of(SUPER), "K rows are whole super-blocks");
-        assert!(x.rows() >= N && x.cols == cols && dots.len() >= N);
+        assert!(x.rows() >= N && x.cols == cols && x.group == SUPER && dots.len() >= N);
         let row = &bytes[r * supers * size..(r + 1) * supers * size];
         let f16_values = f16_values();
         // The lanes of each run pair's multiplier vector: runs 2c and 2c + 1 of eight.
@@ -506,6 +547,87 @@ pub(super) mod avx2 {
                         _mm256_fmadd_ps(scales.offsets[0], _mm256_loadu_ps(sums), totals[i]);
                     totals[i] =
                         _mm256_fmadd_ps(scales.offsets[1], _mm256_loadu_ps(sums.add(8)), totals[i]);
+                }
+            }
+        }
+        let sums = super::super::avx2::sums4(&totals);
+        dots[..N].copy_from_slice(&sums[..N]);
+    }
+
+    /// Bytes per Q8_0 block: d as f16, then 32 signed bytes q (ggml's `block_q8_0`).
+    const Q8_0_BYTES: usize = 34;
+
+    /// dots[k·n + i] = W[r + k] · x_i for the `rows` Q8_0 rows from r and the n = dots.len() /
+    /// rows input rows x_i, rounded per block of 32.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; `bytes` holds rows of `cols / 32` Q8_0 blocks.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(in super::super) unsafe fn q8_0_row_dots(
+        bytes: &[u8],
+        (r, rows): (usize, usize),
+        cols: usize,
+        x: &RoundedRows,
+        dots: &mut [f32],
+    ) {
+        let n = dots.len() / rows;
+        assert!(x.cols == cols && x.group == BLOCK && x.rows() >= n);
+        for (k, dots) in dots.chunks_mut(n).enumerate() {
+            // SAFETY: as for this function.
+            unsafe {
+                match n {
+                    1 => q8_0_row_dots_n::<1>(bytes, r + k, cols, x, dots),
+                    2 => q8_0_row_dots_n::<2>(bytes, r + k, cols, x, dots),
+                    3 => q8_0_row_dots_n::<3>(bytes, r + k, cols, x, dots),
+                    _ => q8_0_row_dots_n::<4>(bytes, r + k, cols, x, dots),
+                }
+            }
+        }
+    }
+
+    /// Row r's dots with N input rows rounded per block of 32. `maddubs` multiplies unsigned
+    /// bytes by signed ones, so it takes |q| against the activations' bytes with q's signs.
+    ///
+    /// # Safety
+    /// As for `q8_0_row_dots`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q8_0_row_dots_n<const N: usize>(
+        bytes: &[u8],
+        r: usize,
+        cols: usize,
+        x: &RoundedRows,
+        dots: &mut [f32],
+    ) {
+        let blocks = cols / BLOCK;
+        assert!(x.rows() >= N && x.cols == cols && x.group == BLOCK && dots.len() >= N);
+        let row = &bytes[r * blocks * Q8_0_BYTES..(r + 1) * blocks * Q8_0_BYTES];
+        let f16_values = f16_values();
+        let (ones, high_weight) = (_mm256_set1_epi16(1), _mm256_set1_epi16(128));
+        let mut totals = [_mm256_setzero_ps(); N];
+        for b in 0..blocks {
+            // SAFETY: block b of the row lies inside it; 32 rounded values of each x_i from
+            // b·32, and their scale, lie inside the slices checked above.
+            unsafe {
+                let at = row.as_ptr().add(b * Q8_0_BYTES);
+                prefetch_ahead(at);
+                let d = f16_values[std::ptr::read_unaligned(at as *const u16) as usize];
+                let q = _mm256_loadu_si256(at.add(2) as *const __m256i);
+                let magnitudes = _mm256_sign_epi8(q, q);
+                for (i, total) in totals.iter_mut().enumerate() {
+                    let o = i * cols + b * BLOCK;
+                    let hi = _mm256_loadu_si256(x.hi.as_ptr().add(o) as *const __m256i);
+                    let lo = _mm256_loadu_si256(x.lo.as_ptr().add(o) as *const __m256i);
+                    // Pairs of |q|·v at most 2·128·127: no saturation. A block's Σ q·v is at
+                    // most 32·128·16256 < 2³¹: exact in 32 bits.
+                    let pairs_hi = _mm256_maddubs_epi16(magnitudes, _mm256_sign_epi8(hi, q));
+                    let pairs_lo = _mm256_maddubs_epi16(magnitudes, _mm256_sign_epi8(lo, q));
+                    let v = _mm256_add_epi32(
+                        _mm256_madd_epi16(pairs_hi, high_weight),
+                        _mm256_madd_epi16(pairs_lo, ones),
+                    );
+                    let factor = d * *x.scales.get_unchecked(i * blocks + b);
+                    *total = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_set1_ps(factor), *total);
                 }
             }
         }
@@ -713,7 +835,7 @@ pub(super) mod avx512 {
         let size = super_bytes(FORMAT);
         let supers = cols / SUPER;
         assert!(cols.is_multiple_of(SUPER), "K rows are whole super-blocks");
-        assert!(x.rows() >= N && x.cols == cols && dots.len() >= N);
+        assert!(x.rows() >= N && x.cols == cols && x.group == SUPER && dots.len() >= N);
         let row = &bytes[r * supers * size..(r + 1) * supers * size];
         let f16_values = f16_values();
         let words_twice = _mm512_set4_epi32(0x0d0c_0d0c, 0x0908_0908, 0x0504_0504, 0x0100_0100);
@@ -796,26 +918,43 @@ mod tests {
     use candle_core::quantized::QTensor;
     use candle_core::{Device, Tensor};
 
-    const TYPES: [GgmlDType; 5] = [
-        GgmlDType::Q2K,
-        GgmlDType::Q3K,
-        GgmlDType::Q4K,
-        GgmlDType::Q5K,
-        GgmlDType::Q6K,
+    /// Every type with integer dots, the values per activation scale on the AVX2 kernel, and
+    /// a row length for the tests: Q8_0's 640 (Gemma 3's hidden size) is no multiple of 256.
+    const TYPES: [(GgmlDType, usize, usize); 6] = [
+        (GgmlDType::Q2K, SUPER, 2 * SUPER),
+        (GgmlDType::Q3K, SUPER, 2 * SUPER),
+        (GgmlDType::Q4K, SUPER, 2 * SUPER),
+        (GgmlDType::Q5K, SUPER, 2 * SUPER),
+        (GgmlDType::Q6K, SUPER, 2 * SUPER),
+        (GgmlDType::Q8_0, BLOCK, 20 * BLOCK),
     ];
 
-    /// Rows whose values lie on the rounding grid, s = 2⁻⁷ in every super-block (one value
-    /// at ±16256·s), so that rounding leaves them as they are.
-    fn on_grid(len: usize, seed: u64) -> Vec<f32> {
+    /// Rows whose values lie on the rounding grid, s = 2⁻⁷ in every group of `group` values
+    /// (one value at ±16256·s), so that rounding leaves them as they are.
+    fn on_grid(len: usize, seed: u64, group: usize) -> Vec<f32> {
         let s = 1.0 / 128.0;
         let mut x: Vec<f32> = random(len, seed)
             .iter()
             .map(|v| (v * STEPS).round() * s)
             .collect();
-        for (b, block) in x.chunks_mut(SUPER).enumerate() {
-            block[(b * 37) % SUPER] = if b % 2 == 0 { STEPS * s } else { -STEPS * s };
+        for (b, block) in x.chunks_mut(group).enumerate() {
+            block[(b * 37) % group] = if b % 2 == 0 { STEPS * s } else { -STEPS * s };
         }
         x
+    }
+
+    #[test]
+    fn integer_dots_are_taken_where_measured() {
+        use GgmlDType::{Q4K, Q4_1, Q6K, Q8_0};
+        assert_eq!(rounding_group(Q4K, Kernel::Avx2), Some(SUPER));
+        assert_eq!(rounding_group(Q6K, Kernel::Avx512), Some(SUPER));
+        assert_eq!(rounding_group(Q8_0, Kernel::Avx2), Some(BLOCK));
+        // The 512-bit f32 kernel keeps Q8_0; the other 32-value blocks stay f32 everywhere.
+        assert_eq!(rounding_group(Q8_0, Kernel::Avx512), None);
+        assert_eq!(rounding_group(Q4_1, Kernel::Avx2), None);
+        for dtype in [Q4K, Q8_0] {
+            assert_eq!(rounding_group(dtype, Kernel::Portable), None);
+        }
     }
 
     fn integer_kernels() -> Vec<Kernel> {
@@ -860,39 +999,44 @@ mod tests {
 
     #[test]
     fn rounding_keeps_each_value_within_half_a_step() {
-        let cols = 2 * SUPER;
-        let mut x = random(3 * cols, 1);
-        x[cols..cols + SUPER].fill(0.0);
-        x[2 * cols + 5] = 1e4;
-        let rounded = RoundedRows::new(&x, cols);
-        assert_eq!(rounded.rows(), 3);
-        for (b, block) in x.chunks(SUPER).enumerate() {
-            let largest = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let step = largest / STEPS;
-            assert_eq!(rounded.scales[b], step, "block {b}");
-            for (j, v) in block.iter().enumerate() {
-                let i = b * SUPER + j;
-                assert!(rounded.hi[i].unsigned_abs() <= 127 && rounded.lo[i].unsigned_abs() <= 64);
-                let d = (rounded.value(i) - v).abs();
-                assert!(
-                    d <= 0.5 * step * (1.0 + 1e-5),
-                    "value {i}: {v} off by {d}, step {step}"
-                );
+        for group in [SUPER, BLOCK] {
+            let cols = 2 * SUPER;
+            let mut x = random(3 * cols, 1);
+            x[cols..cols + group].fill(0.0);
+            x[2 * cols + 5] = 1e4;
+            let rounded = RoundedRows::new(&x, cols, group);
+            assert_eq!((rounded.rows(), rounded.group()), (3, group));
+            assert_eq!(rounded.scales.len(), 3 * cols / group);
+            for (b, block) in x.chunks(group).enumerate() {
+                let largest = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let step = largest / STEPS;
+                assert_eq!(rounded.scales[b], step, "group of {group}, block {b}");
+                for (j, v) in block.iter().enumerate() {
+                    let i = b * group + j;
+                    assert!(
+                        rounded.hi[i].unsigned_abs() <= 127 && rounded.lo[i].unsigned_abs() <= 64
+                    );
+                    let d = (rounded.value(i) - v).abs();
+                    assert!(
+                        d <= 0.5 * step * (1.0 + 1e-5),
+                        "group of {group}, value {i}: {v} off by {d}, step {step}"
+                    );
+                }
             }
-        }
-        // The sums of runs are the f32 values' own.
-        let want: f32 = x[16..32].iter().sum();
-        assert_eq!(rounded.run_sums[1], want);
-        // The outlier block: the other values keep 2⁻¹⁵ of 1e4, about 0.3.
-        assert!((rounded.value(2 * cols) - x[2 * cols]).abs() <= 0.31);
-        // Subnormals (16256 / largest overflows): the values stay in place, within the
-        // precision their subnormal scale has (about 1 %).
-        let tiny: Vec<f32> = (0..SUPER).map(|k| (k as f32 - 100.0) * 1e-41).collect();
-        let rounded = RoundedRows::new(&tiny, SUPER);
-        let largest = 155.0 * 1e-41;
-        for (i, v) in tiny.iter().enumerate() {
-            let d = (rounded.value(i) - v).abs();
-            assert!(d <= 0.01 * largest, "subnormal {i}: {v} off by {d}");
+            // The sums of runs are the f32 values' own.
+            let want: f32 = x[16..32].iter().sum();
+            assert_eq!(rounded.run_sums[1], want);
+            // The outlier's group: its other values keep 2⁻¹⁵ of 1e4, about 0.3.
+            assert!((rounded.value(2 * cols) - x[2 * cols]).abs() <= 0.31);
+            // Subnormals (16256 / largest overflows): the values stay in place, within the
+            // precision their subnormal scale has (about 1 %).
+            let tiny: Vec<f32> = (0..group).map(|k| (k as f32 - 100.0) * 7e-41).collect();
+            let rounded = RoundedRows::new(&tiny, group, group);
+            let largest = tiny.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (i, v) in tiny.iter().enumerate() {
+                let d = (rounded.value(i) - v).abs();
+                assert!(d <= 0.01 * largest, "subnormal {i}: {v} off by {d}");
+            }
         }
     }
 
@@ -900,12 +1044,12 @@ mod tests {
     fn integer_dots_on_the_grid_match_f64_dots() {
         // With activations the rounding keeps as they are, the integer dots differ from the
         // f64 dots of the dequantized weights only by the f32 sums of super-block partials.
-        let (rows, cols) = (9, 3 * SUPER);
+        let rows = 9;
         for kernel in integer_kernels() {
-            for (t, dtype) in TYPES.into_iter().enumerate() {
+            for (t, (dtype, group, cols)) in TYPES.into_iter().enumerate() {
                 let (bytes, w) = quantized(rows, cols, dtype, 10 + t as u64);
                 for n in 1..=super::super::MAX_INPUT_ROWS {
-                    let x = on_grid(n * cols, 20 + n as u64);
+                    let x = on_grid(n * cols, 20 + n as u64, group);
                     let got = rounded_product(&bytes, dtype, rows, cols, &x, kernel);
                     for i in 0..n {
                         for r in 0..rows {
@@ -936,13 +1080,13 @@ mod tests {
         // Off the grid, each value moves by at most half a step: a dot moves by at most
         // Σ |w_j| · s / 2 plus what the offsets' split adds (below |w| + |offset| ≤ 2·max |w|
         // per run for these formats' values).
-        let (rows, cols) = (7, 2 * SUPER);
+        let rows = 7;
         for kernel in integer_kernels() {
-            for (t, dtype) in TYPES.into_iter().enumerate() {
+            for (t, (dtype, group, cols)) in TYPES.into_iter().enumerate() {
                 let (bytes, w) = quantized(rows, cols, dtype, 30 + t as u64);
                 let x = random(cols, 40);
                 let got = rounded_product(&bytes, dtype, rows, cols, &x, kernel);
-                let rounded = RoundedRows::new(&x, cols);
+                let rounded = RoundedRows::new(&x, cols, group);
                 for r in 0..rows {
                     let w = &w[r * cols..(r + 1) * cols];
                     let want: f64 = w
@@ -955,7 +1099,7 @@ mod tests {
                         .enumerate()
                         .map(|(run, w)| {
                             let largest = w.iter().fold(0f32, |m, v| m.max(v.abs()));
-                            let step = rounded.scales[run * RUN / SUPER];
+                            let step = rounded.scales[run * RUN / group];
                             f64::from(2.0 * largest * 0.5 * step) * RUN as f64
                         })
                         .sum();
@@ -975,7 +1119,7 @@ mod tests {
         let mut x = random(cols, 50);
         x[3] = f32::NAN;
         for kernel in integer_kernels() {
-            for dtype in TYPES {
+            for (dtype, _, _) in TYPES {
                 let (bytes, _) = quantized(rows, cols, dtype, 60);
                 let got = rounded_product(&bytes, dtype, rows, cols, &x, kernel);
                 assert!(

@@ -120,7 +120,7 @@ impl Engine {
                 .map_err(|e| EngineError::candle_or_cancel(e, cancel))?;
             let logits = self
                 .model
-                .logits(&h)
+                .decoding_logits(&h)
                 .map_err(|e| EngineError::candle_or_cancel(e, cancel))?;
             logits
                 .squeeze(0)

@@ -2,6 +2,7 @@
 
 use candle_core::{Result, Tensor};
 
+use super::decode_dot::Activations;
 use super::forward::{LayerRecord, LayerTape, Past, Tape};
 use super::kernels::{
     gated_backward_into, merge_heads_backward_into, rms_norm_backward, rms_norm_backward_plus,
@@ -39,7 +40,7 @@ impl Model {
                 LayerRecord::Input(h) => {
                     let from = if i == last { tape.outputs_from } else { 0 };
                     let past = Past::Nothing;
-                    let (_, lt) = self.layer_forward(layer, &h, b, t, &rope, past, true, from)?;
+                    let (_, lt) = self.layer_forward(layer, &h, (b, t), &rope, past, true, from)?;
                     lt.expect("tape requested")
                 }
             };
@@ -77,7 +78,8 @@ impl Model {
         let g_m = match &lt.gate_up {
             Some(gate_up) => gated_backward_into(gate_up, &g_act, gelu, w_gate_up)?,
             None => {
-                let gate_up = rms_norm_into(&lt.h2, &layer.ffn_norm, c.eps, w_gate_up)?;
+                let exact = Activations::Exact;
+                let gate_up = rms_norm_into(&lt.h2, &layer.ffn_norm, c.eps, w_gate_up, exact)?;
                 gated_backward_into(&gate_up, &g_act, gelu, w_gate_up)?
             }
         };

@@ -7,8 +7,10 @@
 //! decoding time in candle's `to_float`). Here each block is expanded in registers and used at
 //! once.
 //!
-//! Exactness: the activations stay f32 (llama.cpp quantizes them to 8 bits for its integer dot
-//! products, which changed the greedy continuation of the PyTorch reference case). A block's
+//! Exactness: these kernels take the activations as f32 (llama.cpp quantizes them to 8 bits
+//! for its integer dot products, which changed the greedy continuation of the PyTorch
+//! reference case); generation's steps may take `integer`'s dots instead, against activations
+//! rounded to 15 bits (`Activations`). A block's
 //! sum Σ (d·q_j + m)·x_j is computed as d·Σ q_j·x_j + m·Σ x_j, with Σ x_j computed once per
 //! block of x: the same sum up to f32 rounding, and two operations fewer per eight weights.
 //! Q4_0's Σ d·(q_j − 8)·x_j is taken the same way, with m = −8d.
@@ -248,8 +250,17 @@ pub fn product(
                         // SAFETY (all three): `rounding_group` is Some only where the CPU has
                         // AVX2, FMA and F16C, and the 512-bit kernels are taken where it has
                         // AVX-512F and BW; the rows lie inside `bytes`.
-                        if dtype == GgmlDType::Q8_0 {
-                            unsafe { integer::avx2::q8_0_row_dots(bytes, (r, rows), cols, x, dots) }
+                        if group == BLOCK {
+                            unsafe {
+                                integer::avx2::block_row_dots(
+                                    bytes,
+                                    dtype,
+                                    (r, rows),
+                                    cols,
+                                    x,
+                                    dots,
+                                )
+                            }
                         } else if integer::takes_avx512(kernel) {
                             unsafe {
                                 integer::avx512::row_dots(bytes, dtype, (r, rows), cols, x, dots)

@@ -4,6 +4,7 @@
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::attention::Attention;
+use super::decode_dot::Activations;
 use super::kernels::{
     gated_into, merge_heads_into, rms_norm, rms_norm_backward, rms_norm_into, split_heads,
 };
@@ -296,7 +297,7 @@ impl Model {
             let whole = matches!(keep, Some(Keep::Whole | Keep::WithoutMlp));
             let from = if i + 1 == n { outputs_from } else { 0 };
             let past = Past::Nothing;
-            let (next, tape) = self.layer_forward(layer, &h, b, t, &rope, past, whole, from)?;
+            let (next, tape) = self.layer_forward(layer, &h, (b, t), &rope, past, whole, from)?;
             match (keep, tape) {
                 (Some(Keep::Whole), Some(tape)) => layers.push(LayerRecord::Full(tape)),
                 (Some(Keep::WithoutMlp), Some(mut tape)) => {
@@ -318,9 +319,11 @@ impl Model {
     }
 
     /// Decodes `ids` after the cached positions; returns the final-normed hidden state of the
-    /// last position and extends the cache.
+    /// last position and extends the cache. A generation step: products of a few rows may
+    /// round the activations (`Activations::best()`, see `decode_dot::integer`); pair it with
+    /// `decoding_logits`.
     pub fn forward_cached(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
-        let h = self.forward_cached_hidden(ids, cache)?;
+        let h = self.forward_cached_with(ids, cache, Activations::best())?;
         let last = h.narrow(0, ids.len() - 1, 1)?;
         rms_norm(&last, &self.final_norm, self.cfg.eps)
     }
@@ -328,6 +331,15 @@ impl Model {
     /// Runs `ids` after the cached positions and extends the cache; returns the hidden states
     /// of every new position (t, hidden), before the final norm.
     pub fn forward_cached_hidden(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        self.forward_cached_with(ids, cache, Activations::Exact)
+    }
+
+    fn forward_cached_with(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        activations: Activations,
+    ) -> Result<Tensor> {
         crate::threads::on_pool(|| {
             let t = ids.len();
             let offset = cache.len;
@@ -338,7 +350,18 @@ impl Model {
             cache.layers.resize(self.layers.len(), None);
             for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
                 let past = Past::Cache(slot, offset);
-                (h, _) = self.layer_forward(layer, &h, 1, t, &rope, past, false, 0)?;
+                (h, _) = self.layer_forward_runs(
+                    layer,
+                    &h,
+                    vec![Run {
+                        b: 1,
+                        t,
+                        rope: &rope,
+                        past,
+                    }],
+                    (false, 0),
+                    activations,
+                )?;
             }
             cache.len = total;
             Ok(h)
@@ -418,7 +441,8 @@ impl Model {
                     past: kv.as_ref().map_or(Past::Nothing, Past::Fixed),
                 })
                 .collect();
-            (h, _) = self.layer_forward_runs(layer, &h, layer_runs, false, 0)?;
+            (h, _) =
+                self.layer_forward_runs(layer, &h, layer_runs, (false, 0), Activations::Exact)?;
         }
         Ok(h)
     }
@@ -452,7 +476,17 @@ impl Model {
 
     /// Logits of final-normed hidden states, soft-capped where the model caps them.
     pub fn logits(&self, normed: &Tensor) -> Result<Tensor> {
-        let z = self.head().forward(normed)?;
+        self.logits_with(normed, Activations::Exact)
+    }
+
+    /// `logits` for a generation step (`forward_cached`): a few rows may take rounded
+    /// activations, as there.
+    pub fn decoding_logits(&self, normed: &Tensor) -> Result<Tensor> {
+        self.logits_with(normed, Activations::best())
+    }
+
+    fn logits_with(&self, normed: &Tensor, activations: Activations) -> Result<Tensor> {
+        let z = self.head().forward_with(normed, activations)?;
         match self.cfg.final_softcap {
             Some(cap) => (z / cap as f64)?.tanh()? * cap as f64,
             None => Ok(z),
@@ -491,39 +525,41 @@ impl Model {
     /// cache gets the new keys and values); with `want_tape` it records the tape. Outputs are
     /// computed for positions `outputs_from..t` of each sequence, (b * (t - outputs_from),
     /// hidden): every position still gives its key and value.
+    /// Its products take the activations exactly (`Activations::Exact`).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn layer_forward(
         &self,
         layer: &Layer,
         h: &Tensor,
-        b: usize,
-        t: usize,
+        (b, t): (usize, usize),
         rope: &RopeTables,
         past: Past,
         want_tape: bool,
         outputs_from: usize,
     ) -> Result<LayerOutput> {
         let run = Run { b, t, rope, past };
-        self.layer_forward_runs(layer, h, vec![run], want_tape, outputs_from)
+        let exact = Activations::Exact;
+        self.layer_forward_runs(layer, h, vec![run], (want_tape, outputs_from), exact)
     }
 
     /// `layer_forward` for rows of `h` that attend in separate runs, one run's rows after
     /// another's: the products take every run's rows at once, attention runs per run. A tape
     /// and outputs for some positions only need a single run.
+    /// The products take the activations as `activations` says.
     fn layer_forward_runs(
         &self,
         layer: &Layer,
         h: &Tensor,
         runs: Vec<Run>,
-        want_tape: bool,
-        outputs_from: usize,
+        (want_tape, outputs_from): (bool, usize),
+        activations: Activations,
     ) -> Result<LayerOutput> {
         let c = &self.cfg;
         let hd = c.head_dim;
         if runs.len() != 1 && (want_tape || outputs_from > 0) {
             candle_core::bail!("a tape, or outputs for some positions only, need one run")
         }
-        let mut qkv = rms_norm_into(h, &layer.attn_norm, c.eps, &layer.w_qkv)?;
+        let mut qkv = rms_norm_into(h, &layer.attn_norm, c.eps, &layer.w_qkv, activations)?;
         if let Some(bias) = &layer.qkv_bias {
             qkv = qkv.broadcast_add(bias)?;
         }
@@ -536,7 +572,7 @@ impl Model {
             attended.push(self.attend(layer, &run_qkv, run, outputs_from)?);
         }
         let outputs: Vec<_> = attended.iter().map(|a| (&a.o, a.b, a.tq)).collect();
-        let mut attn = merge_heads_into(&outputs, hd, &layer.wo)?;
+        let mut attn = merge_heads_into(&outputs, hd, &layer.wo, activations)?;
         let mut attn_pre_norm = None;
         if let Some(n) = &layer.post_attn_norm {
             let normed = rms_norm(&attn, n, c.eps)?;
@@ -552,9 +588,9 @@ impl Model {
             _ => h.clone(),
         };
         let h2 = (h_out + attn)?;
-        let gate_up = rms_norm_into(&h2, &layer.ffn_norm, c.eps, &layer.w_gate_up)?;
+        let gate_up = rms_norm_into(&h2, &layer.ffn_norm, c.eps, &layer.w_gate_up, activations)?;
         let gelu = c.activation == Activation::GeluTanh;
-        let mut down = gated_into(&gate_up, gelu, &layer.w_down)?;
+        let mut down = gated_into(&gate_up, gelu, &layer.w_down, activations)?;
         let mut down_pre_norm = None;
         if let Some(n) = &layer.post_ffn_norm {
             let normed = rms_norm(&down, n, c.eps)?;

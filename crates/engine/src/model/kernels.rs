@@ -6,6 +6,7 @@ use std::mem::MaybeUninit;
 use candle_core::{bail, Device, Result, Storage, Tensor};
 use rayon::prelude::*;
 
+use super::decode_dot::Activations;
 use super::matmul::RowMaker;
 use super::simd;
 use super::Weight;
@@ -160,6 +161,7 @@ pub fn merge_heads_into(
     runs: &[(&Tensor, usize, usize)],
     hd: usize,
     weight: &Weight,
+    activations: Activations,
 ) -> Result<Tensor> {
     let mut starts = Vec::with_capacity(runs.len());
     let mut rows = 0;
@@ -174,11 +176,15 @@ pub fn merge_heads_into(
     let heads = [weight.cols() / hd.max(1)];
     let outputs: Vec<&Tensor> = runs.iter().map(|&(o, _, _)| o).collect();
     with_slices(&outputs, |outputs| {
-        weight.forward_rows(rows, &|i, row| {
-            let r = starts.partition_point(|&start| start <= i) - 1;
-            let t = runs[r].2;
-            merged_row(&outputs[r..=r], &heads, (t, hd), i - starts[r], row)
-        })
+        weight.forward_rows(
+            rows,
+            &|i, row| {
+                let r = starts.partition_point(|&start| start <= i) - 1;
+                let t = runs[r].2;
+                merged_row(&outputs[r..=r], &heads, (t, hd), i - starts[r], row)
+            },
+            activations,
+        )
     })
 }
 
@@ -291,7 +297,13 @@ fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, i: usize, o: &mut [MaybeUninit<f
 /// `weight.forward(&rms_norm(x, w, eps))` for x (rows, cols), the same values: each row is
 /// normalized straight into the product's packed operand instead of into a matrix that the
 /// product then reads back.
-pub fn rms_norm_into(x: &Tensor, w: &Tensor, eps: f32, weight: &Weight) -> Result<Tensor> {
+pub fn rms_norm_into(
+    x: &Tensor,
+    w: &Tensor,
+    eps: f32,
+    weight: &Weight,
+    activations: Activations,
+) -> Result<Tensor> {
     let (rows, n) = rows_of(x)?;
     if w.elem_count() != n || weight.cols() != n {
         bail!(
@@ -303,7 +315,7 @@ pub fn rms_norm_into(x: &Tensor, w: &Tensor, eps: f32, weight: &Weight) -> Resul
     }
     let y = with_slice(x, |x| {
         with_slice(w, |w| {
-            weight.forward_rows(rows, &|i, o| rms_norm_row(x, w, eps, i, o))
+            weight.forward_rows(rows, &|i, o| rms_norm_row(x, w, eps, i, o), activations)
         })
     })?;
     let mut dims = x.dims().to_vec();
@@ -313,7 +325,12 @@ pub fn rms_norm_into(x: &Tensor, w: &Tensor, eps: f32, weight: &Weight) -> Resul
 
 /// `weight.forward(&gated(gate_up, gelu))` for gate_up (rows, 2 f), the same values, the
 /// activations made straight into the product's packed operand.
-pub fn gated_into(gate_up: &Tensor, gelu: bool, weight: &Weight) -> Result<Tensor> {
+pub fn gated_into(
+    gate_up: &Tensor,
+    gelu: bool,
+    weight: &Weight,
+    activations: Activations,
+) -> Result<Tensor> {
     let (rows, two_f) = rows_of(gate_up)?;
     if weight.cols() * 2 != two_f {
         bail!(
@@ -323,7 +340,7 @@ pub fn gated_into(gate_up: &Tensor, gelu: bool, weight: &Weight) -> Result<Tenso
         )
     }
     with_slice(gate_up, |gu| {
-        weight.forward_rows(rows, &|i, o| gated_row(gu, gelu, i, o))
+        weight.forward_rows(rows, &|i, o| gated_row(gu, gelu, i, o), activations)
     })
 }
 
@@ -689,12 +706,12 @@ pub(super) mod tests {
         for dtype in [GgmlDType::Q4_1, GgmlDType::F16] {
             let gate_up = stored((2 * f, n), dtype);
             let want = gate_up.forward(&rms_norm(&x, &w, 1e-5).unwrap()).unwrap();
-            let got = rms_norm_into(&x, &w, 1e-5, &gate_up).unwrap();
+            let got = rms_norm_into(&x, &w, 1e-5, &gate_up, Activations::Exact).unwrap();
             assert_eq!(max_diff(&want, &got), 0.0, "{dtype:?}");
             let down = stored((n, f), dtype);
             for gelu in [false, true] {
                 let want = down.forward(&gated(&got, gelu).unwrap()).unwrap();
-                let fused = gated_into(&got, gelu, &down).unwrap();
+                let fused = gated_into(&got, gelu, &down, Activations::Exact).unwrap();
                 assert_eq!(max_diff(&want, &fused), 0.0, "{dtype:?}, gelu {gelu}");
             }
             // Attention's output heads, (b, heads, t, hd), into the output projection.
@@ -704,7 +721,7 @@ pub(super) mod tests {
             let want = wo
                 .forward(&merge_heads(&[&o], (b, t, hd)).unwrap())
                 .unwrap();
-            let got = merge_heads_into(&[(&o, b, t)], hd, &wo).unwrap();
+            let got = merge_heads_into(&[(&o, b, t)], hd, &wo, Activations::Exact).unwrap();
             assert_eq!(max_diff(&want, &got), 0.0, "{dtype:?}, heads");
             // Runs of other lengths after it, as perturbation's batches have them.
             let short = Tensor::randn(0f32, 1.0, (1, n / hd, 5, hd), &Device::Cpu).unwrap();
@@ -714,7 +731,7 @@ pub(super) mod tests {
                 .map(|&(o, b, t)| merge_heads(&[o], (b, t, hd)).unwrap())
                 .collect();
             let want = wo.forward(&Tensor::cat(&merged, 0).unwrap()).unwrap();
-            let got = merge_heads_into(&runs, hd, &wo).unwrap();
+            let got = merge_heads_into(&runs, hd, &wo, Activations::Exact).unwrap();
             assert_eq!(max_diff(&want, &got), 0.0, "{dtype:?}, runs of heads");
         }
     }

@@ -278,24 +278,29 @@ impl Weight {
         Self::dense(self.to_f32()?)
     }
 
-    /// x Wᵀ for x of shape (.., cols): (.., rows), exact up to f32 rounding; for up to
-    /// `decode_dot::MAX_INPUT_ROWS` rows of K-type (Q2_K..Q6_K) matrices, the activations are
-    /// rounded to 15 bits unless `PROMPT_SALIENCE_EXACT_DECODING=1` (`decode_dot::integer`).
+    /// x Wᵀ for x of shape (.., cols): (.., rows), exact up to f32 rounding.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, Activations::Exact)
+    }
+
+    /// `forward`, where up to `decode_dot::MAX_INPUT_ROWS` rows take the activations as
+    /// `activations` says: `Activations::best()` rounds them to 15 bits for the matrices with
+    /// integer dots (`decode_dot::integer`), which only decoding asks for.
+    pub fn forward_with(&self, x: &Tensor, activations: Activations) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let n = x.elem_count() / self.cols;
         let x2 = x.reshape((n, self.cols))?;
         let y = if self.forward_on_panels(n) {
             panel_forward(&self.parts, &x2, n)?
         } else if let Some(y) =
-            few_rows_forward(&self.parts, &x2, n, (Kernel::best(), Activations::best()))?
+            few_rows_forward(&self.parts, &x2, n, (Kernel::best(), activations))?
         {
             y
         } else {
             let outs: Vec<Tensor> = self
                 .parts
                 .iter()
-                .map(|p| p.forward(&x2, n))
+                .map(|p| p.forward(&x2, n, activations))
                 .collect::<Result<_>>()?;
             if outs.len() == 1 {
                 outs.into_iter().next().expect("one part")
@@ -311,13 +316,21 @@ impl Weight {
     /// `forward` of the (n, cols) matrix whose rows `row(i, dst)` makes: on the panel kernel
     /// they go straight into its packed layout, never stored as a matrix (a pass over memory
     /// less per product); otherwise they are made into a matrix first. (n, rows).
-    pub fn forward_rows(&self, n: usize, row: &RowMaker<'_>) -> Result<Tensor> {
+    pub fn forward_rows(
+        &self,
+        n: usize,
+        row: &RowMaker<'_>,
+        activations: Activations,
+    ) -> Result<Tensor> {
         if self.forward_on_panels(n) {
             let packed = PackedRows::from_rows(n, self.cols, row);
             return panel_forward_packed(&self.parts, &packed, n);
         }
         let x = super::kernels::made_rows(n, self.cols, row);
-        self.forward(&Tensor::from_vec(x, (n, self.cols), &Device::Cpu)?)
+        self.forward_with(
+            &Tensor::from_vec(x, (n, self.cols), &Device::Cpu)?,
+            activations,
+        )
     }
 
     /// dy W for dy of shape (n, rows): (n, cols). The input gradient of `forward`.
@@ -486,8 +499,8 @@ impl Matrix {
         matches!(self.stored, Stored::F32(_))
     }
 
-    fn forward(&self, x: &Tensor, n: usize) -> Result<Tensor> {
-        let dots = (n <= decode_dot::MAX_INPUT_ROWS).then(|| (Kernel::best(), Activations::best()));
+    fn forward(&self, x: &Tensor, n: usize, activations: Activations) -> Result<Tensor> {
+        let dots = (n <= decode_dot::MAX_INPUT_ROWS).then(|| (Kernel::best(), activations));
         self.forward_using(x, n, dots)
     }
 
@@ -1077,8 +1090,14 @@ mod tests {
                 };
                 assert!(d <= tolerance * scale, "{dots:?}, n = {n}: {d} of {scale}");
             }
-            // `forward` takes the activations as `Activations::best()` says: rounded or not.
-            assert!(max_diff(&stacked.forward(&x).unwrap(), &want) <= 1e-4 * scale);
+            // `forward_with` takes the activations as told: rounded or not; `forward` (every
+            // pass but decoding's) never rounds them.
+            for activations in [Activations::Exact, Activations::best()] {
+                let got = stacked.forward_with(&x, activations).unwrap();
+                assert!(max_diff(&got, &want) <= 1e-4 * scale, "{activations:?}");
+            }
+            let exact = stacked.forward(&x).unwrap();
+            assert!(max_diff(&exact, &want) <= 2e-6 * scale, "n = {n}");
         }
     }
 

@@ -1,6 +1,8 @@
 //! Decoding dots with integer multiply-adds, against activations rounded to 15 bits: the K
-//! types (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) on every CPU with AVX2, and Q8_0 where AVX2 is the
-//! widest kernel.
+//! types (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) on every CPU with AVX2, and the blocks of 32 (Q4_0,
+//! Q4_1, Q5_0, Q5_1, Q8_0) where AVX2 is the widest kernel. Only generation's steps take them
+//! (`Model::forward_cached`, `Model::decoding_logits`); salience, perturbation and prefill
+//! keep f32 activations.
 //!
 //! Why: with f32 activations every weight is widened to a 32-bit lane, converted and
 //! multiplied, and for the 2-, 3- and 6-bit types that costs more than reading it. On Llama
@@ -11,26 +13,28 @@
 //! AVX2): Q2_K 43 → 26 (69 → 33), Q3_K 48 → 37 (110 → 48), Q4_K 35 → 33 (46 → 39), Q5_K
 //! 46 → 34 (84 → 46), Q6_K 58 → 30 (70 → 40).
 //!
-//! Q8_0 the same way on AVX2 (AMD Zen 3, where Gemma 3's Q8_0 embedding table, read as the
-//! output head, is 62 % of the bytes of a decoding step): the f32 kernel widens, converts and
-//! multiplies 32 weights in twelve vector operations and read 9.1–10.6 GB/s on one thread,
-//! 17–20 on two; these dots, with the magnitudes of the weights against the activations'
-//! bytes carrying the weights' signs, read 11.7–16.2 and 19–28, where a plain sum of the same
-//! 178 MB read 14–19 and 24–34 (`docs/bench/q8_0_stream.rs`, runs an hour apart). Gemma 3
-//! decoded 56.7–61.4 tokens/s against 45.7–51.9 (three alternating rounds). With AVX-512 the
-//! f32 kernel is kept (not measured against these).
+//! The blocks of 32 the same way on AVX2 (AMD Zen 3). Gemma 3's Q8_0 embedding table, read as
+//! the output head, is 72 % of the bytes of its decoding step, and its Q5_0 matrices (18 %)
+//! took nearly as long as the head in the f32 kernels (`perf`: 30 % of decoding against
+//! 36 %): their fifth bits cost five vector operations per eight weights. The f32 kernel
+//! widens, converts and multiplies 32 Q8_0 weights in twelve vector operations and read
+//! 9.1–10.6 GB/s on one thread, 17–20 on two; these dots read 11.7–16.2 and 19–28, where a
+//! plain sum of the same 178 MB read 14–19 and 24–34 (`docs/bench/q8_0_stream.rs`, runs an
+//! hour apart). Gemma 3 decoded 73.8–76.3 tokens/s against 54.1–55.0 (three alternating
+//! rounds); SmolLM2 (Q4_1, its decoding steps bound by their ~200 parallel loops, not by
+//! reading) stayed within noise. With AVX-512 the f32 kernels are kept (not measured against
+//! these).
 //!
 //! Precision: llama.cpp rounds activations to 8 bits. Here each group of values of an
-//! activation row (a super-block of 256 for the K types, a block of 32 for Q8_0) gets a scale
-//! s = max |x| / 16256 and integers v = round(x / s), stored as two signed bytes
+//! activation row (a super-block of 256 for the K types, a block of 32 for the others) gets a
+//! scale s = max |x| / 16256 and integers v = round(x / s), stored as two signed bytes
 //! v = 128·hi + lo (|hi| ≤ 127, |lo| ≤ 64), so that byte multiply-adds take them. Each value
 //! is off by at most s / 2, 2⁻¹⁵ of the largest in its group: 128 times closer than 8 bits.
-//! The K formats' offsets (the mins of Q2_K, Q4_K and Q5_K, the −32 of Q6_K, the −4 of Q3_K)
-//! are taken in f32 against the exact sums of x over each run of 16 values, so only the
-//! d·sc·u part of a weight meets the rounding. Gemma 3 270M's Q4_K_M file (Q8_0, Q4_K and Q6_K
-//! matrices among others) gives the same greedy continuations either way
-//! (`server/tests/decoding.rs`). With `PROMPT_SALIENCE_EXACT_DECODING=1` these types take the
-//! f32 kernels instead.
+//! The formats' offsets (the mins of Q2_K, Q4_K, Q5_K, Q4_1 and Q5_1, the −32 of Q6_K, the −4
+//! of Q3_K) are taken in f32 against the exact sums of x over each run of 16 values, so only
+//! the d·sc·u part of a weight meets the rounding. Gemma 3 270M's Q4_K_M file and SmolLM2's
+//! Q4_1 file give the same greedy continuations either way (`server/tests/decoding.rs`). With
+//! `PROMPT_SALIENCE_EXACT_DECODING=1` every type takes the f32 kernels.
 
 use candle_core::quantized::GgmlDType;
 
@@ -39,7 +43,7 @@ use candle_core::quantized::GgmlDType;
 pub(super) const SUPER: usize = 256;
 const RUN: usize = 16;
 
-/// Values per Q8_0 block (one activation scale for Q8_0).
+/// Values per block of the Q4, Q5 and Q8 formats (one activation scale for them).
 const BLOCK: usize = super::BLOCK;
 
 /// The largest |v|: 127 · 128, so that v = 128·hi + lo with |hi| ≤ 127 and |lo| ≤ 64.
@@ -61,11 +65,18 @@ pub(in crate::model) fn rounding_group(dtype: GgmlDType, kernel: super::Kernel) 
     }
     if has_integer_dots(dtype) {
         Some(SUPER)
-    } else if dtype == GgmlDType::Q8_0 && kernel == super::Kernel::Avx2 {
+    } else if has_block_integer_dots(dtype) && kernel == super::Kernel::Avx2 {
         Some(BLOCK)
     } else {
         None
     }
+}
+
+/// The types with blocks of 32 values whose decoding dots are integer ones where AVX2 is the
+/// widest kernel.
+fn has_block_integer_dots(dtype: GgmlDType) -> bool {
+    use GgmlDType::*;
+    matches!(dtype, Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0)
 }
 
 /// The K types: their decoding dots are integer ones on every CPU with AVX2, and their
@@ -243,7 +254,10 @@ macro_rules! integer_entry_points {
 
 #[cfg(target_arch = "x86_64")]
 pub(super) mod avx2 {
-    use super::super::avx2::{k_bytes, q4k_fields, Q2K_BYTES, Q3K_BYTES, Q6K_BYTES};
+    use super::super::avx2::{
+        block_bytes, block_scales, fifth_bits_at, k_bytes, q4k_fields, values_at, Q2K_BYTES,
+        Q3K_BYTES, Q4_0, Q4_1, Q5_0, Q5_1, Q6K_BYTES, Q8_0,
+    };
     use super::super::{f16_values, prefetch_ahead};
     use super::{RoundedRows, BLOCK, RUN, SUPER};
     use candle_core::quantized::GgmlDType;
@@ -554,17 +568,16 @@ pub(super) mod avx2 {
         dots[..N].copy_from_slice(&sums[..N]);
     }
 
-    /// Bytes per Q8_0 block: d as f16, then 32 signed bytes q (ggml's `block_q8_0`).
-    const Q8_0_BYTES: usize = 34;
-
-    /// dots[k·n + i] = W[r + k] · x_i for the `rows` Q8_0 rows from r and the n = dots.len() /
-    /// rows input rows x_i, rounded per block of 32.
+    /// dots[k·n + i] = W[r + k] · x_i for the `rows` rows from r of a type with blocks of 32
+    /// (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) and the n = dots.len() / rows input rows x_i, rounded
+    /// per block of 32.
     ///
     /// # Safety
-    /// The CPU has AVX2, FMA and F16C; `bytes` holds rows of `cols / 32` Q8_0 blocks.
+    /// The CPU has AVX2, FMA and F16C; `bytes` holds rows of `cols / 32` blocks of `dtype`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(in super::super) unsafe fn q8_0_row_dots(
+    pub(in super::super) unsafe fn block_row_dots(
         bytes: &[u8],
+        dtype: GgmlDType,
         (r, rows): (usize, usize),
         cols: usize,
         x: &RoundedRows,
@@ -572,67 +585,143 @@ pub(super) mod avx2 {
     ) {
         let n = dots.len() / rows;
         assert!(x.cols == cols && x.group == BLOCK && x.rows() >= n);
-        for (k, dots) in dots.chunks_mut(n).enumerate() {
-            // SAFETY: as for this function.
-            unsafe {
-                match n {
-                    1 => q8_0_row_dots_n::<1>(bytes, r + k, cols, x, dots),
-                    2 => q8_0_row_dots_n::<2>(bytes, r + k, cols, x, dots),
-                    3 => q8_0_row_dots_n::<3>(bytes, r + k, cols, x, dots),
-                    _ => q8_0_row_dots_n::<4>(bytes, r + k, cols, x, dots),
+        macro_rules! each_row {
+            ($format:expr) => {
+                for (k, dots) in dots.chunks_mut(n).enumerate() {
+                    // SAFETY: as for this function.
+                    unsafe {
+                        match n {
+                            1 => block_row_dots_n::<1, { $format }>(bytes, r + k, cols, x, dots),
+                            2 => block_row_dots_n::<2, { $format }>(bytes, r + k, cols, x, dots),
+                            3 => block_row_dots_n::<3, { $format }>(bytes, r + k, cols, x, dots),
+                            _ => block_row_dots_n::<4, { $format }>(bytes, r + k, cols, x, dots),
+                        }
+                    }
                 }
+            };
+        }
+        match dtype {
+            GgmlDType::Q4_0 => each_row!(Q4_0),
+            GgmlDType::Q4_1 => each_row!(Q4_1),
+            GgmlDType::Q5_0 => each_row!(Q5_0),
+            GgmlDType::Q5_1 => each_row!(Q5_1),
+            GgmlDType::Q8_0 => each_row!(Q8_0),
+            _ => unreachable!("no integer block dots for {dtype:?}"),
+        }
+    }
+
+    /// Whether a format's weights are d·w with w signed (Q8_0; Q4_0's q − 8, Q5_0's q − 16),
+    /// rather than d·u + m with u unsigned (Q4_1, Q5_1).
+    const fn is_signed(format: u8) -> bool {
+        matches!(format, Q4_0 | Q5_0 | Q8_0)
+    }
+
+    /// A block's 32 integers w (signed) or u (unsigned, see `is_signed`) as bytes, in element
+    /// order: the low nibbles are elements 0..16, the high ones 16..32, and bit j of a Q5
+    /// block's u32 is the fifth bit of element j.
+    ///
+    /// # Safety
+    /// `at` points at a whole block of `FORMAT`.
+    #[inline(always)]
+    unsafe fn block_integers<const FORMAT: u8>(at: *const u8) -> __m256i {
+        // SAFETY (loads): the value bytes and the fifth bits lie inside the block.
+        if FORMAT == Q8_0 {
+            return unsafe { _mm256_loadu_si256(at.add(2) as *const __m256i) };
+        }
+        let packed = unsafe { _mm_loadu_si128(at.add(values_at(FORMAT)) as *const __m128i) };
+        let u = _mm256_and_si256(
+            _mm256_set_m128i(_mm_srli_epi16::<4>(packed), packed),
+            _mm256_set1_epi8(0x0f),
+        );
+        let u = match fifth_bits_at(FORMAT) {
+            Some(bits_at) => {
+                let bits = unsafe { std::ptr::read_unaligned(at.add(bits_at) as *const u32) };
+                // Byte j gets the bits' byte j / 8, then keeps bit j % 8 of it.
+                let spread = _mm256_shuffle_epi8(
+                    _mm256_set1_epi32(bits as i32),
+                    _mm256_setr_epi8(
+                        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3,
+                        3, 3, 3, 3, 3, 3, 3,
+                    ),
+                );
+                let bit_of_byte = _mm256_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
+                let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit_of_byte), bit_of_byte);
+                _mm256_or_si256(u, _mm256_and_si256(set, _mm256_set1_epi8(0x10)))
             }
+            None => u,
+        };
+        match FORMAT {
+            Q4_0 => _mm256_sub_epi8(u, _mm256_set1_epi8(8)),
+            Q5_0 => _mm256_sub_epi8(u, _mm256_set1_epi8(16)),
+            _ => u,
         }
     }
 
     /// Row r's dots with N input rows rounded per block of 32. `maddubs` multiplies unsigned
-    /// bytes by signed ones, so it takes |q| against the activations' bytes with q's signs.
+    /// bytes by signed ones: it takes u as it is, and a signed w as |w| against the
+    /// activations' bytes with w's signs. The offsets m·Σx of Q4_1 and Q5_1 are taken in f32
+    /// against the exact sums of x.
     ///
     /// # Safety
-    /// As for `q8_0_row_dots`.
+    /// As for `block_row_dots`, with `bytes` in `FORMAT`.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q8_0_row_dots_n<const N: usize>(
+    unsafe fn block_row_dots_n<const N: usize, const FORMAT: u8>(
         bytes: &[u8],
         r: usize,
         cols: usize,
         x: &RoundedRows,
         dots: &mut [f32],
     ) {
+        let size = block_bytes(FORMAT);
         let blocks = cols / BLOCK;
         assert!(x.rows() >= N && x.cols == cols && x.group == BLOCK && dots.len() >= N);
-        let row = &bytes[r * blocks * Q8_0_BYTES..(r + 1) * blocks * Q8_0_BYTES];
+        let row = &bytes[r * blocks * size..(r + 1) * blocks * size];
         let f16_values = f16_values();
         let (ones, high_weight) = (_mm256_set1_epi16(1), _mm256_set1_epi16(128));
         let mut totals = [_mm256_setzero_ps(); N];
+        let mut offsets = [0f32; N];
         for b in 0..blocks {
             // SAFETY: block b of the row lies inside it; 32 rounded values of each x_i from
-            // b·32, and their scale, lie inside the slices checked above.
+            // b·32, their scale and their two run sums lie inside the slices checked above.
             unsafe {
-                let at = row.as_ptr().add(b * Q8_0_BYTES);
+                let at = row.as_ptr().add(b * size);
                 prefetch_ahead(at);
-                let d = f16_values[std::ptr::read_unaligned(at as *const u16) as usize];
-                let q = _mm256_loadu_si256(at.add(2) as *const __m256i);
-                let magnitudes = _mm256_sign_epi8(q, q);
+                let (d, m) = block_scales::<FORMAT>(at, f16_values);
+                let w = block_integers::<FORMAT>(at);
+                let magnitudes = if is_signed(FORMAT) {
+                    _mm256_sign_epi8(w, w)
+                } else {
+                    w
+                };
                 for (i, total) in totals.iter_mut().enumerate() {
                     let o = i * cols + b * BLOCK;
-                    let hi = _mm256_loadu_si256(x.hi.as_ptr().add(o) as *const __m256i);
-                    let lo = _mm256_loadu_si256(x.lo.as_ptr().add(o) as *const __m256i);
-                    // Pairs of |q|·v at most 2·128·127: no saturation. A block's Σ q·v is at
+                    let mut hi = _mm256_loadu_si256(x.hi.as_ptr().add(o) as *const __m256i);
+                    let mut lo = _mm256_loadu_si256(x.lo.as_ptr().add(o) as *const __m256i);
+                    if is_signed(FORMAT) {
+                        (hi, lo) = (_mm256_sign_epi8(hi, w), _mm256_sign_epi8(lo, w));
+                    }
+                    // Pairs of |w|·v at most 2·128·127: no saturation. A block's Σ w·v is at
                     // most 32·128·16256 < 2³¹: exact in 32 bits.
-                    let pairs_hi = _mm256_maddubs_epi16(magnitudes, _mm256_sign_epi8(hi, q));
-                    let pairs_lo = _mm256_maddubs_epi16(magnitudes, _mm256_sign_epi8(lo, q));
+                    let pairs_hi = _mm256_maddubs_epi16(magnitudes, hi);
+                    let pairs_lo = _mm256_maddubs_epi16(magnitudes, lo);
                     let v = _mm256_add_epi32(
                         _mm256_madd_epi16(pairs_hi, high_weight),
                         _mm256_madd_epi16(pairs_lo, ones),
                     );
                     let factor = d * *x.scales.get_unchecked(i * blocks + b);
                     *total = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_set1_ps(factor), *total);
+                    if !is_signed(FORMAT) {
+                        let runs = x.run_sums.as_ptr().add(o / RUN);
+                        offsets[i] += m * (*runs + *runs.add(1));
+                    }
                 }
             }
         }
         let sums = super::super::avx2::sums4(&totals);
-        dots[..N].copy_from_slice(&sums[..N]);
+        for i in 0..N {
+            dots[i] = sums[i] + offsets[i];
+        }
     }
 }
 
@@ -919,13 +1008,18 @@ mod tests {
     use candle_core::{Device, Tensor};
 
     /// Every type with integer dots, the values per activation scale on the AVX2 kernel, and
-    /// a row length for the tests: Q8_0's 640 (Gemma 3's hidden size) is no multiple of 256.
-    const TYPES: [(GgmlDType, usize, usize); 6] = [
+    /// a row length for the tests: the blocks of 32 take 640 (Gemma 3's hidden size), no
+    /// multiple of 256.
+    const TYPES: [(GgmlDType, usize, usize); 10] = [
         (GgmlDType::Q2K, SUPER, 2 * SUPER),
         (GgmlDType::Q3K, SUPER, 2 * SUPER),
         (GgmlDType::Q4K, SUPER, 2 * SUPER),
         (GgmlDType::Q5K, SUPER, 2 * SUPER),
         (GgmlDType::Q6K, SUPER, 2 * SUPER),
+        (GgmlDType::Q4_0, BLOCK, 20 * BLOCK),
+        (GgmlDType::Q4_1, BLOCK, 20 * BLOCK),
+        (GgmlDType::Q5_0, BLOCK, 20 * BLOCK),
+        (GgmlDType::Q5_1, BLOCK, 20 * BLOCK),
         (GgmlDType::Q8_0, BLOCK, 20 * BLOCK),
     ];
 
@@ -945,16 +1039,18 @@ mod tests {
 
     #[test]
     fn integer_dots_are_taken_where_measured() {
-        use GgmlDType::{Q4K, Q4_1, Q6K, Q8_0};
+        use GgmlDType::{F16, Q4K, Q4_1, Q5_0, Q6K, Q8_0};
         assert_eq!(rounding_group(Q4K, Kernel::Avx2), Some(SUPER));
         assert_eq!(rounding_group(Q6K, Kernel::Avx512), Some(SUPER));
-        assert_eq!(rounding_group(Q8_0, Kernel::Avx2), Some(BLOCK));
-        // The 512-bit f32 kernel keeps Q8_0; the other 32-value blocks stay f32 everywhere.
-        assert_eq!(rounding_group(Q8_0, Kernel::Avx512), None);
-        assert_eq!(rounding_group(Q4_1, Kernel::Avx2), None);
-        for dtype in [Q4K, Q8_0] {
+        for dtype in [Q4_1, Q5_0, Q8_0] {
+            assert_eq!(rounding_group(dtype, Kernel::Avx2), Some(BLOCK));
+            // The 512-bit f32 kernels keep the blocks of 32.
+            assert_eq!(rounding_group(dtype, Kernel::Avx512), None);
+        }
+        for dtype in [Q4K, Q8_0, F16] {
             assert_eq!(rounding_group(dtype, Kernel::Portable), None);
         }
+        assert_eq!(rounding_group(F16, Kernel::Avx2), None);
     }
 
     fn integer_kernels() -> Vec<Kernel> {
@@ -1094,13 +1190,14 @@ mod tests {
                         .zip(&x)
                         .map(|(a, b)| f64::from(*a) * f64::from(*b))
                         .sum();
+                    // Per block of 32 (a Q4_1 or Q5_1 offset is its block's minimum).
                     let bound: f64 = w
-                        .chunks(RUN)
+                        .chunks(BLOCK)
                         .enumerate()
-                        .map(|(run, w)| {
+                        .map(|(block, w)| {
                             let largest = w.iter().fold(0f32, |m, v| m.max(v.abs()));
-                            let step = rounded.scales[run * RUN / group];
-                            f64::from(2.0 * largest * 0.5 * step) * RUN as f64
+                            let step = rounded.scales[block * BLOCK / group];
+                            f64::from(2.0 * largest * 0.5 * step) * BLOCK as f64
                         })
                         .sum();
                     let d = (f64::from(got[r]) - want).abs();

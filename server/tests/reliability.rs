@@ -100,6 +100,54 @@ fn a_server_on_stdio_exits_once_its_client_process_is_gone_though_its_input_stay
 }
 
 #[test]
+fn a_server_on_stdio_exits_soon_after_its_input_closes_though_a_request_waits_on_the_client() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    // No model in reach: the computation needs none to wait on the client, which never
+    // answers the server's request to show progress.
+    let cache = tempfile::tempdir().unwrap();
+    let mut server = Command::new(env!("CARGO_BIN_EXE_prompt-salience"))
+        .arg("lsp")
+        .env("PROMPT_SALIENCE_CACHE", cache.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = server.stdin.take().unwrap();
+    let uri = "file:///tmp/waiting.prompt.md";
+    for msg in [
+        json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "processId": null, "capabilities": {"window": {"workDoneProgress": true}}}}),
+        json!({"jsonrpc": "2.0", "method": "initialized", "params": {}}),
+        json!({"jsonrpc": "2.0", "method": "textDocument/didOpen", "params": {"textDocument": {
+            "uri": uri, "languageId": "markdown", "version": 1, "text": "Ask me.\n"}}}),
+        json!({"jsonrpc": "2.0", "id": 2, "method": "workspace/executeCommand",
+               "params": compute(uri)}),
+    ] {
+        let body = msg.to_string();
+        write!(stdin, "Content-Length: {}\r\n\r\n{}", body.len(), body).unwrap();
+    }
+    stdin.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    // The editor goes away: its end of the pipe closes, nothing more is read.
+    drop(stdin);
+    let start = Instant::now();
+    let limit = prompt_salience::lsp::GRACE_AFTER_INPUT_ENDS + Duration::from_secs(10);
+    loop {
+        if let Some(status) = server.try_wait().unwrap() {
+            assert!(status.code().is_some(), "{status:?}");
+            break;
+        }
+        if start.elapsed() > limit {
+            server.kill().unwrap();
+            panic!("the server kept running after its input closed");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
 fn stdio_server_speaks_only_protocol_on_stdout() {
     use std::io::{Read, Write};
     let mut child = stdio_server();

@@ -321,8 +321,12 @@ pub fn service() -> (LspService<Backend>, tower_lsp_server::ClientSocket) {
 /// requests are never queued behind long computations.
 const CONCURRENCY: usize = 64;
 
-/// Serves LSP on `input`/`output` until the client exits. Every frame is checked first
-/// (`transport.rs`): a malformed one is answered and the next one served.
+/// How long the server may still finish its work once the client has closed its input.
+pub const GRACE_AFTER_INPUT_ENDS: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Serves LSP on `input`/`output` until the client exits, or until `GRACE_AFTER_INPUT_ENDS`
+/// after the client has closed its input. Every frame is checked first (`transport.rs`): a
+/// malformed one is answered and the next one served.
 pub async fn serve<I, O>(input: I, output: O)
 where
     I: tokio::io::AsyncRead + Unpin + Send + 'static,
@@ -334,17 +338,49 @@ where
     let (answers_tx, answers_rx) = tokio::sync::mpsc::unbounded_channel();
     let reading = tokio::spawn(transport::forward_input(input, to_server, answers_tx));
     let serving = async move {
-        Server::new(server_input, server_output, socket)
-            .concurrency_level(CONCURRENCY)
-            .serve(service)
-            .await;
+        let server = async move {
+            Server::new(server_input, server_output, socket)
+                .concurrency_level(CONCURRENCY)
+                .serve(service)
+                .await;
+        };
+        tokio::join!(
+            server,
+            transport::forward_output(from_server, answers_rx, output)
+        );
     };
-    tokio::join!(
-        serving,
-        transport::forward_output(from_server, answers_rx, output)
-    );
+    if !until_input_ends(serving, reading, GRACE_AFTER_INPUT_ENDS).await {
+        tracing::warn!(
+            "the client closed its input and work was still running {} s later: stopping",
+            GRACE_AFTER_INPUT_ENDS.as_secs()
+        );
+    }
+}
+
+/// Runs `serving` until it ends, or until `grace` after `reading` (the task that forwards the
+/// client's input) has ended; then stops reading. Returns whether `serving` ended.
+///
+/// tower-lsp stops serving at the end of its input only once every handler in flight has
+/// finished, and a handler can wait forever on a client that is gone (one server outlived its
+/// VS Code that way, reparented to init, its input closed, its threads idle).
+async fn until_input_ends(
+    serving: impl std::future::Future<Output = ()>,
+    mut reading: tokio::task::JoinHandle<()>,
+    grace: std::time::Duration,
+) -> bool {
+    let served = {
+        let input_closed = async {
+            let _ = (&mut reading).await;
+            tokio::time::sleep(grace).await;
+        };
+        tokio::select! {
+            () = serving => true,
+            () = input_closed => false,
+        }
+    };
     // After `exit` the client may keep its end open: stop reading it.
     reading.abort();
+    served
 }
 
 pub fn run_stdio() {
@@ -357,4 +393,86 @@ pub fn run_stdio() {
     rt.block_on(serve(tokio::io::stdin(), tokio::io::stdout()));
     // A read of stdin may still be blocked in its thread: do not wait for it.
     rt.shutdown_background();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    const GRACE: Duration = Duration::from_millis(200);
+
+    /// A task that reads "input" until `end` fires (or forever), and reports through the
+    /// returned receiver when it is dropped: ended or aborted.
+    fn reading_until(
+        end: Option<tokio::sync::oneshot::Receiver<()>>,
+    ) -> (
+        tokio::task::JoinHandle<()>,
+        tokio::sync::oneshot::Receiver<()>,
+    ) {
+        let (dropped_tx, dropped_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let _dropped = dropped_tx;
+            match end {
+                Some(end) => {
+                    let _ = end.await;
+                }
+                None => std::future::pending().await,
+            }
+        });
+        (task, dropped_rx)
+    }
+
+    #[tokio::test]
+    async fn a_handler_that_never_ends_does_not_outlive_the_input_by_more_than_the_grace() {
+        let (end_tx, end_rx) = tokio::sync::oneshot::channel();
+        let (reading, _) = reading_until(Some(end_rx));
+        let start = Instant::now();
+        let stopping = tokio::spawn(until_input_ends(std::future::pending(), reading, GRACE));
+        tokio::time::sleep(3 * GRACE).await;
+        assert!(!stopping.is_finished(), "stopped while the input was open");
+        end_tx.send(()).unwrap();
+        let served = tokio::time::timeout(10 * GRACE, stopping).await;
+        assert!(!served.expect("stopped").unwrap(), "reported as served");
+        assert!(start.elapsed() >= 4 * GRACE);
+    }
+
+    #[tokio::test]
+    async fn serving_that_ends_stops_reading_the_input() {
+        let (reading, dropped) = reading_until(None);
+        assert!(until_input_ends(async {}, reading, GRACE).await);
+        // The reading task was aborted: its end of the channel is gone.
+        tokio::time::timeout(GRACE, dropped)
+            .await
+            .expect("the reading task ended")
+            .unwrap_err();
+    }
+
+    #[tokio::test]
+    async fn work_that_finishes_within_the_grace_is_served() {
+        let (reading, _) = reading_until(Some(tokio::sync::oneshot::channel().1));
+        let serving = tokio::time::sleep(GRACE / 2);
+        assert!(until_input_ends(serving, reading, 4 * GRACE).await);
+    }
+
+    #[tokio::test]
+    async fn the_server_stops_when_the_client_closes_its_input() {
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let (server_read, server_write) = tokio::io::split(server);
+        let serving = tokio::spawn(serve(server_read, server_write));
+        let (mut client_read, mut client_write) = tokio::io::split(client);
+        let body = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"capabilities":{}}}"#;
+        let frame = format!("Content-Length: {}\r\n\r\n{body}", body.len());
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        client_write.write_all(frame.as_bytes()).await.unwrap();
+        let mut answer = vec![0u8; 64];
+        let n = client_read.read(&mut answer).await.unwrap();
+        assert!(String::from_utf8_lossy(&answer[..n]).starts_with("Content-Length"));
+        client_write.shutdown().await.unwrap();
+        drop(client_write);
+        tokio::time::timeout(GRACE_AFTER_INPUT_ENDS + Duration::from_secs(5), serving)
+            .await
+            .expect("the server stopped")
+            .unwrap();
+    }
 }

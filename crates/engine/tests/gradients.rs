@@ -243,20 +243,34 @@ fn kv_cache_decoding_matches_the_full_forward() {
         // Full forward over all tokens: logits of the last position.
         let e = scaled_embeddings(&model);
         let tape = model.forward_embeds(&e, &mut || Ok(())).unwrap();
-        let last = tape.last_hidden.narrow(0, IDS.len() - 1, 1).unwrap();
-        let normed =
-            salience_engine::model::kernels::rms_norm(&last, &model.final_norm, model.cfg.eps)
-                .unwrap();
-        let full: Vec<f32> = model
-            .logits(&normed)
+        let logits_at = |pos: usize| -> Vec<f32> {
+            let h = tape.last_hidden.narrow(0, pos, 1).unwrap();
+            let normed =
+                salience_engine::model::kernels::rms_norm(&h, &model.final_norm, model.cfg.eps)
+                    .unwrap();
+            model
+                .logits(&normed)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let full = logits_at(IDS.len() - 1);
+        // Cached: a prefix (whose last layer computes its last position only), then one token
+        // at a time.
+        let mut cache = Default::default();
+        let prefix = model.forward_cached(&IDS[..4], &mut cache).unwrap();
+        let prefix: Vec<f32> = model
+            .logits(&prefix)
             .unwrap()
             .flatten_all()
             .unwrap()
             .to_vec1()
             .unwrap();
-        // Cached: a prefix, then one token at a time.
-        let mut cache = Default::default();
-        model.forward_cached(&IDS[..4], &mut cache).unwrap();
+        for (a, b) in logits_at(3).iter().zip(&prefix) {
+            assert!((a - b).abs() < 1e-4, "{arch:?}, prefix: {a} vs {b}");
+        }
         let mut h = None;
         for &id in &IDS[4..] {
             h = Some(model.forward_cached(&[id], &mut cache).unwrap());

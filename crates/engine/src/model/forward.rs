@@ -323,22 +323,27 @@ impl Model {
     /// round the activations (`Activations::best()`, see `decode_dot::integer`); pair it with
     /// `decoding_logits`.
     pub fn forward_cached(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
-        let h = self.forward_cached_with(ids, cache, Activations::best())?;
-        let last = h.narrow(0, ids.len() - 1, 1)?;
+        // Only the last position's output is asked for: the last layer computes no other
+        // (every position still gives its key and value), a layer's products less for the
+        // other rows of a prompt.
+        let last = self.forward_cached_with(ids, cache, Activations::best(), true)?;
         rms_norm(&last, &self.final_norm, self.cfg.eps)
     }
 
     /// Runs `ids` after the cached positions and extends the cache; returns the hidden states
     /// of every new position (t, hidden), before the final norm.
     pub fn forward_cached_hidden(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
-        self.forward_cached_with(ids, cache, Activations::Exact)
+        self.forward_cached_with(ids, cache, Activations::Exact, false)
     }
 
+    /// The hidden states of the new positions (with `last_only`, of the last one), before the
+    /// final norm; extends the cache.
     fn forward_cached_with(
         &self,
         ids: &[u32],
         cache: &mut KvCache,
         activations: Activations,
+        last_only: bool,
     ) -> Result<Tensor> {
         crate::threads::on_pool(|| {
             let t = ids.len();
@@ -348,8 +353,14 @@ impl Model {
             let total = offset + t;
             let mut h = x;
             cache.layers.resize(self.layers.len(), None);
-            for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let n_layers = self.layers.len();
+            for (i, (layer, slot)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
                 let past = Past::Cache(slot, offset);
+                let outputs_from = if last_only && i + 1 == n_layers {
+                    t - 1
+                } else {
+                    0
+                };
                 (h, _) = self.layer_forward_runs(
                     layer,
                     &h,
@@ -359,11 +370,15 @@ impl Model {
                         rope: &rope,
                         past,
                     }],
-                    (false, 0),
+                    (false, outputs_from),
                     activations,
                 )?;
             }
             cache.len = total;
+            if last_only {
+                // (A model without layers has every row still.)
+                h = h.narrow(0, h.dim(0)? - 1, 1)?;
+            }
             Ok(h)
         })
     }
@@ -653,8 +668,9 @@ impl Model {
         };
         let tq = t - outputs_from;
         let (q, q_pre_norm) = if outputs_from > 0 {
-            if !matches!(past, Past::Nothing) {
-                candle_core::bail!("outputs for some positions only, after cached ones")
+            // The queries are the last tq positions of the keys, as in a decoding step.
+            if matches!(past, Past::Fixed(_)) {
+                candle_core::bail!("outputs for some positions only, after fixed ones")
             }
             let suffix = |x: Tensor| x.narrow(2, outputs_from, tq)?.contiguous();
             (suffix(q)?, q_pre_norm.map(suffix).transpose()?)

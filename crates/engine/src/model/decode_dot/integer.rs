@@ -174,6 +174,27 @@ impl RoundedRows {
     }
 }
 
+/// Calls `$row_dots::<N, $format>` for each weight row from `$r` whose dots `$dots` holds, N
+/// being `$n`, the number of input rows (1 to 4), so that each count gets its own loop.
+/// Expands to unsafe calls: the caller vouches for `$row_dots`'s conditions.
+#[cfg(target_arch = "x86_64")]
+macro_rules! each_weight_row {
+    ($row_dots:ident, $format:expr, ($bytes:expr, $r:expr, $cols:expr, $x:expr, $dots:expr, $n:expr)) => {
+        for (k, dots) in $dots.chunks_mut($n).enumerate() {
+            let (bytes, r, cols, x) = ($bytes, $r + k, $cols, $x);
+            // SAFETY: the caller's.
+            unsafe {
+                match $n {
+                    1 => $row_dots::<1, { $format }>(bytes, r, cols, x, dots),
+                    2 => $row_dots::<2, { $format }>(bytes, r, cols, x, dots),
+                    3 => $row_dots::<3, { $format }>(bytes, r, cols, x, dots),
+                    _ => $row_dots::<4, { $format }>(bytes, r, cols, x, dots),
+                }
+            }
+        }
+    };
+}
+
 /// An integer kernel module's entry points for the CPU features `$features`: `row_dots` picks
 /// the module's `row_dots_n` for the storage type and the number of input rows, and
 /// `dequantize` its `dequantize_as`, so that each loop is compiled without a branch per
@@ -200,17 +221,8 @@ macro_rules! integer_entry_points {
             assert!(x.cols == cols && x.rows() >= n);
             macro_rules! each_row {
                 ($format:expr) => {
-                    for (k, dots) in dots.chunks_mut(n).enumerate() {
-                        // SAFETY: as for this function.
-                        unsafe {
-                            match n {
-                                1 => row_dots_n::<1, { $format }>(bytes, r + k, cols, x, dots),
-                                2 => row_dots_n::<2, { $format }>(bytes, r + k, cols, x, dots),
-                                3 => row_dots_n::<3, { $format }>(bytes, r + k, cols, x, dots),
-                                _ => row_dots_n::<4, { $format }>(bytes, r + k, cols, x, dots),
-                            }
-                        }
-                    }
+                    // SAFETY: as for this function.
+                    each_weight_row!(row_dots_n, $format, (bytes, r, cols, x, dots, n))
                 };
             }
             match dtype {
@@ -587,17 +599,8 @@ pub(super) mod avx2 {
         assert!(x.cols == cols && x.group == BLOCK && x.rows() >= n);
         macro_rules! each_row {
             ($format:expr) => {
-                for (k, dots) in dots.chunks_mut(n).enumerate() {
-                    // SAFETY: as for this function.
-                    unsafe {
-                        match n {
-                            1 => block_row_dots_n::<1, { $format }>(bytes, r + k, cols, x, dots),
-                            2 => block_row_dots_n::<2, { $format }>(bytes, r + k, cols, x, dots),
-                            3 => block_row_dots_n::<3, { $format }>(bytes, r + k, cols, x, dots),
-                            _ => block_row_dots_n::<4, { $format }>(bytes, r + k, cols, x, dots),
-                        }
-                    }
-                }
+                // SAFETY: as for this function.
+                each_weight_row!(block_row_dots_n, $format, (bytes, r, cols, x, dots, n))
             };
         }
         match dtype {

@@ -137,8 +137,9 @@ pub fn has_register_dots(dtype: GgmlDType, cols: usize) -> bool {
 }
 
 /// How the decoding dots of the types with integer dots (`integer`: the K types on CPUs with
-/// AVX2, Q8_0 where AVX2 is the widest kernel) take the activations; every other type and CPU
-/// takes them as f32.
+/// AVX2, the blocks of 32 where AVX2 is the widest kernel) take the activations; every other
+/// type and CPU takes them as f32. Only generation's steps ask for `best()`; every other pass
+/// is `Exact`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activations {
     /// As f32 (`PROMPT_SALIENCE_EXACT_DECODING=1`).

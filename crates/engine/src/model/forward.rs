@@ -326,6 +326,9 @@ impl Model {
         // Only the last position's output is asked for: the last layer computes no other
         // (every position still gives its key and value), a layer's products less for the
         // other rows of a prompt.
+        if ids.is_empty() {
+            candle_core::bail!("forward_cached: no token to decode")
+        }
         let last = self.forward_cached_with(ids, cache, Activations::best(), true)?;
         rms_norm(&last, &self.final_norm, self.cfg.eps)
     }

@@ -337,13 +337,10 @@ where
     let (server_output, from_server) = tokio::io::duplex(1 << 16);
     let (answers_tx, answers_rx) = tokio::sync::mpsc::unbounded_channel();
     let reading = tokio::spawn(transport::forward_input(input, to_server, answers_tx));
+    let server = Server::new(server_input, server_output, socket)
+        .concurrency_level(CONCURRENCY)
+        .serve(service);
     let serving = async move {
-        let server = async move {
-            Server::new(server_input, server_output, socket)
-                .concurrency_level(CONCURRENCY)
-                .serve(service)
-                .await;
-        };
         tokio::join!(
             server,
             transport::forward_output(from_server, answers_rx, output)

@@ -220,14 +220,7 @@ pub fn product(
             .any(|p| p.blocks.and_then(|(_, dtype)| rounding_group(dtype)) == Some(group))
             .then(|| RoundedRows::new(x, cols, group))
     };
-    let rounded = [rounded_by(integer::SUPER), rounded_by(BLOCK)];
-    let rounded_for = |group: usize| {
-        rounded
-            .iter()
-            .flatten()
-            .find(|r| r.group() == group)
-            .expect("rounded for this part")
-    };
+    let (per_super_block, per_block) = (rounded_by(integer::SUPER), rounded_by(BLOCK));
     let mut by_row = vec![0f32; rows * n];
     by_row.par_chunks_mut(chunk * n).enumerate().for_each_init(
         || vec![0f32; cols],
@@ -246,12 +239,18 @@ pub fn product(
                 match (kernel, part.blocks) {
                     #[cfg(target_arch = "x86_64")]
                     (kernel, Some((bytes, dtype))) if rounding_group(dtype).is_some() => {
-                        let group = rounding_group(dtype).expect("checked by the guard");
-                        let x = rounded_for(group);
+                        let blocks_of_32 = rounding_group(dtype) == Some(BLOCK);
+                        let x = if blocks_of_32 {
+                            &per_block
+                        } else {
+                            &per_super_block
+                        };
+                        let x = x.as_ref().expect("rounded for this part");
                         // SAFETY (all three): `rounding_group` is Some only where the CPU has
                         // AVX2, FMA and F16C, and the 512-bit kernels are taken where it has
                         // AVX-512F and BW; the rows lie inside `bytes`.
-                        if group == BLOCK {
+                        if blocks_of_32 {
+                            let x = (x, &block_sums[..]);
                             unsafe {
                                 integer::avx2::block_row_dots(
                                     bytes,
@@ -1199,17 +1198,17 @@ mod avx2 {
         two_chain_dots(&sums, dots);
     }
 
-    /// A Q4 block's 32 values as bytes: elements 0..16 (the low nibbles) and 16..32 (the high
-    /// ones); Q4_0's stored q + 8 becomes the signed q, as the plain path computes it.
+    /// A Q4 or Q5 block's 32 nibbles as bytes: elements 0..16 (the low nibbles) and 16..32
+    /// (the high ones), without a Q5 block's fifth bits; Q4_0's stored q + 8 becomes the
+    /// signed q, as the plain path computes it.
     ///
     /// # Safety
-    /// `block` points at a whole block of `FORMAT`, Q4_0 or Q4_1.
+    /// `block` points at a whole block of `FORMAT`, one of the Q4 and Q5 formats.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn nibbles<const FORMAT: u8>(block: *const u8) -> (__m128i, __m128i) {
-        let at = if FORMAT == Q4_1 { 4 } else { 2 };
-        // SAFETY: the 16 bytes after the scales are inside the block.
-        let qs = unsafe { _mm_loadu_si128(block.add(at) as *const __m128i) };
+        // SAFETY: the 16 nibble bytes are inside the block.
+        let qs = unsafe { _mm_loadu_si128(block.add(values_at(FORMAT)) as *const __m128i) };
         let low_nibbles = _mm_set1_epi8(0x0f);
         let lo = _mm_and_si128(qs, low_nibbles);
         let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), low_nibbles);

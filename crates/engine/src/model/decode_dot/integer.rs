@@ -31,8 +31,8 @@
 //! v = 128·hi + lo (|hi| ≤ 127, |lo| ≤ 64), so that byte multiply-adds take them. Each value
 //! is off by at most s / 2, 2⁻¹⁵ of the largest in its group: 128 times closer than 8 bits.
 //! The formats' offsets (the mins of Q2_K, Q4_K, Q5_K, Q4_1 and Q5_1, the −32 of Q6_K, the −4
-//! of Q3_K) are taken in f32 against the exact sums of x over each run of 16 values, so only
-//! the d·sc·u part of a weight meets the rounding. Gemma 3 270M's Q4_K_M file and SmolLM2's
+//! of Q3_K) are taken in f32 against the f32 sums of x over each run of 16 values (each block
+//! of 32 for Q4_1 and Q5_1), so only the d·sc·u part of a weight meets the rounding. Gemma 3 270M's Q4_K_M file and SmolLM2's
 //! Q4_1 file give the same greedy continuations either way (`server/tests/decoding.rs`). With
 //! `PROMPT_SALIENCE_EXACT_DECODING=1` every type takes the f32 kernels.
 
@@ -98,7 +98,7 @@ pub(super) fn takes_avx512(kernel: super::Kernel) -> bool {
 /// Activation rows rounded for the integer dots (see the module's comment).
 pub struct RoundedRows {
     cols: usize,
-    /// Values per scale: 256 (K types) or 32 (Q8_0).
+    /// Values per scale: 256 (K types) or 32 (the blocks of 32).
     group: usize,
     /// v = 128·hi + lo for every value, in the rows' order.
     hi: Vec<i8>,
@@ -161,11 +161,6 @@ impl RoundedRows {
     fn value(&self, i: usize) -> f32 {
         let v = 128.0 * f32::from(self.hi[i]) + f32::from(self.lo[i]);
         self.scales[i / self.group] * v
-    }
-
-    /// Values per scale.
-    pub fn group(&self) -> usize {
-        self.group
     }
 
     /// The number of rows.
@@ -267,7 +262,7 @@ macro_rules! integer_entry_points {
 #[cfg(target_arch = "x86_64")]
 pub(super) mod avx2 {
     use super::super::avx2::{
-        block_bytes, block_scales, fifth_bits_at, k_bytes, q4k_fields, values_at, Q2K_BYTES,
+        block_bytes, block_scales, fifth_bits_at, k_bytes, nibbles, q4k_fields, Q2K_BYTES,
         Q3K_BYTES, Q4_0, Q4_1, Q5_0, Q5_1, Q6K_BYTES, Q8_0,
     };
     use super::super::{f16_values, prefetch_ahead};
@@ -582,7 +577,7 @@ pub(super) mod avx2 {
 
     /// dots[k·n + i] = W[r + k] · x_i for the `rows` rows from r of a type with blocks of 32
     /// (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) and the n = dots.len() / rows input rows x_i, rounded
-    /// per block of 32.
+    /// per block of 32; `block_sums` holds Σ x over each block of 32 of every x_i (f32).
     ///
     /// # Safety
     /// The CPU has AVX2, FMA and F16C; `bytes` holds rows of `cols / 32` blocks of `dtype`.
@@ -592,11 +587,13 @@ pub(super) mod avx2 {
         dtype: GgmlDType,
         (r, rows): (usize, usize),
         cols: usize,
-        x: &RoundedRows,
+        (x, block_sums): (&RoundedRows, &[f32]),
         dots: &mut [f32],
     ) {
         let n = dots.len() / rows;
         assert!(x.cols == cols && x.group == BLOCK && x.rows() >= n);
+        assert!(block_sums.len() >= n * cols / BLOCK);
+        let x = (x, block_sums);
         macro_rules! each_row {
             ($format:expr) => {
                 // SAFETY: as for this function.
@@ -620,8 +617,7 @@ pub(super) mod avx2 {
     }
 
     /// A block's 32 integers w (signed) or u (unsigned, see `is_signed`) as bytes, in element
-    /// order: the low nibbles are elements 0..16, the high ones 16..32, and bit j of a Q5
-    /// block's u32 is the fifth bit of element j.
+    /// order (`nibbles`), with bit j of a Q5 block's u32 the fifth bit of element j.
     ///
     /// # Safety
     /// `at` points at a whole block of `FORMAT`.
@@ -631,11 +627,9 @@ pub(super) mod avx2 {
         if FORMAT == Q8_0 {
             return unsafe { _mm256_loadu_si256(at.add(2) as *const __m256i) };
         }
-        let packed = unsafe { _mm_loadu_si128(at.add(values_at(FORMAT)) as *const __m128i) };
-        let u = _mm256_and_si256(
-            _mm256_set_m128i(_mm_srli_epi16::<4>(packed), packed),
-            _mm256_set1_epi8(0x0f),
-        );
+        // Q4_0's q − 8 already.
+        let (low, high) = unsafe { nibbles::<FORMAT>(at) };
+        let u = _mm256_set_m128i(high, low);
         let u = match fifth_bits_at(FORMAT) {
             Some(bits_at) => {
                 let bits = unsafe { std::ptr::read_unaligned(at.add(bits_at) as *const u32) };
@@ -653,17 +647,17 @@ pub(super) mod avx2 {
             }
             None => u,
         };
-        match FORMAT {
-            Q4_0 => _mm256_sub_epi8(u, _mm256_set1_epi8(8)),
-            Q5_0 => _mm256_sub_epi8(u, _mm256_set1_epi8(16)),
-            _ => u,
+        if FORMAT == Q5_0 {
+            _mm256_sub_epi8(u, _mm256_set1_epi8(16))
+        } else {
+            u
         }
     }
 
     /// Row r's dots with N input rows rounded per block of 32. `maddubs` multiplies unsigned
     /// bytes by signed ones: it takes u as it is, and a signed w as |w| against the
     /// activations' bytes with w's signs. The offsets m·Σx of Q4_1 and Q5_1 are taken in f32
-    /// against the exact sums of x.
+    /// against the f32 block sums, as the f32 kernels take them.
     ///
     /// # Safety
     /// As for `block_row_dots`, with `bytes` in `FORMAT`.
@@ -673,12 +667,13 @@ pub(super) mod avx2 {
         bytes: &[u8],
         r: usize,
         cols: usize,
-        x: &RoundedRows,
+        (x, block_sums): (&RoundedRows, &[f32]),
         dots: &mut [f32],
     ) {
         let size = block_bytes(FORMAT);
         let blocks = cols / BLOCK;
         assert!(x.rows() >= N && x.cols == cols && x.group == BLOCK && dots.len() >= N);
+        assert!(block_sums.len() >= N * blocks);
         let row = &bytes[r * blocks * size..(r + 1) * blocks * size];
         let f16_values = f16_values();
         let (ones, high_weight) = (_mm256_set1_epi16(1), _mm256_set1_epi16(128));
@@ -686,7 +681,7 @@ pub(super) mod avx2 {
         let mut offsets = [0f32; N];
         for b in 0..blocks {
             // SAFETY: block b of the row lies inside it; 32 rounded values of each x_i from
-            // b·32, their scale and their two run sums lie inside the slices checked above.
+            // b·32, their scale and their sum lie inside the slices checked above.
             unsafe {
                 let at = row.as_ptr().add(b * size);
                 prefetch_ahead(at);
@@ -715,8 +710,7 @@ pub(super) mod avx2 {
                     let factor = d * *x.scales.get_unchecked(i * blocks + b);
                     *total = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_set1_ps(factor), *total);
                     if !is_signed(FORMAT) {
-                        let runs = x.run_sums.as_ptr().add(o / RUN);
-                        offsets[i] += m * (*runs + *runs.add(1));
+                        offsets[i] += m * *block_sums.get_unchecked(i * blocks + b);
                     }
                 }
             }
@@ -1104,7 +1098,7 @@ mod tests {
             x[cols..cols + group].fill(0.0);
             x[2 * cols + 5] = 1e4;
             let rounded = RoundedRows::new(&x, cols, group);
-            assert_eq!((rounded.rows(), rounded.group()), (3, group));
+            assert_eq!((rounded.rows(), rounded.group), (3, group));
             assert_eq!(rounded.scales.len(), 3 * cols / group);
             for (b, block) in x.chunks(group).enumerate() {
                 let largest = block.iter().fold(0f32, |m, v| m.max(v.abs()));

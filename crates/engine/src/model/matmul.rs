@@ -1231,7 +1231,7 @@ pub(super) fn small_product(
     // SAFETY: the asserts above keep every access inside the slices, and `dst` is borrowed
     // mutably, so nothing else reads or writes it meanwhile.
     unsafe {
-        gemm::gemm(
+        gemm_f32::gemm::f32::get_gemm_fn()(
             m,
             n,
             k,
@@ -1250,7 +1250,7 @@ pub(super) fn small_product(
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            gemm_common::Parallelism::None,
         )
     }
 }

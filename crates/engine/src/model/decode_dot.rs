@@ -29,6 +29,8 @@ use rayon::prelude::*;
 
 mod integer;
 pub use integer::has_integer_dots;
+#[cfg(target_arch = "x86_64")]
+pub(super) use integer::prefill;
 #[cfg(test)]
 pub(super) use integer::rounding_group;
 use integer::RoundedRows;

@@ -283,14 +283,18 @@ impl Weight {
         self.forward_with(x, Activations::Exact)
     }
 
-    /// `forward`, where up to `decode_dot::MAX_INPUT_ROWS` rows take the activations as
-    /// `activations` says: `Activations::best()` rounds them to 15 bits for the matrices with
-    /// integer dots (`decode_dot::integer`), which only decoding asks for.
+    /// `forward`, taking the activations as `activations` says: `Activations::best()` rounds
+    /// them to 15 bits for the matrices with integer dots (`decode_dot::integer`; up to
+    /// `decode_dot::MAX_INPUT_ROWS` rows) and, for more rows, for matrices that are all blocks
+    /// of 32 where AVX2 is the widest kernel (`decode_dot::prefill`). Only generation asks
+    /// for it.
     pub fn forward_with(&self, x: &Tensor, activations: Activations) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let n = x.elem_count() / self.cols;
         let x2 = x.reshape((n, self.cols))?;
-        let y = if self.forward_on_panels(n) {
+        let y = if takes_integer_prefill(&self.parts, n, activations) {
+            integer_prefill(&self.parts, &x2, n)?
+        } else if self.forward_on_panels(n) {
             panel_forward(&self.parts, &x2, n)?
         } else if let Some(y) =
             few_rows_forward(&self.parts, &x2, n, (Kernel::best(), activations))?
@@ -322,7 +326,7 @@ impl Weight {
         row: &RowMaker<'_>,
         activations: Activations,
     ) -> Result<Tensor> {
-        if self.forward_on_panels(n) {
+        if self.forward_on_panels(n) && !takes_integer_prefill(&self.parts, n, activations) {
             let packed = PackedRows::from_rows(n, self.cols, row);
             return panel_forward_packed(&self.parts, &packed, n);
         }
@@ -805,6 +809,60 @@ fn dequantize(values: &Values, cols: usize, row: usize, c0: usize, c1: usize, ds
             )
         }
     }
+}
+
+/// Whether x Wᵀ for `n` rows goes to generation's integer prefill product
+/// (`decode_dot::prefill`): the activations may be rounded, there are more rows than the
+/// decoding dots take, AVX2 is the widest kernel (as for the decoding dots of these types),
+/// and every part is GGUF blocks of 32.
+fn takes_integer_prefill(parts: &[Matrix], n: usize, activations: Activations) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        activations == Activations::Rounded
+            && n > decode_dot::MAX_INPUT_ROWS
+            && Kernel::best() == Kernel::Avx2
+            && parts.iter().all(
+                |p| matches!(&p.stored, Stored::Blocks(q) if decode_dot::prefill::takes(q.dtype())),
+            )
+            && decode_dot::prefill::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (parts, n, activations);
+        false
+    }
+}
+
+/// x Wᵀ (n rows) on the integer prefill product: every part is GGUF blocks of 32
+/// (`takes_integer_prefill`).
+#[cfg(target_arch = "x86_64")]
+fn integer_prefill(parts: &[Matrix], x: &Tensor, n: usize) -> Result<Tensor> {
+    let cols = parts[0].cols;
+    let stored = parts
+        .iter()
+        .map(|p| match &p.stored {
+            Stored::Blocks(q) => Ok((q.data()?, q.dtype(), p.rows)),
+            _ => candle_core::bail!("the integer prefill product takes GGUF blocks only"),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let prefill_parts: Vec<decode_dot::prefill::Part> = stored
+        .iter()
+        .map(|(bytes, dtype, rows)| decode_dot::prefill::Part {
+            bytes,
+            dtype: *dtype,
+            rows: *rows,
+        })
+        .collect();
+    let rows = prefill_parts.iter().map(|p| p.rows).sum::<usize>();
+    let out = with_slice(x, |x| {
+        Ok(decode_dot::prefill::product(&prefill_parts, x, cols))
+    })?;
+    Tensor::from_vec(out, (n, rows), &Device::Cpu)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn integer_prefill(_: &[Matrix], _: &Tensor, _: usize) -> Result<Tensor> {
+    candle_core::bail!("the integer prefill product needs x86-64")
 }
 
 /// x Wᵀ for a few rows x (n ≤ MAX_INPUT_ROWS) and the parts stacked by rows, in one parallel

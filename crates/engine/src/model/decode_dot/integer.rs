@@ -1,8 +1,8 @@
 //! Decoding dots with integer multiply-adds, against activations rounded to 15 bits: the K
 //! types (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) on every CPU with AVX2, and the blocks of 32 (Q4_0,
-//! Q4_1, Q5_0, Q5_1, Q8_0) where AVX2 is the widest kernel. Only generation's steps take them
-//! (`Model::forward_cached`, `Model::decoding_logits`); salience, perturbation and prefill
-//! keep f32 activations.
+//! Q4_1, Q5_0, Q5_1, Q8_0) where AVX2 is the widest kernel. Only generation takes them
+//! (`Model::forward_cached`, `Model::decoding_logits`), its prefill on the blocks of 32 through
+//! the integer tile of `prefill`; salience and perturbation keep f32 activations.
 //!
 //! Why: with f32 activations every weight is widened to a 32-bit lane, converted and
 //! multiplied, and for the 2-, 3- and 6-bit types that costs more than reading it. On Llama
@@ -37,6 +37,9 @@
 //! `PROMPT_SALIENCE_EXACT_DECODING=1` every type takes the f32 kernels.
 
 use candle_core::quantized::GgmlDType;
+
+#[cfg(target_arch = "x86_64")]
+pub(in crate::model) mod prefill;
 
 /// Values per super-block (one activation scale for the K types), and per run (one weight
 /// scale).
@@ -612,7 +615,7 @@ pub(super) mod avx2 {
 
     /// Whether a format's weights are d·w with w signed (Q8_0; Q4_0's q − 8, Q5_0's q − 16),
     /// rather than d·u + m with u unsigned (Q4_1, Q5_1).
-    const fn is_signed(format: u8) -> bool {
+    pub(super) const fn is_signed(format: u8) -> bool {
         matches!(format, Q4_0 | Q5_0 | Q8_0)
     }
 
@@ -622,7 +625,7 @@ pub(super) mod avx2 {
     /// # Safety
     /// `at` points at a whole block of `FORMAT`.
     #[inline(always)]
-    unsafe fn block_integers<const FORMAT: u8>(at: *const u8) -> __m256i {
+    pub(super) unsafe fn block_integers<const FORMAT: u8>(at: *const u8) -> __m256i {
         // SAFETY (loads): the value bytes and the fifth bits lie inside the block.
         if FORMAT == Q8_0 {
             return unsafe { _mm256_loadu_si256(at.add(2) as *const __m256i) };
@@ -997,7 +1000,7 @@ pub(super) mod avx512 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::super::super::matmul::tests::random;
     use super::super::{product, Activations, Kernel, Part};
     use super::*;
@@ -1022,7 +1025,7 @@ mod tests {
 
     /// Rows whose values lie on the rounding grid, s = 2⁻⁷ in every group of `group` values
     /// (one value at ±16256·s), so that rounding leaves them as they are.
-    fn on_grid(len: usize, seed: u64, group: usize) -> Vec<f32> {
+    pub(super) fn on_grid(len: usize, seed: u64, group: usize) -> Vec<f32> {
         let s = 1.0 / 128.0;
         let mut x: Vec<f32> = random(len, seed)
             .iter()
@@ -1062,7 +1065,12 @@ mod tests {
     }
 
     /// The rows' stored bytes and their values as f32 (candle's dequantization).
-    fn quantized(rows: usize, cols: usize, dtype: GgmlDType, seed: u64) -> (Vec<u8>, Vec<f32>) {
+    pub(super) fn quantized(
+        rows: usize,
+        cols: usize,
+        dtype: GgmlDType,
+        seed: u64,
+    ) -> (Vec<u8>, Vec<f32>) {
         let w = Tensor::from_vec(random(rows * cols, seed), (rows, cols), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&w, dtype).unwrap();
         let values = q.dequantize(&Device::Cpu).unwrap();

@@ -1,0 +1,396 @@
+//! Generation's prefill on the blocks of 32 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) where AVX2 is the
+//! widest kernel: x Wᵀ for many rows, the activations rounded as decoding's integer dots
+//! round them (15 bits per block of 32), multiplied with 16-bit multiply-adds (`vpmaddwd`:
+//! 16 per instruction, where an f32 FMA does 8) in a register tile of 6 rows × 16 columns,
+//! each block of 32 converted and scaled in f32 (the weights' d per column, the activations'
+//! scale per row). The offsets m·Σx of Q4_1 and Q5_1 are taken in f32 against the f32 block
+//! sums, as the decoding dots take them.
+//!
+//! Why: a 100-token prefill is products (91 % of Gemma 3's layers' time), and the f32 tile
+//! runs at the FMA limit. One thread over one strip of a prefill's packed operands
+//! (`docs/bench/integer_tile_probe.rs`): 130–136 GFLOP/s against the f32 tile's 96–99. Only
+//! generation rounds; salience keeps f32 (see the module above).
+
+use std::arch::x86_64::*;
+
+use candle_core::quantized::GgmlDType;
+use rayon::prelude::*;
+
+use super::super::super::matmul::{SharedOut, MR, NR};
+use super::super::avx2::{block_bytes, block_scales, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
+use super::super::f16_values;
+use super::avx2::{block_integers, is_signed};
+use super::{to_integer, BLOCK, STEPS};
+
+/// Pairs of 16-bit values along the depth per block of 32.
+const PAIRS: usize = BLOCK / 2;
+
+/// The activation rows packed for the tile: panel `ip` holds rows `ip * MR..`, for every pair
+/// of depth steps p the MR rows' (v[2p], v[2p + 1]) as one 32-bit lane each; per block, the
+/// rows' scales and f32 sums. Rows past the last are zero.
+struct PackedActivations {
+    pairs: Vec<i32>,
+    scales: Vec<f32>,
+    sums: Vec<f32>,
+    blocks: usize,
+}
+
+impl PackedActivations {
+    /// Rounds and packs the rows of x (`cols` values each), one row panel per task: the
+    /// rounding is `RoundedRows::new`'s (15 bits per block of 32, a NaN scale for a block
+    /// that is not finite), written straight into the tile's layout.
+    fn new(x: &[f32], cols: usize) -> PackedActivations {
+        let m = x.len() / cols;
+        let blocks = cols / BLOCK;
+        let panels = m.div_ceil(MR);
+        let mut pairs = vec![0i32; panels * cols / 2 * MR];
+        let mut scales = vec![0f32; panels * blocks * MR];
+        let mut sums = vec![0f32; panels * blocks * MR];
+        pairs
+            .par_chunks_mut(cols / 2 * MR)
+            .zip(scales.par_chunks_mut(blocks * MR))
+            .zip(sums.par_chunks_mut(blocks * MR))
+            .enumerate()
+            .for_each(|(ip, ((panel, scales), sums))| {
+                let mut v = [0f32; BLOCK];
+                for r in 0..MR.min(m - ip * MR) {
+                    let row = &x[(ip * MR + r) * cols..(ip * MR + r + 1) * cols];
+                    for (b, block) in row.chunks_exact(BLOCK).enumerate() {
+                        scales[b * MR + r] = round_block(block, &mut v);
+                        sums[b * MR + r] = block.iter().sum();
+                        for q in 0..PAIRS {
+                            let (low, high) = (v[2 * q] as i32, v[2 * q + 1] as i32);
+                            panel[(b * PAIRS + q) * MR + r] = (low & 0xFFFF) | (high << 16);
+                        }
+                    }
+                }
+            });
+        PackedActivations {
+            pairs,
+            scales,
+            sums,
+            blocks,
+        }
+    }
+}
+
+/// One block's integers v (as f32) and scale s, x ≈ s·v, as `RoundedRows::new` rounds them.
+fn round_block(block: &[f32], v: &mut [f32; BLOCK]) -> f32 {
+    let not_finite = block.iter().fold(0u32, |all, x| {
+        all | (!x.to_bits() & 0x7F80_0000 == 0) as u32
+    });
+    let largest = block
+        .iter()
+        .fold(0f32, |m, x| if x.abs() > m { x.abs() } else { m });
+    if not_finite != 0 || largest == 0.0 {
+        v.fill(0.0);
+        return if not_finite != 0 { f32::NAN } else { 0.0 };
+    }
+    for (v, x) in v.iter_mut().zip(block) {
+        *v = to_integer(x / largest * STEPS).clamp(-STEPS, STEPS);
+    }
+    largest / STEPS
+}
+
+/// One stored matrix: its blocks, type and rows (output columns of the product).
+pub struct Part<'a> {
+    pub bytes: &'a [u8],
+    pub dtype: GgmlDType,
+    pub rows: usize,
+}
+
+/// Whether `product` takes `dtype`.
+pub fn takes(dtype: GgmlDType) -> bool {
+    use GgmlDType::*;
+    matches!(dtype, Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0)
+}
+
+/// Whether this CPU runs `product`.
+pub fn available() -> bool {
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+}
+
+/// x Wᵀ for the rows of x (`cols` values each), rounded per block of 32, and W the parts
+/// stacked by rows: (rows of x × Σ part rows), row-major.
+///
+/// Panics unless the CPU runs it (`available`), every part's type is one that `takes`, and
+/// its bytes hold its rows of `cols / 32` blocks.
+pub fn product(parts: &[Part], x: &[f32], cols: usize) -> Vec<f32> {
+    assert!(
+        available(),
+        "the integer prefill product needs AVX2, FMA and F16C"
+    );
+    assert!(cols.is_multiple_of(BLOCK) && x.len().is_multiple_of(cols));
+    let n = x.len() / cols;
+    let total: usize = parts.iter().map(|p| p.rows).sum();
+    let a = PackedActivations::new(x, cols);
+    // Tasks: each part's panels of NR output columns, a few panels per task.
+    let mut tasks = Vec::new();
+    let mut start = 0;
+    for (pi, part) in parts.iter().enumerate() {
+        assert!(
+            takes(part.dtype),
+            "no integer prefill product for {:?}",
+            part.dtype
+        );
+        assert!(part.bytes.len() >= part.rows * cols / BLOCK * part.dtype.type_size());
+        for j0 in (0..part.rows).step_by(NR) {
+            tasks.push((pi, start, j0));
+        }
+        start += part.rows;
+    }
+    let mut out = vec![0f32; n * total];
+    let shared = SharedOut::of(&mut out);
+    tasks.into_par_iter().for_each_init(
+        || vec![0i16; cols * NR],
+        |b_panel, (pi, first_column, j0)| {
+            let part = &parts[pi];
+            let width = NR.min(part.rows - j0);
+            macro_rules! run {
+                ($format:expr) => {
+                    // SAFETY: the caller's conditions; the panel's columns and every row of
+                    // the output's columns first_column + j0.. belong to this task alone.
+                    unsafe {
+                        panel_times_rows::<{ $format }>(
+                            part,
+                            (j0, width),
+                            &a,
+                            b_panel,
+                            (shared, n, total, first_column + j0),
+                        )
+                    }
+                };
+            }
+            match part.dtype {
+                GgmlDType::Q4_0 => run!(Q4_0),
+                GgmlDType::Q4_1 => run!(Q4_1),
+                GgmlDType::Q5_0 => run!(Q5_0),
+                GgmlDType::Q5_1 => run!(Q5_1),
+                _ => run!(Q8_0),
+            }
+        },
+    );
+    out
+}
+
+/// Packs weight rows j0..j0 + width of `part` as 16 columns of 16-bit integer pairs (missing
+/// columns zero), then multiplies every activation panel by them into the output's columns
+/// `column..column + width`.
+///
+/// # Safety
+/// As for `product`; `b_panel` holds cols · NR values.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn panel_times_rows<const FORMAT: u8>(
+    part: &Part,
+    (j0, width): (usize, usize),
+    a: &PackedActivations,
+    b_panel: &mut [i16],
+    (out, n, ldc, column): (SharedOut, usize, usize, usize),
+) {
+    let blocks = a.blocks;
+    let size = block_bytes(FORMAT);
+    let f16_values = f16_values();
+    let mut d = vec![0f32; blocks * NR];
+    let mut m = vec![0f32; blocks * NR];
+    b_panel.fill(0);
+    for c in 0..width {
+        let row = &part.bytes[(j0 + c) * blocks * size..(j0 + c + 1) * blocks * size];
+        for b in 0..blocks {
+            // SAFETY: block b lies inside the row.
+            let at = unsafe { row.as_ptr().add(b * size) };
+            let (scale, offset) = unsafe { block_scales::<FORMAT>(at, f16_values) };
+            d[b * NR + c] = scale;
+            m[b * NR + c] = if is_signed(FORMAT) { 0.0 } else { offset };
+            let w = unsafe { block_integers::<FORMAT>(at) };
+            let mut wide = [0i16; BLOCK];
+            // SAFETY: `wide` holds 32 values.
+            unsafe {
+                let low = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(w));
+                let high = _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(w));
+                _mm256_storeu_si256(wide.as_mut_ptr() as *mut __m256i, low);
+                _mm256_storeu_si256(wide.as_mut_ptr().add(16) as *mut __m256i, high);
+            }
+            for q in 0..PAIRS {
+                let at = ((b * PAIRS + q) * NR + c) * 2;
+                b_panel[at] = wide[2 * q];
+                b_panel[at + 1] = wide[2 * q + 1];
+            }
+        }
+    }
+    let pair_len = a.pairs.len() / n.div_ceil(MR);
+    for ip in 0..n.div_ceil(MR) {
+        let rows = MR.min(n - ip * MR);
+        let panel = &a.pairs[ip * pair_len..(ip + 1) * pair_len];
+        let scales = &a.scales[ip * blocks * MR..(ip + 1) * blocks * MR];
+        let sums = &a.sums[ip * blocks * MR..(ip + 1) * blocks * MR];
+        let mut tile = [[_mm256_setzero_ps(); 2]; MR];
+        for b in 0..blocks {
+            let mut acc = [[_mm256_setzero_si256(); 2]; MR];
+            for p in b * PAIRS..(b + 1) * PAIRS {
+                // SAFETY: pair p of the panels lies inside them (checked lengths above).
+                unsafe {
+                    let w = b_panel.as_ptr().add(p * NR * 2);
+                    let w0 = _mm256_loadu_si256(w as *const __m256i);
+                    let w1 = _mm256_loadu_si256(w.add(NR) as *const __m256i);
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let v = _mm256_set1_epi32(*panel.get_unchecked(p * MR + r));
+                        acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(v, w0));
+                        acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(v, w1));
+                    }
+                }
+            }
+            // A block's Σ w·v is at most 32 · 127 · 16256 < 2³¹: exact in 32 bits.
+            let dv = [_mm256_loadu_ps(&d[b * NR]), _mm256_loadu_ps(&d[b * NR + 8])];
+            let mv = [_mm256_loadu_ps(&m[b * NR]), _mm256_loadu_ps(&m[b * NR + 8])];
+            for (r, (acc, tile)) in acc.iter().zip(tile.iter_mut()).enumerate() {
+                let s = _mm256_set1_ps(scales[b * MR + r]);
+                let sum = _mm256_set1_ps(sums[b * MR + r]);
+                for h in 0..2 {
+                    let v = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[h]), dv[h]);
+                    tile[h] = _mm256_fmadd_ps(v, s, tile[h]);
+                    if !is_signed(FORMAT) {
+                        tile[h] = _mm256_fmadd_ps(mv[h], sum, tile[h]);
+                    }
+                }
+            }
+        }
+        for (r, tile) in tile.iter().enumerate().take(rows) {
+            let mut values = [0f32; NR];
+            _mm256_storeu_ps(values.as_mut_ptr(), tile[0]);
+            _mm256_storeu_ps(values.as_mut_ptr().add(8), tile[1]);
+            // SAFETY: row ip·MR + r < n and columns column..column + width < ldc belong to
+            // this task alone.
+            unsafe { out.write((ip * MR + r) * ldc + column, &values[..width]) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{on_grid, quantized};
+    use super::*;
+
+    const TYPES: [GgmlDType; 5] = [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q8_0,
+    ];
+
+    /// f64 x Wᵀ of the dequantized parts stacked by rows, and Σ |w·x| per output.
+    fn plain(parts: &[(Vec<f32>, usize)], x: &[f32], cols: usize) -> (Vec<f64>, Vec<f64>) {
+        let n = x.len() / cols;
+        let (mut want, mut size) = (Vec::new(), Vec::new());
+        for i in 0..n {
+            let x = &x[i * cols..(i + 1) * cols];
+            for (w, rows) in parts {
+                for r in 0..*rows {
+                    let w = &w[r * cols..(r + 1) * cols];
+                    want.push(
+                        w.iter()
+                            .zip(x)
+                            .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                            .sum(),
+                    );
+                    size.push(w.iter().zip(x).map(|(a, b)| f64::from((a * b).abs())).sum());
+                }
+            }
+        }
+        (want, size)
+    }
+
+    #[test]
+    fn products_on_the_grid_match_f64_products() {
+        // Activations the rounding keeps as they are: only the f32 sums of the blocks'
+        // partials differ from f64. Row counts around the tile's 6, part rows around its 16,
+        // and two parts of different types stacked.
+        if !available() {
+            eprintln!("no AVX2 + FMA + F16C: the integer prefill product is not used here");
+            return;
+        }
+        let cols = 20 * BLOCK;
+        for (t, dtype) in TYPES.into_iter().enumerate() {
+            let other = TYPES[(t + 2) % TYPES.len()];
+            let (bytes_a, w_a) = quantized(21, cols, dtype, 30 + t as u64);
+            let (bytes_b, w_b) = quantized(16, cols, other, 40 + t as u64);
+            let parts = [
+                Part {
+                    bytes: &bytes_a,
+                    dtype,
+                    rows: 21,
+                },
+                Part {
+                    bytes: &bytes_b,
+                    dtype: other,
+                    rows: 16,
+                },
+            ];
+            for n in [5, 6, 7, 13] {
+                let x = on_grid(n * cols, 50 + n as u64, BLOCK);
+                let got = product(&parts, &x, cols);
+                let (want, size) = plain(&[(w_a.clone(), 21), (w_b.clone(), 16)], &x, cols);
+                assert_eq!(got.len(), want.len());
+                for (o, ((g, w), s)) in got.iter().zip(&want).zip(&size).enumerate() {
+                    assert!(
+                        (f64::from(*g) - w).abs() <= 1e-6 * s,
+                        "{dtype:?} + {other:?}, n = {n}, output {o}: {g} against {w} (size {s})"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn products_stay_within_the_rounding_bound_and_carry_nan() {
+        // Off the grid each activation moves by at most half a step, 2⁻¹⁵ of its block's
+        // largest |x|: the product moves by at most Σ_blocks max|x|·2⁻¹⁵·Σ|w|.
+        if !available() {
+            return;
+        }
+        let cols = 4 * BLOCK;
+        let n = 9;
+        for (t, dtype) in TYPES.into_iter().enumerate() {
+            let (bytes, w) = quantized(18, cols, dtype, 60 + t as u64);
+            let mut x = crate::model::matmul::tests::random(n * cols, 70 + t as u64);
+            x[3 * cols + 5] = f32::NAN;
+            let parts = [Part {
+                bytes: &bytes,
+                dtype,
+                rows: 18,
+            }];
+            let got = product(&parts, &x, cols);
+            for i in 0..n {
+                let xi = &x[i * cols..(i + 1) * cols];
+                for r in 0..18 {
+                    let g = got[i * 18 + r];
+                    if i == 3 {
+                        assert!(g.is_nan(), "{dtype:?}: a NaN activation gave {g}");
+                        continue;
+                    }
+                    let wr = &w[r * cols..(r + 1) * cols];
+                    let want: f64 = wr
+                        .iter()
+                        .zip(xi)
+                        .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                        .sum();
+                    let bound: f64 = wr
+                        .chunks(BLOCK)
+                        .zip(xi.chunks(BLOCK))
+                        .map(|(wb, xb)| {
+                            let largest = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+                            let w_sum: f32 = wb.iter().map(|v| v.abs()).sum();
+                            f64::from(largest) / 16256.0 * 0.5 * f64::from(w_sum)
+                        })
+                        .sum();
+                    assert!(
+                        (f64::from(g) - want).abs() <= bound * 1.01 + 1e-5,
+                        "{dtype:?}, x {i}, row {r}: {g} against {want} (bound {bound})"
+                    );
+                }
+            }
+        }
+    }
+}

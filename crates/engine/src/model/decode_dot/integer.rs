@@ -60,6 +60,31 @@ fn to_integer(y: f32) -> f32 {
     (y + SHIFT) - SHIFT
 }
 
+/// Rounds one group of activations: writes v = round(x / s) (|v| ≤ STEPS) into `v` and
+/// returns s. A group with a value that is not finite gets a NaN scale (so its products come
+/// out NaN, as the f32 ones would), and an all-zero group scale 0; both get v = 0.
+#[inline(always)]
+fn round_group(group: &[f32], v: &mut [f32]) -> f32 {
+    // Written so that the compiler vectorizes it (no call to `round`, no early exit): it runs
+    // for every product of a decoding step.
+    // Infinities and NaNs: every exponent bit set.
+    let not_finite = group.iter().fold(0u32, |all, x| {
+        all | (!x.to_bits() & 0x7F80_0000 == 0) as u32
+    });
+    let largest = group
+        .iter()
+        .fold(0f32, |m, x| if x.abs() > m { x.abs() } else { m });
+    if not_finite != 0 || largest == 0.0 {
+        v.fill(0.0);
+        return if not_finite != 0 { f32::NAN } else { 0.0 };
+    }
+    // x / largest first: STEPS / largest overflows for groups of subnormals.
+    for (v, x) in v.iter_mut().zip(group) {
+        *v = to_integer(x / largest * STEPS).clamp(-STEPS, STEPS);
+    }
+    largest / STEPS
+}
+
 /// How many values of an activation row share a scale for the integer dots of `dtype` on
 /// `kernel`, or None where the dots take f32 activations.
 pub(in crate::model) fn rounding_group(dtype: GgmlDType, kernel: super::Kernel) -> Option<usize> {
@@ -120,32 +145,17 @@ impl RoundedRows {
         assert!(group.is_multiple_of(RUN) && cols.is_multiple_of(group));
         assert!(x.len().is_multiple_of(cols));
         let (mut hi, mut lo) = (vec![0i8; x.len()], vec![0i8; x.len()]);
+        let mut v = vec![0f32; group];
         let scales = x
             .chunks(group)
             .zip(hi.chunks_mut(group).zip(lo.chunks_mut(group)))
             .map(|(block, (hi, lo))| {
-                // Written so that the compiler vectorizes it (no call to `round`, no early
-                // exit): it runs for every product of a decoding step.
-                // Infinities and NaNs: every exponent bit set.
-                let not_finite = block.iter().fold(0u32, |all, v| {
-                    all | (!v.to_bits() & 0x7F80_0000 == 0) as u32
-                });
-                if not_finite != 0 {
-                    return f32::NAN;
-                }
-                let largest = block
-                    .iter()
-                    .fold(0f32, |m, v| if v.abs() > m { v.abs() } else { m });
-                if largest == 0.0 {
-                    return 0.0;
-                }
-                // x / largest first: STEPS / largest overflows for blocks of subnormals.
-                for ((x, hi), lo) in block.iter().zip(hi.iter_mut()).zip(lo.iter_mut()) {
-                    let v = to_integer(x / largest * STEPS).clamp(-STEPS, STEPS);
+                let scale = round_group(block, &mut v);
+                for ((v, hi), lo) in v.iter().zip(hi.iter_mut()).zip(lo.iter_mut()) {
                     let h = to_integer(v / 128.0);
                     (*hi, *lo) = (h as i8, (v - 128.0 * h) as i8);
                 }
-                largest / STEPS
+                scale
             })
             .collect();
         let run_sums = x.chunks(RUN).map(|run| run.iter().sum()).collect();

@@ -20,7 +20,7 @@ use super::super::super::matmul::{SharedOut, MR, NR};
 use super::super::avx2::{block_bytes, block_scales, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
 use super::super::f16_values;
 use super::avx2::{block_integers, is_signed};
-use super::{to_integer, BLOCK, STEPS};
+use super::{round_group, BLOCK};
 
 /// Pairs of 16-bit values along the depth per block of 32.
 const PAIRS: usize = BLOCK / 2;
@@ -36,9 +36,8 @@ struct PackedActivations {
 }
 
 impl PackedActivations {
-    /// Rounds and packs the rows of x (`cols` values each), one row panel per task: the
-    /// rounding is `RoundedRows::new`'s (15 bits per block of 32, a NaN scale for a block
-    /// that is not finite), written straight into the tile's layout.
+    /// Rounds the rows of x (`cols` values each) as `RoundedRows::new` does (`round_group`,
+    /// per block of 32) straight into the tile's layout, one row panel per task.
     fn new(x: &[f32], cols: usize) -> PackedActivations {
         let m = x.len() / cols;
         let blocks = cols / BLOCK;
@@ -56,7 +55,7 @@ impl PackedActivations {
                 for r in 0..MR.min(m - ip * MR) {
                     let row = &x[(ip * MR + r) * cols..(ip * MR + r + 1) * cols];
                     for (b, block) in row.chunks_exact(BLOCK).enumerate() {
-                        scales[b * MR + r] = round_block(block, &mut v);
+                        scales[b * MR + r] = round_group(block, &mut v);
                         sums[b * MR + r] = block.iter().sum();
                         for q in 0..PAIRS {
                             let (low, high) = (v[2 * q] as i32, v[2 * q + 1] as i32);
@@ -74,22 +73,12 @@ impl PackedActivations {
     }
 }
 
-/// One block's integers v (as f32) and scale s, x ≈ s·v, as `RoundedRows::new` rounds them.
-fn round_block(block: &[f32], v: &mut [f32; BLOCK]) -> f32 {
-    let not_finite = block.iter().fold(0u32, |all, x| {
-        all | (!x.to_bits() & 0x7F80_0000 == 0) as u32
-    });
-    let largest = block
-        .iter()
-        .fold(0f32, |m, x| if x.abs() > m { x.abs() } else { m });
-    if not_finite != 0 || largest == 0.0 {
-        v.fill(0.0);
-        return if not_finite != 0 { f32::NAN } else { 0.0 };
-    }
-    for (v, x) in v.iter_mut().zip(block) {
-        *v = to_integer(x / largest * STEPS).clamp(-STEPS, STEPS);
-    }
-    largest / STEPS
+/// A task's packed panel of weights: 16-bit pairs (cols · NR), and per block and column the
+/// scale d and the offset m (0 for the signed formats).
+struct PanelBuffers {
+    pairs: Vec<i16>,
+    d: Vec<f32>,
+    m: Vec<f32>,
 }
 
 /// One stored matrix: its blocks, type and rows (output columns of the product).
@@ -143,9 +132,14 @@ pub fn product(parts: &[Part], x: &[f32], cols: usize) -> Vec<f32> {
     }
     let mut out = vec![0f32; n * total];
     let shared = SharedOut::of(&mut out);
+    let blocks = cols / BLOCK;
     tasks.into_par_iter().for_each_init(
-        || vec![0i16; cols * NR],
-        |b_panel, (pi, first_column, j0)| {
+        || PanelBuffers {
+            pairs: vec![0i16; cols * NR],
+            d: vec![0f32; blocks * NR],
+            m: vec![0f32; blocks * NR],
+        },
+        |buffers, (pi, first_column, j0)| {
             let part = &parts[pi];
             let width = NR.min(part.rows - j0);
             macro_rules! run {
@@ -157,7 +151,7 @@ pub fn product(parts: &[Part], x: &[f32], cols: usize) -> Vec<f32> {
                             part,
                             (j0, width),
                             &a,
-                            b_panel,
+                            buffers,
                             (shared, n, total, first_column + j0),
                         )
                     }
@@ -180,21 +174,29 @@ pub fn product(parts: &[Part], x: &[f32], cols: usize) -> Vec<f32> {
 /// `column..column + width`.
 ///
 /// # Safety
-/// As for `product`; `b_panel` holds cols · NR values.
+/// As for `product`; `buffers` are sized for `a`'s depth.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn panel_times_rows<const FORMAT: u8>(
     part: &Part,
     (j0, width): (usize, usize),
     a: &PackedActivations,
-    b_panel: &mut [i16],
+    buffers: &mut PanelBuffers,
     (out, n, ldc, column): (SharedOut, usize, usize, usize),
 ) {
     let blocks = a.blocks;
     let size = block_bytes(FORMAT);
     let f16_values = f16_values();
-    let mut d = vec![0f32; blocks * NR];
-    let mut m = vec![0f32; blocks * NR];
-    b_panel.fill(0);
+    let PanelBuffers {
+        pairs: b_panel,
+        d,
+        m,
+    } = buffers;
+    if width < NR {
+        // Missing columns multiply as zeros; whole panels overwrite every value.
+        b_panel.fill(0);
+        d.fill(0.0);
+        m.fill(0.0);
+    }
     for c in 0..width {
         let row = &part.bytes[(j0 + c) * blocks * size..(j0 + c + 1) * blocks * size];
         for b in 0..blocks {

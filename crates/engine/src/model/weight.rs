@@ -811,6 +811,17 @@ fn dequantize(values: &Values, cols: usize, row: usize, c0: usize, c1: usize, ds
     }
 }
 
+/// The parts' stored blocks, when every part is GGUF blocks.
+fn all_blocks(parts: &[Matrix]) -> Option<Vec<&Arc<QTensor>>> {
+    parts
+        .iter()
+        .map(|p| match &p.stored {
+            Stored::Blocks(q) => Some(q),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Whether x Wᵀ for `n` rows goes to generation's integer prefill product
 /// (`decode_dot::prefill`): the activations may be rounded, there are more rows than the
 /// decoding dots take, AVX2 is the widest kernel (as for the decoding dots of these types),
@@ -838,19 +849,17 @@ fn takes_integer_prefill(parts: &[Matrix], n: usize, activations: Activations) -
 #[cfg(target_arch = "x86_64")]
 fn integer_prefill(parts: &[Matrix], x: &Tensor, n: usize) -> Result<Tensor> {
     let cols = parts[0].cols;
-    let stored = parts
+    let Some(stored) = all_blocks(parts) else {
+        candle_core::bail!("the integer prefill product takes GGUF blocks only")
+    };
+    let data: Vec<_> = stored.iter().map(|q| q.data()).collect::<Result<_>>()?;
+    let prefill_parts: Vec<decode_dot::prefill::Part> = data
         .iter()
-        .map(|p| match &p.stored {
-            Stored::Blocks(q) => Ok((q.data()?, q.dtype(), p.rows)),
-            _ => candle_core::bail!("the integer prefill product takes GGUF blocks only"),
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let prefill_parts: Vec<decode_dot::prefill::Part> = stored
-        .iter()
-        .map(|(bytes, dtype, rows)| decode_dot::prefill::Part {
+        .zip(stored.iter().zip(parts))
+        .map(|(bytes, (q, p))| decode_dot::prefill::Part {
             bytes,
-            dtype: *dtype,
-            rows: *rows,
+            dtype: q.dtype(),
+            rows: p.rows,
         })
         .collect();
     let rows = prefill_parts.iter().map(|p| p.rows).sum::<usize>();
@@ -877,14 +886,7 @@ fn few_rows_forward(
     if parts.len() < 2 || n > decode_dot::MAX_INPUT_ROWS {
         return Ok(None);
     }
-    let Some(stored) = parts
-        .iter()
-        .map(|p| match &p.stored {
-            Stored::Blocks(q) => Some(q),
-            _ => None,
-        })
-        .collect::<Option<Vec<_>>>()
-    else {
+    let Some(stored) = all_blocks(parts) else {
         return Ok(None);
     };
     let cols = parts[0].cols;

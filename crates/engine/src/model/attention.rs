@@ -25,7 +25,8 @@ use std::ops::Range;
 use candle_core::{bail, Device, Result, Tensor};
 use rayon::prelude::*;
 
-use super::decode_dot;
+use super::block_product::{block_product, Needs};
+use super::decode_dot::{self, Kernel};
 use super::kernels::with_slice;
 use super::matmul::{self, small_product, In, Out, SharedOut};
 use super::simd;
@@ -121,6 +122,44 @@ impl Attention {
         (lo, p + 1)
     }
 
+    /// The keys that rows `rows` of a stacked block (queries `i0 + r % per_head`) see between
+    /// them, counted from key `klo`.
+    fn panel_keys(
+        &self,
+        rows: Range<usize>,
+        per_head: usize,
+        i0: usize,
+        klo: usize,
+    ) -> Range<usize> {
+        let (mut lo, mut hi) = (usize::MAX, 0);
+        for r in rows {
+            let (l, h) = self.visible(i0 + r % per_head);
+            (lo, hi) = (lo.min(l), hi.max(h));
+        }
+        lo.min(hi).saturating_sub(klo)..hi.saturating_sub(klo)
+    }
+
+    /// The rows of a block of `heads` stacked heads (queries `i0..i0 + per_head` each) that
+    /// see any of `keys` (counted from key `klo`), one stretch per head, pushed onto `out`.
+    #[allow(clippy::too_many_arguments)]
+    fn rows_seeing(
+        &self,
+        keys: Range<usize>,
+        heads: usize,
+        per_head: usize,
+        i0: usize,
+        klo: usize,
+        out: &mut Vec<Range<usize>>,
+    ) {
+        let (first, end) = (klo + keys.start, klo + keys.end);
+        // A query's visible range moves right with the query: both bounds are monotone.
+        let from = first_where(per_head, |r| self.visible(i0 + r).1 > first);
+        let to = first_where(per_head, |r| self.visible(i0 + r).0 >= end);
+        if from < to {
+            out.extend((0..heads).map(|h| h * per_head + from..h * per_head + to));
+        }
+    }
+
     /// Where queries `i0..i1` of stacked matrix `mi` live: their rows in `q` (and `o`, the
     /// log-sum-exp), and the rows of `k` and `v` they see, from key `klo` on.
     fn block(&self, mi: usize, i0: usize, i1: usize) -> Block {
@@ -155,6 +194,7 @@ impl Attention {
     #[allow(clippy::too_many_arguments)]
     fn block_probs(
         &self,
+        products: Products,
         q: &[f32],
         per_head: usize,
         keys: &[f32],
@@ -166,7 +206,8 @@ impl Attention {
     ) -> Vec<f32> {
         let hd = self.head_dim;
         let (m, nk) = (q.len() / hd, keys.len() / hd);
-        times_transposed(p, q, keys, hd);
+        let columns = |rows: Range<usize>| self.panel_keys(rows, per_head, i0, klo);
+        times_transposed(products, p, q, keys, hd, Needs::Columns(&columns));
         let mut lse_out = Vec::with_capacity(if lse.is_some() { 0 } else { m });
         for (r, row) in p.chunks_mut(nk).enumerate() {
             let (lo, hi) = self.visible(i0 + r % per_head);
@@ -224,6 +265,7 @@ impl Attention {
     /// d k and d v to `acc`. The group's heads go through each product together.
     fn unit_backward(
         &self,
+        products: Products,
         unit: Unit,
         mut acc: KeyGrads,
         inputs: &BackwardInputs,
@@ -248,16 +290,24 @@ impl Attention {
         with_scratch(m * nk, |p, ds| {
             let lse = Some(&lse[..]);
             let slopes_out = slopes.as_deref_mut();
-            self.block_probs(&qs, per_head, keys, b.i0, b.klo, lse, p, slopes_out);
-            // d probs = d_o values^T, then d scores in place.
-            times_transposed(ds, &d_o, values, hd);
+            let (i0, klo) = (b.i0, b.klo);
+            self.block_probs(products, &qs, per_head, keys, i0, klo, lse, p, slopes_out);
+            // d probs = d_o values^T (where p is not masked), then d scores in place, zero
+            // where masked: the products below read whole panels' stretches of them.
+            let columns = |rows: Range<usize>| self.panel_keys(rows, per_head, i0, klo);
+            times_transposed(products, ds, &d_o, values, hd, Needs::Columns(&columns));
             for (r, (row, p)) in ds.chunks_mut(nk).zip(p.chunks(nk)).enumerate() {
+                let (lo, hi) = self.visible(i0 + r % per_head);
+                let (lo, hi) = (lo - klo, hi - klo);
+                row[..lo].fill(0.0);
+                row[hi..].fill(0.0);
+                let (row, p) = (&mut row[lo..hi], &p[lo..hi]);
                 let inner = decode_dot::dot(row, p);
                 for (d, &p) in row.iter_mut().zip(p) {
                     *d = self.scale * p * (*d - inner);
                 }
                 if let Some(slopes) = &slopes {
-                    for (d, s) in row.iter_mut().zip(&slopes[r * nk..(r + 1) * nk]) {
+                    for (d, s) in row.iter_mut().zip(&slopes[r * nk + lo..r * nk + hi]) {
                         *d *= s;
                     }
                 }
@@ -265,14 +315,31 @@ impl Attention {
             // d q = d scores keys; d k += d scores^T q; d v += p^T d_o.
             let mut dqs = vec![0f32; m * hd];
             let keys = In(keys, hd, 1);
-            small_product(Out(&mut dqs, hd), In(ds, nk, 1), keys, (m, hd, nk), false);
+            let seen = |rows: Range<usize>, out: &mut Vec<Range<usize>>| {
+                out.push(self.panel_keys(rows, per_head, i0, klo))
+            };
+            let dims = (m, hd, nk);
+            products.run(
+                Out(&mut dqs, hd),
+                In(ds, nk, 1),
+                keys,
+                dims,
+                false,
+                Needs::Depth(&seen),
+            );
             // SAFETY: these rows of d q belong to this unit alone.
             unsafe { scatter(dq, &heads, &dqs, hd) };
             let rows = b.keys.start * hd - acc.from..b.keys.end * hd - acc.from;
+            let seeing = |keys: Range<usize>, out: &mut Vec<Range<usize>>| {
+                self.rows_seeing(keys, unit.h1 - unit.h0, per_head, i0, klo, out)
+            };
+            let dims = (nk, hd, m);
             let dk = Out(&mut acc.k[rows.clone()], hd);
-            small_product(dk, In(ds, 1, nk), In(&qs, hd, 1), (nk, hd, m), true);
+            let depth = Needs::Depth(&seeing);
+            products.run(dk, In(ds, 1, nk), In(&qs, hd, 1), dims, true, depth);
             let dv = Out(&mut acc.v[rows], hd);
-            small_product(dv, In(p, 1, nk), In(&d_o, hd, 1), (nk, hd, m), true);
+            let depth = Needs::Depth(&seeing);
+            products.run(dv, In(p, 1, nk), In(&d_o, hd, 1), dims, true, depth);
         });
         acc
     }
@@ -301,6 +368,16 @@ impl Attention {
 
     /// Returns the output (layout of `q`) and each query row's log-sum-exp of scaled scores.
     pub fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.forward_on(Products::best(), q, k, v)
+    }
+
+    fn forward_on(
+        &self,
+        products: Products,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let (g, tq, hd) = (self.group, self.queries, self.head_dim);
         self.check(q, g * tq, hd, "q")?;
         self.check(k, self.key_rows, hd, "k")?;
@@ -336,15 +413,20 @@ impl Attention {
                         let keys = Block::of(&b.keys, k, hd);
                         with_scratch(m * nk.max(hd), |p, o| {
                             let p = &mut p[..m * nk];
-                            let block_lse =
-                                self.block_probs(&qs, per_head, keys, b.i0, b.klo, None, p, None);
+                            let (i0, klo) = (b.i0, b.klo);
+                            let block_lse = self
+                                .block_probs(products, &qs, per_head, keys, i0, klo, None, p, None);
                             let o = &mut o[..m * hd];
-                            small_product(
+                            let seen = |rows: Range<usize>, out: &mut Vec<Range<usize>>| {
+                                out.push(self.panel_keys(rows, per_head, i0, klo))
+                            };
+                            products.run(
                                 Out(o, hd),
                                 In(p, nk, 1),
                                 In(values, hd, 1),
                                 (m, hd, nk),
                                 false,
+                                Needs::Depth(&seen),
                             );
                             // SAFETY: these rows belong to this unit alone.
                             unsafe {
@@ -460,6 +542,18 @@ impl Attention {
         lse: &Tensor,
         d_out: &Tensor,
     ) -> Result<AttentionGrads> {
+        self.backward_on(Products::best(), q, k, v, lse, d_out)
+    }
+
+    fn backward_on(
+        &self,
+        products: Products,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        lse: &Tensor,
+        d_out: &Tensor,
+    ) -> Result<AttentionGrads> {
         let (g, tq, tk, hd) = (self.group, self.queries, self.keys, self.head_dim);
         if self.key_rows != tk {
             bail!("attention backward: key buffers must hold exactly the keys");
@@ -511,7 +605,7 @@ impl Attention {
                                 .map(|part| {
                                     let acc = zero(&part);
                                     part.into_iter().fold(acc, |acc, unit| {
-                                        self.unit_backward(unit, acc, &inputs, dq_rows)
+                                        self.unit_backward(products, unit, acc, &inputs, dq_rows)
                                     })
                                 })
                                 .collect();
@@ -631,15 +725,77 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R
 
 /// dst (m × n) = lhs (m × hd) · rhs^T for rhs (n × hd), both row-major: a block's scores
 /// against its keys, or its d probs against its values.
-fn times_transposed(dst: &mut [f32], lhs: &[f32], rhs: &[f32], hd: usize) {
+fn times_transposed(
+    products: Products,
+    dst: &mut [f32],
+    lhs: &[f32],
+    rhs: &[f32],
+    hd: usize,
+    needs: Needs,
+) {
     let (m, n) = (lhs.len() / hd, rhs.len() / hd);
-    small_product(
+    products.run(
         Out(dst, n),
         In(lhs, hd, 1),
         In(rhs, 1, hd),
         (m, n, hd),
         false,
+        needs,
     );
+}
+
+/// What runs the blocks' products.
+#[derive(Debug, Clone, Copy)]
+enum Products {
+    /// The engine's register tile, skipping masked tiles (`block_product`).
+    Tile(Kernel),
+    /// The `gemm` crate, whole products.
+    Gemm,
+}
+
+impl Products {
+    /// The tile where AVX2 is the widest kernel: on Zen 3 the `gemm` crate ran these shapes
+    /// at about 70 GFLOP/s per thread where the tile runs 93. Elsewhere `gemm`, whose
+    /// AVX-512 kernels the panel kernel did not beat on Xeons (not measured against the
+    /// masked tiles), and whose portable ones are faster than the portable tile.
+    fn best() -> Products {
+        match Kernel::best() {
+            Kernel::Avx2 => Products::Tile(Kernel::Avx2),
+            _ => Products::Gemm,
+        }
+    }
+
+    /// dst = lhs · rhs (+= with `accumulate`); `needs` says what may be skipped, and where it
+    /// allows skipping only the tile skips.
+    fn run(
+        self,
+        dst: Out,
+        lhs: In,
+        rhs: In,
+        dims: (usize, usize, usize),
+        accumulate: bool,
+        needs: Needs,
+    ) {
+        match self {
+            Products::Tile(kernel) => block_product(dst, lhs, rhs, dims, accumulate, needs, kernel),
+            Products::Gemm => small_product(dst, lhs, rhs, dims, accumulate),
+        }
+    }
+}
+
+/// The first `i` in `0..n` where `past(i)` holds, for `past` false then true along `0..n`
+/// (n when it never holds).
+fn first_where(n: usize, past: impl Fn(usize) -> bool) -> usize {
+    let (mut lo, mut hi) = (0, n);
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        if past(mid) {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    lo
 }
 
 #[cfg(test)]
@@ -709,14 +865,66 @@ mod tests {
         (q, k, v)
     }
 
+    /// Every way this CPU can run the blocks' products.
+    fn every_products() -> Vec<Products> {
+        let tiles = Kernel::available()
+            .into_iter()
+            .filter(|k| *k != Kernel::Avx512);
+        std::iter::once(Products::Gemm)
+            .chain(tiles.map(Products::Tile))
+            .collect()
+    }
+
     #[test]
     fn forward_matches_masked_full_attention() {
-        for a in cases() {
+        for products in every_products() {
+            for a in cases() {
+                let (q, k, v) = inputs(&a);
+                let (o, lse) = a.forward_on(products, &q, &k, &v).unwrap();
+                let (want_o, want_lse) = reference(&a, &q, &k, &v);
+                assert!(max_diff(&lse, &want_lse) < 1e-4, "{products:?} {a:?}");
+                assert!(max_diff(&o, &want_o) < 1e-4, "{products:?} {a:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_masked_tiles_agree_with_whole_products() {
+        // The tile skips what the mask zeroes; gemm multiplies everything. Both must give the
+        // same gradients to rounding, on sizes past several blocks, with windows.
+        let tiles: Vec<Products> = every_products().into_iter().skip(1).collect();
+        let mut cases: Vec<Attention> = cases().into_iter().filter(|a| a.queries > 1).collect();
+        // Real head sizes, past three blocks, a window that cuts into the blocks.
+        for (head_dim, window, queries) in [(64, None, 200), (64, Some(150), 200), (256, None, 131)]
+        {
+            cases.push(Attention {
+                batch: 1,
+                kv_heads: 1,
+                group: 3,
+                queries,
+                keys: 200,
+                key_rows: 200,
+                head_dim,
+                window,
+                scale: 0.125,
+                softcap: None,
+            });
+        }
+        for a in cases {
             let (q, k, v) = inputs(&a);
-            let (o, lse) = a.forward(&q, &k, &v).unwrap();
-            let (want_o, want_lse) = reference(&a, &q, &k, &v);
-            assert!(max_diff(&lse, &want_lse) < 1e-4, "{a:?}");
-            assert!(max_diff(&o, &want_o) < 1e-4, "{a:?}");
+            let (o, lse) = a.forward_on(Products::Gemm, &q, &k, &v).unwrap();
+            let w = o.randn_like(0.0, 1.0).unwrap();
+            let want = a.backward_on(Products::Gemm, &q, &k, &v, &lse, &w).unwrap();
+            for &products in &tiles {
+                let (o2, lse2) = a.forward_on(products, &q, &k, &v).unwrap();
+                assert!(max_diff(&o, &o2) < 1e-5, "{products:?} {a:?}");
+                assert!(max_diff(&lse, &lse2) < 1e-5, "{products:?} {a:?}");
+                let got = a.backward_on(products, &q, &k, &v, &lse, &w).unwrap();
+                for (x, y) in [(&got.q, &want.q), (&got.k, &want.k), (&got.v, &want.v)] {
+                    let scale = max_diff(y, &y.zeros_like().unwrap()).max(1.0);
+                    assert!(max_diff(x, y) < 1e-5 * scale, "{products:?} {a:?}");
+                }
+            }
         }
     }
 
@@ -744,11 +952,12 @@ mod tests {
     #[test]
     fn backward_matches_finite_differences() {
         // d/dx of sum(o * w) for a random w, against central differences of the forward pass.
-        for a in cases().into_iter().filter(|a| a.keys <= 70) {
+        let cases = cases().into_iter().filter(|a| a.keys <= 70);
+        for (a, products) in cases.flat_map(|a| every_products().into_iter().map(move |p| (a, p))) {
             let (q, k, v) = inputs(&a);
-            let (o, lse) = a.forward(&q, &k, &v).unwrap();
+            let (o, lse) = a.forward_on(products, &q, &k, &v).unwrap();
             let w = o.randn_like(0.0, 1.0).unwrap();
-            let grads = a.backward(&q, &k, &v, &lse, &w).unwrap();
+            let grads = a.backward_on(products, &q, &k, &v, &lse, &w).unwrap();
             let objective = |q: &Tensor, k: &Tensor, v: &Tensor| -> f64 {
                 let (o, _) = a.forward(q, k, v).unwrap();
                 let o = o.to_dtype(candle_core::DType::F64).unwrap();
@@ -786,7 +995,7 @@ mod tests {
                     let got = analytic[idx];
                     assert!(
                         (got - numeric).abs() <= 2e-2 * (1.0 + numeric.abs()),
-                        "{a:?} input {which} index {idx}: {got} vs {numeric}"
+                        "{products:?} {a:?} input {which} index {idx}: {got} vs {numeric}"
                     );
                 }
             }

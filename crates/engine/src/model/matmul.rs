@@ -253,7 +253,7 @@ thread_local! {
 
 /// One panel of A: `panel[p * MR + r] = rows[r][p]` for every step `p` of the rows (each
 /// row's length; `panel` holds MR values per step).
-fn interleave_rows(kernel: Kernel, rows: &[&[f32]; MR], panel: &mut [MaybeUninit<f32>]) {
+pub(super) fn interleave_rows(kernel: Kernel, rows: &[&[f32]; MR], panel: &mut [MaybeUninit<f32>]) {
     let k = rows[0].len();
     assert!(
         rows.iter().all(|r| r.len() == k) && panel.len() == MR * k,
@@ -264,6 +264,9 @@ fn interleave_rows(kernel: Kernel, rows: &[&[f32]; MR], panel: &mut [MaybeUninit
     if kernel == Kernel::Avx512 {
         // SAFETY: AVX-512F is there (Kernel::Avx512); the lengths were checked above.
         done = unsafe { avx512::interleave_six(rows, panel.as_mut_ptr().cast()) };
+    } else if kernel == Kernel::Avx2 {
+        // SAFETY: AVX2 is there (Kernel::Avx2); the lengths were checked above.
+        done = unsafe { avx2::interleave_six(rows, panel.as_mut_ptr().cast()) };
     }
     let _ = kernel;
     // The six rows step together, each step's values written side by side (column by column
@@ -524,7 +527,7 @@ impl SharedOut {
 /// # Safety
 /// `c` points at a `rows × cols` block of rows `ldc` apart that the caller may write.
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile(
+pub(super) unsafe fn tile(
     kernel: Kernel,
     kl: usize,
     a: &[f32],
@@ -652,6 +655,41 @@ mod avx2 {
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn transpose_8x8(src: &[*const f32; 8], p: usize, dst: *mut f32) {
         let r: [__m256; 8] = std::array::from_fn(|l| _mm256_loadu_ps(src[l].add(p)));
+        for (i, o) in transposed(r).iter().enumerate() {
+            _mm256_storeu_ps(dst.add(i * NR), *o);
+        }
+    }
+
+    /// `interleave_rows` eight steps at a time: the six rows' next eight values each,
+    /// transposed, each step's six values stored with two lanes to spare, which the next
+    /// step's store overwrites. Returns the steps written (all but the last one to nine); the
+    /// caller writes the rest.
+    ///
+    /// # Safety
+    /// AVX2; the six rows have one length k, `panel` room for MR * k values.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn interleave_six(rows: &[&[f32]; MR], panel: *mut f32) -> usize {
+        let k = rows[0].len();
+        let zero = _mm256_setzero_ps();
+        let mut p = 0;
+        // The block's last store reaches two values into step p + 8, which must exist.
+        while p + 9 <= k {
+            let r: [__m256; 8] = std::array::from_fn(|l| match l {
+                l if l < MR => _mm256_loadu_ps(rows[l].as_ptr().add(p)),
+                _ => zero,
+            });
+            for (i, o) in transposed(r).iter().enumerate() {
+                _mm256_storeu_ps(panel.add((p + i) * MR), *o);
+            }
+            p += 8;
+        }
+        p
+    }
+
+    /// The 8 × 8 transpose of eight registers: out[i] lane l = r[l] lane i.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn transposed(r: [__m256; 8]) -> [__m256; 8] {
         let t0 = _mm256_unpacklo_ps(r[0], r[1]);
         let t1 = _mm256_unpackhi_ps(r[0], r[1]);
         let t2 = _mm256_unpacklo_ps(r[2], r[3]);
@@ -668,7 +706,7 @@ mod avx2 {
         let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
         let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
         let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
-        let out = [
+        [
             _mm256_permute2f128_ps::<0x20>(u0, u4),
             _mm256_permute2f128_ps::<0x20>(u1, u5),
             _mm256_permute2f128_ps::<0x20>(u2, u6),
@@ -677,10 +715,7 @@ mod avx2 {
             _mm256_permute2f128_ps::<0x31>(u1, u5),
             _mm256_permute2f128_ps::<0x31>(u2, u6),
             _mm256_permute2f128_ps::<0x31>(u3, u7),
-        ];
-        for (i, o) in out.iter().enumerate() {
-            _mm256_storeu_ps(dst.add(i * NR), *o);
-        }
+        ]
     }
 }
 
@@ -1307,11 +1342,20 @@ pub(super) mod tests {
     #[test]
     fn panels_of_a_hold_the_rows_side_by_side() {
         for kernel in kernels() {
-            for k in [0, 1, 15, 16, 17, 32, 47, 576] {
+            for k in [0, 1, 8, 9, 10, 15, 16, 17, 24, 25, 32, 47, 576] {
                 let values = random(MR * k, 3);
                 let rows: [&[f32]; MR] = std::array::from_fn(|r| &values[r * k..(r + 1) * k]);
-                let mut panel = vec![MaybeUninit::new(f32::NAN); MR * k];
-                interleave_rows(kernel, &rows, &mut panel);
+                // Values past the panel must stay as they are (vector stores spill lanes).
+                let mut buffer = vec![MaybeUninit::new(f32::NAN); MR * k + 16];
+                interleave_rows(kernel, &rows, &mut buffer[..MR * k]);
+                for v in &buffer[MR * k..] {
+                    // SAFETY: initialized above.
+                    assert!(
+                        unsafe { v.assume_init() }.is_nan(),
+                        "{kernel:?} k {k}: past the panel"
+                    );
+                }
+                let panel = &buffer[..MR * k];
                 for p in 0..k {
                     for r in 0..MR {
                         // SAFETY: every value was initialized above.

@@ -9,6 +9,7 @@
 pub mod arch;
 mod attention;
 mod backward;
+mod block_product;
 mod decode_dot;
 mod dequantize;
 mod forward;

@@ -825,7 +825,7 @@ fn all_blocks(parts: &[Matrix]) -> Option<Vec<&Arc<QTensor>>> {
 /// Whether x Wᵀ for `n` rows goes to generation's integer prefill product
 /// (`decode_dot::prefill`): the activations may be rounded, there are more rows than the
 /// decoding dots take, AVX2 is the widest kernel (as for the decoding dots of these types),
-/// and every part is GGUF blocks of 32.
+/// and every part is GGUF blocks of a type it takes (the blocks of 32, Q4_K, Q5_K, Q6_K).
 fn takes_integer_prefill(parts: &[Matrix], n: usize, activations: Activations) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -844,7 +844,7 @@ fn takes_integer_prefill(parts: &[Matrix], n: usize, activations: Activations) -
     }
 }
 
-/// x Wᵀ (n rows) on the integer prefill product: every part is GGUF blocks of 32
+/// x Wᵀ (n rows) on the integer prefill product: every part is GGUF blocks it takes
 /// (`takes_integer_prefill`).
 #[cfg(target_arch = "x86_64")]
 fn integer_prefill(parts: &[Matrix], x: &Tensor, n: usize) -> Result<Tensor> {

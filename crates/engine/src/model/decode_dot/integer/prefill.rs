@@ -1,10 +1,16 @@
-//! Generation's prefill on the blocks of 32 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) where AVX2 is the
-//! widest kernel: x Wᵀ for many rows, the activations rounded as decoding's integer dots
+//! Generation's prefill on the blocks of 32 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) and the K types
+//! Q4_K, Q5_K and Q6_K where AVX2 is the widest kernel: x Wᵀ for many rows, the activations rounded as decoding's integer dots
 //! round them (15 bits per block of 32), multiplied with 16-bit multiply-adds (`vpmaddwd`:
 //! 16 per instruction, where an f32 FMA does 8) in a register tile of 6 rows × 16 columns,
 //! each block of 32 converted and scaled in f32 (the weights' d per column, the activations'
 //! scale per row). The offsets m·Σx of Q4_1 and Q5_1 are taken in f32 against the f32 block
 //! sums, as the decoding dots take them.
+//!
+//! The K types go through the same tile: a Q4_K or Q5_K sub-block of 32 is d·sc·q − dmin·m,
+//! a block of 32 with scale d·sc and offset −dmin·m; a Q6_K block of 32 is two runs of 16 with
+//! scales d·sc₁ and d·sc₂, packed as the integers sc·(q − 32) (at most 128 · 32 = 4096, so a
+//! block's Σ w·v stays below 32 · 4096 · 16256 < 2³¹) with scale d. Gemma 3's o (Q4_K) and
+//! down (Q6_K) matrices are a third of its prefill's multiply-adds.
 //!
 //! Why: a 100-token prefill is products (91 % of Gemma 3's layers' time), and the f32 tile
 //! runs at the FMA limit. One thread over one strip of a prefill's packed operands
@@ -17,7 +23,7 @@ use candle_core::quantized::GgmlDType;
 use rayon::prelude::*;
 
 use super::super::super::matmul::{SharedOut, MR, NR};
-use super::super::avx2::{block_bytes, block_scales, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
+use super::super::avx2::{block_bytes, block_scales, q4k_fields, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
 use super::super::f16_values;
 use super::avx2::{block_integers, is_signed};
 use super::{round_group, BLOCK};
@@ -91,8 +97,11 @@ pub struct Part<'a> {
 /// Whether `product` takes `dtype`.
 pub fn takes(dtype: GgmlDType) -> bool {
     use GgmlDType::*;
-    matches!(dtype, Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0)
+    matches!(dtype, Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q4K | Q5K | Q6K)
 }
+
+/// Values per K-type super-block.
+const SUPER: usize = 256;
 
 /// Whether this CPU runs `product`.
 pub fn available() -> bool {
@@ -124,7 +133,13 @@ pub fn product(parts: &[Part], x: &[f32], cols: usize) -> Vec<f32> {
             "no integer prefill product for {:?}",
             part.dtype
         );
-        assert!(part.bytes.len() >= part.rows * cols / BLOCK * part.dtype.type_size());
+        let block = part.dtype.block_size();
+        assert!(
+            cols.is_multiple_of(block),
+            "rows of {:?} are whole blocks",
+            part.dtype
+        );
+        assert!(part.bytes.len() >= part.rows * cols / block * part.dtype.type_size());
         for j0 in (0..part.rows).step_by(NR) {
             tasks.push((pi, start, j0));
         }
@@ -157,12 +172,18 @@ pub fn product(parts: &[Part], x: &[f32], cols: usize) -> Vec<f32> {
                     }
                 };
             }
+            let out = (shared, n, total, first_column + j0, width);
             match part.dtype {
                 GgmlDType::Q4_0 => run!(Q4_0),
                 GgmlDType::Q4_1 => run!(Q4_1),
                 GgmlDType::Q5_0 => run!(Q5_0),
                 GgmlDType::Q5_1 => run!(Q5_1),
-                _ => run!(Q8_0),
+                GgmlDType::Q8_0 => run!(Q8_0),
+                // SAFETY: as above.
+                k_type => unsafe {
+                    pack_k_panel(part, k_type, (j0, width), buffers);
+                    panel_times_packed_rows(&a, buffers, k_type != GgmlDType::Q6K, out);
+                },
             }
         },
     );
@@ -183,20 +204,16 @@ unsafe fn panel_times_rows<const FORMAT: u8>(
     buffers: &mut PanelBuffers,
     (out, n, ldc, column): (SharedOut, usize, usize, usize),
 ) {
+    let out_at = (out, n, ldc, column, width);
     let blocks = a.blocks;
     let size = block_bytes(FORMAT);
     let f16_values = f16_values();
+    clear_partial_panel(buffers, width);
     let PanelBuffers {
         pairs: b_panel,
         d,
         m,
     } = buffers;
-    if width < NR {
-        // Missing columns multiply as zeros; whole panels overwrite every value.
-        b_panel.fill(0);
-        d.fill(0.0);
-        m.fill(0.0);
-    }
     for c in 0..width {
         let row = &part.bytes[(j0 + c) * blocks * size..(j0 + c + 1) * blocks * size];
         for b in 0..blocks {
@@ -221,6 +238,149 @@ unsafe fn panel_times_rows<const FORMAT: u8>(
             }
         }
     }
+    // SAFETY: the caller's conditions.
+    unsafe { panel_times_packed_rows(a, buffers, !is_signed(FORMAT), out_at) }
+}
+
+/// Missing columns of a partial panel multiply as zeros; whole panels overwrite every value.
+fn clear_partial_panel(buffers: &mut PanelBuffers, width: usize) {
+    if width < NR {
+        buffers.pairs.fill(0);
+        buffers.d.fill(0.0);
+        buffers.m.fill(0.0);
+    }
+}
+
+/// Packs weight rows j0..j0 + width of a K-type `part` (Q4_K, Q5_K or Q6_K) as
+/// `panel_times_rows` packs the blocks of 32: per block of 32 its integers, scale and offset.
+///
+/// # Safety
+/// AVX2, FMA and F16C (the loops are compiled for them); `buffers` are sized for the part's
+/// depth, whose bytes hold its rows.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn pack_k_panel(
+    part: &Part,
+    dtype: GgmlDType,
+    (j0, width): (usize, usize),
+    buffers: &mut PanelBuffers,
+) {
+    let f16_values = f16_values();
+    let size = dtype.type_size();
+    let supers = buffers.d.len() / NR / (SUPER / BLOCK);
+    clear_partial_panel(buffers, width);
+    let PanelBuffers {
+        pairs: b_panel,
+        d,
+        m,
+    } = buffers;
+    let mut ints = [[0i16; BLOCK]; SUPER / BLOCK];
+    let (mut scales, mut offsets) = ([0f32; SUPER / BLOCK], [0f32; SUPER / BLOCK]);
+    for c in 0..width {
+        let row = &part.bytes[(j0 + c) * supers * size..(j0 + c + 1) * supers * size];
+        for (sb, bytes) in row.chunks_exact(size).enumerate() {
+            let f16 =
+                |at: usize| f16_values[u16::from_le_bytes([bytes[at], bytes[at + 1]]) as usize];
+            match dtype {
+                GgmlDType::Q6K => {
+                    unpack_q6k(bytes, &mut ints);
+                    (scales, offsets) = ([f16(208); SUPER / BLOCK], [0.0; SUPER / BLOCK]);
+                }
+                _ => {
+                    // SAFETY: `bytes` is a whole Q4_K or Q5_K super-block.
+                    let (sc, mins) = unsafe { q4k_fields(bytes.as_ptr()) };
+                    let (scale, min) = (f16(0), f16(2));
+                    for j in 0..SUPER / BLOCK {
+                        scales[j] = scale * ((sc >> (8 * j)) & 0xFF) as f32;
+                        offsets[j] = -min * ((mins >> (8 * j)) & 0xFF) as f32;
+                    }
+                    unpack_q4k(bytes, dtype == GgmlDType::Q5K, &mut ints);
+                }
+            }
+            for (j, wide) in ints.iter().enumerate() {
+                let b = sb * (SUPER / BLOCK) + j;
+                d[b * NR + c] = scales[j];
+                m[b * NR + c] = offsets[j];
+                for q in 0..PAIRS {
+                    let at = ((b * PAIRS + q) * NR + c) * 2;
+                    b_panel[at] = wide[2 * q];
+                    b_panel[at + 1] = wide[2 * q + 1];
+                }
+            }
+        }
+    }
+}
+
+/// A Q4_K (or with `five`, Q5_K) super-block's eight sub-blocks of unsigned integers q, as
+/// ggml's `dequantize_row_q4_K` (`_q5_K`) reads them: byte l of the t-th 32 bytes of nibbles
+/// holds element l of sub-block 2t (low nibble) and of 2t + 1 (high); bits 2t and 2t + 1 of
+/// byte l of Q5_K's 32 bytes of fifth bits are those elements' fifth bits.
+#[inline(always)]
+fn unpack_q4k(bytes: &[u8], five: bool, ints: &mut [[i16; BLOCK]; SUPER / BLOCK]) {
+    let (qh, qs) = if five {
+        (&bytes[16..48], &bytes[48..176])
+    } else {
+        (&bytes[..0], &bytes[16..144])
+    };
+    for t in 0..SUPER / BLOCK / 2 {
+        let (low, high) = ints[2 * t..2 * t + 2].split_at_mut(1);
+        for l in 0..BLOCK {
+            let q = qs[32 * t + l];
+            let (mut lo, mut hi) = ((q & 0x0F) as i16, (q >> 4) as i16);
+            if five {
+                lo |= (((qh[l] >> (2 * t)) & 1) as i16) << 4;
+                hi |= (((qh[l] >> (2 * t + 1)) & 1) as i16) << 4;
+            }
+            low[0][l] = lo;
+            high[0][l] = hi;
+        }
+    }
+}
+
+/// A Q6_K super-block's eight blocks of 32 as the integers sc·(q − 32), each run of 16 with
+/// its own scale sc, as ggml's `dequantize_row_q6_K` reads them: in each half, byte l of the
+/// low nibbles and of the 2-bit highs make elements l, l + 32, l + 64 and l + 96.
+#[inline(always)]
+fn unpack_q6k(bytes: &[u8], ints: &mut [[i16; BLOCK]; SUPER / BLOCK]) {
+    let sc: [i8; 16] = std::array::from_fn(|i| bytes[192 + i] as i8);
+    for half in 0..2 {
+        let (ql, qh) = (
+            &bytes[64 * half..64 * half + 64],
+            &bytes[128 + 32 * half..160 + 32 * half],
+        );
+        for l in 0..BLOCK {
+            let (a, b, h) = (ql[l], ql[32 + l], qh[l]);
+            let q = [
+                (a & 0x0F) | ((h & 3) << 4),
+                (b & 0x0F) | (((h >> 2) & 3) << 4),
+                (a >> 4) | (((h >> 4) & 3) << 4),
+                (b >> 4) | (((h >> 6) & 3) << 4),
+            ];
+            for (k, q) in q.into_iter().enumerate() {
+                let s = sc[8 * half + 2 * k + l / 16] as i16;
+                ints[4 * half + k][l] = s * (q as i16 - 32);
+            }
+        }
+    }
+}
+
+/// Multiplies every activation panel by the packed weight panel in `buffers` into the
+/// output's columns `column..column + width`; `offsets`: add m·Σx per block.
+///
+/// # Safety
+/// As for `product`; `buffers` hold a packed panel for `a`'s depth.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn panel_times_packed_rows(
+    a: &PackedActivations,
+    buffers: &PanelBuffers,
+    offsets: bool,
+    (out, n, ldc, column, width): (SharedOut, usize, usize, usize, usize),
+) {
+    let blocks = a.blocks;
+    let PanelBuffers {
+        pairs: b_panel,
+        d,
+        m,
+    } = buffers;
     let pair_len = a.pairs.len() / n.div_ceil(MR);
     for ip in 0..n.div_ceil(MR) {
         let rows = MR.min(n - ip * MR);
@@ -252,7 +412,7 @@ unsafe fn panel_times_rows<const FORMAT: u8>(
                 for h in 0..2 {
                     let v = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[h]), dv[h]);
                     tile[h] = _mm256_fmadd_ps(v, s, tile[h]);
-                    if !is_signed(FORMAT) {
+                    if offsets {
                         tile[h] = _mm256_fmadd_ps(mv[h], sum, tile[h]);
                     }
                 }
@@ -274,12 +434,15 @@ mod tests {
     use super::super::tests::{on_grid, quantized};
     use super::*;
 
-    const TYPES: [GgmlDType; 5] = [
+    const TYPES: [GgmlDType; 8] = [
         GgmlDType::Q4_0,
         GgmlDType::Q4_1,
         GgmlDType::Q5_0,
         GgmlDType::Q5_1,
         GgmlDType::Q8_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
     ];
 
     /// f64 x Wᵀ of the dequantized parts stacked by rows, and Σ |w·x| per output.
@@ -313,9 +476,10 @@ mod tests {
             eprintln!("no AVX2 + FMA + F16C: the integer prefill product is not used here");
             return;
         }
-        let cols = 20 * BLOCK;
+        // Three K super-blocks: every type's rows are whole blocks.
+        let cols = 3 * SUPER;
         for (t, dtype) in TYPES.into_iter().enumerate() {
-            let other = TYPES[(t + 2) % TYPES.len()];
+            let other = TYPES[(t + 3) % TYPES.len()];
             let (bytes_a, w_a) = quantized(21, cols, dtype, 30 + t as u64);
             let (bytes_b, w_b) = quantized(16, cols, other, 40 + t as u64);
             let parts = [
@@ -352,7 +516,7 @@ mod tests {
         if !available() {
             return;
         }
-        let cols = 4 * BLOCK;
+        let cols = SUPER;
         let n = 9;
         for (t, dtype) in TYPES.into_iter().enumerate() {
             let (bytes, w) = quantized(18, cols, dtype, 60 + t as u64);

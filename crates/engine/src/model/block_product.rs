@@ -335,6 +335,11 @@ mod tests {
         (got as f64 - want).abs() <= 1e-5 * (1.0 + scale)
     }
 
+    /// What a product should leave in a value of C that held `before`.
+    fn expected(product: f64, before: f32, accumulate: bool) -> f64 {
+        product + if accumulate { before as f64 } else { 0.0 }
+    }
+
     #[test]
     fn products_match_the_plain_loop_in_every_layout() {
         for kernel in kernels() {
@@ -376,12 +381,7 @@ mod tests {
                                 assert_eq!(got, before[i * ldc + j], "padding written");
                                 continue;
                             }
-                            let w = want[i * n + j]
-                                + if accumulate {
-                                    before[i * ldc + j] as f64
-                                } else {
-                                    0.0
-                                };
+                            let w = expected(want[i * n + j], before[i * ldc + j], accumulate);
                             assert!(
                                 close(got, w, k as f64),
                                 "{kernel:?} {m}x{n}x{k} {ta} {tb}: ({i},{j}) {got} vs {w}"
@@ -485,12 +485,7 @@ mod tests {
                 let want = plain(&a, &b, m, n, k);
                 for i in 0..m {
                     for j in 0..n {
-                        let w = want[i * n + j]
-                            + if accumulate {
-                                before[i * n + j] as f64
-                            } else {
-                                0.0
-                            };
+                        let w = expected(want[i * n + j], before[i * n + j], accumulate);
                         assert!(
                             close(c[i * n + j], w, k as f64),
                             "{kernel:?} {accumulate} ({i},{j})"

@@ -136,7 +136,7 @@ impl Attention {
             let (l, h) = self.visible(i0 + r % per_head);
             (lo, hi) = (lo.min(l), hi.max(h));
         }
-        lo.min(hi).saturating_sub(klo)..hi.saturating_sub(klo)
+        lo - klo..hi - klo
     }
 
     /// The rows of a block of `heads` stacked heads (queries `i0..i0 + per_head` each) that

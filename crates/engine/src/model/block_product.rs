@@ -93,11 +93,21 @@ pub(super) fn block_product(
             Ok(b) => b,
             Err(_) => &mut own,
         };
-        let panels = n.div_ceil(NR);
-        packed_b.resize(panels * k * NR, 0.0);
-        pack_rhs(rhs, k, n, packed_b, kernel);
+        // The buffers only grow: products of a block alternate between depths (head_dim,
+        // keys), and resizing down then up again would zero the regrown part every time.
+        let b_len = n.div_ceil(NR) * k * NR;
+        if packed_b.len() < b_len {
+            packed_b.resize(b_len, 0.0);
+        }
+        let packed_b = &mut packed_b[..b_len];
+        if k > 0 {
+            pack_rhs(rhs, k, n, packed_b, kernel);
+        }
         // Room for the two lanes that `six_wide_steps` stores past a panel's last step.
-        panel_a.resize(MR * k + SPARE_LANES, MaybeUninit::new(0.0));
+        let a_len = MR * k + SPARE_LANES;
+        if panel_a.len() < a_len {
+            panel_a.resize(a_len, MaybeUninit::new(0.0));
+        }
         for first in (0..m).step_by(MR) {
             let rows = first..(first + MR).min(m);
             let cols = match &needs {
@@ -109,7 +119,10 @@ pub(super) fn block_product(
                 Needs::Depth(depth) => depth(rows.clone(), stretches),
                 _ => stretches.push(0..k),
             }
-            stretches.retain(|s| s.start < s.end.min(k));
+            stretches.retain_mut(|s| {
+                s.end = s.end.min(k);
+                s.start < s.end
+            });
             debug_assert!(stretches.windows(2).all(|w| w[0].end <= w[1].start));
             // Stretches that meet run as one: each tile's sums are stored once, not per
             // stretch (a key seen by every query of three stacked heads is one of 192).
@@ -129,10 +142,7 @@ pub(super) fn block_product(
                 }
                 continue;
             }
-            let (d0, d1) = (
-                stretches[0].start,
-                stretches.last().map_or(0, |s| s.end.min(k)),
-            );
+            let (d0, d1) = (stretches[0].start, stretches.last().map_or(0, |s| s.end));
             pack_lhs_panel(lhs, rows.clone(), d0..d1, &mut panel_a[d0 * MR..], kernel);
             // SAFETY: every value of the buffer is initialized (by `resize`, then packing).
             let a: &[f32] =
@@ -143,7 +153,7 @@ pub(super) fn block_product(
                 let width = NR.min(n - col);
                 let b = &packed_b[jp * k * NR..(jp + 1) * k * NR];
                 for (si, s) in stretches.iter().enumerate() {
-                    let (s0, s1) = (s.start, s.end.min(k));
+                    let (s0, s1) = (s.start, s.end);
                     // SAFETY: the tile (rows, col..col + width) lies inside dst (asserted
                     // above), which this call borrows mutably; a and b hold depth s0..s1.
                     unsafe {

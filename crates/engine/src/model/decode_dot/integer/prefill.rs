@@ -157,71 +157,72 @@ pub fn product(parts: &[Part], x: &[f32], cols: usize) -> Vec<f32> {
         |buffers, (pi, first_column, j0)| {
             let part = &parts[pi];
             let width = NR.min(part.rows - j0);
-            macro_rules! run {
-                ($format:expr) => {
-                    // SAFETY: the caller's conditions; the panel's columns and every row of
-                    // the output's columns first_column + j0.. belong to this task alone.
-                    unsafe {
-                        panel_times_rows::<{ $format }>(
-                            part,
-                            (j0, width),
-                            &a,
-                            buffers,
-                            (shared, n, total, first_column + j0),
-                        )
-                    }
-                };
-            }
+            let columns = (j0, width);
+            // SAFETY (packing and product): the caller's conditions; the panel's columns and
+            // every row of the output's columns first_column + j0.. belong to this task alone.
+            let offsets = unsafe {
+                match part.dtype {
+                    GgmlDType::Q4_0 => pack_block_panel::<Q4_0>(part, columns, buffers),
+                    GgmlDType::Q4_1 => pack_block_panel::<Q4_1>(part, columns, buffers),
+                    GgmlDType::Q5_0 => pack_block_panel::<Q5_0>(part, columns, buffers),
+                    GgmlDType::Q5_1 => pack_block_panel::<Q5_1>(part, columns, buffers),
+                    GgmlDType::Q8_0 => pack_block_panel::<Q8_0>(part, columns, buffers),
+                    k_type => pack_k_panel(part, k_type, columns, buffers),
+                }
+            };
             let out = (shared, n, total, first_column + j0, width);
-            match part.dtype {
-                GgmlDType::Q4_0 => run!(Q4_0),
-                GgmlDType::Q4_1 => run!(Q4_1),
-                GgmlDType::Q5_0 => run!(Q5_0),
-                GgmlDType::Q5_1 => run!(Q5_1),
-                GgmlDType::Q8_0 => run!(Q8_0),
-                // SAFETY: as above.
-                k_type => unsafe {
-                    pack_k_panel(part, k_type, (j0, width), buffers);
-                    panel_times_packed_rows(&a, buffers, k_type != GgmlDType::Q6K, out);
-                },
-            }
+            unsafe { panel_times_packed_rows(&a, buffers, offsets, out) };
         },
     );
     out
 }
 
-/// Packs weight rows j0..j0 + width of `part` as 16 columns of 16-bit integer pairs (missing
-/// columns zero), then multiplies every activation panel by them into the output's columns
-/// `column..column + width`.
+impl PanelBuffers {
+    /// Writes block `b` of column `c`: its integers as pairs, its scale and offset.
+    #[inline(always)]
+    fn put(&mut self, (b, c): (usize, usize), wide: &[i16; BLOCK], scale: f32, offset: f32) {
+        self.d[b * NR + c] = scale;
+        self.m[b * NR + c] = offset;
+        for q in 0..PAIRS {
+            let at = ((b * PAIRS + q) * NR + c) * 2;
+            self.pairs[at] = wide[2 * q];
+            self.pairs[at + 1] = wide[2 * q + 1];
+        }
+    }
+
+    /// Missing columns of a partial panel multiply as zeros; whole panels overwrite every
+    /// value.
+    fn clear_partial(&mut self, width: usize) {
+        if width < NR {
+            self.pairs.fill(0);
+            self.d.fill(0.0);
+            self.m.fill(0.0);
+        }
+    }
+}
+
+/// Packs weight rows j0..j0 + width of a `part` of blocks of 32 as 16 columns of 16-bit
+/// integer pairs (missing columns zero). Returns whether the blocks have offsets.
 ///
 /// # Safety
-/// As for `product`; `buffers` are sized for `a`'s depth.
+/// AVX2, FMA and F16C; `buffers` are sized for the part's depth, whose bytes hold its rows.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn panel_times_rows<const FORMAT: u8>(
+unsafe fn pack_block_panel<const FORMAT: u8>(
     part: &Part,
     (j0, width): (usize, usize),
-    a: &PackedActivations,
     buffers: &mut PanelBuffers,
-    (out, n, ldc, column): (SharedOut, usize, usize, usize),
-) {
-    let out_at = (out, n, ldc, column, width);
-    let blocks = a.blocks;
+) -> bool {
+    let blocks = buffers.d.len() / NR;
     let size = block_bytes(FORMAT);
     let f16_values = f16_values();
-    clear_partial_panel(buffers, width);
-    let PanelBuffers {
-        pairs: b_panel,
-        d,
-        m,
-    } = buffers;
+    buffers.clear_partial(width);
     for c in 0..width {
         let row = &part.bytes[(j0 + c) * blocks * size..(j0 + c + 1) * blocks * size];
         for b in 0..blocks {
             // SAFETY: block b lies inside the row.
             let at = unsafe { row.as_ptr().add(b * size) };
             let (scale, offset) = unsafe { block_scales::<FORMAT>(at, f16_values) };
-            d[b * NR + c] = scale;
-            m[b * NR + c] = if is_signed(FORMAT) { 0.0 } else { offset };
+            let offset = if is_signed(FORMAT) { 0.0 } else { offset };
             let w = unsafe { block_integers::<FORMAT>(at) };
             let mut wide = [0i16; BLOCK];
             // SAFETY: `wide` holds 32 values.
@@ -231,28 +232,15 @@ unsafe fn panel_times_rows<const FORMAT: u8>(
                 _mm256_storeu_si256(wide.as_mut_ptr() as *mut __m256i, low);
                 _mm256_storeu_si256(wide.as_mut_ptr().add(16) as *mut __m256i, high);
             }
-            for q in 0..PAIRS {
-                let at = ((b * PAIRS + q) * NR + c) * 2;
-                b_panel[at] = wide[2 * q];
-                b_panel[at + 1] = wide[2 * q + 1];
-            }
+            buffers.put((b, c), &wide, scale, offset);
         }
     }
-    // SAFETY: the caller's conditions.
-    unsafe { panel_times_packed_rows(a, buffers, !is_signed(FORMAT), out_at) }
-}
-
-/// Missing columns of a partial panel multiply as zeros; whole panels overwrite every value.
-fn clear_partial_panel(buffers: &mut PanelBuffers, width: usize) {
-    if width < NR {
-        buffers.pairs.fill(0);
-        buffers.d.fill(0.0);
-        buffers.m.fill(0.0);
-    }
+    !is_signed(FORMAT)
 }
 
 /// Packs weight rows j0..j0 + width of a K-type `part` (Q4_K, Q5_K or Q6_K) as
-/// `panel_times_rows` packs the blocks of 32: per block of 32 its integers, scale and offset.
+/// `pack_block_panel` packs the blocks of 32: per block of 32 its integers, scale and offset.
+/// Returns whether the blocks have offsets (Q4_K and Q5_K's mins).
 ///
 /// # Safety
 /// AVX2, FMA and F16C (the loops are compiled for them); `buffers` are sized for the part's
@@ -263,16 +251,11 @@ unsafe fn pack_k_panel(
     dtype: GgmlDType,
     (j0, width): (usize, usize),
     buffers: &mut PanelBuffers,
-) {
+) -> bool {
     let f16_values = f16_values();
     let size = dtype.type_size();
     let supers = buffers.d.len() / NR / (SUPER / BLOCK);
-    clear_partial_panel(buffers, width);
-    let PanelBuffers {
-        pairs: b_panel,
-        d,
-        m,
-    } = buffers;
+    buffers.clear_partial(width);
     let mut ints = [[0i16; BLOCK]; SUPER / BLOCK];
     let (mut scales, mut offsets) = ([0f32; SUPER / BLOCK], [0f32; SUPER / BLOCK]);
     for c in 0..width {
@@ -298,16 +281,11 @@ unsafe fn pack_k_panel(
             }
             for (j, wide) in ints.iter().enumerate() {
                 let b = sb * (SUPER / BLOCK) + j;
-                d[b * NR + c] = scales[j];
-                m[b * NR + c] = offsets[j];
-                for q in 0..PAIRS {
-                    let at = ((b * PAIRS + q) * NR + c) * 2;
-                    b_panel[at] = wide[2 * q];
-                    b_panel[at + 1] = wide[2 * q + 1];
-                }
+                buffers.put((b, c), wide, scales[j], offsets[j]);
             }
         }
     }
+    dtype != GgmlDType::Q6K
 }
 
 /// A Q4_K (or with `five`, Q5_K) super-block's eight sub-blocks of unsigned integers q, as

@@ -3,8 +3,10 @@
 //! for one fwd+bwd on 2 cores). Matmuls get all cores, the spinning pool one thread, unless
 //! the user set the variables.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Once};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Once};
+
+use rayon::prelude::*;
 
 static CONFIGURE: Once = Once::new();
 
@@ -61,6 +63,38 @@ fn keep_stealing(done: &AtomicBool) {
     }
 }
 
+/// `work` on each of `jobs`, the results in the jobs' order. One task per thread takes the
+/// jobs one at a time, costliest first, so that the threads finish together even when the
+/// jobs' costs differ (attention's blocks of queries cost more the more keys they see) or a
+/// thread runs slower: rayon's even split of the list up front left one thread waiting for
+/// the other at the end (600 tokens, SmolLM2: attention's backward 9.3–9.4 → 8.2–8.3 ms per
+/// layer).
+pub fn costliest_first<J: Send, R: Send>(
+    jobs: Vec<J>,
+    cost: impl Fn(&J) -> usize,
+    work: impl Fn(J) -> R + Sync,
+) -> Vec<R> {
+    let mut order: Vec<usize> = (0..jobs.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(cost(&jobs[i])));
+    let jobs: Vec<Mutex<Option<J>>> = jobs.into_iter().map(|j| Mutex::new(Some(j))).collect();
+    let next = AtomicUsize::new(0);
+    let tasks = rayon::current_num_threads().min(jobs.len());
+    let mut done: Vec<(usize, R)> = (0..tasks)
+        .into_par_iter()
+        .flat_map_iter(|_| {
+            let mut mine = Vec::new();
+            while let Some(&i) = order.get(next.fetch_add(1, Ordering::Relaxed)) {
+                let job = jobs[i].lock().map(|mut j| j.take());
+                let job = job.unwrap_or_else(|e| e.into_inner().take());
+                mine.push((i, work(job.expect("each job is handed out once"))));
+            }
+            mine
+        })
+        .collect();
+    done.sort_by_key(|&(i, _)| i);
+    done.into_iter().map(|(_, r)| r).collect()
+}
+
 /// Marks the work done when dropped.
 struct Finish(Arc<AtomicBool>);
 
@@ -72,8 +106,6 @@ impl Drop for Finish {
 
 #[cfg(test)]
 mod tests {
-    use rayon::prelude::*;
-
     use super::*;
 
     /// Callers on several threads at once (each one's helpers may end up running inside
@@ -103,5 +135,22 @@ mod tests {
         let failed = std::panic::catch_unwind(|| on_pool(|| -> u32 { panic!("inside the pool") }));
         assert!(failed.is_err());
         assert_eq!(on_pool(|| (0..100u32).into_par_iter().sum::<u32>()), 4950);
+    }
+
+    #[test]
+    fn costliest_first_runs_each_job_once_and_keeps_their_order() {
+        let jobs: Vec<usize> = (0..50).map(|i| (i * 37) % 50).collect();
+        let ran = AtomicUsize::new(0);
+        let out = costliest_first(
+            jobs.clone(),
+            |&j| j,
+            |j| {
+                ran.fetch_add(1, Ordering::Relaxed);
+                j * 2
+            },
+        );
+        assert_eq!(ran.load(Ordering::Relaxed), 50);
+        assert_eq!(out, jobs.iter().map(|j| j * 2).collect::<Vec<_>>());
+        assert!(costliest_first(Vec::<usize>::new(), |_| 0, |j| j).is_empty());
     }
 }

@@ -21,6 +21,7 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use super::decode_dot::Kernel;
+use crate::threads::costliest_first;
 
 /// Rows of A (and C) per register tile.
 pub const MR: usize = 6;
@@ -346,28 +347,105 @@ unsafe fn run(
     accumulate: bool,
     kernel: Kernel,
 ) {
+    let part = ColumnPart {
+        source: b,
+        columns: n,
+        at: 0,
+    };
+    // SAFETY: as the caller's.
+    unsafe { run_parts(a, &[part], out, ldc, accumulate, kernel) }
+}
+
+/// Columns `at..at + columns` of C, the product of A with `source`.
+pub struct ColumnPart<'a> {
+    pub source: &'a dyn PanelSource,
+    pub columns: usize,
+    pub at: usize,
+}
+
+/// C = A · [B₁ B₂ …] for C (m × Σ columns) whose rows start `ldc` values apart in `c`: the
+/// parts side by side (q, k and v; gate and up), each stored on its own. One product: their
+/// column strips go to the threads together, as one list (three products of their own each
+/// ended with a thread waiting for the other).
+pub fn product_of_parts_uninit(
+    a: &PackedRows,
+    parts: &[ColumnPart],
+    c: &mut [MaybeUninit<f32>],
+    ldc: usize,
+    kernel: Kernel,
+) {
+    let out = SharedOut::of_uninit(c);
+    // SAFETY: without accumulation C is only written.
+    unsafe { run_parts(a, parts, out, ldc, false, kernel) }
+}
+
+/// One part's plan: its depth chunks and column strips.
+struct PartPlan {
+    chunks: Vec<(usize, usize)>,
+    strips: Vec<(usize, usize)>,
+    out: SharedOut,
+}
+
+/// # Safety
+/// As `run`; the parts' columns lie inside C's rows and do not overlap.
+unsafe fn run_parts(
+    a: &PackedRows,
+    parts: &[ColumnPart],
+    out: SharedOut,
+    ldc: usize,
+    accumulate: bool,
+    kernel: Kernel,
+) {
     let (m, k) = (a.m, a.k);
+    let n = parts.iter().map(|p| p.at + p.columns).max().unwrap_or(0);
     if m == 0 || n == 0 {
         return;
     }
     assert!(out.len() >= (m - 1) * ldc + n, "C is shorter than m rows");
     if k == 0 {
         if !accumulate {
-            for row in 0..m {
-                for j in 0..n {
-                    out.get().add(row * ldc + j).write(0.0);
+            for p in parts {
+                for row in 0..m {
+                    for j in p.at..p.at + p.columns {
+                        out.get().add(row * ldc + j).write(0.0);
+                    }
                 }
             }
         }
         return;
     }
-    let chunks = depth_chunks(k, b.depth_align());
-    let deepest = chunks.iter().map(|&(k0, k1)| k1 - k0).max().unwrap_or(0);
-    let strips = column_strips(n, b.column_align(), rayon::current_num_threads());
-    let widest = strips.iter().map(|&(j0, j1)| j1 - j0).max().unwrap_or(0);
-    let buffer_len = deepest * widest.div_ceil(NR) * NR;
+    let threads = rayon::current_num_threads();
+    let plans: Vec<PartPlan> = parts
+        .iter()
+        .map(|p| PartPlan {
+            chunks: depth_chunks(k, p.source.depth_align()),
+            strips: column_strips(p.columns, p.source.column_align(), threads),
+            out: SharedOut(out.get().wrapping_add(p.at), out.len().saturating_sub(p.at)),
+        })
+        .collect();
+    let buffer_len = plans
+        .iter()
+        .map(|plan| {
+            let deepest = plan.chunks.iter().map(|&(k0, k1)| k1 - k0).max();
+            let widest = plan.strips.iter().map(|&(j0, j1)| j1 - j0).max();
+            deepest.unwrap_or(0) * widest.unwrap_or(0).div_ceil(NR) * NR
+        })
+        .max()
+        .unwrap_or(0);
     let row_panels = m.div_ceil(MR);
-    (0..strips.len()).into_par_iter().for_each(|si| {
+    let tasks: Vec<(usize, usize)> = plans
+        .iter()
+        .enumerate()
+        .flat_map(|(pi, plan)| (0..plan.strips.len()).map(move |si| (pi, si)))
+        .collect();
+    let width = |&(pi, si): &(usize, usize)| plans[pi].strips[si].1 - plans[pi].strips[si].0;
+    let one_task = |(pi, si): (usize, usize)| {
+        let PartPlan {
+            chunks,
+            strips,
+            out,
+        } = &plans[pi];
+        let (b, out) = (parts[pi].source, *out);
         BUFFERS.with(|buffers| {
             // A task never runs inside another on the same thread (packing does not wait on
             // rayon), so the borrow is free; fresh buffers if that ever changes.
@@ -431,7 +509,13 @@ unsafe fn run(
                 }
             }
         })
-    });
+    };
+    if parts.len() == 1 {
+        // In order: each strip's task prefetches the next strip's first chunk.
+        tasks.into_par_iter().for_each(one_task);
+    } else {
+        costliest_first(tasks, width, one_task);
+    }
 }
 
 /// Depth ranges of about `DEPTH_TARGET`, each starting at a multiple of `align`.
@@ -1434,6 +1518,76 @@ pub(super) mod tests {
                             &c[i * ldc + n..i * ldc + ldc],
                             &base[i * ldc + n..i * ldc + ldc]
                         );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Parts side by side (different widths and alignments, as q, k and v stored in different
+    /// types) give, bit for bit, each part's own product, and write every column.
+    #[test]
+    fn parts_side_by_side_equal_their_own_products() {
+        struct Aligned<'a>(RowMajor<'a>, usize);
+        impl PanelSource for Aligned<'_> {
+            fn column_align(&self) -> usize {
+                self.1
+            }
+            fn depth_align(&self) -> usize {
+                self.1
+            }
+            fn pack(&self, span: Span, dst: &mut [f32], s: &mut Vec<f32>) {
+                self.0.pack(span, dst, s)
+            }
+        }
+        for kernel in kernels() {
+            for &(m, k) in &[(1, 32), (7, 64), (131, 640)] {
+                let a = random(m * k, 11);
+                let packed = PackedRows::new(&a, k, m, k);
+                let widths = [(96, 32), (40, 1), (192, 32), (16, 16)];
+                let values: Vec<Vec<f32>> = widths
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &(n, _))| random(k * n, 20 + i as u64))
+                    .collect();
+                let sources: Vec<Aligned> = widths
+                    .iter()
+                    .zip(&values)
+                    .map(|(&(n, align), v)| Aligned(RowMajor { values: v, cols: n }, align))
+                    .collect();
+                let ldc: usize = widths.iter().map(|w| w.0).sum();
+                let mut at = 0;
+                let parts: Vec<ColumnPart> = widths
+                    .iter()
+                    .zip(&sources)
+                    .map(|(&(n, _), source)| {
+                        at += n;
+                        ColumnPart {
+                            source,
+                            columns: n,
+                            at: at - n,
+                        }
+                    })
+                    .collect();
+                let mut c = vec![MaybeUninit::new(f32::NAN); m * ldc];
+                product_of_parts_uninit(&packed, &parts, &mut c, ldc, kernel);
+                // SAFETY: every value was initialized (NaN or written).
+                let c = unsafe { assume_init(c) };
+                for part in &parts {
+                    let mut own = vec![0f32; m * part.columns];
+                    product(
+                        &packed,
+                        part.source,
+                        part.columns,
+                        &mut own,
+                        part.columns,
+                        false,
+                        kernel,
+                    );
+                    for i in 0..m {
+                        let got = &c[i * ldc + part.at..i * ldc + part.at + part.columns];
+                        let want = &own[i * part.columns..(i + 1) * part.columns];
+                        assert_eq!(got, want, "{kernel:?} m {m} k {k} part at {}", part.at);
                     }
                 }
             }

@@ -20,7 +20,7 @@ use rayon::prelude::*;
 
 use super::decode_dot::{self, Activations, Kernel};
 use super::kernels::with_slice;
-use super::matmul::{self, PackedRows, PanelSource, RowMaker, Span, NR};
+use super::matmul::{self, ColumnPart, PackedRows, PanelSource, RowMaker, Span, NR};
 
 /// How one stored matrix (rows = output features, cols = input features) is held.
 #[derive(Clone)]
@@ -61,6 +61,7 @@ fn bytes_of<T: Plain>(v: &[T]) -> &[u8] {
 }
 
 /// The stored values of one matrix, borrowed for the duration of a product.
+#[derive(Clone, Copy)]
 enum Values<'a> {
     F32(&'a [f32]),
     F16(&'a [f16]),
@@ -543,24 +544,6 @@ impl Matrix {
         Tensor::from_vec(out, (n, rows), &Device::Cpu)
     }
 
-    /// Writes x Wᵀ, for x packed, into the first `rows` columns of `out` (rows `ldc` apart).
-    fn forward_into(
-        &self,
-        x: &PackedRows,
-        out: &mut [MaybeUninit<f32>],
-        ldc: usize,
-        kernel: Kernel,
-    ) -> Result<()> {
-        self.with_values(|values| {
-            let source = Transposed {
-                values: &values,
-                cols: self.cols,
-            };
-            matmul::product_uninit(x, &source, self.rows, out, ldc, kernel);
-            Ok(())
-        })
-    }
-
     fn backward(&self, dy: &Tensor, n: usize) -> Result<Tensor> {
         if let Stored::F32(w) = &self.stored {
             return dy.matmul(w);
@@ -607,14 +590,56 @@ fn panel_forward(parts: &[Matrix], x: &Tensor, n: usize) -> Result<Tensor> {
 fn panel_forward_packed(parts: &[Matrix], packed: &PackedRows, n: usize) -> Result<Tensor> {
     let rows = parts.iter().map(|p| p.rows).sum();
     let mut out = matmul::uninit(n * rows);
-    let mut offset = 0;
-    for p in parts {
-        p.forward_into(packed, &mut out[offset..], rows, Kernel::best())?;
-        offset += p.rows;
-    }
+    with_all_values(parts, |values| {
+        let sources: Vec<Transposed> = parts
+            .iter()
+            .zip(values)
+            .map(|(p, values)| Transposed {
+                values,
+                cols: p.cols,
+            })
+            .collect();
+        let mut at = 0;
+        let columns: Vec<ColumnPart> = parts
+            .iter()
+            .zip(&sources)
+            .map(|(p, source)| {
+                at += p.rows;
+                ColumnPart {
+                    source,
+                    columns: p.rows,
+                    at: at - p.rows,
+                }
+            })
+            .collect();
+        matmul::product_of_parts_uninit(packed, &columns, &mut out, rows, Kernel::best());
+        Ok(())
+    })?;
     // SAFETY: the parts' rows add up to `rows`: every column of `out` was written.
     let out = unsafe { matmul::assume_init(out) };
     Tensor::from_vec(out, (n, rows), &Device::Cpu)
+}
+
+/// Runs `f` on the stored values of every part at once.
+fn with_all_values<R>(parts: &[Matrix], f: impl FnOnce(&[Values]) -> Result<R>) -> Result<R> {
+    fn nest<R>(
+        parts: &[Matrix],
+        got: &[Values],
+        f: &mut dyn FnMut(&[Values]) -> Result<R>,
+    ) -> Result<R> {
+        match parts.split_first() {
+            None => f(got),
+            Some((first, rest)) => first.with_values(|values| {
+                let mut all = got.to_vec();
+                all.push(values);
+                nest(rest, &all, f)
+            }),
+        }
+    }
+    let mut f = Some(f);
+    nest(parts, &[], &mut |values| {
+        (f.take().expect("the innermost part calls it once"))(values)
+    })
 }
 
 /// dy W for dy (n, rows) and W the `parts` stacked by rows, none of them f32, on the panel

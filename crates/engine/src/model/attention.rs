@@ -21,6 +21,7 @@
 
 use std::cell::RefCell;
 use std::ops::Range;
+use std::sync::{Mutex, TryLockError};
 
 use candle_core::{bail, Device, Result, Tensor};
 use rayon::prelude::*;
@@ -787,28 +788,31 @@ thread_local! {
 /// The most memory the backward pass's per-unit d k / d v slots may take (both together).
 const SLOT_BUDGET_BYTES: usize = 32 << 20;
 
-thread_local! {
-    /// The calling thread's d k / d v slots, reused across layers and passes (fresh ones
-    /// would be zeroed and faulted in for every layer).
-    static SLOTS: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
-}
+/// The d k / d v slots, reused across layers and passes (fresh ones would be zeroed and
+/// faulted in for every layer). One pair for the process, not one per thread: the thread that
+/// runs a layer's backward changes from layer to layer, and each would have kept its own.
+static SLOTS: Mutex<(Vec<f32>, Vec<f32>)> = Mutex::new((Vec::new(), Vec::new()));
 
-/// Runs `f` on two slot slices of `len` values each, with stale contents.
+/// Runs `f` on two slot slices of `len` values each, with stale contents (fresh ones while
+/// another backward pass holds the shared pair).
 fn with_slots<R>(len: usize, f: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R {
-    SLOTS.with(|cell| {
-        let mut own = (Vec::new(), Vec::new());
-        let mut guard = cell.try_borrow_mut();
-        let (a, b) = match guard.as_deref_mut() {
-            Ok(pair) => pair,
-            Err(_) => &mut own,
-        };
-        for buf in [&mut *a, &mut *b] {
-            if buf.len() < len {
-                buf.resize(len, 0.0);
-            }
+    let mut own = (Vec::new(), Vec::new());
+    // A panic inside `f` leaves the pair poisoned, but its contents are stale anyway.
+    let mut guard = match SLOTS.try_lock() {
+        Ok(guard) => Some(guard),
+        Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+        Err(TryLockError::WouldBlock) => None,
+    };
+    let (a, b) = match guard.as_deref_mut() {
+        Some(pair) => pair,
+        None => &mut own,
+    };
+    for buf in [&mut *a, &mut *b] {
+        if buf.len() < len {
+            buf.resize(len, 0.0);
         }
-        f(&mut a[..len], &mut b[..len])
-    })
+    }
+    f(&mut a[..len], &mut b[..len])
 }
 
 /// Runs `f` on two scratch slices of `len` values each, with stale contents.

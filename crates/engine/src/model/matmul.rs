@@ -1455,6 +1455,23 @@ pub(super) mod tests {
         }
     }
 
+    /// A row-major B whose packing asserts that spans start on multiples of its alignment.
+    struct Aligned<'a>(RowMajor<'a>, usize);
+
+    impl PanelSource for Aligned<'_> {
+        fn column_align(&self) -> usize {
+            self.1
+        }
+        fn depth_align(&self) -> usize {
+            self.1
+        }
+        fn pack(&self, span: Span, dst: &mut [f32], s: &mut Vec<f32>) {
+            assert_eq!(span.k0 % self.1, 0);
+            assert_eq!(span.j0 % self.1, 0);
+            self.0.pack(span, dst, s)
+        }
+    }
+
     /// Edges in every direction (m, n not multiples of the tile, k not of the chunk), several
     /// depth chunks, column alignment, strided A and C, and accumulation.
     #[test]
@@ -1473,20 +1490,6 @@ pub(super) mod tests {
                 let a = random(m * lda, 1);
                 let b = random(k * n, 2);
                 let want = plain(&a, lda, m, k, &b, n);
-                struct Aligned<'a>(RowMajor<'a>, usize);
-                impl PanelSource for Aligned<'_> {
-                    fn column_align(&self) -> usize {
-                        self.1
-                    }
-                    fn depth_align(&self) -> usize {
-                        self.1
-                    }
-                    fn pack(&self, span: Span, dst: &mut [f32], s: &mut Vec<f32>) {
-                        assert_eq!(span.k0 % self.1, 0);
-                        assert_eq!(span.j0 % self.1, 0);
-                        self.0.pack(span, dst, s)
-                    }
-                }
                 let source = Aligned(
                     RowMajor {
                         values: &b,
@@ -1528,18 +1531,6 @@ pub(super) mod tests {
     /// types) give, bit for bit, each part's own product, and write every column.
     #[test]
     fn parts_side_by_side_equal_their_own_products() {
-        struct Aligned<'a>(RowMajor<'a>, usize);
-        impl PanelSource for Aligned<'_> {
-            fn column_align(&self) -> usize {
-                self.1
-            }
-            fn depth_align(&self) -> usize {
-                self.1
-            }
-            fn pack(&self, span: Span, dst: &mut [f32], s: &mut Vec<f32>) {
-                self.0.pack(span, dst, s)
-            }
-        }
         for kernel in kernels() {
             for &(m, k) in &[(1, 32), (7, 64), (131, 640)] {
                 let a = random(m * k, 11);

@@ -338,8 +338,17 @@ impl Attention {
         let hd = self.head_dim;
         let key_len = self.batch * self.kv_heads * self.keys * hd;
         let units = self.units();
-        let keys_of = |u: Unit| self.unit_blocks(u).1.keys;
-        let slot_len: usize = units.iter().map(|&u| keys_of(u).len() * hd).sum();
+        // Each unit's keys (rows of the whole layout) and where its slot starts.
+        let mut slot_len = 0;
+        let slots: Vec<(Range<usize>, usize)> = units
+            .iter()
+            .map(|&u| {
+                let keys = self.unit_blocks(u).1.keys;
+                let start = slot_len;
+                slot_len += keys.len() * hd;
+                (keys, start)
+            })
+            .collect();
         let mut total = (vec![0f32; key_len], vec![0f32; key_len]);
         if 2 * slot_len * std::mem::size_of::<f32>() > slot_budget {
             self.key_grads_by_parts(products, inputs, dq, units, &mut total);
@@ -348,8 +357,8 @@ impl Attention {
         with_slots(slot_len, |slot_k, slot_v| {
             let (mut rest_k, mut rest_v) = (&mut *slot_k, &mut *slot_v);
             let mut jobs = Vec::with_capacity(units.len());
-            for &unit in &units {
-                let len = keys_of(unit).len() * hd;
+            for (&unit, (keys, _)) in units.iter().zip(&slots) {
+                let len = keys.len() * hd;
                 let (k, tail_k) = std::mem::take(&mut rest_k).split_at_mut(len);
                 let (v, tail_v) = std::mem::take(&mut rest_v).split_at_mut(len);
                 (rest_k, rest_v) = (tail_k, tail_v);
@@ -362,16 +371,6 @@ impl Attention {
             );
             // Each chunk of rows of the whole d k / d v adds the slots that cover it, in the
             // units' order.
-            let mut at = 0;
-            let slots: Vec<(Range<usize>, usize)> = units
-                .iter()
-                .map(|&u| {
-                    let keys = keys_of(u);
-                    let start = at;
-                    at += keys.len() * hd;
-                    (keys, start)
-                })
-                .collect();
             const CHUNK_ROWS: usize = 64;
             let (slot_k, slot_v) = (&*slot_k, &*slot_v);
             total

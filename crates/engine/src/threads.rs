@@ -75,7 +75,7 @@ pub fn costliest_first<J: Send, R: Send>(
     work: impl Fn(J) -> R + Sync,
 ) -> Vec<R> {
     let mut order: Vec<usize> = (0..jobs.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(cost(&jobs[i])));
+    order.sort_by_cached_key(|&i| std::cmp::Reverse(cost(&jobs[i])));
     let jobs: Vec<Mutex<Option<J>>> = jobs.into_iter().map(|j| Mutex::new(Some(j))).collect();
     let next = AtomicUsize::new(0);
     let tasks = rayon::current_num_threads().min(jobs.len());

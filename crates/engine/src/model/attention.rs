@@ -338,26 +338,15 @@ impl Attention {
         let hd = self.head_dim;
         let key_len = self.batch * self.kv_heads * self.keys * hd;
         let units = self.units();
-        // Each unit's keys (rows of the whole layout) and where its slot starts.
-        let mut slot_len = 0;
-        let slots: Vec<(Range<usize>, usize)> = units
-            .iter()
-            .map(|&u| {
-                let keys = self.unit_blocks(u).1.keys;
-                let start = slot_len;
-                slot_len += keys.len() * hd;
-                (keys, start)
-            })
-            .collect();
-        let mut total = (vec![0f32; key_len], vec![0f32; key_len]);
+        let keys: Vec<Range<usize>> = units.iter().map(|&u| self.unit_keys(u)).collect();
+        let slot_len: usize = keys.iter().map(|r| r.len() * hd).sum();
         if 2 * slot_len * std::mem::size_of::<f32>() > slot_budget {
-            self.key_grads_by_parts(products, inputs, dq, units, &mut total);
-            return total;
+            return self.key_grads_by_parts(products, inputs, dq, units, key_len);
         }
         with_slots(slot_len, |slot_k, slot_v| {
             let (mut rest_k, mut rest_v) = (&mut *slot_k, &mut *slot_v);
             let mut jobs = Vec::with_capacity(units.len());
-            for (&unit, (keys, _)) in units.iter().zip(&slots) {
+            for (&unit, keys) in units.iter().zip(&keys) {
                 let len = keys.len() * hd;
                 let (k, tail_k) = std::mem::take(&mut rest_k).split_at_mut(len);
                 let (v, tail_v) = std::mem::take(&mut rest_v).split_at_mut(len);
@@ -369,31 +358,21 @@ impl Attention {
                 |(unit, ..)| self.unit_cost(*unit),
                 |(unit, k, v)| self.unit_backward(products, unit, (k, v), false, inputs, dq),
             );
-            // Each chunk of rows of the whole d k / d v adds the slots that cover it, in the
-            // units' order.
-            const CHUNK_ROWS: usize = 64;
-            let (slot_k, slot_v) = (&*slot_k, &*slot_v);
-            total
-                .0
-                .par_chunks_mut(CHUNK_ROWS * hd)
-                .zip(total.1.par_chunks_mut(CHUNK_ROWS * hd))
-                .enumerate()
-                .for_each(|(c, (k, v))| {
-                    let rows = c * CHUNK_ROWS..c * CHUNK_ROWS + k.len() / hd;
-                    for (keys, start) in &slots {
-                        let (lo, hi) = (keys.start.max(rows.start), keys.end.min(rows.end));
-                        if lo >= hi {
-                            continue;
-                        }
-                        let from = *start + (lo - keys.start) * hd;
-                        let len = (hi - lo) * hd;
-                        let to = (lo - rows.start) * hd;
-                        add_into(&mut k[to..to + len], &slot_k[from..from + len]);
-                        add_into(&mut v[to..to + len], &slot_v[from..from + len]);
+            let mut at = 0;
+            let slots: Vec<KeySums> = keys
+                .iter()
+                .map(|keys| {
+                    let (from, len) = (at, keys.len() * hd);
+                    at += len;
+                    KeySums {
+                        start: keys.start * hd,
+                        k: &slot_k[from..from + len],
+                        v: &slot_v[from..from + len],
                     }
-                });
-        });
-        total
+                })
+                .collect();
+            KeySums::add_up(&slots, key_len)
+        })
     }
 
     /// `key_grads` for long sequences: parts of consecutive units of about equal cost, four
@@ -404,8 +383,8 @@ impl Attention {
         inputs: &BackwardInputs,
         dq: SharedOut,
         units: Vec<Unit>,
-        total: &mut (Vec<f32>, Vec<f32>),
-    ) {
+        key_len: usize,
+    ) -> (Vec<f32>, Vec<f32>) {
         let hd = self.head_dim;
         let matrix = self.keys * hd;
         let cost = |&unit: &Unit| self.unit_cost(unit);
@@ -420,7 +399,7 @@ impl Attention {
                 let len = (last + 1 - first) * matrix;
                 let (mut k, mut v) = (vec![0f32; len], vec![0f32; len]);
                 for &unit in &part {
-                    let keys = self.unit_blocks(unit).1.keys;
+                    let keys = self.unit_keys(unit);
                     let rows = keys.start * hd - first * matrix..keys.end * hd - first * matrix;
                     let sums = (&mut k[rows.clone()], &mut v[rows]);
                     self.unit_backward(products, unit, sums, true, inputs, dq);
@@ -428,15 +407,26 @@ impl Attention {
                 (first * matrix, k, v)
             },
         );
-        for (from, k, v) in sums {
-            add_into(&mut total.0[from..from + k.len()], &k);
-            add_into(&mut total.1[from..from + v.len()], &v);
-        }
+        let sums: Vec<KeySums> = sums
+            .iter()
+            .map(|(start, k, v)| KeySums {
+                start: *start,
+                k,
+                v,
+            })
+            .collect();
+        KeySums::add_up(&sums, key_len)
+    }
+
+    /// The rows of `k` and `v` (whole layout) that a unit's queries see.
+    fn unit_keys(&self, unit: Unit) -> Range<usize> {
+        self.block(unit.mk * self.group + unit.h0, unit.i0, unit.i1)
+            .keys
     }
 
     /// A unit's share of the work: its rows times the keys they see between them.
     fn unit_cost(&self, unit: Unit) -> usize {
-        unit.rows() * self.unit_blocks(unit).1.keys.len()
+        unit.rows() * self.unit_keys(unit).len()
     }
 
     /// Every unit of work: each key matrix's query blocks, the group's heads together. With
@@ -752,10 +742,45 @@ unsafe fn scatter(out: SharedOut, heads: &[Range<usize>], values: &[f32], width:
     }
 }
 
-/// a += b, element by element.
-fn add_into(a: &mut [f32], b: &[f32]) {
-    for (a, b) in a.iter_mut().zip(b) {
-        *a += b;
+/// Some units' d k and d v sums: values `start..start + k.len()` of the whole layout.
+struct KeySums<'a> {
+    start: usize,
+    k: &'a [f32],
+    v: &'a [f32],
+}
+
+impl KeySums<'_> {
+    /// The whole d k and d v (`len` values each): `sums` added up in their order, whatever
+    /// thread made which, chunks of the output in parallel.
+    fn add_up(sums: &[KeySums], len: usize) -> (Vec<f32>, Vec<f32>) {
+        const CHUNK: usize = 4096;
+        let mut total = (vec![0f32; len], vec![0f32; len]);
+        total
+            .0
+            .par_chunks_mut(CHUNK)
+            .zip(total.1.par_chunks_mut(CHUNK))
+            .enumerate()
+            .for_each(|(c, (k, v))| {
+                let chunk = c * CHUNK..c * CHUNK + k.len();
+                for sums in sums {
+                    let lo = sums.start.max(chunk.start);
+                    let hi = (sums.start + sums.k.len()).min(chunk.end);
+                    if lo >= hi {
+                        continue;
+                    }
+                    let (from, to) = (
+                        lo - sums.start..hi - sums.start,
+                        lo - chunk.start..hi - chunk.start,
+                    );
+                    for (a, b) in k[to.clone()].iter_mut().zip(&sums.k[from.clone()]) {
+                        *a += b;
+                    }
+                    for (a, b) in v[to].iter_mut().zip(&sums.v[from]) {
+                        *a += b;
+                    }
+                }
+            });
+        total
     }
 }
 

@@ -105,9 +105,27 @@ fn rounds_alternate_and_report_median_ratios() {
     }
 
     // Each round's ratio is our time over the stand-in's 0.01, 0.02, 0.03 seconds.
-    let ours: Vec<f64> = rows(&out, "8")
+    let our_rows = rows(&out, "8");
+    let ours: Vec<f64> = our_rows
         .iter()
         .map(|cells| cells[2].parse().unwrap())
+        .collect();
+    // Our rows: GFLOP, GFLOP/s (GFLOP over the best time) and its share of the multiply-add
+    // limit measured before the row, "NN % of LIMIT".
+    let arithmetic: Vec<(f64, f64)> = our_rows
+        .iter()
+        .map(|cells| {
+            let (gflop, rate): (f64, f64) = (cells[5].parse().unwrap(), cells[6].parse().unwrap());
+            let seconds: f64 = cells[2].parse().unwrap();
+            let (share, limit) = cells[7].split_once(" % of ").expect("share of the limit");
+            let (share, limit): (f64, f64) = (share.parse().unwrap(), limit.parse().unwrap());
+            assert!(gflop > 1.0 && limit > 1.0, "{cells:?}");
+            let want = gflop / seconds;
+            assert!((rate - want).abs() <= 0.5 + 0.06 * want, "{cells:?}");
+            let want = 100.0 * rate / limit;
+            assert!((share - want).abs() <= 1.0 + 0.02 * want, "{cells:?}");
+            (gflop, limit)
+        })
         .collect();
     let printed = rows(&out, "gradient salience, 8 tokens");
     assert_eq!((ours.len(), printed.len()), (3, 4), "{out}");
@@ -122,6 +140,14 @@ fn rounds_alternate_and_report_median_ratios() {
             "round {k}: {ratio} vs {expected}"
         );
         ratios.push(ratio);
+        // At the multiply-add limit: the row's arithmetic at the limit over the stand-in's time.
+        let (gflop, limit) = arithmetic[k];
+        let floor: f64 = cells[4].parse().unwrap();
+        let expected = gflop / limit / (0.01 * (k + 1) as f64);
+        assert!(
+            (floor - expected).abs() < 0.006 + 0.01 * expected,
+            "round {k}: {floor} vs {expected}"
+        );
     }
     // The summary row: the median of the three, the lowest and highest, each round's.
     let summary = &printed[3];
@@ -133,6 +159,9 @@ fn rounds_alternate_and_report_median_ratios() {
         "{summary:?}"
     );
     assert_eq!(summary[3].split(" / ").count(), 3, "{summary:?}");
+    let mut floors: Vec<f64> = printed[..3].iter().map(|c| c[4].parse().unwrap()).collect();
+    floors.sort_by(f64::total_cmp);
+    assert_eq!(summary[4], format!("{:.2}", floors[1]), "{summary:?}");
     // Decoding is summarized as a speed against the stand-in's 1000 tokens/s.
     let decoding = rows(&out, "greedy decoding");
     assert!(decoding[3][1].starts_with("speed "), "{decoding:?}");

@@ -7,6 +7,7 @@
 pub mod chat_template;
 pub mod generate;
 pub mod gguf;
+pub mod machine;
 pub mod model;
 pub mod perturbation;
 pub mod prompt;

@@ -21,10 +21,22 @@ const LLAMA_CPP_SCRIPT: &str = include_str!("../../../docs/bench/llama_cpp_basel
 /// What prompt-salience measured, to set against the baselines.
 #[derive(Default)]
 pub struct Measured {
-    /// (method as the PyTorch script names it, prompt tokens, best seconds).
-    pub salience: Vec<(&'static str, usize, f64)>,
+    pub salience: Vec<SalienceTiming>,
     pub prefill_seconds: f64,
     pub decode_tokens_per_second: f64,
+}
+
+/// One piece of salience work, as measured.
+pub struct SalienceTiming {
+    /// The method as the PyTorch script names it.
+    pub method: &'static str,
+    pub prompt_tokens: usize,
+    /// The best run's time.
+    pub seconds: f64,
+    /// The time its arithmetic takes at the machine's multiply-add limit, measured next to it
+    /// (`salience::flops` over `machine::multiply_add_limit`), where the work's arithmetic is
+    /// known.
+    pub at_limit_seconds: Option<f64>,
 }
 
 pub struct BaselineArgs<'a> {
@@ -47,6 +59,9 @@ pub struct Row {
     pub ours: String,
     pub theirs: String,
     pub ratio: Option<f64>,
+    /// The ratio a program that ran every multiply-add at this machine's limit, and did
+    /// nothing else, would get against the same baseline time: no speed-up goes below it.
+    pub floor: Option<f64>,
     /// Decoding: the ratio is also printed as a speed, baseline time over ours.
     pub speed: bool,
 }
@@ -329,6 +344,7 @@ impl Row {
             ours: "—".into(),
             theirs: format!("{baseline} not run: {why}"),
             ratio: None,
+            floor: None,
             speed: false,
         }
     }
@@ -348,10 +364,10 @@ pub fn compare(ig_steps: usize, results: &BaselineResults, ours: &Measured) -> V
                 ) else {
                     continue;
                 };
-                let Some(&(_, _, mine)) = ours
+                let Some(mine) = ours
                     .salience
                     .iter()
-                    .find(|(m, len, _)| *m == method && *len == n as usize)
+                    .find(|m| m.method == method && m.prompt_tokens == n as usize)
                 else {
                     continue;
                 };
@@ -362,9 +378,10 @@ pub fn compare(ig_steps: usize, results: &BaselineResults, ours: &Measured) -> V
                 };
                 rows.push(Row {
                     work,
-                    ours: format!("{mine:.3} s"),
+                    ours: format!("{:.3} s", mine.seconds),
                     theirs: format!("PyTorch {version}: {theirs:.3} s"),
-                    ratio: Some(mine / theirs),
+                    ratio: Some(mine.seconds / theirs),
+                    floor: mine.at_limit_seconds.map(|s| s / theirs),
                     speed: false,
                 });
             }
@@ -383,6 +400,7 @@ pub fn compare(ig_steps: usize, results: &BaselineResults, ours: &Measured) -> V
                 ours: format!("{:.3} s", ours.prefill_seconds),
                 theirs: format!("llama.cpp {version}: {prefill:.3} s"),
                 ratio: Some(ours.prefill_seconds / prefill),
+                floor: None,
                 speed: false,
             });
             rows.push(Row {
@@ -390,6 +408,7 @@ pub fn compare(ig_steps: usize, results: &BaselineResults, ours: &Measured) -> V
                 ours: format!("{:.1} tokens/s", ours.decode_tokens_per_second),
                 theirs: format!("llama.cpp {version}: {rate:.1} tokens/s"),
                 ratio: Some(rate / ours.decode_tokens_per_second),
+                floor: None,
                 speed: true,
             });
         }
@@ -401,29 +420,55 @@ pub fn compare(ig_steps: usize, results: &BaselineResults, ours: &Measured) -> V
 /// Prints one round's comparison.
 pub fn print_round(rows: &[Row], threads: usize) {
     println!("\nbaselines, same machine, same run, {threads} threads:");
-    println!("| work | prompt-salience | baseline | ratio (ours / baseline time) |");
-    println!("|---|---|---|---|");
+    println!(
+        "| work | prompt-salience | baseline | ratio (ours / baseline time) | at the multiply-add limit |"
+    );
+    println!("|---|---|---|---|---|");
     for row in rows {
         let ratio = match row.ratio {
             Some(r) if row.speed => format!("{r:.2} (speed: {:.2}×)", 1.0 / r),
             Some(r) => format!("{r:.2}"),
             None => "—".into(),
         };
-        println!("| {} | {} | {} | {ratio} |", row.work, row.ours, row.theirs);
+        let floor = row.floor.map_or_else(|| "—".into(), |f| format!("{f:.2}"));
+        println!(
+            "| {} | {} | {} | {ratio} | {floor} |",
+            row.work, row.ours, row.theirs
+        );
     }
 }
 
-/// Each piece of work's ratios over the rounds, in the order of the first round: (work,
-/// ratios, whether it is decoding). Work that some round could not measure keeps the
-/// rounds that did.
-pub fn ratios_by_work(rounds: &[Vec<Row>]) -> Vec<(String, Vec<f64>, bool)> {
-    let mut out: Vec<(String, Vec<f64>, bool)> = Vec::new();
+/// One piece of work's figures over the rounds.
+#[derive(Debug)]
+pub struct WorkRatios {
+    pub work: String,
+    pub ratios: Vec<f64>,
+    /// `Row::floor` of the rounds that had one.
+    pub floors: Vec<f64>,
+    /// Decoding: shown as speeds.
+    pub speed: bool,
+}
+
+/// Each piece of work's ratios over the rounds, in the order of the first round. Work that
+/// some round could not measure keeps the rounds that did.
+pub fn ratios_by_work(rounds: &[Vec<Row>]) -> Vec<WorkRatios> {
+    let mut out: Vec<WorkRatios> = Vec::new();
     for row in rounds.iter().flatten() {
         let Some(r) = row.ratio else { continue };
-        match out.iter_mut().find(|(work, _, _)| *work == row.work) {
-            Some((_, list, _)) => list.push(r),
-            None => out.push((row.work.clone(), vec![r], row.speed)),
-        }
+        let at = match out.iter().position(|w| w.work == row.work) {
+            Some(at) => at,
+            None => {
+                out.push(WorkRatios {
+                    work: row.work.clone(),
+                    ratios: Vec::new(),
+                    floors: Vec::new(),
+                    speed: row.speed,
+                });
+                out.len() - 1
+            }
+        };
+        out[at].ratios.push(r);
+        out[at].floors.extend(row.floor);
     }
     out
 }
@@ -446,9 +491,17 @@ pub fn print_summary(rounds: &[Vec<Row>]) {
         "\nratios over {} alternating rounds (ours / baseline time; odd rounds ran prompt-salience first, even rounds the baselines first):",
         rounds.len()
     );
-    println!("| work | median | lowest – highest | each round |");
-    println!("|---|---|---|---|");
-    for (work, list, speed) in ratios_by_work(rounds) {
+    println!(
+        "| work | median | lowest – highest | each round | at the multiply-add limit (median) |"
+    );
+    println!("|---|---|---|---|---|");
+    for WorkRatios {
+        work,
+        ratios: list,
+        floors,
+        speed,
+    } in ratios_by_work(rounds)
+    {
         let show = |r: f64| {
             if speed {
                 format!("{:.2}×", 1.0 / r)
@@ -464,8 +517,12 @@ pub fn print_summary(rounds: &[Vec<Row>]) {
         // For decoding the lowest speed is the highest time ratio.
         let (first, last) = if speed { (hi, lo) } else { (lo, hi) };
         let each: Vec<String> = list.iter().map(|&r| show(r)).collect();
+        let floor = match floors.is_empty() {
+            true => "—".to_string(),
+            false => format!("{:.2}", median(&floors)),
+        };
         println!(
-            "| {work} | {}{} | {} – {} | {} |",
+            "| {work} | {}{} | {} – {} | {} | {floor} |",
             if speed { "speed " } else { "" },
             show(median(&list)),
             show(first),
@@ -553,8 +610,18 @@ mod tests {
     fn measured() -> Measured {
         Measured {
             salience: vec![
-                ("grad_dot_input", 100, 0.3),
-                ("integrated_gradients", 100, 2.0),
+                SalienceTiming {
+                    method: "grad_dot_input",
+                    prompt_tokens: 100,
+                    seconds: 0.3,
+                    at_limit_seconds: Some(0.2),
+                },
+                SalienceTiming {
+                    method: "integrated_gradients",
+                    prompt_tokens: 100,
+                    seconds: 2.0,
+                    at_limit_seconds: None,
+                },
             ],
             prefill_seconds: 0.1,
             decode_tokens_per_second: 150.0,
@@ -588,6 +655,9 @@ mod tests {
         assert_eq!(pairs.len(), 4, "{pairs:?}");
         assert_eq!(pairs[0].0, "gradient salience, 100 tokens");
         assert!((pairs[0].1.unwrap() - 0.6).abs() < 1e-12);
+        // 0.2 s at the multiply-add limit against PyTorch's 0.5 s.
+        assert!((rows[0].floor.unwrap() - 0.4).abs() < 1e-12);
+        assert_eq!(rows[1].floor, None);
         assert_eq!(pairs[1].0, "integrated gradients (8 steps), 100 tokens");
         assert!((pairs[1].1.unwrap() - 0.5).abs() < 1e-12);
         assert!((pairs[2].1.unwrap() - 0.25).abs() < 1e-12);
@@ -684,14 +754,20 @@ for line in sys.stdin:
             .collect();
         let by_work = ratios_by_work(&rounds);
         assert_eq!(by_work.len(), 4);
-        let (work, list, speed) = &by_work[0];
-        assert_eq!(work, "gradient salience, 100 tokens");
-        assert!(!speed);
-        assert_eq!(list.len(), 3);
-        assert!((median(list) - 0.6).abs() < 1e-12, "{list:?}");
-        let (_, decoding, speed) = &by_work[3];
-        assert!(speed);
-        assert!((median(decoding) - 1.0).abs() < 1e-12, "{decoding:?}");
+        let first = &by_work[0];
+        assert_eq!(first.work, "gradient salience, 100 tokens");
+        assert!(!first.speed);
+        assert_eq!(first.ratios.len(), 3);
+        assert!((median(&first.ratios) - 0.6).abs() < 1e-12, "{first:?}");
+        // 0.2 s at the limit against 0.5, 0.3 and 0.6 s.
+        assert!((median(&first.floors) - 0.4).abs() < 1e-12, "{first:?}");
+        assert!(by_work[1].floors.is_empty());
+        let decoding = &by_work[3];
+        assert!(decoding.speed);
+        assert!(
+            (median(&decoding.ratios) - 1.0).abs() < 1e-12,
+            "{decoding:?}"
+        );
         assert_eq!(median(&[3.0, 1.0, 2.0, 10.0]), 2.5);
         assert!(median(&[]).is_nan());
     }

@@ -12,6 +12,7 @@ mod backward;
 mod block_product;
 mod decode_dot;
 mod dequantize;
+mod flops;
 mod forward;
 mod head;
 pub mod kernels;
@@ -28,6 +29,7 @@ use candle_core::{Device, Tensor};
 
 pub use arch::{Arch, SUPPORTED_ARCHITECTURES};
 pub use decode_dot::Kernel;
+pub use flops::{Flops, LayerPass};
 pub use forward::{KvCache, Tape, TAPE_BUDGET_BYTES};
 pub use load_hf::HfDirectory;
 use ops::Activation;

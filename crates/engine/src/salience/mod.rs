@@ -9,10 +9,12 @@ use std::time::Instant;
 use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
 
+mod flops;
 mod integrated_gradients;
 
 use super::model::{Model, Tape};
 use super::{CancelToken, EngineError, Progress, ProgressFn};
+pub use flops::flops;
 use integrated_gradients::integrated_gradients;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -91,13 +91,19 @@ fn portable(steps: usize) -> (f64, f64) {
             }
         }
     }
-    let ops = 2.0 * (steps * CHAINS * 8) as f64;
-    (ops, acc.iter().flatten().map(|&x| f64::from(x)).sum())
+    totals(steps, &acc)
+}
+
+/// (floating-point operations, the sum of every lane) after `steps` of the chains whose final
+/// lanes are `lanes`.
+fn totals<const W: usize>(steps: usize, lanes: &[[f32; W]; CHAINS]) -> (f64, f64) {
+    let ops = 2.0 * (steps * CHAINS * W) as f64;
+    (ops, lanes.iter().flatten().map(|&x| f64::from(x)).sum())
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{A, B, CHAINS};
+    use super::{totals, A, B, CHAINS};
     use std::arch::x86_64::*;
 
     /// # Safety
@@ -111,14 +117,11 @@ mod x86 {
                 *v = _mm512_fmadd_ps(*v, a, b);
             }
         }
-        let ops = 2.0 * (steps * CHAINS * 16) as f64;
-        let mut lanes = [0f32; 16];
-        let mut sum = 0.0;
-        for v in acc {
-            _mm512_storeu_ps(lanes.as_mut_ptr(), v);
-            sum += lanes.iter().map(|&x| f64::from(x)).sum::<f64>();
+        let mut lanes = [[0f32; 16]; CHAINS];
+        for (v, out) in acc.iter().zip(&mut lanes) {
+            _mm512_storeu_ps(out.as_mut_ptr(), *v);
         }
-        (ops, sum)
+        totals(steps, &lanes)
     }
 
     /// # Safety
@@ -132,14 +135,11 @@ mod x86 {
                 *v = _mm256_fmadd_ps(*v, a, b);
             }
         }
-        let ops = 2.0 * (steps * CHAINS * 8) as f64;
-        let mut lanes = [0f32; 8];
-        let mut sum = 0.0;
-        for v in acc {
-            _mm256_storeu_ps(lanes.as_mut_ptr(), v);
-            sum += lanes.iter().map(|&x| f64::from(x)).sum::<f64>();
+        let mut lanes = [[0f32; 8]; CHAINS];
+        for (v, out) in acc.iter().zip(&mut lanes) {
+            _mm256_storeu_ps(out.as_mut_ptr(), *v);
         }
-        (ops, sum)
+        totals(steps, &lanes)
     }
 }
 

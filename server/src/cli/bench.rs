@@ -434,8 +434,8 @@ fn measure(
     Ok(measured)
 }
 
-/// How long the multiply-add limit is measured for, before each row: long enough for the
-/// cores' clocks to settle at their all-core speed.
+/// How long each measurement of the multiply-add limit runs (before and after each row):
+/// long enough for the cores' clocks to settle at their all-core speed.
 const LIMIT_PROBE: Duration = Duration::from_millis(300);
 
 /// `--generate-tokens`: a decoding speed needs a token after the first.

@@ -12,7 +12,10 @@
 //! rows and the whole vocabulary, once forward and once for its gradient; a backward pass's
 //! weight products once more as the forward's (input gradients only: weights are frozen).
 //! Element-wise work (norms, rotary, activations, the softmax's exponentials) is left out:
-//! it is a few flops per value against hundreds per row in a product.
+//! it is a few flops per value against hundreds per row in a product. So is what a pass runs
+//! again to stay within its memory budget (`TAPE_BUDGET_BYTES`: past it, the backward pass
+//! multiplies some activations again): the count is what the result needs, and a pass that
+//! recomputes shows as a lower share of the machine's limit.
 
 use std::ops::{Add, Mul};
 

@@ -515,6 +515,11 @@ pub(super) mod avx2 {
         }
     }
 
+    /// Whether a K type's runs of 16 come in pairs with one scale (its sub-blocks of 32).
+    const fn shared_by_run_pairs(format: u8) -> bool {
+        matches!(format, Q4K | Q5K)
+    }
+
     /// Row r's dots with N rounded input rows.
     ///
     /// # Safety
@@ -551,11 +556,25 @@ pub(super) mod avx2 {
                     prefetch_ahead(at.add(ahead));
                 }
                 let scales = scales::<FORMAT>(at, f16_values);
+                // Q4_K's and Q5_K's two runs of a chunk share their multiplier: each chunk's
+                // vector is then one broadcast from memory (a load, where a permute took a
+                // vector port and, with its four index vectors, registers that the loop
+                // spilled).
+                let mut per_run = [0i32; 16];
+                if shared_by_run_pairs(FORMAT) {
+                    let at = per_run.as_mut_ptr() as *mut __m256i;
+                    _mm256_storeu_si256(at, scales.multipliers[0]);
+                    _mm256_storeu_si256(at.add(1), scales.multipliers[1]);
+                }
                 let mut high = [_mm256_setzero_si256(); N];
                 let mut low = [_mm256_setzero_si256(); N];
                 for c in 0..SUPER / 32 {
                     let u = chunk::<FORMAT>(at, c);
-                    let sc = _mm256_permutevar8x32_epi32(scales.multipliers[c / 4], pick[c % 4]);
+                    let sc = if shared_by_run_pairs(FORMAT) {
+                        _mm256_set1_epi32(per_run[2 * c])
+                    } else {
+                        _mm256_permutevar8x32_epi32(scales.multipliers[c / 4], pick[c % 4])
+                    };
                     for i in 0..N {
                         let o = i * cols + sb * SUPER + 32 * c;
                         let hi = _mm256_loadu_si256(x.hi.as_ptr().add(o) as *const __m256i);

@@ -363,6 +363,18 @@ pub(super) mod avx2 {
         }
     }
 
+    /// The shuffle that copies each 32-bit lane's low 16-bit word into its high one.
+    #[inline(always)]
+    fn words_twice() -> __m256i {
+        // SAFETY: only called from the kernels, which run where AVX2 is present.
+        unsafe {
+            _mm256_setr_epi8(
+                0, 1, 0, 1, 4, 5, 4, 5, 8, 9, 8, 9, 12, 13, 12, 13, 0, 1, 0, 1, 4, 5, 4, 5, 8, 9,
+                8, 9, 12, 13, 12, 13,
+            )
+        }
+    }
+
     /// # Safety
     /// `at` points at a whole super-block of `FORMAT`.
     #[inline]
@@ -370,10 +382,7 @@ pub(super) mod avx2 {
     unsafe fn scales<const FORMAT: u8>(at: *const u8, f16_values: &[f32; 1 << 16]) -> Scales {
         // SAFETY: the caller's bound.
         let (sc, offset_ints, d, offset_d) = unsafe { scale_bytes::<FORMAT>(at, f16_values) };
-        let words_twice = _mm256_setr_epi8(
-            0, 1, 0, 1, 4, 5, 4, 5, 8, 9, 8, 9, 12, 13, 12, 13, 0, 1, 0, 1, 4, 5, 4, 5, 8, 9, 8, 9,
-            12, 13, 12, 13,
-        );
+        let words_twice = words_twice();
         let widen = |v: __m128i| {
             [
                 _mm256_cvtepi8_epi32(v),
@@ -559,19 +568,20 @@ pub(super) mod avx2 {
                 // Q4_K's and Q5_K's two runs of a chunk share their multiplier: each chunk's
                 // vector is then one broadcast from memory (a load, where a permute took a
                 // vector port and, with its four index vectors, registers that the loop
-                // spilled).
-                let mut per_run = [0i32; 16];
+                // spilled), and the eight multipliers come straight from the scale bytes.
+                let mut per_chunk = [0i32; 8];
                 if shared_by_run_pairs(FORMAT) {
-                    let at = per_run.as_mut_ptr() as *mut __m256i;
-                    _mm256_storeu_si256(at, scales.multipliers[0]);
-                    _mm256_storeu_si256(at.add(1), scales.multipliers[1]);
+                    let (sc, _) = q4k_fields(at);
+                    let bytes = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(sc as i64));
+                    let pairs = _mm256_shuffle_epi8(bytes, words_twice());
+                    _mm256_storeu_si256(per_chunk.as_mut_ptr() as *mut __m256i, pairs);
                 }
                 let mut high = [_mm256_setzero_si256(); N];
                 let mut low = [_mm256_setzero_si256(); N];
                 for c in 0..SUPER / 32 {
                     let u = chunk::<FORMAT>(at, c);
                     let sc = if shared_by_run_pairs(FORMAT) {
-                        _mm256_set1_epi32(per_run[2 * c])
+                        _mm256_set1_epi32(per_chunk[c])
                     } else {
                         _mm256_permutevar8x32_epi32(scales.multipliers[c / 4], pick[c % 4])
                     };

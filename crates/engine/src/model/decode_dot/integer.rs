@@ -32,7 +32,8 @@
 //! is off by at most s / 2, 2⁻¹⁵ of the largest in its group: 128 times closer than 8 bits.
 //! The formats' offsets (the mins of Q2_K, Q4_K, Q5_K, Q4_1 and Q5_1, the −32 of Q6_K, the −4
 //! of Q3_K) are taken in f32 against the f32 sums of x over each run of 16 values (each block
-//! of 32 for Q4_1 and Q5_1), so only the d·sc·u part of a weight meets the rounding. Gemma 3 270M's Q4_K_M file and SmolLM2's
+//! of 32 for Q4_1 and Q5_1, and for Q4_K and Q5_K in the AVX2 loop, whose two runs of a
+//! sub-block share their offset), so only the d·sc·u part of a weight meets the rounding. Gemma 3 270M's Q4_K_M file and SmolLM2's
 //! Q4_1 file give the same greedy continuations either way (`server/tests/decoding.rs`). With
 //! `PROMPT_SALIENCE_EXACT_DECODING=1` every type takes the f32 kernels.
 
@@ -135,6 +136,8 @@ pub struct RoundedRows {
     scales: Vec<f32>,
     /// Σ x over each run of 16 values of each row, from the f32 values.
     run_sums: Vec<f32>,
+    /// Σ x over each 32 values (two runs' sums added): Q4_K's and Q5_K's offsets.
+    pair_sums: Vec<f32>,
 }
 
 impl RoundedRows {
@@ -158,7 +161,8 @@ impl RoundedRows {
                 scale
             })
             .collect();
-        let run_sums = x.chunks(RUN).map(|run| run.iter().sum()).collect();
+        let run_sums: Vec<f32> = x.chunks(RUN).map(|run| run.iter().sum()).collect();
+        let pair_sums = run_sums.chunks(2).map(|pair| pair.iter().sum()).collect();
         RoundedRows {
             cols,
             group,
@@ -166,6 +170,7 @@ impl RoundedRows {
             lo,
             scales,
             run_sums,
+            pair_sums,
         }
     }
 
@@ -308,6 +313,8 @@ pub(super) mod avx2 {
         multipliers: [__m256i; 2],
         offsets: [__m256; 2],
         d: f32,
+        /// What each offset integer is multiplied by.
+        offset_factor: f32,
     }
 
     /// A super-block's sixteen multipliers sc (one per run of 16) as signed bytes, the integer
@@ -389,11 +396,13 @@ pub(super) mod avx2 {
                 _mm256_cvtepi8_epi32(_mm_srli_si128::<8>(v)),
             ]
         };
+        let offset_factor = offset_d;
         let offset_d = _mm256_set1_ps(offset_d);
         Scales {
             multipliers: widen(sc).map(|v| _mm256_shuffle_epi8(v, words_twice)),
             offsets: widen(offset_ints).map(|v| _mm256_mul_ps(_mm256_cvtepi32_ps(v), offset_d)),
             d,
+            offset_factor,
         }
     }
 
@@ -571,11 +580,14 @@ pub(super) mod avx2 {
                 // vectors, which the loop kept in registers it then spilled (decoding 3–5 %
                 // faster on Zen 3; the compiler may broadcast from the register).
                 let mut per_chunk = [0i32; 8];
+                let mut pair_offsets = _mm256_setzero_ps();
                 if shared_by_run_pairs(FORMAT) {
-                    let (sc, _) = q4k_fields(at);
+                    let (sc, m) = q4k_fields(at);
                     let bytes = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(sc as i64));
                     let pairs = _mm256_shuffle_epi8(bytes, words_twice());
                     _mm256_storeu_si256(per_chunk.as_mut_ptr() as *mut __m256i, pairs);
+                    pair_offsets =
+                        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(m as i64)));
                 }
                 let mut high = [_mm256_setzero_si256(); N];
                 let mut low = [_mm256_setzero_si256(); N];
@@ -606,6 +618,15 @@ pub(super) mod avx2 {
                     );
                     let factor = scales.d * x.scales[i * supers + sb];
                     totals[i] = _mm256_fmadd_ps(v, _mm256_set1_ps(factor), totals[i]);
+                    if shared_by_run_pairs(FORMAT) {
+                        // One offset per 32 values, against their Σ x.
+                        let at = (i * cols + sb * SUPER) / (2 * RUN);
+                        let sums = _mm256_loadu_ps(x.pair_sums.as_ptr().add(at));
+                        let offsets = _mm256_mul_ps(pair_offsets, sums);
+                        let factor = _mm256_set1_ps(scales.offset_factor);
+                        totals[i] = _mm256_fmadd_ps(offsets, factor, totals[i]);
+                        continue;
+                    }
                     let sums = x.run_sums.as_ptr().add((i * cols + sb * SUPER) / RUN);
                     totals[i] =
                         _mm256_fmadd_ps(scales.offsets[0], _mm256_loadu_ps(sums), totals[i]);

@@ -136,7 +136,8 @@ pub struct RoundedRows {
     scales: Vec<f32>,
     /// Σ x over each run of 16 values of each row, from the f32 values.
     run_sums: Vec<f32>,
-    /// Σ x over each 32 values (two runs' sums added): Q4_K's and Q5_K's offsets.
+    /// Σ x over each 32 values (two runs' sums added): Q4_K's and Q5_K's offsets. Empty for
+    /// rows rounded per block of 32, whose formats do not read it.
     pair_sums: Vec<f32>,
 }
 
@@ -162,7 +163,11 @@ impl RoundedRows {
             })
             .collect();
         let run_sums: Vec<f32> = x.chunks(RUN).map(|run| run.iter().sum()).collect();
-        let pair_sums = run_sums.chunks(2).map(|pair| pair.iter().sum()).collect();
+        // Only the K types' rows (one scale per super-block) are read by sub-block.
+        let pair_sums = match group {
+            SUPER => run_sums.chunks(2).map(|pair| pair.iter().sum()).collect(),
+            _ => Vec::new(),
+        };
         RoundedRows {
             cols,
             group,

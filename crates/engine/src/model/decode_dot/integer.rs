@@ -312,8 +312,10 @@ pub(super) mod avx2 {
     integer_entry_points!("avx2,fma,f16c");
 
     /// What a super-block's weights share: per run of 16 the integer multiplier (each as
-    /// a pair of equal 16-bit words in a 32-bit lane, runs 0..8 and 8..16) and the offset
-    /// taken against the run's Σ x (in f32), and the factor d of the integer part. Where a
+    /// a pair of equal 16-bit words in a 32-bit lane, runs 0..8 and 8..16, each eight as
+    /// runs 0, 2, 4, 6 in the low 128-bit lane and 1, 3, 5, 7 in the high one) and the offset
+    /// taken against the run's Σ x (in f32, runs in order), and the factor d of the integer
+    /// part. Where a
     /// sub-block's two runs share both (`shared_by_run_pairs`), the first vectors hold them
     /// once per sub-block of 32 instead, the offsets as integers not yet times
     /// `offset_factor`, and the second vectors are unused.
@@ -433,10 +435,17 @@ pub(super) mod avx2 {
                 _mm256_cvtepi8_epi32(_mm_srli_si128::<8>(v)),
             ]
         };
+        // Chunk c holds runs 2c and 2c + 1, one per 128-bit lane: with the even runs of each
+        // eight in the low lanes and the odd ones in the high lanes, its multiplier is one
+        // in-lane broadcast (`chunk_multiplier`).
+        let by_chunk = _mm_shuffle_epi8(
+            sc,
+            _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15),
+        );
         let offset_factor = offset_d;
         let offset_d = _mm256_set1_ps(offset_d);
         Scales {
-            multipliers: widen(sc).map(|v| _mm256_shuffle_epi8(v, words_twice)),
+            multipliers: widen(by_chunk).map(|v| _mm256_shuffle_epi8(v, words_twice)),
             offsets: widen(offset_ints).map(|v| _mm256_mul_ps(_mm256_cvtepi32_ps(v), offset_d)),
             d,
             offset_factor,
@@ -570,6 +579,23 @@ pub(super) mod avx2 {
         }
     }
 
+    /// Lane k of each 128-bit half of `multipliers`, in all four lanes of that half: chunk
+    /// k's multiplier (of its group of four) as `scales` lays them out. An immediate
+    /// shuffle: a `vpermd` needed index vectors, which the loop kept in registers it then
+    /// spilled, and the compiler split it into two shuffles.
+    #[inline(always)]
+    fn chunk_multiplier(multipliers: __m256i, k: usize) -> __m256i {
+        // SAFETY: only called from the kernels, which run where AVX2 is present.
+        unsafe {
+            match k {
+                0 => _mm256_shuffle_epi32::<0x00>(multipliers),
+                1 => _mm256_shuffle_epi32::<0x55>(multipliers),
+                2 => _mm256_shuffle_epi32::<0xAA>(multipliers),
+                _ => _mm256_shuffle_epi32::<0xFF>(multipliers),
+            }
+        }
+    }
+
     /// Whether a K type's runs of 16 come in pairs with one scale (its sub-blocks of 32).
     const fn shared_by_run_pairs(format: u8) -> bool {
         matches!(format, Q4K | Q5K)
@@ -594,13 +620,6 @@ pub(super) mod avx2 {
         assert!(x.rows() >= N && x.cols == cols && x.group == SUPER && dots.len() >= N);
         let row = &bytes[r * supers * size..(r + 1) * supers * size];
         let f16_values = f16_values();
-        // The lanes of each run pair's multiplier vector: runs 2c and 2c + 1 of eight.
-        let pick = [
-            _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1),
-            _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3),
-            _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5),
-            _mm256_setr_epi32(6, 6, 6, 6, 7, 7, 7, 7),
-        ];
         let mut totals = [_mm256_setzero_ps(); N];
         for sb in 0..supers {
             // SAFETY: super-block sb of the row lies inside it; 256 rounded values of each x_i
@@ -625,7 +644,7 @@ pub(super) mod avx2 {
                     let sc = if shared_by_run_pairs(FORMAT) {
                         _mm256_set1_epi32(per_chunk[c])
                     } else {
-                        _mm256_permutevar8x32_epi32(scales.multipliers[c / 4], pick[c % 4])
+                        chunk_multiplier(scales.multipliers[c / 4], c % 4)
                     };
                     for i in 0..N {
                         let o = i * cols + sb * SUPER + 32 * c;

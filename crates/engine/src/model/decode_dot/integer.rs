@@ -316,9 +316,10 @@ pub(super) mod avx2 {
     /// runs 0, 2, 4, 6 in the low 128-bit lane and 1, 3, 5, 7 in the high one) and the offset
     /// taken against the run's Σ x (in f32, runs in order), and the factor d of the integer
     /// part. Where a
-    /// sub-block's two runs share both (`shared_by_run_pairs`), the first vectors hold them
-    /// once per sub-block of 32 instead, the offsets as integers not yet times
-    /// `offset_factor`, and the second vectors are unused.
+    /// sub-block's two runs share both (`shared_by_run_pairs`), they are held once per
+    /// sub-block of 32 instead: the multipliers of sub-blocks 0..4 in both lanes of the first
+    /// vector, 4..8 in the second's, and the offsets in the first vector, as integers not yet
+    /// times `offset_factor` (the second is unused).
     struct Scales {
         multipliers: [__m256i; 2],
         offsets: [__m256; 2],
@@ -417,11 +418,15 @@ pub(super) mod avx2 {
                 )
             };
             let widen = |v: u64| _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(v as i64));
+            // Sub-blocks 0..4 in both 128-bit lanes, then 4..8: chunk c's multiplier is one
+            // in-lane broadcast (`chunk_multiplier`), as for the other formats.
+            let multipliers = _mm256_shuffle_epi8(widen(sc), words_twice);
             return Scales {
                 multipliers: [
-                    _mm256_shuffle_epi8(widen(sc), words_twice),
-                    _mm256_setzero_si256(),
-                ],
+                    _mm256_permute2x128_si256::<0x00>(multipliers, multipliers),
+                    _mm256_permute2x128_si256::<0x11>(multipliers, multipliers),
+                ]
+                .map(|v| opaque(v)),
                 offsets: [_mm256_cvtepi32_ps(widen(m)), _mm256_setzero_ps()],
                 d,
                 offset_factor: -dmin,
@@ -579,10 +584,24 @@ pub(super) mod avx2 {
         }
     }
 
+    /// `v` itself, hidden from the compiler's shuffle combining: it would merge the lane
+    /// copies that `scales` makes once per super-block into each chunk's broadcast, two
+    /// shuffles per chunk again.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn opaque(mut v: __m256i) -> __m256i {
+        // SAFETY: an empty template: the register is read and written unchanged.
+        unsafe {
+            std::arch::asm!("/* {0} */", inout(ymm_reg) v, options(pure, nomem, nostack, preserves_flags));
+        }
+        v
+    }
+
     /// Lane k of each 128-bit half of `multipliers`, in all four lanes of that half: chunk
-    /// k's multiplier (of its group of four) as `scales` lays them out. An immediate
+    /// k's multiplier (of its group of four) as `scales` lays them out. One immediate
     /// shuffle: a `vpermd` needed index vectors, which the loop kept in registers it then
-    /// spilled, and the compiler split it into two shuffles.
+    /// spilled (the compiler made it two shuffles), and a lane broadcast was two shuffles
+    /// too.
     #[inline(always)]
     fn chunk_multiplier(multipliers: __m256i, k: usize) -> __m256i {
         // SAFETY: only called from the kernels, which run where AVX2 is present.
@@ -632,20 +651,12 @@ pub(super) mod avx2 {
                 }
                 let scales = scales::<FORMAT>(at, f16_values);
                 // Q4_K's and Q5_K's two runs of a chunk share their multiplier and offset
-                // (`Scales`): each chunk's multiplier is one lane broadcast, with no permutes
-                // by four index vectors, which the loop kept in registers it then spilled, and
-                // the offsets are taken once per sub-block below. (Decoding 7–10 % faster on
-                // Zen 3; the compiler broadcasts from the register.)
-                let per_chunk: [i32; 8] = std::mem::transmute(scales.multipliers[0]);
+                // (`Scales`): the offsets are taken once per sub-block below.
                 let mut high = [_mm256_setzero_si256(); N];
                 let mut low = [_mm256_setzero_si256(); N];
                 for c in 0..SUPER / 32 {
                     let u = chunk::<FORMAT>(at, c);
-                    let sc = if shared_by_run_pairs(FORMAT) {
-                        _mm256_set1_epi32(per_chunk[c])
-                    } else {
-                        chunk_multiplier(scales.multipliers[c / 4], c % 4)
-                    };
+                    let sc = chunk_multiplier(scales.multipliers[c / 4], c % 4);
                     for i in 0..N {
                         let o = i * cols + sb * SUPER + 32 * c;
                         let hi = _mm256_loadu_si256(x.hi.as_ptr().add(o) as *const __m256i);

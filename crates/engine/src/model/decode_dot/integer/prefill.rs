@@ -1,5 +1,6 @@
 //! Generation's prefill on the blocks of 32 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) and the K types
-//! Q4_K, Q5_K and Q6_K where AVX2 is the widest kernel: x Wᵀ for many rows, the activations rounded as decoding's integer dots
+//! Q3_K, Q4_K, Q5_K and Q6_K where AVX2 is the widest kernel: x Wᵀ for many rows, the
+//! activations rounded as decoding's integer dots
 //! round them (15 bits per block of 32), multiplied with 16-bit multiply-adds (`vpmaddwd`:
 //! 16 per instruction, where an f32 FMA does 8) in a register tile of 6 rows × 16 columns,
 //! each block of 32 converted and scaled in f32 (the weights' d per column, the activations'
@@ -9,7 +10,9 @@
 //! The K types go through the same tile: a Q4_K or Q5_K sub-block of 32 is d·sc·q − dmin·m,
 //! a block of 32 with scale d·sc and offset −dmin·m; a Q6_K block of 32 is two runs of 16 with
 //! scales d·sc₁ and d·sc₂, packed as the integers sc·(q − 32) (at most 128 · 32 = 4096, so a
-//! block's Σ w·v stays below 32 · 4096 · 16256 < 2³¹) with scale d. Gemma 3's o (Q4_K) and
+//! block's Σ w·v stays below 32 · 4096 · 16256 < 2³¹) with scale d, and a Q3_K one likewise
+//! as (sc − 32)·(q − 4) (at most 128). Q2_K stays on the f32 tile: its two runs of 16 in a
+//! block have offsets of their own, where the tile takes one per block. Gemma 3's o (Q4_K) and
 //! down (Q6_K) matrices are a third of its prefill's multiply-adds.
 //!
 //! Why: a 100-token prefill is products (91 % of Gemma 3's layers' time), and the f32 tile
@@ -97,7 +100,10 @@ pub struct Part<'a> {
 /// Whether `product` takes `dtype`.
 pub fn takes(dtype: GgmlDType) -> bool {
     use GgmlDType::*;
-    matches!(dtype, Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q4K | Q5K | Q6K)
+    matches!(
+        dtype,
+        Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q3K | Q4K | Q5K | Q6K
+    )
 }
 
 /// Values per K-type super-block.
@@ -268,6 +274,10 @@ unsafe fn pack_k_panel(
                     unpack_q6k(bytes, &mut ints);
                     (scales, offsets) = ([f16(208); SUPER / BLOCK], [0.0; SUPER / BLOCK]);
                 }
+                GgmlDType::Q3K => {
+                    unpack_q3k(bytes, &mut ints);
+                    (scales, offsets) = ([f16(108); SUPER / BLOCK], [0.0; SUPER / BLOCK]);
+                }
                 _ => {
                     // SAFETY: `bytes` is a whole Q4_K or Q5_K super-block.
                     let (sc, mins) = unsafe { q4k_fields(bytes.as_ptr()) };
@@ -285,7 +295,7 @@ unsafe fn pack_k_panel(
             }
         }
     }
-    dtype != GgmlDType::Q6K
+    !matches!(dtype, GgmlDType::Q3K | GgmlDType::Q6K)
 }
 
 /// A Q4_K (or with `five`, Q5_K) super-block's eight sub-blocks of unsigned integers q, as
@@ -336,6 +346,33 @@ fn unpack_q6k(bytes: &[u8], ints: &mut [[i16; BLOCK]; SUPER / BLOCK]) {
             for (k, q) in q.into_iter().enumerate() {
                 let s = sc[8 * half + 2 * k + l / 16] as i16;
                 ints[4 * half + k][l] = s * (q as i16 - 32);
+            }
+        }
+    }
+}
+
+/// A Q3_K super-block's eight blocks of 32 as the integers (sc − 32)·(q − 4 where the high
+/// bit is clear), each run of 16 with its own scale sc (at most 32 · 4 = 128 in size), as
+/// ggml's `dequantize_row_q3_K` reads them: in each half, bit pair `step` of byte l of the
+/// low bits and bit 4·half + step of byte l of the high bits make element 32·step + l.
+#[inline(always)]
+fn unpack_q3k(bytes: &[u8], ints: &mut [[i16; BLOCK]; SUPER / BLOCK]) {
+    let sc = super::super::super::dequantize::q3k_scales(
+        bytes[96..108].try_into().expect("a whole super-block"),
+    );
+    let high = &bytes[..32];
+    for half in 0..2 {
+        let low = &bytes[32 + 32 * half..64 + 32 * half];
+        for step in 0..4 {
+            for l in 0..BLOCK {
+                let q = ((low[l] >> (2 * step)) & 3) as i16;
+                let q = q - if high[l] & (1 << (4 * half + step)) == 0 {
+                    4
+                } else {
+                    0
+                };
+                let s = sc[8 * half + 2 * step + l / 16] as i16 - 32;
+                ints[4 * half + step][l] = s * q;
             }
         }
     }
@@ -412,12 +449,13 @@ mod tests {
     use super::super::tests::{on_grid, quantized};
     use super::*;
 
-    const TYPES: [GgmlDType; 8] = [
+    const TYPES: [GgmlDType; 9] = [
         GgmlDType::Q4_0,
         GgmlDType::Q4_1,
         GgmlDType::Q5_0,
         GgmlDType::Q5_1,
         GgmlDType::Q8_0,
+        GgmlDType::Q3K,
         GgmlDType::Q4K,
         GgmlDType::Q5K,
         GgmlDType::Q6K,

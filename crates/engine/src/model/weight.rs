@@ -850,7 +850,7 @@ fn all_blocks(parts: &[Matrix]) -> Option<Vec<&Arc<QTensor>>> {
 /// Whether x Wᵀ for `n` rows goes to generation's integer prefill product
 /// (`decode_dot::prefill`): the activations may be rounded, there are more rows than the
 /// decoding dots take, AVX2 is the widest kernel (as for the decoding dots of these types),
-/// and every part is GGUF blocks of a type it takes (the blocks of 32, Q3_K, Q4_K, Q5_K, Q6_K).
+/// and every part is GGUF blocks of a type it takes (the blocks of 32 and the K types).
 fn takes_integer_prefill(parts: &[Matrix], n: usize, activations: Activations) -> bool {
     #[cfg(target_arch = "x86_64")]
     {

@@ -1,18 +1,18 @@
 //! Generation's prefill on the blocks of 32 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) and the K types
-//! Q3_K, Q4_K, Q5_K and Q6_K where AVX2 is the widest kernel: x Wᵀ for many rows, the
-//! activations rounded as decoding's integer dots
-//! round them (15 bits per block of 32), multiplied with 16-bit multiply-adds (`vpmaddwd`:
-//! 16 per instruction, where an f32 FMA does 8) in a register tile of 6 rows × 16 columns,
-//! each block of 32 converted and scaled in f32 (the weights' d per column, the activations'
-//! scale per row). The offsets m·Σx of Q4_1 and Q5_1 are taken in f32 against the f32 block
-//! sums, as the decoding dots take them.
+//! where AVX2 is the widest kernel: x Wᵀ for many rows, the activations rounded as
+//! decoding's integer dots round them (15 bits per block of 32), multiplied with 16-bit
+//! multiply-adds (`vpmaddwd`: 16 per instruction, where an f32 FMA does 8) in a register tile
+//! of 6 rows × 16 columns, each block of 32 converted and scaled in f32 (the weights' d per
+//! column, the activations' scale per row). The offsets m·Σx of Q4_1 and Q5_1 are taken in
+//! f32 against the f32 block sums, as the decoding dots take them.
 //!
 //! The K types go through the same tile: a Q4_K or Q5_K sub-block of 32 is d·sc·q − dmin·m,
 //! a block of 32 with scale d·sc and offset −dmin·m; a Q6_K block of 32 is two runs of 16 with
 //! scales d·sc₁ and d·sc₂, packed as the integers sc·(q − 32) (at most 128 · 32 = 4096, so a
 //! block's Σ w·v stays below 32 · 4096 · 16256 < 2³¹) with scale d, and a Q3_K one likewise
-//! as (sc − 32)·(q − 4) (at most 128). Q2_K stays on the f32 tile: its two runs of 16 in a
-//! block have offsets of their own, where the tile takes one per block. Gemma 3's o (Q4_K) and
+//! as (sc − 32)·(q − 4) (at most 128). A Q2_K block is two runs d·sc·q − dmin·m: the integers
+//! sc·q with scale d, and two offsets, one against the block's Σ x and one against the
+//! difference of its halves' sums (`PanelBuffers`). Gemma 3's o (Q4_K) and
 //! down (Q6_K) matrices are a third of its prefill's multiply-adds.
 //!
 //! Why: a 100-token prefill is products (91 % of Gemma 3's layers' time), and the f32 tile
@@ -36,11 +36,13 @@ const PAIRS: usize = BLOCK / 2;
 
 /// The activation rows packed for the tile: panel `ip` holds rows `ip * MR..`, for every pair
 /// of depth steps p the MR rows' (v[2p], v[2p + 1]) as one 32-bit lane each; per block, the
-/// rows' scales and f32 sums. Rows past the last are zero.
+/// rows' scales, f32 sums and the differences of the sums of its two halves of 16 (for the
+/// offsets of Q2_K's runs). Rows past the last are zero.
 struct PackedActivations {
     pairs: Vec<i32>,
     scales: Vec<f32>,
     sums: Vec<f32>,
+    half_differences: Vec<f32>,
     blocks: usize,
 }
 
@@ -54,18 +56,23 @@ impl PackedActivations {
         let mut pairs = vec![0i32; panels * cols / 2 * MR];
         let mut scales = vec![0f32; panels * blocks * MR];
         let mut sums = vec![0f32; panels * blocks * MR];
+        let mut half_differences = vec![0f32; panels * blocks * MR];
         pairs
             .par_chunks_mut(cols / 2 * MR)
             .zip(scales.par_chunks_mut(blocks * MR))
             .zip(sums.par_chunks_mut(blocks * MR))
+            .zip(half_differences.par_chunks_mut(blocks * MR))
             .enumerate()
-            .for_each(|(ip, ((panel, scales), sums))| {
+            .for_each(|(ip, (((panel, scales), sums), differences))| {
                 let mut v = [0f32; BLOCK];
                 for r in 0..MR.min(m - ip * MR) {
                     let row = &x[(ip * MR + r) * cols..(ip * MR + r + 1) * cols];
                     for (b, block) in row.chunks_exact(BLOCK).enumerate() {
                         scales[b * MR + r] = round_group(block, &mut v);
                         sums[b * MR + r] = block.iter().sum();
+                        let (first, second) = block.split_at(BLOCK / 2);
+                        differences[b * MR + r] =
+                            first.iter().sum::<f32>() - second.iter().sum::<f32>();
                         for q in 0..PAIRS {
                             let (low, high) = (v[2 * q] as i32, v[2 * q + 1] as i32);
                             panel[(b * PAIRS + q) * MR + r] = (low & 0xFFFF) | (high << 16);
@@ -77,17 +84,32 @@ impl PackedActivations {
             pairs,
             scales,
             sums,
+            half_differences,
             blocks,
         }
     }
 }
 
 /// A task's packed panel of weights: 16-bit pairs (cols · NR), and per block and column the
-/// scale d and the offset m (0 for the signed formats).
+/// scale d, the offset m (0 for the signed formats) and, where the block's two runs of 16
+/// have offsets m₁ and m₂ of their own (Q2_K), m = (m₁ + m₂) / 2 and `m_split` = (m₁ − m₂) / 2:
+/// m₁·Σ₁ + m₂·Σ₂ = m·(Σ₁ + Σ₂) + m_split·(Σ₁ − Σ₂).
 struct PanelBuffers {
     pairs: Vec<i16>,
     d: Vec<f32>,
     m: Vec<f32>,
+    m_split: Vec<f32>,
+}
+
+/// Which offsets a packed panel's blocks have.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Offsets {
+    /// The signed formats: none.
+    None,
+    /// One per block of 32, against the block's Σ x.
+    PerBlock,
+    /// One per run of 16 (Q2_K), as `PanelBuffers` splits them.
+    PerRun,
 }
 
 /// One stored matrix: its blocks, type and rows (output columns of the product).
@@ -102,7 +124,7 @@ pub fn takes(dtype: GgmlDType) -> bool {
     use GgmlDType::*;
     matches!(
         dtype,
-        Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q3K | Q4K | Q5K | Q6K
+        Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q2K | Q3K | Q4K | Q5K | Q6K
     )
 }
 
@@ -159,6 +181,7 @@ pub fn product(parts: &[Part], x: &[f32], cols: usize) -> Vec<f32> {
             pairs: vec![0i16; cols * NR],
             d: vec![0f32; blocks * NR],
             m: vec![0f32; blocks * NR],
+            m_split: vec![0f32; blocks * NR],
         },
         |buffers, (pi, first_column, j0)| {
             let part = &parts[pi];
@@ -184,11 +207,19 @@ pub fn product(parts: &[Part], x: &[f32], cols: usize) -> Vec<f32> {
 }
 
 impl PanelBuffers {
-    /// Writes block `b` of column `c`: its integers as pairs, its scale and offset.
+    /// Writes block `b` of column `c`: its integers as pairs, its scale and offsets (m,
+    /// m_split).
     #[inline(always)]
-    fn put(&mut self, (b, c): (usize, usize), wide: &[i16; BLOCK], scale: f32, offset: f32) {
+    fn put(
+        &mut self,
+        (b, c): (usize, usize),
+        wide: &[i16; BLOCK],
+        scale: f32,
+        (offset, split): (f32, f32),
+    ) {
         self.d[b * NR + c] = scale;
         self.m[b * NR + c] = offset;
+        self.m_split[b * NR + c] = split;
         for q in 0..PAIRS {
             let at = ((b * PAIRS + q) * NR + c) * 2;
             self.pairs[at] = wide[2 * q];
@@ -203,12 +234,13 @@ impl PanelBuffers {
             self.pairs.fill(0);
             self.d.fill(0.0);
             self.m.fill(0.0);
+            self.m_split.fill(0.0);
         }
     }
 }
 
 /// Packs weight rows j0..j0 + width of a `part` of blocks of 32 as 16 columns of 16-bit
-/// integer pairs (missing columns zero). Returns whether the blocks have offsets.
+/// integer pairs (missing columns zero). Returns which offsets the blocks have.
 ///
 /// # Safety
 /// AVX2, FMA and F16C; `buffers` are sized for the part's depth, whose bytes hold its rows.
@@ -217,7 +249,7 @@ unsafe fn pack_block_panel<const FORMAT: u8>(
     part: &Part,
     (j0, width): (usize, usize),
     buffers: &mut PanelBuffers,
-) -> bool {
+) -> Offsets {
     let blocks = buffers.d.len() / NR;
     let size = block_bytes(FORMAT);
     let f16_values = f16_values();
@@ -238,15 +270,19 @@ unsafe fn pack_block_panel<const FORMAT: u8>(
                 _mm256_storeu_si256(wide.as_mut_ptr() as *mut __m256i, low);
                 _mm256_storeu_si256(wide.as_mut_ptr().add(16) as *mut __m256i, high);
             }
-            buffers.put((b, c), &wide, scale, offset);
+            buffers.put((b, c), &wide, scale, (offset, 0.0));
         }
     }
-    !is_signed(FORMAT)
+    if is_signed(FORMAT) {
+        Offsets::None
+    } else {
+        Offsets::PerBlock
+    }
 }
 
 /// Packs weight rows j0..j0 + width of a K-type `part` (Q4_K, Q5_K or Q6_K) as
 /// `pack_block_panel` packs the blocks of 32: per block of 32 its integers, scale and offset.
-/// Returns whether the blocks have offsets (Q4_K and Q5_K's mins).
+/// Returns which offsets the blocks have (Q4_K's and Q5_K's mins per block, Q2_K's per run).
 ///
 /// # Safety
 /// AVX2, FMA and F16C (the loops are compiled for them); `buffers` are sized for the part's
@@ -257,13 +293,13 @@ unsafe fn pack_k_panel(
     dtype: GgmlDType,
     (j0, width): (usize, usize),
     buffers: &mut PanelBuffers,
-) -> bool {
+) -> Offsets {
     let f16_values = f16_values();
     let size = dtype.type_size();
     let supers = buffers.d.len() / NR / (SUPER / BLOCK);
     buffers.clear_partial(width);
     let mut ints = [[0i16; BLOCK]; SUPER / BLOCK];
-    let (mut scales, mut offsets) = ([0f32; SUPER / BLOCK], [0f32; SUPER / BLOCK]);
+    let (mut scales, mut offsets) = ([0f32; SUPER / BLOCK], [(0f32, 0f32); SUPER / BLOCK]);
     for c in 0..width {
         let row = &part.bytes[(j0 + c) * supers * size..(j0 + c + 1) * supers * size];
         for (sb, bytes) in row.chunks_exact(size).enumerate() {
@@ -272,11 +308,20 @@ unsafe fn pack_k_panel(
             match dtype {
                 GgmlDType::Q6K => {
                     unpack_q6k(bytes, &mut ints);
-                    (scales, offsets) = ([f16(208); SUPER / BLOCK], [0.0; SUPER / BLOCK]);
+                    (scales, offsets) = ([f16(208); SUPER / BLOCK], [(0.0, 0.0); SUPER / BLOCK]);
                 }
                 GgmlDType::Q3K => {
                     unpack_q3k(bytes, &mut ints);
-                    (scales, offsets) = ([f16(108); SUPER / BLOCK], [0.0; SUPER / BLOCK]);
+                    (scales, offsets) = ([f16(108); SUPER / BLOCK], [(0.0, 0.0); SUPER / BLOCK]);
+                }
+                GgmlDType::Q2K => {
+                    unpack_q2k(bytes, &mut ints);
+                    let min = f16(82);
+                    scales = [f16(80); SUPER / BLOCK];
+                    for (j, offset) in offsets.iter_mut().enumerate() {
+                        let (m1, m2) = ((bytes[2 * j] >> 4) as f32, (bytes[2 * j + 1] >> 4) as f32);
+                        *offset = (-min * (m1 + m2) / 2.0, -min * (m1 - m2) / 2.0);
+                    }
                 }
                 _ => {
                     // SAFETY: `bytes` is a whole Q4_K or Q5_K super-block.
@@ -284,7 +329,7 @@ unsafe fn pack_k_panel(
                     let (scale, min) = (f16(0), f16(2));
                     for j in 0..SUPER / BLOCK {
                         scales[j] = scale * ((sc >> (8 * j)) & 0xFF) as f32;
-                        offsets[j] = -min * ((mins >> (8 * j)) & 0xFF) as f32;
+                        offsets[j] = (-min * ((mins >> (8 * j)) & 0xFF) as f32, 0.0);
                     }
                     unpack_q4k(bytes, dtype == GgmlDType::Q5K, &mut ints);
                 }
@@ -295,7 +340,11 @@ unsafe fn pack_k_panel(
             }
         }
     }
-    !matches!(dtype, GgmlDType::Q3K | GgmlDType::Q6K)
+    match dtype {
+        GgmlDType::Q3K | GgmlDType::Q6K => Offsets::None,
+        GgmlDType::Q2K => Offsets::PerRun,
+        _ => Offsets::PerBlock,
+    }
 }
 
 /// A Q4_K (or with `five`, Q5_K) super-block's eight sub-blocks of unsigned integers q, as
@@ -351,6 +400,23 @@ fn unpack_q6k(bytes: &[u8], ints: &mut [[i16; BLOCK]; SUPER / BLOCK]) {
     }
 }
 
+/// A Q2_K super-block's eight blocks of 32 as the integers sc·q, each run of 16 with its own
+/// 4-bit scale sc (at most 15 · 3 = 45), as ggml's `dequantize_row_q2_K` reads them: in each
+/// half, bit pair `step` of byte l of the values makes element 32·step + l.
+#[inline(always)]
+fn unpack_q2k(bytes: &[u8], ints: &mut [[i16; BLOCK]; SUPER / BLOCK]) {
+    for half in 0..2 {
+        let values = &bytes[16 + 32 * half..48 + 32 * half];
+        for step in 0..4 {
+            for l in 0..BLOCK {
+                let q = ((values[l] >> (2 * step)) & 3) as i16;
+                let s = (bytes[8 * half + 2 * step + l / 16] & 0x0F) as i16;
+                ints[4 * half + step][l] = s * q;
+            }
+        }
+    }
+}
+
 /// A Q3_K super-block's eight blocks of 32 as the integers (sc − 32)·(q − 4 where the high
 /// bit is clear), each run of 16 with its own scale sc (at most 32 · 4 = 128 in size), as
 /// ggml's `dequantize_row_q3_K` reads them: in each half, bit pair `step` of byte l of the
@@ -379,7 +445,7 @@ fn unpack_q3k(bytes: &[u8], ints: &mut [[i16; BLOCK]; SUPER / BLOCK]) {
 }
 
 /// Multiplies every activation panel by the packed weight panel in `buffers` into the
-/// output's columns `column..column + width`; `offsets`: add m·Σx per block.
+/// output's columns `column..column + width`, adding the `offsets` (`PanelBuffers`).
 ///
 /// # Safety
 /// As for `product`; `buffers` hold a packed panel for `a`'s depth.
@@ -387,7 +453,7 @@ fn unpack_q3k(bytes: &[u8], ints: &mut [[i16; BLOCK]; SUPER / BLOCK]) {
 unsafe fn panel_times_packed_rows(
     a: &PackedActivations,
     buffers: &PanelBuffers,
-    offsets: bool,
+    offsets: Offsets,
     (out, n, ldc, column, width): (SharedOut, usize, usize, usize, usize),
 ) {
     let blocks = a.blocks;
@@ -395,6 +461,7 @@ unsafe fn panel_times_packed_rows(
         pairs: b_panel,
         d,
         m,
+        m_split,
     } = buffers;
     let pair_len = a.pairs.len() / n.div_ceil(MR);
     for ip in 0..n.div_ceil(MR) {
@@ -402,6 +469,7 @@ unsafe fn panel_times_packed_rows(
         let panel = &a.pairs[ip * pair_len..(ip + 1) * pair_len];
         let scales = &a.scales[ip * blocks * MR..(ip + 1) * blocks * MR];
         let sums = &a.sums[ip * blocks * MR..(ip + 1) * blocks * MR];
+        let differences = &a.half_differences[ip * blocks * MR..(ip + 1) * blocks * MR];
         let mut tile = [[_mm256_setzero_ps(); 2]; MR];
         for b in 0..blocks {
             let mut acc = [[_mm256_setzero_si256(); 2]; MR];
@@ -421,14 +489,22 @@ unsafe fn panel_times_packed_rows(
             // A block's Σ w·v is at most 32 · 127 · 16256 < 2³¹: exact in 32 bits.
             let dv = [_mm256_loadu_ps(&d[b * NR]), _mm256_loadu_ps(&d[b * NR + 8])];
             let mv = [_mm256_loadu_ps(&m[b * NR]), _mm256_loadu_ps(&m[b * NR + 8])];
+            let splits = [
+                _mm256_loadu_ps(&m_split[b * NR]),
+                _mm256_loadu_ps(&m_split[b * NR + 8]),
+            ];
             for (r, (acc, tile)) in acc.iter().zip(tile.iter_mut()).enumerate() {
                 let s = _mm256_set1_ps(scales[b * MR + r]);
                 let sum = _mm256_set1_ps(sums[b * MR + r]);
+                let difference = _mm256_set1_ps(differences[b * MR + r]);
                 for h in 0..2 {
                     let v = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[h]), dv[h]);
                     tile[h] = _mm256_fmadd_ps(v, s, tile[h]);
-                    if offsets {
+                    if offsets != Offsets::None {
                         tile[h] = _mm256_fmadd_ps(mv[h], sum, tile[h]);
+                    }
+                    if offsets == Offsets::PerRun {
+                        tile[h] = _mm256_fmadd_ps(splits[h], difference, tile[h]);
                     }
                 }
             }
@@ -449,12 +525,13 @@ mod tests {
     use super::super::tests::{on_grid, quantized};
     use super::*;
 
-    const TYPES: [GgmlDType; 9] = [
+    const TYPES: [GgmlDType; 10] = [
         GgmlDType::Q4_0,
         GgmlDType::Q4_1,
         GgmlDType::Q5_0,
         GgmlDType::Q5_1,
         GgmlDType::Q8_0,
+        GgmlDType::Q2K,
         GgmlDType::Q3K,
         GgmlDType::Q4K,
         GgmlDType::Q5K,

@@ -739,6 +739,60 @@ pub(super) mod avx2 {
         matches!(format, Q4_0 | Q5_0 | Q8_0)
     }
 
+    /// A super-block's eight blocks of 32 as the 16-bit integers that the prefill tile
+    /// multiplies (`prefill`): u for Q4_K and Q5_K, whose scales are per block of 32, and
+    /// sc·(u − bias) for the types with a scale per run of 16 (Q2_K, Q3_K and Q6_K: bias 0,
+    /// 4 and 32), the runs' scales as `scale_bytes` gives them.
+    ///
+    /// # Safety
+    /// `at` points at a whole super-block of `FORMAT`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn run_integers<const FORMAT: u8>(
+        at: *const u8,
+        f16_values: &[f32; 1 << 16],
+    ) -> [[i16; BLOCK]; SUPER / BLOCK] {
+        let mut ints = [[0i16; BLOCK]; SUPER / BLOCK];
+        let (scales, bias) = if shared_by_run_pairs(FORMAT) {
+            ([0i8; 16], 0)
+        } else {
+            // SAFETY: the caller's bound.
+            let sc = unsafe { scale_bytes::<FORMAT>(at, f16_values).0 };
+            // SAFETY: 16 bytes either way.
+            let sc: [i8; 16] = unsafe { std::mem::transmute(sc) };
+            (
+                sc,
+                if FORMAT == Q3K {
+                    4
+                } else if FORMAT == Q6K {
+                    32
+                } else {
+                    0
+                },
+            )
+        };
+        let bias = _mm256_set1_epi16(bias);
+        for (c, block) in ints.iter_mut().enumerate() {
+            // SAFETY: the caller's bound; c < 8.
+            let u = unsafe { chunk::<FORMAT>(at, c) };
+            let runs = [
+                _mm256_cvtepu8_epi16(_mm256_castsi256_si128(u)),
+                _mm256_cvtepu8_epi16(_mm256_extracti128_si256::<1>(u)),
+            ];
+            for (k, run) in runs.into_iter().enumerate() {
+                let v = if shared_by_run_pairs(FORMAT) {
+                    run
+                } else {
+                    let sc = _mm256_set1_epi16(scales[2 * c + k] as i16);
+                    _mm256_mullo_epi16(_mm256_sub_epi16(run, bias), sc)
+                };
+                // SAFETY: a block holds 32 values, two runs of 16.
+                unsafe { _mm256_storeu_si256(block.as_mut_ptr().add(RUN * k) as *mut __m256i, v) };
+            }
+        }
+        ints
+    }
+
     /// A block's 32 integers w (signed) or u (unsigned, see `is_signed`) as bytes, in element
     /// order (`nibbles`), with bit j of a Q5 block's u32 the fifth bit of element j.
     ///

@@ -28,7 +28,7 @@ use rayon::prelude::*;
 use super::super::super::matmul::{SharedOut, MR, NR};
 use super::super::avx2::{block_bytes, block_scales, q4k_fields, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
 use super::super::f16_values;
-use super::avx2::{block_integers, is_signed};
+use super::avx2::{self as k_formats, block_integers, is_signed, run_integers};
 use super::{round_group, BLOCK};
 
 /// Pairs of 16-bit values along the depth per block of 32.
@@ -298,24 +298,31 @@ unsafe fn pack_k_panel(
     let size = dtype.type_size();
     let supers = buffers.d.len() / NR / (SUPER / BLOCK);
     buffers.clear_partial(width);
-    let mut ints = [[0i16; BLOCK]; SUPER / BLOCK];
     let (mut scales, mut offsets) = ([0f32; SUPER / BLOCK], [(0f32, 0f32); SUPER / BLOCK]);
     for c in 0..width {
         let row = &part.bytes[(j0 + c) * supers * size..(j0 + c + 1) * supers * size];
         for (sb, bytes) in row.chunks_exact(size).enumerate() {
             let f16 =
                 |at: usize| f16_values[u16::from_le_bytes([bytes[at], bytes[at + 1]]) as usize];
+            // SAFETY: `bytes` is a whole super-block of `dtype`.
+            let ints = unsafe {
+                let at = bytes.as_ptr();
+                match dtype {
+                    GgmlDType::Q2K => run_integers::<{ k_formats::Q2K }>(at, f16_values),
+                    GgmlDType::Q3K => run_integers::<{ k_formats::Q3K }>(at, f16_values),
+                    GgmlDType::Q4K => run_integers::<{ k_formats::Q4K }>(at, f16_values),
+                    GgmlDType::Q5K => run_integers::<{ k_formats::Q5K }>(at, f16_values),
+                    _ => run_integers::<{ k_formats::Q6K }>(at, f16_values),
+                }
+            };
             match dtype {
                 GgmlDType::Q6K => {
-                    unpack_q6k(bytes, &mut ints);
                     (scales, offsets) = ([f16(208); SUPER / BLOCK], [(0.0, 0.0); SUPER / BLOCK]);
                 }
                 GgmlDType::Q3K => {
-                    unpack_q3k(bytes, &mut ints);
                     (scales, offsets) = ([f16(108); SUPER / BLOCK], [(0.0, 0.0); SUPER / BLOCK]);
                 }
                 GgmlDType::Q2K => {
-                    unpack_q2k(bytes, &mut ints);
                     let min = f16(82);
                     scales = [f16(80); SUPER / BLOCK];
                     for (j, offset) in offsets.iter_mut().enumerate() {
@@ -331,7 +338,6 @@ unsafe fn pack_k_panel(
                         scales[j] = scale * ((sc >> (8 * j)) & 0xFF) as f32;
                         offsets[j] = (-min * ((mins >> (8 * j)) & 0xFF) as f32, 0.0);
                     }
-                    unpack_q4k(bytes, dtype == GgmlDType::Q5K, &mut ints);
                 }
             }
             for (j, wide) in ints.iter().enumerate() {
@@ -344,103 +350,6 @@ unsafe fn pack_k_panel(
         GgmlDType::Q3K | GgmlDType::Q6K => Offsets::None,
         GgmlDType::Q2K => Offsets::PerRun,
         _ => Offsets::PerBlock,
-    }
-}
-
-/// A Q4_K (or with `five`, Q5_K) super-block's eight sub-blocks of unsigned integers q, as
-/// ggml's `dequantize_row_q4_K` (`_q5_K`) reads them: byte l of the t-th 32 bytes of nibbles
-/// holds element l of sub-block 2t (low nibble) and of 2t + 1 (high); bits 2t and 2t + 1 of
-/// byte l of Q5_K's 32 bytes of fifth bits are those elements' fifth bits.
-#[inline(always)]
-fn unpack_q4k(bytes: &[u8], five: bool, ints: &mut [[i16; BLOCK]; SUPER / BLOCK]) {
-    let (qh, qs) = if five {
-        (&bytes[16..48], &bytes[48..176])
-    } else {
-        (&bytes[..0], &bytes[16..144])
-    };
-    for t in 0..SUPER / BLOCK / 2 {
-        let (low, high) = ints[2 * t..2 * t + 2].split_at_mut(1);
-        for l in 0..BLOCK {
-            let q = qs[32 * t + l];
-            let (mut lo, mut hi) = ((q & 0x0F) as i16, (q >> 4) as i16);
-            if five {
-                lo |= (((qh[l] >> (2 * t)) & 1) as i16) << 4;
-                hi |= (((qh[l] >> (2 * t + 1)) & 1) as i16) << 4;
-            }
-            low[0][l] = lo;
-            high[0][l] = hi;
-        }
-    }
-}
-
-/// A Q6_K super-block's eight blocks of 32 as the integers sc·(q − 32), each run of 16 with
-/// its own scale sc, as ggml's `dequantize_row_q6_K` reads them: in each half, byte l of the
-/// low nibbles and of the 2-bit highs make elements l, l + 32, l + 64 and l + 96.
-#[inline(always)]
-fn unpack_q6k(bytes: &[u8], ints: &mut [[i16; BLOCK]; SUPER / BLOCK]) {
-    let sc: [i8; 16] = std::array::from_fn(|i| bytes[192 + i] as i8);
-    for half in 0..2 {
-        let (ql, qh) = (
-            &bytes[64 * half..64 * half + 64],
-            &bytes[128 + 32 * half..160 + 32 * half],
-        );
-        for l in 0..BLOCK {
-            let (a, b, h) = (ql[l], ql[32 + l], qh[l]);
-            let q = [
-                (a & 0x0F) | ((h & 3) << 4),
-                (b & 0x0F) | (((h >> 2) & 3) << 4),
-                (a >> 4) | (((h >> 4) & 3) << 4),
-                (b >> 4) | (((h >> 6) & 3) << 4),
-            ];
-            for (k, q) in q.into_iter().enumerate() {
-                let s = sc[8 * half + 2 * k + l / 16] as i16;
-                ints[4 * half + k][l] = s * (q as i16 - 32);
-            }
-        }
-    }
-}
-
-/// A Q2_K super-block's eight blocks of 32 as the integers sc·q, each run of 16 with its own
-/// 4-bit scale sc (at most 15 · 3 = 45), as ggml's `dequantize_row_q2_K` reads them: in each
-/// half, bit pair `step` of byte l of the values makes element 32·step + l.
-#[inline(always)]
-fn unpack_q2k(bytes: &[u8], ints: &mut [[i16; BLOCK]; SUPER / BLOCK]) {
-    for half in 0..2 {
-        let values = &bytes[16 + 32 * half..48 + 32 * half];
-        for step in 0..4 {
-            for l in 0..BLOCK {
-                let q = ((values[l] >> (2 * step)) & 3) as i16;
-                let s = (bytes[8 * half + 2 * step + l / 16] & 0x0F) as i16;
-                ints[4 * half + step][l] = s * q;
-            }
-        }
-    }
-}
-
-/// A Q3_K super-block's eight blocks of 32 as the integers (sc − 32)·(q − 4 where the high
-/// bit is clear), each run of 16 with its own scale sc (at most 32 · 4 = 128 in size), as
-/// ggml's `dequantize_row_q3_K` reads them: in each half, bit pair `step` of byte l of the
-/// low bits and bit 4·half + step of byte l of the high bits make element 32·step + l.
-#[inline(always)]
-fn unpack_q3k(bytes: &[u8], ints: &mut [[i16; BLOCK]; SUPER / BLOCK]) {
-    let sc = super::super::super::dequantize::q3k_scales(
-        bytes[96..108].try_into().expect("a whole super-block"),
-    );
-    let high = &bytes[..32];
-    for half in 0..2 {
-        let low = &bytes[32 + 32 * half..64 + 32 * half];
-        for step in 0..4 {
-            for l in 0..BLOCK {
-                let q = ((low[l] >> (2 * step)) & 3) as i16;
-                let q = q - if high[l] & (1 << (4 * half + step)) == 0 {
-                    4
-                } else {
-                    0
-                };
-                let s = sc[8 * half + 2 * step + l / 16] as i16 - 32;
-                ints[4 * half + step][l] = s * q;
-            }
-        }
     }
 }
 

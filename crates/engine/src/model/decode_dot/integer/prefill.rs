@@ -220,10 +220,15 @@ impl PanelBuffers {
         self.d[b * NR + c] = scale;
         self.m[b * NR + c] = offset;
         self.m_split[b * NR + c] = split;
-        for q in 0..PAIRS {
-            let at = ((b * PAIRS + q) * NR + c) * 2;
-            self.pairs[at] = wide[2 * q];
-            self.pairs[at + 1] = wide[2 * q + 1];
+        // One 32-bit store per pair, with one bounds check: the 16-bit stores, each checked,
+        // were most of a K-type panel's packing.
+        let last = ((b * PAIRS + PAIRS - 1) * NR + c) * 2 + 1;
+        assert!(last < self.pairs.len() && c < NR);
+        let pairs = self.pairs.as_mut_ptr() as *mut i32;
+        for (q, pair) in wide.chunks_exact(2).enumerate() {
+            let pair = (pair[0] as u16 as u32 | (pair[1] as u16 as u32) << 16) as i32;
+            // SAFETY: pair q's two values lie at or below `last`, checked above.
+            unsafe { pairs.add((b * PAIRS + q) * NR + c).write_unaligned(pair) };
         }
     }
 

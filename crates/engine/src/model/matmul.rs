@@ -690,7 +690,7 @@ unsafe fn portable_register_tile(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(super) mod avx2 {
     use super::*;
 
     /// Twelve accumulators (6 rows × 2 registers of 8 columns), two B loads and six
@@ -737,7 +737,7 @@ mod avx2 {
     /// # Safety
     /// AVX2; each `src[l].add(p + 8)` and `dst.add(7 * NR + 8)` stay inside their buffers.
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn transpose_8x8(src: &[*const f32; 8], p: usize, dst: *mut f32) {
+    pub(in crate::model) unsafe fn transpose_8x8(src: &[*const f32; 8], p: usize, dst: *mut f32) {
         let r: [__m256; 8] = std::array::from_fn(|l| _mm256_loadu_ps(src[l].add(p)));
         for (i, o) in transposed(r).iter().enumerate() {
             _mm256_storeu_ps(dst.add(i * NR), *o);

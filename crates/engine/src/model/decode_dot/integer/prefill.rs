@@ -25,6 +25,7 @@ use std::arch::x86_64::*;
 use candle_core::quantized::GgmlDType;
 use rayon::prelude::*;
 
+use super::super::super::matmul::avx2::transpose_8x8;
 use super::super::super::matmul::{SharedOut, MR, NR};
 use super::super::avx2::{block_bytes, block_scales, q4k_fields, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
 use super::super::f16_values;
@@ -94,8 +95,13 @@ impl PackedActivations {
 /// scale d, the offset m (0 for the signed formats) and, where the block's two runs of 16
 /// have offsets m₁ and m₂ of their own (Q2_K), m = (m₁ + m₂) / 2 and `m_split` = (m₁ − m₂) / 2:
 /// m₁·Σ₁ + m₂·Σ₂ = m·(Σ₁ + Σ₂) + m_split·(Σ₁ − Σ₂).
+///
+/// Packing writes each column's pairs in order into `by_column` (cols per column), and
+/// `interleave` moves them into `pairs`: written in place, a column's pairs were one store
+/// each, NR pairs apart, most of a K-type panel's packing.
 struct PanelBuffers {
     pairs: Vec<i16>,
+    by_column: Vec<i16>,
     d: Vec<f32>,
     m: Vec<f32>,
     m_split: Vec<f32>,
@@ -179,6 +185,7 @@ pub fn product(parts: &[Part], x: &[f32], cols: usize) -> Vec<f32> {
     tasks.into_par_iter().for_each_init(
         || PanelBuffers {
             pairs: vec![0i16; cols * NR],
+            by_column: vec![0i16; cols * NR],
             d: vec![0f32; blocks * NR],
             m: vec![0f32; blocks * NR],
             m_split: vec![0f32; blocks * NR],
@@ -200,7 +207,10 @@ pub fn product(parts: &[Part], x: &[f32], cols: usize) -> Vec<f32> {
                 }
             };
             let out = (shared, n, total, first_column + j0, width);
-            unsafe { panel_times_packed_rows(&a, buffers, offsets, out) };
+            unsafe {
+                buffers.interleave();
+                panel_times_packed_rows(&a, buffers, offsets, out)
+            };
         },
     );
     out
@@ -220,15 +230,33 @@ impl PanelBuffers {
         self.d[b * NR + c] = scale;
         self.m[b * NR + c] = offset;
         self.m_split[b * NR + c] = split;
-        // One 32-bit store per pair, with one bounds check: the 16-bit stores, each checked,
-        // were most of a K-type panel's packing.
-        let last = ((b * PAIRS + PAIRS - 1) * NR + c) * 2 + 1;
-        assert!(last < self.pairs.len() && c < NR);
-        let pairs = self.pairs.as_mut_ptr() as *mut i32;
-        for (q, pair) in wide.chunks_exact(2).enumerate() {
-            let pair = (pair[0] as u16 as u32 | (pair[1] as u16 as u32) << 16) as i32;
-            // SAFETY: pair q's two values lie at or below `last`, checked above.
-            unsafe { pairs.add((b * PAIRS + q) * NR + c).write_unaligned(pair) };
+        let depth = self.by_column.len() / NR;
+        self.by_column[c * depth + b * BLOCK..][..BLOCK].copy_from_slice(wide);
+    }
+
+    /// Moves the columns' pairs from `by_column` into the tile's layout, pair p of column c
+    /// at p·NR + c (32-bit lanes): 8 × 8 transposes of the pairs as 32-bit lanes.
+    ///
+    /// # Safety
+    /// AVX2.
+    #[target_feature(enable = "avx2")]
+    unsafe fn interleave(&mut self) {
+        let depth_pairs = self.by_column.len() / NR / 2;
+        assert!(self.pairs.len() == self.by_column.len() && depth_pairs.is_multiple_of(8));
+        let column = |c: usize| {
+            // SAFETY: column c's pairs start inside `by_column` (c < NR).
+            unsafe { (self.by_column.as_ptr() as *const f32).add(c * depth_pairs) }
+        };
+        let columns: [[*const f32; 8]; NR / 8] =
+            std::array::from_fn(|g| std::array::from_fn(|k| column(8 * g + k)));
+        let pairs = self.pairs.as_mut_ptr() as *mut f32;
+        for p in (0..depth_pairs).step_by(8) {
+            for (g, group) in columns.iter().enumerate() {
+                // SAFETY: pairs p..p + 8 of each column, and rows p..p + 8 of the tile's
+                // layout (NR lanes each) lie inside the buffers (lengths checked above). The
+                // pairs move as bit patterns: shuffles only, no arithmetic on them.
+                unsafe { transpose_8x8(group, p, pairs.add(p * NR + 8 * g)) };
+            }
         }
     }
 
@@ -236,7 +264,7 @@ impl PanelBuffers {
     /// value.
     fn clear_partial(&mut self, width: usize) {
         if width < NR {
-            self.pairs.fill(0);
+            self.by_column.fill(0);
             self.d.fill(0.0);
             self.m.fill(0.0);
             self.m_split.fill(0.0);
@@ -376,6 +404,7 @@ unsafe fn panel_times_packed_rows(
         d,
         m,
         m_split,
+        ..
     } = buffers;
     let pair_len = a.pairs.len() / n.div_ceil(MR);
     for ip in 0..n.div_ceil(MR) {

@@ -262,7 +262,9 @@ impl Weight {
                         || vec![0f32; cols],
                         |row, r| {
                             dequantize(&values, cols, r, 0, cols, row);
-                            row.iter().all(|x| x.is_finite())
+                            // Without an early exit, so that the compiler vectorizes it: the
+                            // check with one was 13 % of loading and prefilling a 1B model.
+                            row.iter().fold(true, |finite, x| finite & x.is_finite())
                         },
                     )
                     .all(|finite| finite))

@@ -315,11 +315,10 @@ pub(super) mod avx2 {
     /// a pair of equal 16-bit words in a 32-bit lane, runs 0..8 and 8..16, each eight as
     /// runs 0, 2, 4, 6 in the low 128-bit lane and 1, 3, 5, 7 in the high one) and the offset
     /// taken against the run's Σ x (in f32, runs in order), and the factor d of the integer
-    /// part. Where a
-    /// sub-block's two runs share both (`shared_by_run_pairs`), they are held once per
-    /// sub-block of 32 instead: the multipliers of sub-blocks 0..4 in both lanes of the first
-    /// vector, 4..8 in the second's, and the offsets in the first vector, as integers not yet
-    /// times `offset_factor` (the second is unused).
+    /// part. Where a sub-block's two runs share both (`shared_by_run_pairs`), they are held
+    /// once per sub-block of 32 instead: the multipliers of sub-blocks 0..4 in both lanes of
+    /// the first vector, 4..8 in the second's, and the offsets in the first vector, as
+    /// integers not yet times `offset_factor` (the second is unused).
     struct Scales {
         multipliers: [__m256i; 2],
         offsets: [__m256; 2],

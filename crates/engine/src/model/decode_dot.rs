@@ -1209,17 +1209,29 @@ mod avx2 {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn nibbles<const FORMAT: u8>(block: *const u8) -> (__m128i, __m128i) {
-        // SAFETY: the 16 nibble bytes are inside the block.
-        let qs = unsafe { _mm_loadu_si128(block.add(values_at(FORMAT)) as *const __m128i) };
-        let low_nibbles = _mm_set1_epi8(0x0f);
-        let lo = _mm_and_si128(qs, low_nibbles);
-        let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), low_nibbles);
+        // SAFETY: the caller's bound.
+        let (lo, hi) = unsafe { stored_nibbles::<FORMAT>(block) };
         if FORMAT == Q4_0 {
             let eight = _mm_set1_epi8(8);
             (_mm_sub_epi8(lo, eight), _mm_sub_epi8(hi, eight))
         } else {
             (lo, hi)
         }
+    }
+
+    /// `nibbles` as stored: Q4_0's q + 8 too.
+    ///
+    /// # Safety
+    /// As for `nibbles`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn stored_nibbles<const FORMAT: u8>(block: *const u8) -> (__m128i, __m128i) {
+        // SAFETY: the 16 nibble bytes are inside the block.
+        let qs = unsafe { _mm_loadu_si128(block.add(values_at(FORMAT)) as *const __m128i) };
+        let low_nibbles = _mm_set1_epi8(0x0f);
+        let lo = _mm_and_si128(qs, low_nibbles);
+        let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), low_nibbles);
+        (lo, hi)
     }
 
     /// A block's integer values as four vectors of eight f32 (element order), its scale d

@@ -285,7 +285,7 @@ macro_rules! integer_entry_points {
 #[cfg(target_arch = "x86_64")]
 pub(super) mod avx2 {
     use super::super::avx2::{
-        block_bytes, block_scales, fifth_bits_at, k_bytes, nibbles, q4k_fields, Q2K_BYTES,
+        block_bytes, block_scales, fifth_bits_at, k_bytes, q4k_fields, stored_nibbles, Q2K_BYTES,
         Q3K_BYTES, Q4_0, Q4_1, Q5_0, Q5_1, Q6K_BYTES, Q8_0,
     };
     use super::super::{f16_values, prefetch_ahead};
@@ -732,10 +732,13 @@ pub(super) mod avx2 {
         }
     }
 
-    /// Whether a format's weights are d·w with w signed (Q8_0; Q4_0's q − 8, Q5_0's q − 16),
-    /// rather than d·u + m with u unsigned (Q4_1, Q5_1).
+    /// Whether a format's weights are d·w with w signed (Q8_0), rather than d·u + m with u
+    /// unsigned (Q4_1, Q5_1, and Q4_0 and Q5_0 with m = −8d and −16d, `block_scales`). Byte
+    /// multiply-adds take u as it is, where a signed w takes three sign operations a block
+    /// (w's magnitude and the activations' two bytes): Q4_0 and Q5_0 take one offset against
+    /// the block's Σ x instead.
     pub(super) const fn is_signed(format: u8) -> bool {
-        matches!(format, Q4_0 | Q5_0 | Q8_0)
+        matches!(format, Q8_0)
     }
 
     /// A super-block's eight blocks of 32 as the 16-bit integers that the prefill tile
@@ -793,7 +796,7 @@ pub(super) mod avx2 {
     }
 
     /// A block's 32 integers w (signed) or u (unsigned, see `is_signed`) as bytes, in element
-    /// order (`nibbles`), with bit j of a Q5 block's u32 the fifth bit of element j.
+    /// order (`stored_nibbles`), with bit j of a Q5 block's u32 the fifth bit of element j.
     ///
     /// # Safety
     /// `at` points at a whole block of `FORMAT`.
@@ -803,8 +806,8 @@ pub(super) mod avx2 {
         if FORMAT == Q8_0 {
             return unsafe { _mm256_loadu_si256(at.add(2) as *const __m256i) };
         }
-        // Q4_0's q − 8 already.
-        let (low, high) = unsafe { nibbles::<FORMAT>(at) };
+        // Q4_0's and Q5_0's stored u: their centres are offsets (`is_signed`).
+        let (low, high) = unsafe { stored_nibbles::<FORMAT>(at) };
         let u = _mm256_set_m128i(high, low);
         let u = match fifth_bits_at(FORMAT) {
             Some(bits_at) => {
@@ -823,11 +826,7 @@ pub(super) mod avx2 {
             }
             None => u,
         };
-        if FORMAT == Q5_0 {
-            _mm256_sub_epi8(u, _mm256_set1_epi8(16))
-        } else {
-            u
-        }
+        u
     }
 
     /// Row r's dots with N input rows rounded per block of 32. `maddubs` multiplies unsigned

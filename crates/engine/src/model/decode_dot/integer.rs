@@ -809,7 +809,7 @@ pub(super) mod avx2 {
         // Q4_0's and Q5_0's stored u: their centres are offsets (`is_signed`).
         let (low, high) = unsafe { stored_nibbles::<FORMAT>(at) };
         let u = _mm256_set_m128i(high, low);
-        let u = match fifth_bits_at(FORMAT) {
+        match fifth_bits_at(FORMAT) {
             Some(bits_at) => {
                 let bits = unsafe { std::ptr::read_unaligned(at.add(bits_at) as *const u32) };
                 // Byte j gets the bits' byte j / 8, then keeps bit j % 8 of it.
@@ -825,8 +825,7 @@ pub(super) mod avx2 {
                 _mm256_or_si256(u, _mm256_and_si256(set, _mm256_set1_epi8(0x10)))
             }
             None => u,
-        };
-        u
+        }
     }
 
     /// Row r's dots with N input rows rounded per block of 32. `maddubs` multiplies unsigned

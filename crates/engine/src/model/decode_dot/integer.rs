@@ -31,8 +31,9 @@
 //! v = 128·hi + lo (|hi| ≤ 127, |lo| ≤ 64), so that byte multiply-adds take them. Each value
 //! is off by at most s / 2, 2⁻¹⁵ of the largest in its group: 128 times closer than 8 bits.
 //! The formats' offsets (the mins of Q2_K, Q4_K, Q5_K, Q4_1 and Q5_1, the −32 of Q6_K, the −4
-//! of Q3_K) are taken in f32 against the f32 sums of x over each run of 16 values (each block
-//! of 32 for Q4_1 and Q5_1, and for Q4_K and Q5_K in the AVX2 loop, whose two runs of a
+//! of Q3_K, the −8 and −16 of Q4_0 and Q5_0) are taken in f32 against the f32 sums of x over
+//! each run of 16 values (each block of 32 for the Q4 and Q5 formats, and for Q4_K and Q5_K
+//! in the AVX2 loop, whose two runs of a
 //! sub-block share their offset), so only the d·sc·u part of a weight meets the rounding. Gemma 3 270M's Q4_K_M file and SmolLM2's
 //! Q4_1 file give the same greedy continuations either way (`server/tests/decoding.rs`). With
 //! `PROMPT_SALIENCE_EXACT_DECODING=1` every type takes the f32 kernels.
@@ -830,8 +831,8 @@ pub(super) mod avx2 {
 
     /// Row r's dots with N input rows rounded per block of 32. `maddubs` multiplies unsigned
     /// bytes by signed ones: it takes u as it is, and a signed w as |w| against the
-    /// activations' bytes with w's signs. The offsets m·Σx of Q4_1 and Q5_1 are taken in f32
-    /// against the f32 block sums, as the f32 kernels take them.
+    /// activations' bytes with w's signs (Q8_0). The offsets m·Σx of the Q4 and Q5 formats are
+    /// taken in f32 against the f32 block sums, as the f32 kernels take them.
     ///
     /// # Safety
     /// As for `block_row_dots`, with `bytes` in `FORMAT`.

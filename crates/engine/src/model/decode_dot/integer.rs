@@ -33,9 +33,9 @@
 //! The formats' offsets (the mins of Q2_K, Q4_K, Q5_K, Q4_1 and Q5_1, the −32 of Q6_K, the −4
 //! of Q3_K, the −8 and −16 of Q4_0 and Q5_0) are taken in f32 against the f32 sums of x over
 //! each run of 16 values (each block of 32 for the Q4 and Q5 formats, and for Q4_K and Q5_K
-//! in the AVX2 loop, whose two runs of a
-//! sub-block share their offset), so only the d·sc·u part of a weight meets the rounding. Gemma 3 270M's Q4_K_M file and SmolLM2's
-//! Q4_1 file give the same greedy continuations either way (`server/tests/decoding.rs`). With
+//! in the AVX2 loop, whose two runs of a sub-block share their offset), so only the d·sc·u
+//! part of a weight meets the rounding. Gemma 3 270M's Q4_K_M file and SmolLM2's Q4_1 file
+//! give the same greedy continuations either way (`server/tests/decoding.rs`). With
 //! `PROMPT_SALIENCE_EXACT_DECODING=1` every type takes the f32 kernels.
 
 use candle_core::quantized::GgmlDType;

@@ -384,7 +384,7 @@ pub(super) mod avx2 {
     /// # Safety
     /// `at` points at two readable bytes.
     #[inline(always)]
-    unsafe fn f16_at(at: *const u8, f16_values: &[f32; 1 << 16]) -> f32 {
+    pub(super) unsafe fn f16_at(at: *const u8, f16_values: &[f32; 1 << 16]) -> f32 {
         f16_values[unsafe { std::ptr::read_unaligned(at as *const u16) } as usize]
     }
 
@@ -745,7 +745,8 @@ pub(super) mod avx2 {
     /// A super-block's eight blocks of 32 as the 16-bit integers that the prefill tile
     /// multiplies (`prefill`): u for Q4_K and Q5_K, whose scales are per block of 32, and
     /// sc·(u − bias) for the types with a scale per run of 16 (Q2_K, Q3_K and Q6_K: bias 0,
-    /// 4 and 32), the runs' scales as `scale_bytes` gives them.
+    /// 4 and 32), the runs' scales `run_scales` being `scale_bytes`' first field (unused for
+    /// Q4_K and Q5_K).
     ///
     /// # Safety
     /// `at` points at a whole super-block of `FORMAT`.
@@ -753,16 +754,14 @@ pub(super) mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn run_integers<const FORMAT: u8>(
         at: *const u8,
-        f16_values: &[f32; 1 << 16],
+        run_scales: __m128i,
     ) -> [[i16; BLOCK]; SUPER / BLOCK] {
         let mut ints = [[0i16; BLOCK]; SUPER / BLOCK];
         let (scales, bias) = if shared_by_run_pairs(FORMAT) {
             ([0i8; 16], 0)
         } else {
-            // SAFETY: the caller's bound.
-            let sc = unsafe { scale_bytes::<FORMAT>(at, f16_values).0 };
             // SAFETY: 16 bytes either way.
-            let sc: [i8; 16] = unsafe { std::mem::transmute(sc) };
+            let sc: [i8; 16] = unsafe { std::mem::transmute(run_scales) };
             (
                 sc,
                 if FORMAT == Q3K {

@@ -29,7 +29,7 @@ use super::super::super::matmul::avx2::transpose_8x8;
 use super::super::super::matmul::{SharedOut, MR, NR};
 use super::super::avx2::{block_bytes, block_scales, q4k_fields, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
 use super::super::f16_values;
-use super::avx2::{self as k_formats, block_integers, is_signed, run_integers};
+use super::avx2::{self as k, block_integers, f16_at, is_signed, run_integers, scale_bytes};
 use super::{round_group, BLOCK};
 
 /// Pairs of 16-bit values along the depth per block of 32.
@@ -203,7 +203,11 @@ pub fn product(parts: &[Part], x: &[f32], cols: usize) -> Vec<f32> {
                     GgmlDType::Q5_0 => pack_block_panel::<Q5_0>(part, columns, buffers),
                     GgmlDType::Q5_1 => pack_block_panel::<Q5_1>(part, columns, buffers),
                     GgmlDType::Q8_0 => pack_block_panel::<Q8_0>(part, columns, buffers),
-                    k_type => pack_k_panel(part, k_type, columns, buffers),
+                    GgmlDType::Q2K => pack_k_panel::<{ k::Q2K }>(part, columns, buffers),
+                    GgmlDType::Q3K => pack_k_panel::<{ k::Q3K }>(part, columns, buffers),
+                    GgmlDType::Q4K => pack_k_panel::<{ k::Q4K }>(part, columns, buffers),
+                    GgmlDType::Q5K => pack_k_panel::<{ k::Q5K }>(part, columns, buffers),
+                    _ => pack_k_panel::<{ k::Q6K }>(part, columns, buffers),
                 }
             };
             let out = (shared, n, total, first_column + j0, width);
@@ -293,7 +297,6 @@ unsafe fn pack_block_panel<const FORMAT: u8>(
             // SAFETY: block b lies inside the row.
             let at = unsafe { row.as_ptr().add(b * size) };
             let (scale, offset) = unsafe { block_scales::<FORMAT>(at, f16_values) };
-            let offset = if is_signed(FORMAT) { 0.0 } else { offset };
             let w = unsafe { block_integers::<FORMAT>(at) };
             let mut wide = [0i16; BLOCK];
             // SAFETY: `wide` holds 32 values.
@@ -313,7 +316,7 @@ unsafe fn pack_block_panel<const FORMAT: u8>(
     }
 }
 
-/// Packs weight rows j0..j0 + width of a K-type `part` (Q4_K, Q5_K or Q6_K) as
+/// Packs weight rows j0..j0 + width of a `part` of K-type `FORMAT` as
 /// `pack_block_panel` packs the blocks of 32: per block of 32 its integers, scale and offset.
 /// Returns which offsets the blocks have (Q4_K's and Q5_K's mins per block, Q2_K's per run).
 ///
@@ -321,67 +324,56 @@ unsafe fn pack_block_panel<const FORMAT: u8>(
 /// AVX2, FMA and F16C (the loops are compiled for them); `buffers` are sized for the part's
 /// depth, whose bytes hold its rows.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn pack_k_panel(
+unsafe fn pack_k_panel<const FORMAT: u8>(
     part: &Part,
-    dtype: GgmlDType,
     (j0, width): (usize, usize),
     buffers: &mut PanelBuffers,
 ) -> Offsets {
     let f16_values = f16_values();
-    let size = dtype.type_size();
+    let size = k::super_bytes(FORMAT);
     let supers = buffers.d.len() / NR / (SUPER / BLOCK);
     buffers.clear_partial(width);
-    let (mut scales, mut offsets) = ([0f32; SUPER / BLOCK], [(0f32, 0f32); SUPER / BLOCK]);
+    let mut offsets = [(0f32, 0f32); SUPER / BLOCK];
     for c in 0..width {
         let row = &part.bytes[(j0 + c) * supers * size..(j0 + c + 1) * supers * size];
         for (sb, bytes) in row.chunks_exact(size).enumerate() {
-            let f16 =
-                |at: usize| f16_values[u16::from_le_bytes([bytes[at], bytes[at + 1]]) as usize];
-            // SAFETY: `bytes` is a whole super-block of `dtype`.
-            let ints = unsafe {
-                let at = bytes.as_ptr();
-                match dtype {
-                    GgmlDType::Q2K => run_integers::<{ k_formats::Q2K }>(at, f16_values),
-                    GgmlDType::Q3K => run_integers::<{ k_formats::Q3K }>(at, f16_values),
-                    GgmlDType::Q4K => run_integers::<{ k_formats::Q4K }>(at, f16_values),
-                    GgmlDType::Q5K => run_integers::<{ k_formats::Q5K }>(at, f16_values),
-                    _ => run_integers::<{ k_formats::Q6K }>(at, f16_values),
-                }
-            };
-            match dtype {
-                GgmlDType::Q6K => {
-                    (scales, offsets) = ([f16(208); SUPER / BLOCK], [(0.0, 0.0); SUPER / BLOCK]);
-                }
-                GgmlDType::Q3K => {
-                    (scales, offsets) = ([f16(108); SUPER / BLOCK], [(0.0, 0.0); SUPER / BLOCK]);
-                }
-                GgmlDType::Q2K => {
-                    let min = f16(82);
-                    scales = [f16(80); SUPER / BLOCK];
+            let at = bytes.as_ptr();
+            // SAFETY (both blocks): `bytes` is a whole super-block of `FORMAT`.
+            let mut run_scales = _mm_setzero_si128();
+            let scales = if matches!(FORMAT, k::Q4K | k::Q5K) {
+                let (sc, mins) = unsafe { q4k_fields(at) };
+                let (d, dmin) = unsafe { (f16_at(at, f16_values), f16_at(at.add(2), f16_values)) };
+                std::array::from_fn(|j| {
+                    offsets[j] = (-dmin * ((mins >> (8 * j)) & 0xFF) as f32, 0.0);
+                    d * ((sc >> (8 * j)) & 0xFF) as f32
+                })
+            } else {
+                // The runs' scales go into the integers; d is every block's scale.
+                let (sc, mins, d, offset_factor) = unsafe { scale_bytes::<FORMAT>(at, f16_values) };
+                run_scales = sc;
+                if FORMAT == k::Q2K {
+                    // SAFETY: 16 bytes either way.
+                    let mins: [u8; 16] = unsafe { std::mem::transmute(mins) };
                     for (j, offset) in offsets.iter_mut().enumerate() {
-                        let (m1, m2) = ((bytes[2 * j] >> 4) as f32, (bytes[2 * j + 1] >> 4) as f32);
-                        *offset = (-min * (m1 + m2) / 2.0, -min * (m1 - m2) / 2.0);
+                        let (m1, m2) = (mins[2 * j] as f32, mins[2 * j + 1] as f32);
+                        *offset = (
+                            offset_factor * (m1 + m2) / 2.0,
+                            offset_factor * (m1 - m2) / 2.0,
+                        );
                     }
                 }
-                _ => {
-                    // SAFETY: `bytes` is a whole Q4_K or Q5_K super-block.
-                    let (sc, mins) = unsafe { q4k_fields(bytes.as_ptr()) };
-                    let (scale, min) = (f16(0), f16(2));
-                    for j in 0..SUPER / BLOCK {
-                        scales[j] = scale * ((sc >> (8 * j)) & 0xFF) as f32;
-                        offsets[j] = (-min * ((mins >> (8 * j)) & 0xFF) as f32, 0.0);
-                    }
-                }
-            }
+                [d; SUPER / BLOCK]
+            };
+            let ints = unsafe { run_integers::<FORMAT>(at, run_scales) };
             for (j, wide) in ints.iter().enumerate() {
                 let b = sb * (SUPER / BLOCK) + j;
                 buffers.put((b, c), wide, scales[j], offsets[j]);
             }
         }
     }
-    match dtype {
-        GgmlDType::Q3K | GgmlDType::Q6K => Offsets::None,
-        GgmlDType::Q2K => Offsets::PerRun,
+    match FORMAT {
+        k::Q3K | k::Q6K => Offsets::None,
+        k::Q2K => Offsets::PerRun,
         _ => Offsets::PerBlock,
     }
 }

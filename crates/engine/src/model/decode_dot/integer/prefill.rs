@@ -38,7 +38,7 @@ const PAIRS: usize = BLOCK / 2;
 /// The activation rows packed for the tile: panel `ip` holds rows `ip * MR..`, for every pair
 /// of depth steps p the MR rows' (v[2p], v[2p + 1]) as one 32-bit lane each; per block, the
 /// rows' scales, f32 sums and the differences of the sums of its two halves of 16 (for the
-/// offsets of Q2_K's runs). Rows past the last are zero.
+/// offsets of Q2_K's runs; zero where no part is Q2_K). Rows past the last are zero.
 struct PackedActivations {
     pairs: Vec<i32>,
     scales: Vec<f32>,
@@ -49,8 +49,9 @@ struct PackedActivations {
 
 impl PackedActivations {
     /// Rounds the rows of x (`cols` values each) as `RoundedRows::new` does (`round_group`,
-    /// per block of 32) straight into the tile's layout, one row panel per task.
-    fn new(x: &[f32], cols: usize) -> PackedActivations {
+    /// per block of 32) straight into the tile's layout, one row panel per task; the halves'
+    /// differences only `for_runs` (a Q2_K part).
+    fn new(x: &[f32], cols: usize, for_runs: bool) -> PackedActivations {
         let m = x.len() / cols;
         let blocks = cols / BLOCK;
         let panels = m.div_ceil(MR);
@@ -71,9 +72,11 @@ impl PackedActivations {
                     for (b, block) in row.chunks_exact(BLOCK).enumerate() {
                         scales[b * MR + r] = round_group(block, &mut v);
                         sums[b * MR + r] = block.iter().sum();
-                        let (first, second) = block.split_at(BLOCK / 2);
-                        differences[b * MR + r] =
-                            first.iter().sum::<f32>() - second.iter().sum::<f32>();
+                        if for_runs {
+                            let (first, second) = block.split_at(BLOCK / 2);
+                            differences[b * MR + r] =
+                                first.iter().sum::<f32>() - second.iter().sum::<f32>();
+                        }
                         for q in 0..PAIRS {
                             let (low, high) = (v[2 * q] as i32, v[2 * q + 1] as i32);
                             panel[(b * PAIRS + q) * MR + r] = (low & 0xFFFF) | (high << 16);
@@ -157,7 +160,8 @@ pub fn product(parts: &[Part], x: &[f32], cols: usize) -> Vec<f32> {
     assert!(cols.is_multiple_of(BLOCK) && x.len().is_multiple_of(cols));
     let n = x.len() / cols;
     let total: usize = parts.iter().map(|p| p.rows).sum();
-    let a = PackedActivations::new(x, cols);
+    let for_runs = parts.iter().any(|p| p.dtype == GgmlDType::Q2K);
+    let a = PackedActivations::new(x, cols, for_runs);
     // Tasks: each part's panels of NR output columns, a few panels per task.
     let mut tasks = Vec::new();
     let mut start = 0;

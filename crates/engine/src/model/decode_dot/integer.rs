@@ -133,6 +133,9 @@ pub struct RoundedRows {
     /// v = 128·hi + lo for every value, in the rows' order.
     hi: Vec<i8>,
     lo: Vec<i8>,
+    /// v itself for rows rounded per block of 32 (`words`), which the four-row loop
+    /// multiplies as 16-bit words; empty for the K types.
+    words: Vec<i16>,
     /// s for each group of each row: the value x stands for s·v.
     scales: Vec<f32>,
     /// Σ x over each run of 16 values of each row, from the f32 values.
@@ -150,15 +153,22 @@ impl RoundedRows {
         assert!(group.is_multiple_of(RUN) && cols.is_multiple_of(group));
         assert!(x.len().is_multiple_of(cols));
         let (mut hi, mut lo) = (vec![0i8; x.len()], vec![0i8; x.len()]);
+        let mut words = vec![0i16; if group == BLOCK { x.len() } else { 0 }];
         let mut v = vec![0f32; group];
         let scales = x
             .chunks(group)
             .zip(hi.chunks_mut(group).zip(lo.chunks_mut(group)))
-            .map(|(block, (hi, lo))| {
+            .enumerate()
+            .map(|(g, (block, (hi, lo)))| {
                 let scale = round_group(block, &mut v);
                 for ((v, hi), lo) in v.iter().zip(hi.iter_mut()).zip(lo.iter_mut()) {
                     let h = to_integer(v / 128.0);
                     (*hi, *lo) = (h as i8, (v - 128.0 * h) as i8);
+                }
+                if let Some(words) = words.get_mut(g * group..(g + 1) * group) {
+                    for (word, v) in words.iter_mut().zip(&v) {
+                        *word = *v as i16;
+                    }
                 }
                 scale
             })
@@ -174,6 +184,7 @@ impl RoundedRows {
             group,
             hi,
             lo,
+            words,
             scales,
             run_sums,
             pair_sums,
@@ -286,10 +297,10 @@ macro_rules! integer_entry_points {
 #[cfg(target_arch = "x86_64")]
 pub(super) mod avx2 {
     use super::super::avx2::{
-        block_bytes, block_scales, fifth_bits_at, k_bytes, q4k_fields, stored_nibbles, Q2K_BYTES,
-        Q3K_BYTES, Q4_0, Q4_1, Q5_0, Q5_1, Q6K_BYTES, Q8_0,
+        block_bytes, block_scales, fifth_bits_at, k_bytes, q4k_fields, stored_nibbles, values_at,
+        Q2K_BYTES, Q3K_BYTES, Q4_0, Q4_1, Q5_0, Q5_1, Q6K_BYTES, Q8_0,
     };
-    use super::super::{f16_values, prefetch_ahead};
+    use super::super::{f16_values, prefetch_ahead, ROW_GROUP};
     use super::{RoundedRows, BLOCK, RUN, SUPER};
     use candle_core::quantized::GgmlDType;
     use std::arch::x86_64::*;
@@ -723,13 +734,184 @@ pub(super) mod avx2 {
                 each_weight_row!(block_row_dots_n, $format, (bytes, r, cols, x, dots, n))
             };
         }
+        // Decoding (one input row): four weight rows at a time, the rest one by one.
+        macro_rules! by_rows {
+            ($format:expr) => {
+                if n == 1 {
+                    let whole = rows / ROW_GROUP * ROW_GROUP;
+                    for (g, dots) in dots[..whole].chunks_exact_mut(ROW_GROUP).enumerate() {
+                        let r = r + g * ROW_GROUP;
+                        // SAFETY: as for this function.
+                        unsafe { block_row_group_dots::<{ $format }>(bytes, r, cols, x, dots) }
+                    }
+                    let tail = (&mut dots[whole..], r + whole);
+                    // SAFETY: as for this function.
+                    each_weight_row!(block_row_dots_n, $format, (bytes, tail.1, cols, x, tail.0, n))
+                } else {
+                    each_row!($format)
+                }
+            };
+        }
         match dtype {
-            GgmlDType::Q4_0 => each_row!(Q4_0),
-            GgmlDType::Q4_1 => each_row!(Q4_1),
-            GgmlDType::Q5_0 => each_row!(Q5_0),
-            GgmlDType::Q5_1 => each_row!(Q5_1),
-            GgmlDType::Q8_0 => each_row!(Q8_0),
+            GgmlDType::Q4_0 => by_rows!(Q4_0),
+            GgmlDType::Q4_1 => by_rows!(Q4_1),
+            GgmlDType::Q5_0 => by_rows!(Q5_0),
+            GgmlDType::Q5_1 => by_rows!(Q5_1),
+            GgmlDType::Q8_0 => by_rows!(Q8_0),
             _ => unreachable!("no integer block dots for {dtype:?}"),
+        }
+    }
+
+    /// `block_row_dots` for one input row, all weight rows one at a time
+    /// (`block_row_dots_n`) or four at a time (`block_row_group_dots`): the timing test's
+    /// two sides.
+    ///
+    /// # Safety
+    /// As for `block_row_dots`.
+    #[cfg(test)]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn block_dots_for_timing(
+        bytes: &[u8],
+        dtype: GgmlDType,
+        rows: usize,
+        cols: usize,
+        x: (&RoundedRows, &[f32]),
+        dots: &mut [f32],
+        one_at_a_time: bool,
+    ) {
+        macro_rules! each {
+            ($format:expr) => {
+                for r in (0..rows).step_by(ROW_GROUP) {
+                    let dots = &mut dots[r..r + ROW_GROUP];
+                    // SAFETY: as for this function.
+                    unsafe {
+                        if one_at_a_time {
+                            for (k, dot) in dots.chunks_mut(1).enumerate() {
+                                block_row_dots_n::<1, { $format }>(bytes, r + k, cols, x, dot)
+                            }
+                        } else {
+                            block_row_group_dots::<{ $format }>(bytes, r, cols, x, dots)
+                        }
+                    }
+                }
+            };
+        }
+        match dtype {
+            GgmlDType::Q4_0 => each!(Q4_0),
+            GgmlDType::Q4_1 => each!(Q4_1),
+            GgmlDType::Q5_0 => each!(Q5_0),
+            GgmlDType::Q5_1 => each!(Q5_1),
+            _ => each!(Q8_0),
+        }
+    }
+
+    /// `block_row_dots_n::<1, FORMAT>` for the four weight rows from r, with the activations
+    /// as 16-bit words: a block's 32 weights widened to words take two word multiply-adds
+    /// (`vpmaddwd`), where the two bytes of each activation took two byte and two word ones.
+    /// The four rows' integer dots of a block are added up into one vector (exactly: they
+    /// are integers), then converted, scaled and offset together, with the rows' d (and m)
+    /// converted at once by F16C.
+    ///
+    /// # Safety
+    /// As for `block_row_dots`, with `bytes` in `FORMAT` and four dots.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn block_row_group_dots<const FORMAT: u8>(
+        bytes: &[u8],
+        r: usize,
+        cols: usize,
+        (x, block_sums): (&RoundedRows, &[f32]),
+        dots: &mut [f32],
+    ) {
+        let size = block_bytes(FORMAT);
+        let blocks = cols / BLOCK;
+        assert!(x.rows() >= 1 && x.cols == cols && x.words.len() >= cols);
+        assert!(block_sums.len() >= blocks && dots.len() >= ROW_GROUP);
+        let rows = &bytes[r * blocks * size..(r + ROW_GROUP) * blocks * size];
+        // The four rows' f16 d (low half of each u32) and m (high half: Q4_1, Q5_1) split
+        // into d0..d3 then m0..m3.
+        let split = _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+        let centre = match FORMAT {
+            Q4_0 => -8.0,
+            Q5_0 => -16.0,
+            _ => 0.0,
+        };
+        let group_bytes = ROW_GROUP * blocks * size;
+        let mut totals = [_mm256_setzero_ps(); ROW_GROUP];
+        let mut offsets = _mm_setzero_ps();
+        let mut factors = [0f32; ROW_GROUP];
+        for b in 0..blocks {
+            // SAFETY: block b of each row lies inside `rows` (its first 4 bytes among them:
+            // every block has more); 32 words from b·32, their scale and their sum lie inside
+            // the slices checked above.
+            unsafe {
+                let words = x.words.as_ptr().add(b * BLOCK);
+                let xs = [0, RUN].map(|at| _mm256_loadu_si256(words.add(at) as *const __m256i));
+                let at = |k: usize| rows.as_ptr().add((k * blocks + b) * size);
+                let word = |k: usize| std::ptr::read_unaligned(at(k) as *const i32);
+                let stored = _mm_shuffle_epi8(_mm_setr_epi32(word(0), word(1), word(2), word(3)), split);
+                let dm = _mm256_cvtph_ps(stored);
+                let d = _mm256_castps256_ps128(dm);
+                let block_sum = *block_sums.get_unchecked(b);
+                offsets = match FORMAT {
+                    Q4_1 | Q5_1 => _mm_fmadd_ps(_mm256_extractf128_ps::<1>(dm), _mm_set1_ps(block_sum), offsets),
+                    Q4_0 | Q5_0 => _mm_fmadd_ps(d, _mm_set1_ps(centre * block_sum), offsets),
+                    _ => offsets,
+                };
+                _mm_storeu_ps(factors.as_mut_ptr(), _mm_mul_ps(d, _mm_set1_ps(*x.scales.get_unchecked(b))));
+                // Each row's factor broadcast from memory: a load, where a broadcast from a
+                // register takes the shuffle unit that widening the weights keeps busy.
+                let factors = std::hint::black_box(factors.as_ptr());
+                for (k, total) in totals.iter_mut().enumerate() {
+                    // The same block of the next group's row: read one group later.
+                    _mm_prefetch::<_MM_HINT_T0>(at(k).wrapping_add(group_bytes) as *const i8);
+                    let [first, second] = block_words::<FORMAT>(at(k));
+                    // Pairs of w·v at most 2·128·16256, and four products per lane below 2²⁴:
+                    // exact in f32.
+                    let v = _mm256_add_epi32(
+                        _mm256_madd_epi16(first, xs[0]),
+                        _mm256_madd_epi16(second, xs[1]),
+                    );
+                    *total = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_broadcast_ss(&*factors.add(k)), *total);
+                }
+            }
+        }
+        let mut sums = [0f32; ROW_GROUP];
+        // SAFETY: four f32.
+        unsafe { _mm_storeu_ps(sums.as_mut_ptr(), offsets) };
+        for ((dot, sum), offset) in dots.iter_mut().zip(super::super::avx2::sums4(&totals)).zip(sums) {
+            *dot = sum + offset;
+        }
+    }
+
+    /// A block's 32 integers (w, or u as `block_integers` gives them) as 16-bit words, the
+    /// elements 0..16 then 16..32.
+    ///
+    /// # Safety
+    /// `at` points at a whole block of `FORMAT`.
+    #[inline(always)]
+    unsafe fn block_words<const FORMAT: u8>(at: *const u8) -> [__m256i; 2] {
+        // SAFETY (loads): the value bytes lie inside the block.
+        unsafe {
+            match FORMAT {
+                Q8_0 => [2, 2 + RUN].map(|o| {
+                    _mm256_cvtepi8_epi16(_mm_loadu_si128(at.add(o) as *const __m128i))
+                }),
+                Q4_0 | Q4_1 => {
+                    let bytes = _mm_loadu_si128(at.add(values_at(FORMAT)) as *const __m128i);
+                    // Widened first (one shuffle, the load folded into it), then split: the
+                    // compiler otherwise splits the bytes first and widens twice.
+                    let q = opaque(_mm256_cvtepu8_epi16(bytes));
+                    [_mm256_and_si256(q, _mm256_set1_epi16(0x0f)), _mm256_srli_epi16::<4>(q)]
+                }
+                _ => {
+                    let u = block_integers::<FORMAT>(at);
+                    [
+                        _mm256_cvtepu8_epi16(_mm256_castsi256_si128(u)),
+                        _mm256_cvtepu8_epi16(_mm256_extracti128_si256::<1>(u)),
+                    ]
+                }
+            }
         }
     }
 
@@ -1344,6 +1526,59 @@ pub(super) mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// Not a test: times the decoding loops of the blocks of 32 on one thread, four rows at a
+    /// time against one at a time, in ns per block of each row
+    /// (`cargo test --release -p salience-engine block_dot_timings -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn block_dot_timings() {
+        if !super::super::Kernel::available().contains(&super::super::Kernel::Avx2) {
+            return;
+        }
+        use GgmlDType::*;
+        // A 1B model's gate matrix (in L3), a few rows (in L2), and from memory.
+        for (rows, cols, dtype) in [
+            (8192, 2048, Q4_0),
+            (256, 2048, Q4_0),
+            (32768, 2048, Q4_0),
+            (8192, 2048, Q4_1),
+            (8192, 2048, Q5_0),
+            (8192, 2048, Q8_0),
+        ] {
+            let (bytes, _) = quantized(rows, cols, dtype, 1);
+            let x = random(cols, 2);
+            let rounded = RoundedRows::new(&x, cols, BLOCK);
+            let sums: Vec<f32> = x.chunks(BLOCK).map(|b| b.iter().sum()).collect();
+            let mut dots = vec![0f32; rows];
+            let mut line = format!("{dtype:?}, {rows} × {cols}:");
+            for _ in 0..3 {
+                for one_at_a_time in [true, false] {
+                    let mut best = f64::MAX;
+                    for _ in 0..(80_000 / rows).max(3) {
+                        let t = std::time::Instant::now();
+                        // SAFETY: the CPU has AVX2 (checked above); `bytes` holds the rows.
+                        unsafe {
+                            avx2::block_dots_for_timing(
+                                &bytes,
+                                dtype,
+                                rows,
+                                cols,
+                                (&rounded, &sums),
+                                &mut dots,
+                                one_at_a_time,
+                            )
+                        };
+                        best = best.min(t.elapsed().as_secs_f64());
+                    }
+                    let ns = best * 1e9 / (rows * cols / BLOCK) as f64;
+                    let name = if one_at_a_time { "rows" } else { "groups" };
+                    line += &format!(" {name} {ns:.2}");
+                }
+            }
+            eprintln!("{line}");
         }
     }
 

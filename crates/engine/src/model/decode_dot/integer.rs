@@ -767,12 +767,17 @@ pub(super) mod avx2 {
     }
 
     /// The formats whose decoding dots take four weight rows at a time
-    /// (`block_row_group_dots`). Not Q5_0 and Q5_1: their fifth bits are merged into bytes
+    /// (`block_row_group_dots`): those whose dots are bound by their instructions. Not Q8_0,
+    /// whose decoding reads twice the bytes and is bound by reading them: one thread with
+    /// the matrix in L3, four rows took 1.2–1.35 ns per block against 1.85, but decoding from
+    /// memory ran slower (a 1B model 21.9 / 22.1 → 20.5 / 19.8 tokens/s, Gemma 3, whose Q8_0
+    /// output head is most of its bytes, 79.0 / 86.3 → 68.9 / 65.8), the four rows' streams
+    /// read less well than one. Not Q5_0 and Q5_1: their fifth bits are merged into bytes
     /// (`block_integers`), which then take two more shuffles to widen, and shuffles are what
     /// the four-row loop runs short of (one thread, ns per block: 2.4 one row at a time, 2.8
     /// four).
     const fn has_row_groups(format: u8) -> bool {
-        matches!(format, Q4_0 | Q4_1 | Q8_0)
+        matches!(format, Q4_0 | Q4_1)
     }
 
     /// `block_row_dots` for one input row, all weight rows one at a time
@@ -817,8 +822,8 @@ pub(super) mod avx2 {
         }
     }
 
-    /// `block_row_dots_n::<1, FORMAT>` for the four weight rows from r (Q4_0, Q4_1, Q8_0:
-    /// `has_row_groups`), with the activations as 16-bit words: a block's 32 weights widened
+    /// `block_row_dots_n::<1, FORMAT>` for the four weight rows from r (Q4_0 and Q4_1,
+    /// `has_row_groups`; Q8_0 for `block_dot_timings`), with the activations as 16-bit words: a block's 32 weights widened
     /// to words take two word multiply-adds, where the activations' two bytes took two byte
     /// and two word ones, and the four rows share each block's activation loads, scale and
     /// offset. Each row's d comes from the f16 table by a broadcast load, and Q4_0's centre

@@ -37,6 +37,10 @@
 //! part of a weight meets the rounding. Gemma 3 270M's Q4_K_M file and SmolLM2's Q4_1 file
 //! give the same greedy continuations either way (`server/tests/decoding.rs`). With
 //! `PROMPT_SALIENCE_EXACT_DECODING=1` every type takes the f32 kernels.
+//!
+//! Decoding's Q4_0 and Q4_1 dots take the same v as 16-bit words instead, four weight rows
+//! at a time (`avx2::block_row_group_dots`): a block's 32 weights widened to words take two
+//! word multiply-adds, where the two bytes take two byte and two word ones.
 
 use candle_core::quantized::GgmlDType;
 

@@ -222,7 +222,15 @@ pub fn product(
             .any(|p| p.blocks.and_then(|(_, dtype)| rounding_group(dtype)) == Some(group))
             .then(|| RoundedRows::new(x, cols, group))
     };
-    let (per_super_block, per_block) = (rounded_by(integer::SUPER), rounded_by(BLOCK));
+    let (per_super_block, mut per_block) = (rounded_by(integer::SUPER), rounded_by(BLOCK));
+    // Decoding's four-row loop multiplies the rounded values as words.
+    if n == 1
+        && parts
+            .iter()
+            .any(|p| p.blocks.is_some_and(|(_, d)| integer::takes_row_groups(d)))
+    {
+        per_block = per_block.map(RoundedRows::with_words);
+    }
     let mut by_row = vec![0f32; rows * n];
     by_row.par_chunks_mut(chunk * n).enumerate().for_each_init(
         || vec![0f32; cols],

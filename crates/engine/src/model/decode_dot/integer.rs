@@ -113,6 +113,21 @@ fn has_block_integer_dots(dtype: GgmlDType) -> bool {
     matches!(dtype, Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0)
 }
 
+/// The types whose decoding dots take four weight rows at a time against the activations
+/// as 16-bit words (`avx2::block_row_group_dots`, which needs `RoundedRows::with_words`):
+/// those whose dots are bound by their instructions. Not Q8_0, whose decoding reads twice the
+/// bytes and is bound by reading them: one thread with the matrix in L3, four rows took
+/// 1.2–1.35 ns per block against 1.85, but decoding from memory ran slower (a 1B model
+/// 21.9 / 22.1 → 20.5 / 19.8 tokens/s, Gemma 3, whose Q8_0 output head is most of its bytes,
+/// 79.0 / 86.3 → 68.9 / 65.8), the four rows' streams read less well than one. Not Q5_0 and
+/// Q5_1: their fifth bits are merged into bytes (`block_integers`), which then take two more
+/// shuffles to widen, and shuffles are what the four-row loop runs short of (one thread, ns
+/// per block: 2.4 one row at a time, 2.8 four). Both measured in `docs/performance-log.md`,
+/// twenty-fifth round.
+pub(in crate::model) fn takes_row_groups(dtype: GgmlDType) -> bool {
+    matches!(dtype, GgmlDType::Q4_0 | GgmlDType::Q4_1)
+}
+
 /// The K types: their decoding dots are integer ones on every CPU with AVX2, and their
 /// register dequantization lives here.
 pub fn has_integer_dots(dtype: GgmlDType) -> bool {
@@ -137,8 +152,8 @@ pub struct RoundedRows {
     /// v = 128·hi + lo for every value, in the rows' order.
     hi: Vec<i8>,
     lo: Vec<i8>,
-    /// v itself for rows rounded per block of 32 (`words`), which the four-row loop
-    /// multiplies as 16-bit words; empty for the K types.
+    /// v itself as 16-bit words, which the four-row loop multiplies (`with_words`); empty
+    /// unless asked for.
     words: Vec<i16>,
     /// s for each group of each row: the value x stands for s·v.
     scales: Vec<f32>,
@@ -157,22 +172,15 @@ impl RoundedRows {
         assert!(group.is_multiple_of(RUN) && cols.is_multiple_of(group));
         assert!(x.len().is_multiple_of(cols));
         let (mut hi, mut lo) = (vec![0i8; x.len()], vec![0i8; x.len()]);
-        let mut words = vec![0i16; if group == BLOCK { x.len() } else { 0 }];
         let mut v = vec![0f32; group];
         let scales = x
             .chunks(group)
             .zip(hi.chunks_mut(group).zip(lo.chunks_mut(group)))
-            .enumerate()
-            .map(|(g, (block, (hi, lo)))| {
+            .map(|(block, (hi, lo))| {
                 let scale = round_group(block, &mut v);
                 for ((v, hi), lo) in v.iter().zip(hi.iter_mut()).zip(lo.iter_mut()) {
                     let h = to_integer(v / 128.0);
                     (*hi, *lo) = (h as i8, (v - 128.0 * h) as i8);
-                }
-                if let Some(words) = words.get_mut(g * group..(g + 1) * group) {
-                    for (word, v) in words.iter_mut().zip(&v) {
-                        *word = *v as i16;
-                    }
                 }
                 scale
             })
@@ -188,11 +196,21 @@ impl RoundedRows {
             group,
             hi,
             lo,
-            words,
+            words: Vec::new(),
             scales,
             run_sums,
             pair_sums,
         }
+    }
+
+    /// The same rows with v = 128·hi + lo also as 16-bit words, for the four-row loop of the
+    /// formats that `takes_row_groups`.
+    pub fn with_words(mut self) -> RoundedRows {
+        let words = self.hi.iter().zip(&self.lo);
+        self.words = words
+            .map(|(&hi, &lo)| 128 * i16::from(hi) + i16::from(lo))
+            .collect();
+        self
     }
 
     /// The value that stands for x[i]: s·(128·hi + lo).
@@ -738,10 +756,11 @@ pub(super) mod avx2 {
                 each_weight_row!(block_row_dots_n, $format, (bytes, r, cols, x, dots, n))
             };
         }
-        // Decoding (one input row): four weight rows at a time, the rest one by one.
+        // Decoding (one input row) of the types that `takes_row_groups`: four weight rows at
+        // a time, the rest one by one.
         macro_rules! by_rows {
             ($format:expr) => {
-                if n == 1 && has_row_groups($format) {
+                if n == 1 {
                     let whole = rows / ROW_GROUP * ROW_GROUP;
                     for (g, dots) in dots[..whole].chunks_exact_mut(ROW_GROUP).enumerate() {
                         let r = r + g * ROW_GROUP;
@@ -763,25 +782,11 @@ pub(super) mod avx2 {
         match dtype {
             GgmlDType::Q4_0 => by_rows!(Q4_0),
             GgmlDType::Q4_1 => by_rows!(Q4_1),
-            GgmlDType::Q5_0 => by_rows!(Q5_0),
-            GgmlDType::Q5_1 => by_rows!(Q5_1),
-            GgmlDType::Q8_0 => by_rows!(Q8_0),
+            GgmlDType::Q5_0 => each_row!(Q5_0),
+            GgmlDType::Q5_1 => each_row!(Q5_1),
+            GgmlDType::Q8_0 => each_row!(Q8_0),
             _ => unreachable!("no integer block dots for {dtype:?}"),
         }
-    }
-
-    /// The formats whose decoding dots take four weight rows at a time
-    /// (`block_row_group_dots`): those whose dots are bound by their instructions. Not Q8_0,
-    /// whose decoding reads twice the bytes and is bound by reading them: one thread with
-    /// the matrix in L3, four rows took 1.2–1.35 ns per block against 1.85, but decoding from
-    /// memory ran slower (a 1B model 21.9 / 22.1 → 20.5 / 19.8 tokens/s, Gemma 3, whose Q8_0
-    /// output head is most of its bytes, 79.0 / 86.3 → 68.9 / 65.8), the four rows' streams
-    /// read less well than one. Not Q5_0 and Q5_1: their fifth bits are merged into bytes
-    /// (`block_integers`), which then take two more shuffles to widen, and shuffles are what
-    /// the four-row loop runs short of (one thread, ns per block: 2.4 one row at a time, 2.8
-    /// four).
-    const fn has_row_groups(format: u8) -> bool {
-        matches!(format, Q4_0 | Q4_1)
     }
 
     /// `block_row_dots` for one input row, all weight rows one at a time
@@ -821,19 +826,18 @@ pub(super) mod avx2 {
         match dtype {
             GgmlDType::Q4_0 => each!(Q4_0),
             GgmlDType::Q4_1 => each!(Q4_1),
-            GgmlDType::Q8_0 => each!(Q8_0),
             _ => unreachable!("no four-row dots for {dtype:?}"),
         }
     }
 
     /// `block_row_dots_n::<1, FORMAT>` for the four weight rows from r (Q4_0 and Q4_1,
-    /// `has_row_groups`; Q8_0 for `block_dot_timings`), with the activations as 16-bit words: a block's 32 weights widened
+    /// `takes_row_groups`), with the activations as 16-bit words: a block's 32 weights widened
     /// to words take two word multiply-adds, where the activations' two bytes took two byte
     /// and two word ones, and the four rows share each block's activation loads, scale and
     /// offset. Each row's d comes from the f16 table by a broadcast load, and Q4_0's centre
     /// −8d goes into the same multiply-add as the scale, spread over the eight lanes that
     /// are summed at the end. One thread, ns per block of a row (`block_dot_timings`, 8192 ×
-    /// 2048, in L3): Q4_0 1.91 → 1.25, Q4_1 1.91 → 1.43, Q8_0 1.85 → 1.2–1.35.
+    /// 2048, in L3): Q4_0 1.91 → 1.25, Q4_1 1.91 → 1.43.
     ///
     /// # Safety
     /// As for `block_row_dots`, with `bytes` in `FORMAT` and four dots.
@@ -846,12 +850,12 @@ pub(super) mod avx2 {
         (x, block_sums): (&RoundedRows, &[f32]),
         dots: &mut [f32],
     ) {
+        const { assert!(FORMAT == Q4_0 || FORMAT == Q4_1) };
         let size = block_bytes(FORMAT);
         let blocks = cols / BLOCK;
         assert!(x.rows() >= 1 && x.cols == cols && x.words.len() >= cols);
         assert!(block_sums.len() >= blocks && dots.len() >= ROW_GROUP);
         let rows = &bytes[r * blocks * size..(r + ROW_GROUP) * blocks * size];
-        let centre = if FORMAT == Q4_0 { -8.0 } else { 0.0 };
         let group_bytes = ROW_GROUP * blocks * size;
         let f16_values = f16_values();
         let mut totals = [_mm256_setzero_ps(); ROW_GROUP];
@@ -863,9 +867,10 @@ pub(super) mod avx2 {
                 let words = x.words.as_ptr().add(b * BLOCK);
                 let xs = [0, RUN].map(|at| _mm256_loadu_si256(words.add(at) as *const __m256i));
                 let scale = _mm256_broadcast_ss(x.scales.get_unchecked(b));
-                // A block's offset m·Σx spread over the eight lanes that are summed at the end.
+                // Q4_0's offset −8d·Σx spread over the eight lanes summed at the end: each lane
+                // takes −Σx, which d then scales.
                 let block_sum = *block_sums.get_unchecked(b);
-                let lane_offset = _mm256_set1_ps(centre * block_sum / 8.0);
+                let lane_offset = _mm256_set1_ps(-block_sum);
                 for (k, total) in totals.iter_mut().enumerate() {
                     let at = rows.as_ptr().add((k * blocks + b) * size);
                     // The same block of the next group's row: read one group later.
@@ -879,14 +884,12 @@ pub(super) mod avx2 {
                     ));
                     let bits = |o: usize| std::ptr::read_unaligned(at.add(o) as *const u16);
                     let d = _mm256_broadcast_ss(&f16_values[bits(0) as usize]);
-                    *total = match FORMAT {
-                        Q4_1 => {
-                            let m = f16_values[bits(2) as usize];
-                            offsets[k] = m.mul_add(block_sum, offsets[k]);
-                            _mm256_fmadd_ps(_mm256_mul_ps(v, scale), d, *total)
-                        }
-                        Q4_0 => _mm256_fmadd_ps(_mm256_fmadd_ps(v, scale, lane_offset), d, *total),
-                        _ => _mm256_fmadd_ps(_mm256_mul_ps(v, scale), d, *total),
+                    *total = if FORMAT == Q4_1 {
+                        let m = f16_values[bits(2) as usize];
+                        offsets[k] = m.mul_add(block_sum, offsets[k]);
+                        _mm256_fmadd_ps(_mm256_mul_ps(v, scale), d, *total)
+                    } else {
+                        _mm256_fmadd_ps(_mm256_fmadd_ps(v, scale, lane_offset), d, *total)
                     };
                 }
             }
@@ -897,8 +900,7 @@ pub(super) mod avx2 {
         }
     }
 
-    /// A block's 32 integers (Q8_0's w, Q4_0's and Q4_1's stored u) as 16-bit words, the
-    /// elements 0..16 then 16..32.
+    /// A Q4_0 or Q4_1 block's 32 stored u as 16-bit words, the elements 0..16 then 16..32.
     ///
     /// # Safety
     /// `at` points at a whole block of `FORMAT`.
@@ -906,21 +908,14 @@ pub(super) mod avx2 {
     unsafe fn block_words<const FORMAT: u8>(at: *const u8) -> [__m256i; 2] {
         // SAFETY (loads): the value bytes lie inside the block.
         unsafe {
-            match FORMAT {
-                Q8_0 => [2, 2 + RUN]
-                    .map(|o| _mm256_cvtepi8_epi16(_mm_loadu_si128(at.add(o) as *const __m128i))),
-                Q4_0 | Q4_1 => {
-                    let bytes = _mm_loadu_si128(at.add(values_at(FORMAT)) as *const __m128i);
-                    // Widened first (one shuffle, the load folded into it), then split: the
-                    // compiler otherwise splits the bytes first and widens twice.
-                    let q = opaque(_mm256_cvtepu8_epi16(bytes));
-                    [
-                        _mm256_and_si256(q, _mm256_set1_epi16(0x0f)),
-                        _mm256_srli_epi16::<4>(q),
-                    ]
-                }
-                _ => unreachable!("no four-row dots for format {FORMAT}"),
-            }
+            let bytes = _mm_loadu_si128(at.add(values_at(FORMAT)) as *const __m128i);
+            // Widened first (one shuffle, the load folded into it), then split: the compiler
+            // otherwise splits the bytes first and widens twice.
+            let q = opaque(_mm256_cvtepu8_epi16(bytes));
+            [
+                _mm256_and_si256(q, _mm256_set1_epi16(0x0f)),
+                _mm256_srli_epi16::<4>(q),
+            ]
         }
     }
 
@@ -1554,11 +1549,10 @@ pub(super) mod tests {
             (256, 2048, Q4_0),
             (32768, 2048, Q4_0),
             (8192, 2048, Q4_1),
-            (8192, 2048, Q8_0),
         ] {
             let (bytes, _) = quantized(rows, cols, dtype, 1);
             let x = random(cols, 2);
-            let rounded = RoundedRows::new(&x, cols, BLOCK);
+            let rounded = RoundedRows::new(&x, cols, BLOCK).with_words();
             let sums: Vec<f32> = x.chunks(BLOCK).map(|b| b.iter().sum()).collect();
             let mut dots = vec![0f32; rows];
             let mut line = format!("{dtype:?}, {rows} × {cols}:");

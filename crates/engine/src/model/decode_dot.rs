@@ -47,6 +47,25 @@ const BLOCK: usize = 32;
 #[cfg(target_arch = "x86_64")]
 const ROW_GROUP: usize = 4;
 
+/// One input row's dots with the weight rows from `r`, one dot per row: whole groups of
+/// `ROW_GROUP` rows go to `group(first row, dots)`, the rows left over to `one(row, dot)`.
+#[cfg(target_arch = "x86_64")]
+fn in_row_groups(
+    r: usize,
+    dots: &mut [f32],
+    mut group: impl FnMut(usize, &mut [f32]),
+    mut one: impl FnMut(usize, &mut [f32]),
+) {
+    let whole = dots.len() / ROW_GROUP * ROW_GROUP;
+    let (groups, rest) = dots.split_at_mut(whole);
+    for (g, dots) in groups.chunks_exact_mut(ROW_GROUP).enumerate() {
+        group(r + g * ROW_GROUP, dots);
+    }
+    for (k, dot) in rest.chunks_mut(1).enumerate() {
+        one(r + whole + k, dot);
+    }
+}
+
 /// Which implementation runs: chosen from the CPU at run time, selectable for tests and, with
 /// `PROMPT_SALIENCE_KERNEL=avx2|portable`, cappable by hand (to measure one against another).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -498,15 +517,16 @@ macro_rules! register_kernel_entry_points {
             macro_rules! by_rows {
                 ($format:expr) => {
                     if n == 1 {
-                        let whole = rows / ROW_GROUP * ROW_GROUP;
-                        for (g, dots) in dots[..whole].chunks_exact_mut(ROW_GROUP).enumerate() {
-                            let r = r + g * ROW_GROUP;
-                            row_group_dots::<{ $format }>(bytes, r, cols, x, block_sums, dots);
-                        }
-                        for (k, dots) in dots[whole..].chunks_mut(1).enumerate() {
-                            let r = r + whole + k;
-                            row_dots_n::<1, { $format }>(bytes, r, cols, x, block_sums, dots);
-                        }
+                        super::in_row_groups(
+                            r,
+                            dots,
+                            |r, dots| {
+                                row_group_dots::<{ $format }>(bytes, r, cols, x, block_sums, dots)
+                            },
+                            |r, dot| {
+                                row_dots_n::<1, { $format }>(bytes, r, cols, x, block_sums, dot)
+                            },
+                        )
                     } else {
                         each_row!(|r, dots| row_dots_n::<N, { $format }>(
                             bytes, r, cols, x, block_sums, dots

@@ -322,7 +322,7 @@ pub(super) mod avx2 {
         block_bytes, block_scales, fifth_bits_at, k_bytes, q4k_fields, stored_nibbles, values_at,
         Q2K_BYTES, Q3K_BYTES, Q4_0, Q4_1, Q5_0, Q5_1, Q6K_BYTES, Q8_0,
     };
-    use super::super::{f16_values, prefetch_ahead, ROW_GROUP};
+    use super::super::{f16_values, in_row_groups, prefetch_ahead, ROW_GROUP};
     use super::{RoundedRows, BLOCK, RUN, SUPER};
     use candle_core::quantized::GgmlDType;
     use std::arch::x86_64::*;
@@ -761,18 +761,16 @@ pub(super) mod avx2 {
         macro_rules! by_rows {
             ($format:expr) => {
                 if n == 1 {
-                    let whole = rows / ROW_GROUP * ROW_GROUP;
-                    for (g, dots) in dots[..whole].chunks_exact_mut(ROW_GROUP).enumerate() {
-                        let r = r + g * ROW_GROUP;
-                        // SAFETY: as for this function.
-                        unsafe { block_row_group_dots::<{ $format }>(bytes, r, cols, x, dots) }
-                    }
-                    let tail = (&mut dots[whole..], r + whole);
-                    // SAFETY: as for this function.
-                    each_weight_row!(
-                        block_row_dots_n,
-                        $format,
-                        (bytes, tail.1, cols, x, tail.0, n)
+                    in_row_groups(
+                        r,
+                        dots,
+                        // SAFETY (both): as for this function.
+                        |r, dots| unsafe {
+                            block_row_group_dots::<{ $format }>(bytes, r, cols, x, dots)
+                        },
+                        |r, dot| unsafe {
+                            block_row_dots_n::<1, { $format }>(bytes, r, cols, x, dot)
+                        },
                     )
                 } else {
                     each_row!($format)

@@ -66,6 +66,44 @@ pub fn multiply_add_limit_with(kernel: Kernel, time: Duration) -> MultiplyAddLim
     }
 }
 
+/// Whether this CPU runs 512-bit multiply-adds at about twice the rate of 256-bit ones (Intel
+/// Xeons with two 512-bit FMA units), rather than at the same rate (AMD Zen 4 runs each 512-bit
+/// instruction through its 256-bit units in two halves). False without AVX-512. Measured once,
+/// on the calling thread: the best of a few short runs of each width, alternating, so that a
+/// busy moment on a shared host slows one run, not the answer.
+pub fn wide_multiply_adds() -> bool {
+    static WIDE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WIDE.get_or_init(|| {
+        if !Kernel::available().contains(&Kernel::Avx512) {
+            return false;
+        }
+        let rate = |kernel: Kernel| {
+            let started = Instant::now();
+            let (ops, sum) = chains(kernel, STEPS / 4);
+            std::hint::black_box(sum);
+            ops / started.elapsed().as_secs_f64()
+        };
+        let (mut wide, mut narrow) = (0f64, 0f64);
+        for _ in 0..5 {
+            wide = wide.max(rate(Kernel::Avx512));
+            narrow = narrow.max(rate(Kernel::Avx2));
+        }
+        let answer = twice_the_rate(wide, narrow);
+        tracing::debug!(
+            "512-bit multiply-adds {:.1} GFLOP/s, 256-bit {:.1}: wide = {answer}",
+            wide / 1e9,
+            narrow / 1e9
+        );
+        answer
+    })
+}
+
+/// The call on two measured rates: the widths differ by 2× where 512 bits run at full rate
+/// and not at all where they run in halves, so the middle separates them.
+fn twice_the_rate(rate_512: f64, rate_256: f64) -> bool {
+    rate_512 > 1.5 * rate_256
+}
+
 /// Runs `steps` of the chains with `kernel`: (floating-point operations done, the sum of the
 /// chains' final values, in f64: the tests know it).
 fn chains(kernel: Kernel, steps: usize) -> (f64, f64) {
@@ -169,6 +207,18 @@ mod tests {
                 assert_eq!(lanes, expected_lanes, "{kernel:?}");
             }
         }
+    }
+
+    #[test]
+    fn wide_multiply_adds_are_told_from_halves() {
+        assert!(twice_the_rate(2.0e11, 1.0e11));
+        assert!(!twice_the_rate(1.05e11, 1.0e11));
+        assert!(!twice_the_rate(0.9e11, 1.0e11));
+        if !Kernel::available().contains(&Kernel::Avx512) {
+            assert!(!wide_multiply_adds());
+        }
+        // Asked again: the same answer, measured once.
+        assert_eq!(wide_multiply_adds(), wide_multiply_adds());
     }
 
     #[test]

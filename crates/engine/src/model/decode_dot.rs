@@ -33,6 +33,8 @@ pub use integer::has_integer_dots;
 pub(super) use integer::prefill;
 #[cfg(test)]
 pub(super) use integer::rounding_group;
+#[cfg(target_arch = "x86_64")]
+pub(super) use integer::takes_256_bit_integers;
 use integer::RoundedRows;
 
 /// Up to this many activation rows go through these kernels; more share tiles better.

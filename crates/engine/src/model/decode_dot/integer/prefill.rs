@@ -30,7 +30,7 @@ use super::super::super::matmul::{SharedOut, MR, NR};
 use super::super::avx2::{block_bytes, block_scales, q4k_fields, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
 use super::super::f16_values;
 use super::avx2::{self as k, block_integers, f16_at, is_signed, run_integers, scale_bytes};
-use super::{round_group, BLOCK};
+use super::{round_group, WordSums, BLOCK};
 
 /// Pairs of 16-bit values along the depth per block of 32.
 const PAIRS: usize = BLOCK / 2;
@@ -153,6 +153,11 @@ pub fn available() -> bool {
 /// Panics unless the CPU runs it (`available`), every part's type is one that `takes`, and
 /// its bytes hold its rows of `cols / 32` blocks.
 pub fn product(parts: &[Part], x: &[f32], cols: usize) -> Vec<f32> {
+    product_with(parts, x, cols, WordSums::best())
+}
+
+/// `product` with the tile's sums taken as `sums` says.
+fn product_with(parts: &[Part], x: &[f32], cols: usize, sums: WordSums) -> Vec<f32> {
     assert!(
         available(),
         "the integer prefill product needs AVX2, FMA and F16C"
@@ -217,7 +222,10 @@ pub fn product(parts: &[Part], x: &[f32], cols: usize) -> Vec<f32> {
             let out = (shared, n, total, first_column + j0, width);
             unsafe {
                 buffers.interleave();
-                panel_times_packed_rows(&a, buffers, offsets, out)
+                match sums {
+                    WordSums::Separate => panel_times_packed_rows(&a, buffers, offsets, out),
+                    WordSums::Fused => panel_times_packed_rows_vnni(&a, buffers, offsets, out),
+                }
             };
         },
     );
@@ -392,6 +400,36 @@ unsafe fn panel_times_packed_rows(
     a: &PackedActivations,
     buffers: &PanelBuffers,
     offsets: Offsets,
+    out: (SharedOut, usize, usize, usize, usize),
+) {
+    // SAFETY: the caller's.
+    unsafe { panel_times::<false>(a, buffers, offsets, out) }
+}
+
+/// `panel_times_packed_rows` with each multiply-add of the tile one `vpdpwssd`.
+///
+/// # Safety
+/// As for `panel_times_packed_rows`, and the CPU has AVX-512 VNNI and VL.
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+unsafe fn panel_times_packed_rows_vnni(
+    a: &PackedActivations,
+    buffers: &PanelBuffers,
+    offsets: Offsets,
+    out: (SharedOut, usize, usize, usize, usize),
+) {
+    // SAFETY: the caller's.
+    unsafe { panel_times::<true>(a, buffers, offsets, out) }
+}
+
+/// The body of both: inlined into each, so that it runs with their CPU features.
+///
+/// # Safety
+/// As for `panel_times_packed_rows`, and AVX-512 VNNI and VL where `FUSED`.
+#[inline(always)]
+unsafe fn panel_times<const FUSED: bool>(
+    a: &PackedActivations,
+    buffers: &PanelBuffers,
+    offsets: Offsets,
     (out, n, ldc, column, width): (SharedOut, usize, usize, usize, usize),
 ) {
     let blocks = a.blocks;
@@ -420,8 +458,13 @@ unsafe fn panel_times_packed_rows(
                     let w1 = _mm256_loadu_si256(w.add(NR) as *const __m256i);
                     for (r, acc) in acc.iter_mut().enumerate() {
                         let v = _mm256_set1_epi32(*panel.get_unchecked(p * MR + r));
-                        acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(v, w0));
-                        acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(v, w1));
+                        if FUSED {
+                            acc[0] = _mm256_dpwssd_epi32(acc[0], v, w0);
+                            acc[1] = _mm256_dpwssd_epi32(acc[1], v, w1);
+                        } else {
+                            acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(v, w0));
+                            acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(v, w1));
+                        }
                     }
                 }
             }
@@ -528,14 +571,17 @@ mod tests {
             ];
             for n in [5, 6, 7, 13] {
                 let x = on_grid(n * cols, 50 + n as u64, BLOCK);
-                let got = product(&parts, &x, cols);
                 let (want, size) = plain(&[(w_a.clone(), 21), (w_b.clone(), 16)], &x, cols);
-                assert_eq!(got.len(), want.len());
-                for (o, ((g, w), s)) in got.iter().zip(&want).zip(&size).enumerate() {
-                    assert!(
-                        (f64::from(*g) - w).abs() <= 1e-6 * s,
-                        "{dtype:?} + {other:?}, n = {n}, output {o}: {g} against {w} (size {s})"
-                    );
+                for sums in WordSums::available() {
+                    let got = product_with(&parts, &x, cols, sums);
+                    assert_eq!(got.len(), want.len());
+                    for (o, ((g, w), s)) in got.iter().zip(&want).zip(&size).enumerate() {
+                        assert!(
+                            (f64::from(*g) - w).abs() <= 1e-6 * s,
+                            "{dtype:?} + {other:?}, {sums:?}, n = {n}, output {o}: {g} against \
+                             {w} (size {s})"
+                        );
+                    }
                 }
             }
         }
@@ -560,6 +606,15 @@ mod tests {
                 rows: 18,
             }];
             let got = product(&parts, &x, cols);
+            // The fused multiply-adds give the same bits as the separate ones.
+            for sums in WordSums::available() {
+                let again = product_with(&parts, &x, cols, sums);
+                let same = got
+                    .iter()
+                    .zip(&again)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{dtype:?}: {sums:?} gave other bits");
+            }
             for i in 0..n {
                 let xi = &x[i * cols..(i + 1) * cols];
                 for r in 0..18 {

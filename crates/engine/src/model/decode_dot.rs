@@ -278,8 +278,7 @@ pub fn product(
                         };
                         let x = x.as_ref().expect("rounded for this part");
                         // SAFETY (all three): `rounding_group` is Some only where the CPU has
-                        // AVX2, FMA and F16C (and `WordSums::best` is fused only where it has
-                        // AVX-512 VNNI and VL), and the 512-bit kernels are taken where it has
+                        // AVX2, FMA and F16C, and the 512-bit kernels are taken where it has
                         // AVX-512F and BW; the rows lie inside `bytes`.
                         if blocks_of_32 {
                             let x = (x, &block_sums[..]);
@@ -291,15 +290,12 @@ pub fn product(
                                     cols,
                                     x,
                                     dots,
-                                    integer::WordSums::best(),
                                 )
                             }
                         } else if integer::takes_avx512(kernel) {
-                            let row_dots = match integer::WordSums::best() {
-                                integer::WordSums::Fused => integer::avx512::row_dots_vnni,
-                                integer::WordSums::Separate => integer::avx512::row_dots,
-                            };
-                            unsafe { row_dots(bytes, dtype, (r, rows), cols, x, dots) }
+                            unsafe {
+                                integer::avx512::row_dots(bytes, dtype, (r, rows), cols, x, dots)
+                            }
                         } else {
                             unsafe {
                                 integer::avx2::row_dots(bytes, dtype, (r, rows), cols, x, dots)

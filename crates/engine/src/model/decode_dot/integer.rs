@@ -243,10 +243,14 @@ impl RoundedRows {
     }
 }
 
-/// How the 256-bit integer loops add pairs of 16-bit products into their 32-bit sums:
+/// How the prefill tile (`prefill`) adds pairs of 16-bit products into its 32-bit sums:
 /// `vpmaddwd` then `vpaddd`, or one `vpdpwssd` where the CPU has AVX-512 VNNI (and VL, for
-/// 256-bit registers). The same bits either way: both wrap alike, and no sum here comes near
-/// 2³¹.
+/// 256-bit registers). The same bits either way: both wrap alike, and no sum there comes near
+/// 2³¹. Decoding's loops keep the separate instructions: fused, the Q4_0/Q4_1 four-row loop
+/// and the K types' 512-bit loop decoded no faster (AMD Zen 4, Llama 1B shapes: Q4_0
+/// 27.5 / 25.6 against 26.2 / 28.3 tokens/s, Q4_K 37.3 / 36.2 against 36.3 / 33.6, Q2_K
+/// 40.5 / 42.6 against 43.0 / 42.4), where the prefill of 100 tokens took 0.84–0.87 → 0.75–0.76 s
+/// (Q4_K) and 0.86–0.99 → 0.76–0.79 s (Q2_K).
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(in crate::model) enum WordSums {
@@ -300,12 +304,13 @@ macro_rules! each_weight_row {
     };
 }
 
-/// A K-type row-dots entry point `$name` for the CPU features `$features`: it picks the
-/// module's `$row_dots_n` for the storage type and the number of input rows, so that each
-/// loop is compiled without a branch per super-block.
+/// An integer kernel module's entry points for the CPU features `$features`: `row_dots` picks
+/// the module's `row_dots_n` for the storage type and the number of input rows, and
+/// `dequantize` its `dequantize_as`, so that each loop is compiled without a branch per
+/// super-block.
 #[cfg(target_arch = "x86_64")]
-macro_rules! k_row_dots_entry {
-    ($name:ident, $row_dots_n:ident, $features:literal) => {
+macro_rules! integer_entry_points {
+    ($features:literal) => {
         /// dots[k·n + i] = W[r + k] · x_i for the `rows` rows from r and the n = dots.len() /
         /// rows rounded input rows x_i.
         ///
@@ -313,7 +318,7 @@ macro_rules! k_row_dots_entry {
         /// The CPU has `$features`; `bytes` holds rows of `cols / 256` super-blocks of `dtype`,
         /// one with integer dots.
         #[target_feature(enable = $features)]
-        pub(in super::super) unsafe fn $name(
+        pub(in super::super) unsafe fn row_dots(
             bytes: &[u8],
             dtype: GgmlDType,
             (r, rows): (usize, usize),
@@ -326,7 +331,7 @@ macro_rules! k_row_dots_entry {
             macro_rules! each_row {
                 ($format:expr) => {
                     // SAFETY: as for this function.
-                    each_weight_row!($row_dots_n, $format, (bytes, r, cols, x, dots, n))
+                    each_weight_row!(row_dots_n, $format, (bytes, r, cols, x, dots, n))
                 };
             }
             match dtype {
@@ -338,16 +343,6 @@ macro_rules! k_row_dots_entry {
                 _ => unreachable!("no integer dots for {dtype:?}"),
             }
         }
-    };
-}
-
-/// An integer kernel module's entry points for the CPU features `$features`: `row_dots`
-/// (`k_row_dots_entry`), and `dequantize`, which picks the module's `dequantize_as` for the
-/// storage type.
-#[cfg(target_arch = "x86_64")]
-macro_rules! integer_entry_points {
-    ($features:literal) => {
-        k_row_dots_entry!(row_dots, row_dots_n, $features);
 
         /// Writes the values of the whole K super-blocks in `blocks` into `dst` in runs of 16,
         /// `stride` apart (as `dequantize::dequantize_blocks`), with the same bits as candle's
@@ -807,7 +802,6 @@ pub(super) mod avx2 {
         cols: usize,
         (x, block_sums): (&RoundedRows, &[f32]),
         dots: &mut [f32],
-        sums: super::WordSums,
     ) {
         let n = dots.len() / rows;
         assert!(x.cols == cols && x.group == BLOCK && x.rows() >= n);
@@ -829,11 +823,7 @@ pub(super) mod avx2 {
                         dots,
                         // SAFETY (both): as for this function.
                         |r, dots| unsafe {
-                            if sums == super::WordSums::Fused {
-                                block_row_group_dots_vnni::<{ $format }>(bytes, r, cols, x, dots)
-                            } else {
-                                block_row_group_dots::<{ $format }>(bytes, r, cols, x, dots)
-                            }
+                            block_row_group_dots::<{ $format }>(bytes, r, cols, x, dots)
                         },
                         |r, dot| unsafe {
                             block_row_dots_n::<1, { $format }>(bytes, r, cols, x, dot)
@@ -869,26 +859,20 @@ pub(super) mod avx2 {
         cols: usize,
         x: (&RoundedRows, &[f32]),
         dots: &mut [f32],
-        in_groups: Option<super::WordSums>,
+        one_at_a_time: bool,
     ) {
         macro_rules! each {
             ($format:expr) => {
                 for r in (0..rows).step_by(ROW_GROUP) {
                     let dots = &mut dots[r..r + ROW_GROUP];
-                    // SAFETY: as for this function (fused only where the CPU has it).
+                    // SAFETY: as for this function.
                     unsafe {
-                        match in_groups {
-                            None => {
-                                for (k, dot) in dots.chunks_mut(1).enumerate() {
-                                    block_row_dots_n::<1, { $format }>(bytes, r + k, cols, x, dot)
-                                }
+                        if one_at_a_time {
+                            for (k, dot) in dots.chunks_mut(1).enumerate() {
+                                block_row_dots_n::<1, { $format }>(bytes, r + k, cols, x, dot)
                             }
-                            Some(super::WordSums::Separate) => {
-                                block_row_group_dots::<{ $format }>(bytes, r, cols, x, dots)
-                            }
-                            Some(super::WordSums::Fused) => {
-                                block_row_group_dots_vnni::<{ $format }>(bytes, r, cols, x, dots)
-                            }
+                        } else {
+                            block_row_group_dots::<{ $format }>(bytes, r, cols, x, dots)
                         }
                     }
                 }
@@ -915,40 +899,6 @@ pub(super) mod avx2 {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn block_row_group_dots<const FORMAT: u8>(
-        bytes: &[u8],
-        r: usize,
-        cols: usize,
-        x: (&RoundedRows, &[f32]),
-        dots: &mut [f32],
-    ) {
-        // SAFETY: the caller's.
-        unsafe { row_group_dots::<FORMAT, false>(bytes, r, cols, x, dots) }
-    }
-
-    /// `block_row_group_dots` with each block's two word multiply-adds and their sum one
-    /// `vpmaddwd` and one `vpdpwssd` (`WordSums::Fused`).
-    ///
-    /// # Safety
-    /// As for `block_row_group_dots`, and the CPU has AVX-512 VNNI and VL.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-    unsafe fn block_row_group_dots_vnni<const FORMAT: u8>(
-        bytes: &[u8],
-        r: usize,
-        cols: usize,
-        x: (&RoundedRows, &[f32]),
-        dots: &mut [f32],
-    ) {
-        // SAFETY: the caller's.
-        unsafe { row_group_dots::<FORMAT, true>(bytes, r, cols, x, dots) }
-    }
-
-    /// The body of both: inlined into each, so that it runs with their CPU features.
-    ///
-    /// # Safety
-    /// As for `block_row_group_dots`, and AVX-512 VNNI and VL where `FUSED`.
-    #[inline(always)]
-    unsafe fn row_group_dots<const FORMAT: u8, const FUSED: bool>(
         bytes: &[u8],
         r: usize,
         cols: usize,
@@ -983,12 +933,10 @@ pub(super) mod avx2 {
                     let [first, second] = block_words::<FORMAT>(at);
                     // Pairs of w·v at most 2·128·16256, and four products per lane below 2²⁴:
                     // exact in f32.
-                    let low = _mm256_madd_epi16(first, xs[0]);
-                    let v = _mm256_cvtepi32_ps(if FUSED {
-                        _mm256_dpwssd_epi32(low, second, xs[1])
-                    } else {
-                        _mm256_add_epi32(low, _mm256_madd_epi16(second, xs[1]))
-                    });
+                    let v = _mm256_cvtepi32_ps(_mm256_add_epi32(
+                        _mm256_madd_epi16(first, xs[0]),
+                        _mm256_madd_epi16(second, xs[1]),
+                    ));
                     let bits = |o: usize| std::ptr::read_unaligned(at.add(o) as *const u16);
                     let d = _mm256_broadcast_ss(&f16_values[bits(0) as usize]);
                     *total = if FORMAT == Q4_1 {
@@ -1372,12 +1320,6 @@ pub(super) mod avx512 {
         }
     }
 
-    k_row_dots_entry!(
-        row_dots_vnni,
-        row_dots_n_vnni,
-        "avx512f,avx512bw,avx512vnni,avx2,fma,f16c"
-    );
-
     /// Row r's dots with N rounded input rows.
     ///
     /// # Safety
@@ -1385,40 +1327,6 @@ pub(super) mod avx512 {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
     unsafe fn row_dots_n<const N: usize, const FORMAT: u8>(
-        bytes: &[u8],
-        r: usize,
-        cols: usize,
-        x: &RoundedRows,
-        dots: &mut [f32],
-    ) {
-        // SAFETY: the caller's.
-        unsafe { k_row_dots::<N, FORMAT, false>(bytes, r, cols, x, dots) }
-    }
-
-    /// `row_dots_n` with each word multiply-add and its sum one `vpdpwssd`
-    /// (`WordSums::Fused`).
-    ///
-    /// # Safety
-    /// As for `row_dots`, and the CPU has AVX-512 VNNI.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-    unsafe fn row_dots_n_vnni<const N: usize, const FORMAT: u8>(
-        bytes: &[u8],
-        r: usize,
-        cols: usize,
-        x: &RoundedRows,
-        dots: &mut [f32],
-    ) {
-        // SAFETY: the caller's.
-        unsafe { k_row_dots::<N, FORMAT, true>(bytes, r, cols, x, dots) }
-    }
-
-    /// The body of both: inlined into each, so that it runs with their CPU features.
-    ///
-    /// # Safety
-    /// As for `row_dots`, and AVX-512 VNNI where `FUSED`.
-    #[inline(always)]
-    unsafe fn k_row_dots<const N: usize, const FORMAT: u8, const FUSED: bool>(
         bytes: &[u8],
         r: usize,
         cols: usize,
@@ -1480,13 +1388,8 @@ pub(super) mod avx512 {
                         let lo = _mm512_loadu_si512(x.lo.as_ptr().add(o) as *const _);
                         let pairs_hi = _mm512_maddubs_epi16(u, hi);
                         let pairs_lo = _mm512_maddubs_epi16(u, lo);
-                        if FUSED {
-                            high[i] = _mm512_dpwssd_epi32(high[i], sc, pairs_hi);
-                            low[i] = _mm512_dpwssd_epi32(low[i], sc, pairs_lo);
-                        } else {
-                            high[i] = _mm512_add_epi32(high[i], _mm512_madd_epi16(sc, pairs_hi));
-                            low[i] = _mm512_add_epi32(low[i], _mm512_madd_epi16(sc, pairs_lo));
-                        }
+                        high[i] = _mm512_add_epi32(high[i], _mm512_madd_epi16(sc, pairs_hi));
+                        low[i] = _mm512_add_epi32(low[i], _mm512_madd_epi16(sc, pairs_lo));
                     }
                 }
                 for i in 0..N {
@@ -1686,60 +1589,6 @@ pub(super) mod tests {
         }
     }
 
-    #[test]
-    fn fused_word_sums_give_the_same_bits() {
-        if WordSums::best() != WordSums::Fused {
-            eprintln!("this CPU has no AVX-512 VNNI: the fused word sums are not used");
-            return;
-        }
-        // Nine rows: two groups of four and one row alone.
-        let (rows, cols) = (9, 12 * BLOCK);
-        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1] {
-            let (bytes, _) = quantized(rows, cols, dtype, 80);
-            let x = random(cols, 81);
-            let rounded = RoundedRows::new(&x, cols, BLOCK).with_words();
-            let sums: Vec<f32> = x.chunks(BLOCK).map(|b| b.iter().sum()).collect();
-            let dots = |word_sums| {
-                let mut dots = vec![0f32; rows];
-                let x = (&rounded, &sums[..]);
-                // SAFETY: the CPU has AVX2 and (fused) AVX-512 VNNI; `bytes` holds the rows.
-                unsafe {
-                    avx2::block_row_dots(&bytes, dtype, (0, rows), cols, x, &mut dots, word_sums)
-                };
-                dots.into_iter().map(f32::to_bits).collect::<Vec<u32>>()
-            };
-            assert_eq!(dots(WordSums::Separate), dots(WordSums::Fused), "{dtype:?}");
-        }
-        if !avx512::available() {
-            return;
-        }
-        // The K types' 512-bit loops, with one to four input rows.
-        let cols = 2 * SUPER;
-        for dtype in TYPES
-            .map(|(dtype, ..)| dtype)
-            .into_iter()
-            .filter(|&d| has_integer_dots(d))
-        {
-            let (bytes, _) = quantized(rows, cols, dtype, 82);
-            for n in 1..=4 {
-                let x = random(n * cols, 83);
-                let rounded = RoundedRows::new(&x, cols, SUPER);
-                let dots = |fused| {
-                    let mut dots = vec![0f32; rows * n];
-                    let row_dots = if fused {
-                        avx512::row_dots_vnni
-                    } else {
-                        avx512::row_dots
-                    };
-                    // SAFETY: the CPU has AVX-512BW and VNNI; `bytes` holds the rows.
-                    unsafe { row_dots(&bytes, dtype, (0, rows), cols, &rounded, &mut dots) };
-                    dots.into_iter().map(f32::to_bits).collect::<Vec<u32>>()
-                };
-                assert_eq!(dots(false), dots(true), "{dtype:?}, {n} input rows");
-            }
-        }
-    }
-
     /// Not a test: times the decoding loops of the blocks of 32 on one thread, four rows at a
     /// time against one at a time, in ns per block of each row
     /// (`cargo test --release -p salience-engine block_dot_timings -- --ignored --nocapture`).
@@ -1763,10 +1612,8 @@ pub(super) mod tests {
             let sums: Vec<f32> = x.chunks(BLOCK).map(|b| b.iter().sum()).collect();
             let mut dots = vec![0f32; rows];
             let mut line = format!("{dtype:?}, {rows} × {cols}:");
-            let ways = std::iter::once(None).chain(WordSums::available().into_iter().map(Some));
-            let ways: Vec<Option<WordSums>> = ways.collect();
             for _ in 0..3 {
-                for &in_groups in &ways {
+                for one_at_a_time in [true, false] {
                     let mut best = f64::MAX;
                     for _ in 0..(80_000 / rows).max(3) {
                         let t = std::time::Instant::now();
@@ -1779,17 +1626,13 @@ pub(super) mod tests {
                                 cols,
                                 (&rounded, &sums),
                                 &mut dots,
-                                in_groups,
+                                one_at_a_time,
                             )
                         };
                         best = best.min(t.elapsed().as_secs_f64());
                     }
                     let ns = best * 1e9 / (rows * cols / BLOCK) as f64;
-                    let name = match in_groups {
-                        None => "rows",
-                        Some(WordSums::Separate) => "groups",
-                        Some(WordSums::Fused) => "fused",
-                    };
+                    let name = if one_at_a_time { "rows" } else { "groups" };
                     line += &format!(" {name} {ns:.2}");
                 }
             }

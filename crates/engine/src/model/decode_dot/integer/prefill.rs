@@ -3,7 +3,8 @@
 //! decoding's integer dots round them (15 bits per block of 32), multiplied with 16-bit
 //! multiply-adds (`vpmaddwd`: 16 per instruction, where an f32 FMA does 8) in a register tile
 //! of 6 rows × 16 columns, each block of 32 converted and scaled in f32 (the weights' d per
-//! column, the activations' scale per row). The offsets m·Σx of the Q4 and Q5 formats are taken in
+//! column, the activations' scale per row). Where the CPU has AVX-512 VNNI, each multiply-add
+//! and its sum are one `vpdpwssd` (`WordSums`). The offsets m·Σx of the Q4 and Q5 formats are taken in
 //! f32 against the f32 block sums, as the decoding dots take them.
 //!
 //! The K types go through the same tile: a Q4_K or Q5_K sub-block of 32 is d·sc·q − dmin·m,

@@ -288,9 +288,9 @@ impl Weight {
 
     /// `forward`, taking the activations as `activations` says: `Activations::best()` rounds
     /// them to 15 bits for the matrices with integer dots (`decode_dot::integer`; up to
-    /// `decode_dot::MAX_INPUT_ROWS` rows) and, for more rows, for matrices that are all blocks
-    /// of 32 where AVX2 is the widest kernel (`decode_dot::prefill`). Only generation asks
-    /// for it.
+    /// `decode_dot::MAX_INPUT_ROWS` rows) and, for more rows, for matrices that are all GGUF
+    /// blocks the integer prefill takes, where it runs (`decode_dot::prefill`,
+    /// `takes_integer_prefill`). Only generation asks for it.
     pub fn forward_with(&self, x: &Tensor, activations: Activations) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let n = x.elem_count() / self.cols;

@@ -1,6 +1,6 @@
 //! Decoding dots with integer multiply-adds, against activations rounded to 15 bits: the K
 //! types (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) on every CPU with AVX2, and the blocks of 32 (Q4_0,
-//! Q4_1, Q5_0, Q5_1, Q8_0) where AVX2 is the widest kernel. Only generation takes them
+//! Q4_1, Q5_0, Q5_1, Q8_0) where `takes_256_bit_integers`. Only generation takes them
 //! (`Model::forward_cached`, `Model::decoding_logits`), its prefill on the blocks of 32 through
 //! the integer tile of `prefill`; salience and perturbation keep f32 activations.
 //!
@@ -22,8 +22,10 @@
 //! plain sum of the same 178 MB read 14–19 and 24–34 (`docs/bench/q8_0_stream.rs`, runs an
 //! hour apart). Gemma 3 decoded 73.8–76.3 tokens/s against 54.1–55.0 (three alternating
 //! rounds); SmolLM2 (Q4_1, its decoding steps bound by their ~200 parallel loops, not by
-//! reading) stayed within noise. With AVX-512 the f32 kernels are kept (not measured against
-//! these).
+//! reading) stayed within noise. Where 512-bit multiply-adds run at twice the 256-bit rate
+//! (Intel Xeons) the 512-bit f32 kernels are kept (not measured against these); on an AMD
+//! Zen 4, whose AVX-512 runs in 256-bit halves, these dots decoded a Llama 1B shape's Q4_0 at
+//! 1.5× their speed (`takes_256_bit_integers`).
 //!
 //! Precision: llama.cpp rounds activations to 8 bits. Here each group of values of an
 //! activation row (a super-block of 256 for the K types, a block of 32 for the others) gets a

@@ -245,46 +245,6 @@ impl RoundedRows {
     }
 }
 
-/// How the prefill tile (`prefill`) adds pairs of 16-bit products into its 32-bit sums:
-/// `vpmaddwd` then `vpaddd`, or one `vpdpwssd` where the CPU has AVX-512 VNNI (and VL, for
-/// 256-bit registers). The same bits either way: both wrap alike, and no sum there comes near
-/// 2³¹. Decoding's loops keep the separate instructions: fused, the Q4_0/Q4_1 four-row loop
-/// and the K types' 512-bit loop decoded no faster (AMD Zen 4, Llama 1B shapes: Q4_0
-/// 27.5 / 25.6 against 26.2 / 28.3 tokens/s, Q4_K 37.3 / 36.2 against 36.3 / 33.6, Q2_K
-/// 40.5 / 42.6 against 43.0 / 42.4), where the prefill of 100 tokens took 0.84–0.87 → 0.75–0.76 s
-/// (Q4_K) and 0.86–0.99 → 0.76–0.79 s (Q2_K).
-#[cfg(target_arch = "x86_64")]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(in crate::model) enum WordSums {
-    Separate,
-    Fused,
-}
-
-#[cfg(target_arch = "x86_64")]
-impl WordSums {
-    /// Fused where the CPU has it (read once).
-    pub fn best() -> WordSums {
-        static BEST: std::sync::OnceLock<WordSums> = std::sync::OnceLock::new();
-        *BEST.get_or_init(|| {
-            if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
-                WordSums::Fused
-            } else {
-                WordSums::Separate
-            }
-        })
-    }
-
-    /// Every way this CPU runs (the tests compare them).
-    #[cfg(test)]
-    pub fn available() -> Vec<WordSums> {
-        let mut ways = vec![WordSums::Separate];
-        if WordSums::best() == WordSums::Fused {
-            ways.push(WordSums::Fused);
-        }
-        ways
-    }
-}
-
 /// Calls `$row_dots::<N, $format>` for each weight row from `$r` whose dots `$dots` holds, N
 /// being `$n`, the number of input rows (1 to 4), so that each count gets its own loop.
 /// Expands to unsafe calls: the caller vouches for `$row_dots`'s conditions.

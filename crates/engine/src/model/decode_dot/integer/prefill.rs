@@ -50,16 +50,13 @@ enum WordSums {
 }
 
 impl WordSums {
-    /// Fused where the CPU has it (read once).
+    /// Fused where the CPU has it (the standard library caches the detection).
     fn best() -> WordSums {
-        static BEST: std::sync::OnceLock<WordSums> = std::sync::OnceLock::new();
-        *BEST.get_or_init(|| {
-            if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
-                WordSums::Fused
-            } else {
-                WordSums::Separate
-            }
-        })
+        if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
+            WordSums::Fused
+        } else {
+            WordSums::Separate
+        }
     }
 
     /// Every way this CPU runs (the tests compare them).

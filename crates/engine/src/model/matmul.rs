@@ -1628,4 +1628,38 @@ pub(super) mod tests {
             assert!(chunks.iter().all(|&(k0, k1)| k0 % align == 0 && k1 > k0));
         }
     }
+
+    /// GFLOP/s of each kernel's products at SmolLM2's shapes, on rayon's pool, alternating.
+    /// `cargo test --release -p salience-engine product_timings -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn product_timings() {
+        for &(m, k, n) in &[
+            (300, 576, 1536),
+            (300, 1536, 576),
+            (300, 576, 576),
+            (600, 576, 1536),
+        ] {
+            let a = random(m * k, 1);
+            let b = random(k * n, 2);
+            let packed = PackedRows::new(&a, k, m, k);
+            let src = RowMajor {
+                values: &b,
+                cols: n,
+            };
+            let mut c = vec![0f32; m * n];
+            let mut best = vec![f64::MAX; Kernel::available().len()];
+            for _ in 0..30 {
+                for (i, &kernel) in Kernel::available().iter().enumerate() {
+                    let t = std::time::Instant::now();
+                    product(&packed, &src, n, &mut c, n, false, kernel);
+                    best[i] = best[i].min(t.elapsed().as_secs_f64());
+                }
+            }
+            for (i, kernel) in Kernel::available().iter().enumerate() {
+                let gflops = 2.0 * (m * k * n) as f64 / best[i] / 1e9;
+                eprintln!("{m}x{k}x{n} {kernel:?}: {gflops:.0} GFLOP/s");
+            }
+        }
+    }
 }

@@ -150,6 +150,7 @@ struct PanelBuffers {
 
 /// Which offsets a packed panel's blocks have.
 #[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 enum Offsets {
     /// The signed formats: none.
     None,
@@ -440,8 +441,14 @@ unsafe fn panel_times_packed_rows(
     offsets: Offsets,
     out: (SharedOut, usize, usize, usize, usize),
 ) {
-    // SAFETY: the caller's.
-    unsafe { panel_times::<false>(a, buffers, offsets, out) }
+    // SAFETY (each): the caller's.
+    unsafe {
+        match offsets {
+            Offsets::None => panel_times::<false, { Offsets::None as u8 }>(a, buffers, out),
+            Offsets::PerBlock => panel_times::<false, { Offsets::PerBlock as u8 }>(a, buffers, out),
+            Offsets::PerRun => panel_times::<false, { Offsets::PerRun as u8 }>(a, buffers, out),
+        }
+    }
 }
 
 /// `panel_times_packed_rows` with each multiply-add of the tile one `vpdpwssd`.
@@ -455,19 +462,25 @@ unsafe fn panel_times_packed_rows_vnni(
     offsets: Offsets,
     out: (SharedOut, usize, usize, usize, usize),
 ) {
-    // SAFETY: the caller's.
-    unsafe { panel_times::<true>(a, buffers, offsets, out) }
+    // SAFETY (each): the caller's.
+    unsafe {
+        match offsets {
+            Offsets::None => panel_times::<true, { Offsets::None as u8 }>(a, buffers, out),
+            Offsets::PerBlock => panel_times::<true, { Offsets::PerBlock as u8 }>(a, buffers, out),
+            Offsets::PerRun => panel_times::<true, { Offsets::PerRun as u8 }>(a, buffers, out),
+        }
+    }
 }
 
-/// The body of both: inlined into each, so that it runs with their CPU features.
+/// The body of both: inlined into each, so that it runs with their CPU features, for each
+/// kind of offsets (`Offsets as u8`), so that the per-block epilogue has no branches.
 ///
 /// # Safety
 /// As for `panel_times_packed_rows`, and AVX-512 VNNI and VL where `FUSED`.
 #[inline(always)]
-unsafe fn panel_times<const FUSED: bool>(
+unsafe fn panel_times<const FUSED: bool, const OFFSETS: u8>(
     a: &PackedActivations,
     buffers: &PanelBuffers,
-    offsets: Offsets,
     (out, n, ldc, column, width): (SharedOut, usize, usize, usize, usize),
 ) {
     let blocks = a.blocks;
@@ -520,10 +533,10 @@ unsafe fn panel_times<const FUSED: bool>(
                 for h in 0..2 {
                     let v = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[h]), dv[h]);
                     tile[h] = _mm256_fmadd_ps(v, s, tile[h]);
-                    if offsets != Offsets::None {
+                    if OFFSETS != Offsets::None as u8 {
                         tile[h] = _mm256_fmadd_ps(mv[h], sum, tile[h]);
                     }
-                    if offsets == Offsets::PerRun {
+                    if OFFSETS == Offsets::PerRun as u8 {
                         tile[h] = _mm256_fmadd_ps(splits[h], difference, tile[h]);
                     }
                 }

@@ -1629,8 +1629,9 @@ pub(super) mod tests {
         }
     }
 
-    /// GFLOP/s of each kernel's products at SmolLM2's shapes, on rayon's pool, alternating.
-    /// `cargo test --release -p salience-engine product_timings -- --ignored --nocapture`
+    /// Not a test: GFLOP/s of each kernel's products at SmolLM2's shapes, on rayon's pool,
+    /// best of 30 runs alternating between the kernels
+    /// (`cargo test --release -p salience-engine product_timings -- --ignored --nocapture`).
     #[test]
     #[ignore]
     fn product_timings() {

@@ -883,19 +883,19 @@ enum Products {
 }
 
 impl Products {
-    /// The tile where AVX2 is the widest kernel: on Zen 3 the `gemm` crate ran these shapes
-    /// at about 70 GFLOP/s per thread where the tile runs 93. The same AVX2 tile where
-    /// AVX-512's multiply-adds run no faster than AVX2's (`machine::wide_multiply_adds`: AMD
-    /// Zen 4), where it skips the masked half that `gemm` computes: gradient passes of 600
-    /// tokens, alternating binaries, SmolLM2 1.74–1.83 → 1.59–1.82 s, Gemma 3 (head_dim 256)
-    /// 1.75–1.92 → 1.57–1.69 s. Elsewhere `gemm`, whose AVX-512 kernels the panel kernel did
-    /// not beat on Xeons (not measured against the masked tiles), and whose portable ones are
-    /// faster than the portable tile.
+    /// The AVX2 tile where the 256-bit paths are taken (`decode_dot::takes_256_bit_paths`).
+    /// Where AVX2 is the widest kernel: on Zen 3 the `gemm` crate ran these shapes at about 70
+    /// GFLOP/s per thread where the tile runs 93. Where AVX-512's multiply-adds run no faster
+    /// than AVX2's (AMD Zen 4), the tile skips the masked half that `gemm` computes: gradient
+    /// passes of 600 tokens, alternating binaries, SmolLM2 1.74–1.83 → 1.59–1.82 s, Gemma 3
+    /// (head_dim 256) 1.75–1.92 → 1.57–1.69 s. Elsewhere `gemm`, whose AVX-512 kernels the
+    /// panel kernel did not beat on Xeons (not measured against the masked tiles), and whose
+    /// portable ones are faster than the portable tile.
     fn best() -> Products {
-        match Kernel::best() {
-            Kernel::Avx2 => Products::Tile(Kernel::Avx2),
-            Kernel::Avx512 if !crate::machine::wide_multiply_adds() => Products::Tile(Kernel::Avx2),
-            _ => Products::Gemm,
+        if super::decode_dot::takes_256_bit_paths(Kernel::best()) {
+            Products::Tile(Kernel::Avx2)
+        } else {
+            Products::Gemm
         }
     }
 

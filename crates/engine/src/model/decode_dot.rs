@@ -34,7 +34,7 @@ pub(super) use integer::prefill;
 #[cfg(test)]
 pub(super) use integer::rounding_group;
 #[cfg(target_arch = "x86_64")]
-pub(super) use integer::takes_256_bit_integers;
+pub(super) use integer::takes_256_bit_paths;
 use integer::RoundedRows;
 
 /// Up to this many activation rows go through these kernels; more share tiles better.

@@ -852,14 +852,14 @@ fn all_blocks(parts: &[Matrix]) -> Option<Vec<&Arc<QTensor>>> {
 /// Whether x Wᵀ for `n` rows goes to generation's integer prefill product
 /// (`decode_dot::prefill`): the activations may be rounded, there are more rows than the
 /// decoding dots take, the widest kernel runs the 256-bit integer paths
-/// (`takes_256_bit_integers`, as the decoding dots of the blocks of 32 do), and every part is
+/// (`takes_256_bit_paths`, as the decoding dots of the blocks of 32 do), and every part is
 /// GGUF blocks of a type it takes (the blocks of 32 and the K types).
 fn takes_integer_prefill(parts: &[Matrix], n: usize, activations: Activations) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         activations == Activations::Rounded
             && n > decode_dot::MAX_INPUT_ROWS
-            && decode_dot::takes_256_bit_integers(Kernel::best())
+            && decode_dot::takes_256_bit_paths(Kernel::best())
             && parts.iter().all(
                 |p| matches!(&p.stored, Stored::Blocks(q) if decode_dot::prefill::takes(q.dtype())),
             )

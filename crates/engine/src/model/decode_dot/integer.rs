@@ -1,6 +1,6 @@
 //! Decoding dots with integer multiply-adds, against activations rounded to 15 bits: the K
 //! types (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) on every CPU with AVX2, and the blocks of 32 (Q4_0,
-//! Q4_1, Q5_0, Q5_1, Q8_0) where `takes_256_bit_integers`. Only generation takes them
+//! Q4_1, Q5_0, Q5_1, Q8_0) where `takes_256_bit_paths`. Only generation takes them
 //! (`Model::forward_cached`, `Model::decoding_logits`), its prefill on the blocks of 32 through
 //! the integer tile of `prefill`; salience and perturbation keep f32 activations.
 //!
@@ -25,7 +25,7 @@
 //! reading) stayed within noise. Where 512-bit multiply-adds run at twice the 256-bit rate
 //! (Intel Xeons) the 512-bit f32 kernels are kept (not measured against these); on an AMD
 //! Zen 4, whose AVX-512 runs in 256-bit halves, these dots decoded a Llama 1B shape's Q4_0 at
-//! 1.5× their speed (`takes_256_bit_integers`).
+//! 1.5× their speed (`takes_256_bit_paths`).
 //!
 //! Precision: llama.cpp rounds activations to 8 bits. Here each group of values of an
 //! activation row (a super-block of 256 for the K types, a block of 32 for the others) gets a
@@ -101,23 +101,24 @@ pub(in crate::model) fn rounding_group(dtype: GgmlDType, kernel: super::Kernel) 
     }
     if has_integer_dots(dtype) {
         Some(SUPER)
-    } else if has_block_integer_dots(dtype) && takes_256_bit_integers(kernel) {
+    } else if has_block_integer_dots(dtype) && takes_256_bit_paths(kernel) {
         Some(BLOCK)
     } else {
         None
     }
 }
 
-/// Whether generation takes the integer paths that exist only with 256-bit registers (the
-/// blocks of 32's decoding dots, `avx2::block_row_dots`, and the prefill tile, `prefill`) on
-/// `kernel`: where AVX2 is the widest kernel, and where AVX-512's multiply-adds run no faster
-/// than AVX2's (`machine::wide_multiply_adds`). On an AMD Zen 4 (AVX-512 in 256-bit halves),
+/// Whether the paths that exist only with 256-bit registers are taken on `kernel`: where AVX2
+/// is the widest kernel, and where AVX-512's multiply-adds run no faster than AVX2's
+/// (`machine::wide_multiply_adds`). They are generation's integer paths (the blocks of 32's
+/// decoding dots, `avx2::block_row_dots`, and the prefill tile, `prefill`) and attention's
+/// masked block products (`attention::Products`). On an AMD Zen 4 (AVX-512 in 256-bit halves),
 /// against the 512-bit f32 kernels, a Llama 1B shape decoded Q4_0 at 15.9–18.1 → 23.6–27.3
 /// tokens/s and Q8_0 at 14.5 → 21.6, and its Q4_0, Q4_K and Q6_K prefill of 100 tokens took
 /// 0.97–1.17 → 0.82–1.07 s. Where 512-bit multiply-adds run at twice the rate (Intel Xeons)
 /// the f32 kernels are kept: the prefill tile's 16-bit multiply-adds are twice an f32 FMA's
 /// at the same width, no more than the wide FMAs, and neither side was measured there.
-pub(in crate::model) fn takes_256_bit_integers(kernel: super::Kernel) -> bool {
+pub(in crate::model) fn takes_256_bit_paths(kernel: super::Kernel) -> bool {
     match kernel {
         super::Kernel::Avx2 => true,
         super::Kernel::Avx512 => !crate::machine::wide_multiply_adds(),
@@ -126,7 +127,7 @@ pub(in crate::model) fn takes_256_bit_integers(kernel: super::Kernel) -> bool {
 }
 
 /// The types with blocks of 32 values whose decoding dots are integer ones where
-/// `takes_256_bit_integers`.
+/// `takes_256_bit_paths`.
 fn has_block_integer_dots(dtype: GgmlDType) -> bool {
     use GgmlDType::*;
     matches!(dtype, Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0)

@@ -1,5 +1,5 @@
 //! Generation's prefill on the blocks of 32 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) and the K types
-//! where the 256-bit integer paths are taken (`takes_256_bit_integers`: AVX2 is the widest
+//! where the 256-bit integer paths are taken (`takes_256_bit_paths`: AVX2 is the widest
 //! kernel, or 512-bit multiply-adds run no faster): x Wᵀ for many rows, the activations
 //! rounded as decoding's integer dots round them (15 bits per block of 32), multiplied with
 //! 16-bit multiply-adds (`vpmaddwd`: 16 per instruction, where an f32 FMA does 8) in a
